@@ -1,0 +1,153 @@
+//! The attention core in f64, one (batch, head) problem at a time. This is the oracle every
+//! backend is tested against, so it is written for clarity, not speed.
+//!
+//! With Q' = φ(Q), K' = φ(K) (L×M) and the key padding mask zeroing the rows of padded keys:
+//!
+//! * **Bidirectional**: N = Q'(K'ᵀV), R = Q'(K'ᵀ1), out = N / R. Time O(L·M·(d + d_v)), memory
+//!   O(L·M + M·d_v).
+//! * **Causal** (prefix sums): S_i = Σ_{j≤i} k'_j v_jᵀ, z_i = Σ_{j≤i} k'_j,
+//!   out_i = S_iᵀq'_i / q'_iᵀz_i.
+//!
+//! # The causal stabiliser
+//! Key j's features are computed against the running maximum c_j = max_{l≤j} s(k_l) of the
+//! key log-scales (see [`crate::features`]). Query i then sees key j with weight
+//! exp(c_j − c_i)·k'_j, a factor ≤ 1 that is applied to the prefix state when the maximum grows:
+//! S ← exp(c_old − c_new)·S. So the state never looks ahead, never overflows, and
+//! full attention, chunked prefill and the step-by-step decoder ([`CausalState`]) compute the same
+//! function. Mathematically query i sees, for the positive map,
+//! m^{-1/2}(exp(u_j − c_i) + ε·exp(c_j − c_i)): the main term of the unstabilised estimator and
+//! an ε floor that decays for keys older than the last jump of the maximum.
+//!
+//! # Denominators
+//! A denominator R with |R| ≤ δ (the guard) becomes R + 2δ. A denominator of exactly zero (a query
+//! that sees no unpadded key, or features that all underflowed) gives an output row of zero and
+//! zero gradients.
+//!
+//! # Backward
+//! With G = ∂ℒ/∂out, x̄_i = G_i/R_i and ḡ_i = −⟨G_i, out_i⟩/R_i:
+//! * bidirectional: dq'_i = (K'ᵀV)x̄_i + (K'ᵀ1)ḡ_i, dk'_j = (Σ_i q'_i x̄_iᵀ)v_j + Σ_i q'_i ḡ_i,
+//!   dv_j = (Σ_i q'_i x̄_iᵀ)ᵀk'_j;
+//! * causal: dq'_i = S_i x̄_i + z_i ḡ_i by a forward sweep that recomputes the prefix states;
+//!   dk'_j = P_j v_j + p_j and dv_j = P_jᵀk'_j with the suffix sums
+//!   P_j = q'_j x̄_jᵀ + exp(c_j − c_{j+1})P_{j+1} (p likewise with ḡ) by a reverse sweep. No state
+//!   is rebuilt by subtraction, and memory is O(L·(d + d_v + M) + M·d_v).
+//!
+//! Then ∂ℒ/∂q and ∂ℒ/∂k go through the feature map's backward with stabilisers held constant.
+
+mod bidirectional;
+mod causal;
+pub mod softmax;
+
+pub use bidirectional::{bidirectional_backward, bidirectional_forward};
+pub use causal::{CausalState, causal_backward, causal_forward};
+
+use crate::FeatureMap;
+use crate::features::ParamGradsF64;
+
+/// One (batch, head) problem in f64: Q, K are L×d, V is L×d_v, row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    /// Sequence length L.
+    pub len: usize,
+    /// Query/key dimension d.
+    pub d: usize,
+    /// Value dimension d_v.
+    pub dv: usize,
+    /// Queries (L×d).
+    pub q: &'a [f64],
+    /// Keys (L×d).
+    pub k: &'a [f64],
+    /// Values (L×d_v).
+    pub v: &'a [f64],
+    /// Key padding mask (L, true = keep).
+    pub mask: Option<&'a [bool]>,
+}
+
+impl Head<'_> {
+    pub(crate) fn keep(&self, j: usize) -> bool {
+        self.mask.is_none_or(|m| m[j])
+    }
+    pub(crate) fn q_row(&self, i: usize) -> &[f64] {
+        &self.q[i * self.d..(i + 1) * self.d]
+    }
+    pub(crate) fn k_row(&self, i: usize) -> &[f64] {
+        &self.k[i * self.d..(i + 1) * self.d]
+    }
+    pub(crate) fn v_row(&self, i: usize) -> &[f64] {
+        &self.v[i * self.dv..(i + 1) * self.dv]
+    }
+}
+
+/// Gradients of one head.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeadGrads {
+    /// ∂ℒ/∂Q (L×d).
+    pub dq: Vec<f64>,
+    /// ∂ℒ/∂K (L×d).
+    pub dk: Vec<f64>,
+    /// ∂ℒ/∂V (L×d_v).
+    pub dv: Vec<f64>,
+    /// Parameter gradients of a learned map.
+    pub params: Option<ParamGradsF64>,
+}
+
+/// Query features: each row against its own log-scale. Returns (L×M features, per-row c).
+pub(crate) fn query_features(map: &FeatureMap, h: &Head<'_>) -> (Vec<f64>, Vec<f64>) {
+    let mf = map.feature_dim(h.d);
+    let mut phi = vec![0.0; h.len * mf];
+    let mut c = vec![0.0; h.len];
+    for i in 0..h.len {
+        c[i] = map.log_scale(h.q_row(i));
+        map.features(h.q_row(i), c[i], &mut phi[i * mf..(i + 1) * mf]);
+    }
+    (phi, c)
+}
+
+/// The guarded denominator: |R| ≤ δ becomes R + 2δ.
+pub(crate) fn guard(r: f64, delta: f64) -> f64 {
+    if delta > 0.0 && r.abs() <= delta { r + 2.0 * delta } else { r }
+}
+
+/// exp(c_old − c_new), with 1 for equal values (also when both are −∞: no key seen yet).
+pub(crate) fn decay(c_old: f64, c_new: f64) -> f64 {
+    if c_old == c_new { 1.0 } else { (c_old - c_new).exp() }
+}
+
+/// Cotangents of the numerator and denominator of row `i`: (x̄ = G/R, ḡ = −⟨G, out⟩/R), both
+/// zero for a zero denominator (whose output row is defined as zero).
+pub(crate) fn row_cotangents(g: &[f64], out: &[f64], r: f64) -> (Vec<f64>, f64) {
+    if r == 0.0 {
+        return (vec![0.0; g.len()], 0.0);
+    }
+    let xbar = g.iter().map(|&x| x / r).collect();
+    let gbar = -g.iter().zip(out).map(|(a, b)| a * b).sum::<f64>() / r;
+    (xbar, gbar)
+}
+
+/// Backward through the feature map for every kept row of `x` (L×d) given per-row stabilisers.
+pub(crate) fn features_backward_rows(
+    map: &FeatureMap,
+    x: &[f64],
+    d: usize,
+    c: &[f64],
+    keep: Option<&[bool]>,
+    dphi: &[f64],
+    params: &mut Option<ParamGradsF64>,
+) -> Vec<f64> {
+    let mf = dphi.len() / c.len();
+    let mut dx = vec![0.0; x.len()];
+    // Padded rows have no features and no gradient (their stabiliser may be undefined).
+    for i in (0..c.len()).filter(|&i| keep.is_none_or(|k| k[i])) {
+        map.features_backward(
+            &x[i * d..(i + 1) * d],
+            c[i],
+            &dphi[i * mf..(i + 1) * mf],
+            &mut dx[i * d..(i + 1) * d],
+            params.as_mut(),
+        );
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! The backend trait: the one interface every favor backend (reference, CPU SIMD, CUDA)
+//! implements, and the argument structs it takes.
+//!
+//! Tensors live in the backend's [`MemorySpace`]: [`Host`] slices for CPU backends, device
+//! buffers for a GPU backend, so an engine can hand a GPU backend its own buffers (and stream)
+//! without a round trip through host memory. Every backend also offers the host path: CPU
+//! backends natively, GPU backends through a host adapter that copies.
+
+use crate::{
+    AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
+    Result, TensorHandle,
+};
+
+/// Where a backend's tensors live.
+pub trait MemorySpace: 'static {
+    /// Read-only tensor handle.
+    type Ref<'a>: TensorHandle + Copy;
+    /// Writable tensor handle.
+    type Mut<'a>: TensorHandle;
+}
+
+/// Host memory: tensors are [`HostRef`] / [`HostMut`] slices.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host;
+
+impl MemorySpace for Host {
+    type Ref<'a> = HostRef<'a>;
+    type Mut<'a> = HostMut<'a>;
+}
+
+/// What to compute: sizes, feature map and options.
+#[derive(Debug, Clone, Copy)]
+pub struct Problem<'a> {
+    /// Sizes.
+    pub shape: AttentionShape,
+    /// Feature map (with its projection or parameters).
+    pub map: &'a FeatureMap,
+    /// Direction and denominator guard.
+    pub options: AttentionOptions,
+}
+
+impl<'a> Problem<'a> {
+    /// A problem with default (bidirectional) options.
+    pub fn new(shape: AttentionShape, map: &'a FeatureMap) -> Self {
+        Self { shape, map, options: AttentionOptions::default() }
+    }
+
+    /// The same problem with other options.
+    pub fn with_options(self, options: AttentionOptions) -> Self {
+        Self { options, ..self }
+    }
+
+    /// Number of features M.
+    pub fn features(&self) -> usize {
+        self.map.feature_dim(self.shape.d)
+    }
+
+    /// The denominator guard δ in effect.
+    pub fn denominator_guard(&self) -> f32 {
+        self.options.denominator_guard.unwrap_or_else(|| self.map.default_denominator_guard())
+    }
+
+    /// Checks sizes, the map and the guard.
+    pub fn validate(&self) -> Result<()> {
+        self.shape.validate()?;
+        self.map.validate(self.shape.d)?;
+        let g = self.denominator_guard();
+        if !(g.is_finite() && g >= 0.0) {
+            return Err(FavorError::param("denominator_guard", format!("must be finite and ≥ 0, got {g}")));
+        }
+        Ok(())
+    }
+}
+
+/// Q, K, V and the optional key padding mask (`[batch, len]`, true = keep) of one call.
+pub struct Inputs<'a, M: MemorySpace> {
+    /// Queries `[B, H, L, d]`.
+    pub q: M::Ref<'a>,
+    /// Keys `[B, H, L, d]`.
+    pub k: M::Ref<'a>,
+    /// Values `[B, H, L, d_v]`.
+    pub v: M::Ref<'a>,
+    /// Key padding mask `[B, L]`; padded keys get φ(k) = 0 and are left out of the stabiliser.
+    pub key_mask: Option<&'a [bool]>,
+}
+
+impl<M: MemorySpace> Clone for Inputs<'_, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<M: MemorySpace> Copy for Inputs<'_, M> {}
+
+/// Gradient outputs of a backward call.
+pub struct Grads<'a, M: MemorySpace> {
+    /// ∂ℒ/∂Q `[B, H, L, d]`.
+    pub dq: M::Mut<'a>,
+    /// ∂ℒ/∂K `[B, H, L, d]`.
+    pub dk: M::Mut<'a>,
+    /// ∂ℒ/∂V `[B, H, L, d_v]`.
+    pub dv: M::Mut<'a>,
+}
+
+/// A FAVOR backend. Implementations are `Send + Sync`; every method validates its arguments
+/// and returns a typed error instead of panicking.
+pub trait FavorBackend: Send + Sync {
+    /// Where tensors live.
+    type Mem: MemorySpace;
+    /// Recurrent decoding state (per batch element and head).
+    type State: Send;
+
+    /// A name for logs: "reference", "cpu-avx2", "cuda:NVIDIA H100", ...
+    fn name(&self) -> String;
+
+    /// φ(x) for tokens `x` `[B, H, L, d]` into `phi` `[B, H, L, M]`, with the stabiliser of `role`.
+    fn feature_map(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: <Self::Mem as MemorySpace>::Ref<'_>,
+        phi: <Self::Mem as MemorySpace>::Mut<'_>,
+    ) -> Result<()>;
+
+    /// ∂ℒ/∂x from ∂ℒ/∂φ (stabilisers held constant); parameter gradients for learned maps.
+    fn feature_map_backward(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: <Self::Mem as MemorySpace>::Ref<'_>,
+        dphi: <Self::Mem as MemorySpace>::Ref<'_>,
+        dx: <Self::Mem as MemorySpace>::Mut<'_>,
+    ) -> Result<Option<ParamGrads>>;
+
+    /// Attention output `[B, H, L, d_v]` (direction from `problem.options`).
+    fn forward(
+        &self,
+        problem: &Problem<'_>,
+        inputs: Inputs<'_, Self::Mem>,
+        out: <Self::Mem as MemorySpace>::Mut<'_>,
+    ) -> Result<()>;
+
+    /// Gradients of the attention output given ∂ℒ/∂out; parameter gradients for learned maps.
+    fn backward(
+        &self,
+        problem: &Problem<'_>,
+        inputs: Inputs<'_, Self::Mem>,
+        dout: <Self::Mem as MemorySpace>::Ref<'_>,
+        grads: Grads<'_, Self::Mem>,
+    ) -> Result<Option<ParamGrads>>;
+
+    /// An empty decoding state for `problem.shape` (its `len` is ignored).
+    fn new_state(&self, problem: &Problem<'_>) -> Result<Self::State>;
+
+    /// Causal attention continuing from `state` over a chunk of `problem.shape.len` tokens:
+    /// prefill with a long chunk, decoding with one token per call. Equal to full causal
+    /// attention over the concatenated chunks.
+    fn decode(
+        &self,
+        problem: &Problem<'_>,
+        state: &mut Self::State,
+        inputs: Inputs<'_, Self::Mem>,
+        out: <Self::Mem as MemorySpace>::Mut<'_>,
+    ) -> Result<()>;
+
+    /// Wait for queued work (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Checks one tensor's length and dtype.
+pub fn check_tensor(arg: &'static str, t: &impl TensorHandle, len: usize, dtype: DType, dims: &str) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(FavorError::DType { arg, expected: dtype, actual: t.dtype() });
+    }
+    if t.len() != len {
+        return Err(FavorError::Shape { arg, expected: format!("{len} elements ({dims})"), actual: format!("{} elements", t.len()) });
+    }
+    Ok(())
+}
+
+/// Validates the problem and the inputs of a forward/backward/decode call; returns the dtype.
+pub fn validate_inputs<M: MemorySpace>(p: &Problem<'_>, inputs: &Inputs<'_, M>) -> Result<DType> {
+    p.validate()?;
+    let s = p.shape;
+    let dtype = inputs.q.dtype();
+    check_tensor("q", &inputs.q, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+    check_tensor("k", &inputs.k, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+    check_tensor("v", &inputs.v, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    if let Some(m) = inputs.key_mask
+        && m.len() != s.mask_len()
+    {
+        return Err(FavorError::shape("key_mask", format!("{} elements ([batch, len])", s.mask_len()), m.len()));
+    }
+    Ok(dtype)
+}
+
+/// Reports the first NaN or infinity of the host inputs (favor's documented policy: non-finite
+/// inputs are rejected, never propagated).
+pub fn check_finite(args: &[(&'static str, HostRef<'_>)]) -> Result<()> {
+    for (arg, t) in args {
+        if let Some((index, value)) = t.first_non_finite() {
+            return Err(FavorError::NonFinite { arg, index, value });
+        }
+    }
+    Ok(())
+}

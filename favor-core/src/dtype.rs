@@ -1,0 +1,337 @@
+//! Element types and host tensor views.
+//!
+//! Tensors are row-major and contiguous. Storage may be f32, f16 or bf16; every backend
+//! computes and accumulates in f32 (the reference in f64) and rounds once on the way out.
+
+use half::{bf16, f16};
+use std::fmt;
+
+/// Storage element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    /// Unit roundoff of the storage type (half an ulp at 1.0), used to scale test tolerances.
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            DType::F32 => f32::EPSILON as f64 / 2.0,
+            DType::F16 => 2f64.powi(-11),
+            DType::Bf16 => 2f64.powi(-8),
+        }
+    }
+
+    /// All dtypes, for sweeps.
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A storage element. Conversions go through f32, which represents f16 and bf16 exactly.
+pub trait Element: Copy + Send + Sync + bytemuck::Pod + Default + 'static {
+    /// The runtime tag of this type.
+    const DTYPE: DType;
+    /// Widen to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Round from f32 (round-to-nearest-even).
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// Read-only host tensor of any supported dtype.
+#[derive(Debug, Clone, Copy)]
+pub enum HostRef<'a> {
+    /// f32 storage.
+    F32(&'a [f32]),
+    /// f16 storage.
+    F16(&'a [f16]),
+    /// bf16 storage.
+    Bf16(&'a [bf16]),
+}
+
+/// Writable host tensor of any supported dtype.
+#[derive(Debug)]
+pub enum HostMut<'a> {
+    /// f32 storage.
+    F32(&'a mut [f32]),
+    /// f16 storage.
+    F16(&'a mut [f16]),
+    /// bf16 storage.
+    Bf16(&'a mut [bf16]),
+}
+
+/// Shared queries over tensor handles, implemented by host views and by device buffers.
+pub trait TensorHandle {
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// True when the tensor holds no element.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl TensorHandle for HostRef<'_> {
+    fn dtype(&self) -> DType {
+        match self {
+            HostRef::F32(_) => DType::F32,
+            HostRef::F16(_) => DType::F16,
+            HostRef::Bf16(_) => DType::Bf16,
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            HostRef::F32(s) => s.len(),
+            HostRef::F16(s) => s.len(),
+            HostRef::Bf16(s) => s.len(),
+        }
+    }
+}
+
+impl TensorHandle for HostMut<'_> {
+    fn dtype(&self) -> DType {
+        match self {
+            HostMut::F32(_) => DType::F32,
+            HostMut::F16(_) => DType::F16,
+            HostMut::Bf16(_) => DType::Bf16,
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            HostMut::F32(s) => s.len(),
+            HostMut::F16(s) => s.len(),
+            HostMut::Bf16(s) => s.len(),
+        }
+    }
+}
+
+impl<'a, T: Element> From<&'a [T]> for HostRef<'a> {
+    fn from(s: &'a [T]) -> Self {
+        // The match on the runtime tag picks the variant whose slice type equals T, so the
+        // casts below are identity casts between equal types.
+        match T::DTYPE {
+            DType::F32 => HostRef::F32(bytemuck::cast_slice(s)),
+            DType::F16 => HostRef::F16(bytemuck::cast_slice(s)),
+            DType::Bf16 => HostRef::Bf16(bytemuck::cast_slice(s)),
+        }
+    }
+}
+
+impl<'a, T: Element> From<&'a mut [T]> for HostMut<'a> {
+    fn from(s: &'a mut [T]) -> Self {
+        match T::DTYPE {
+            DType::F32 => HostMut::F32(bytemuck::cast_slice_mut(s)),
+            DType::F16 => HostMut::F16(bytemuck::cast_slice_mut(s)),
+            DType::Bf16 => HostMut::Bf16(bytemuck::cast_slice_mut(s)),
+        }
+    }
+}
+
+impl<'a, T: Element> From<&'a Vec<T>> for HostRef<'a> {
+    fn from(s: &'a Vec<T>) -> Self {
+        HostRef::from(s.as_slice())
+    }
+}
+
+impl<'a, T: Element> From<&'a mut Vec<T>> for HostMut<'a> {
+    fn from(s: &'a mut Vec<T>) -> Self {
+        HostMut::from(s.as_mut_slice())
+    }
+}
+
+impl<'a> HostRef<'a> {
+    /// Element `i` widened to f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            HostRef::F32(s) => s[i],
+            HostRef::F16(s) => s[i].to_f32(),
+            HostRef::Bf16(s) => s[i].to_f32(),
+        }
+    }
+
+    /// Copy `range` widened to f32 into `dst` (which must have the range's length).
+    pub fn read_f32(&self, start: usize, dst: &mut [f32]) {
+        let end = start + dst.len();
+        match self {
+            HostRef::F32(s) => dst.copy_from_slice(&s[start..end]),
+            HostRef::F16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[start..end], dst),
+            HostRef::Bf16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[start..end], dst),
+        }
+    }
+
+    /// The whole tensor widened to f64.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        (0..self.len()).map(|i| self.get(i) as f64).collect()
+    }
+
+    /// The whole tensor widened to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut v = vec![0.0; self.len()];
+        self.read_f32(0, &mut v);
+        v
+    }
+
+    /// The first non-finite element, if any: `(flat index, value)`.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        match self {
+            HostRef::F32(s) => s.iter().position(|x| !x.is_finite()).map(|i| (i, s[i])),
+            HostRef::F16(s) => s.iter().position(|x| !x.is_finite()).map(|i| (i, s[i].to_f32())),
+            HostRef::Bf16(s) => s.iter().position(|x| !x.is_finite()).map(|i| (i, s[i].to_f32())),
+        }
+    }
+}
+
+impl<'a> HostMut<'a> {
+    /// Round `src` into elements `start..start + src.len()`.
+    pub fn write_f32(&mut self, start: usize, src: &[f32]) {
+        let end = start + src.len();
+        match self {
+            HostMut::F32(s) => s[start..end].copy_from_slice(src),
+            HostMut::F16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[start..end], src),
+            HostMut::Bf16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[start..end], src),
+        }
+    }
+
+    /// Round f64 values into elements `start..start + src.len()` (through f32).
+    pub fn write_f64(&mut self, start: usize, src: &[f64]) {
+        let tmp: Vec<f32> = src.iter().map(|&x| x as f32).collect();
+        self.write_f32(start, &tmp);
+    }
+
+    /// Reborrow as a read-only view.
+    pub fn as_ref(&self) -> HostRef<'_> {
+        match self {
+            HostMut::F32(s) => HostRef::F32(s),
+            HostMut::F16(s) => HostRef::F16(s),
+            HostMut::Bf16(s) => HostRef::Bf16(s),
+        }
+    }
+
+    /// Reborrow mutably for a shorter lifetime.
+    pub fn reborrow(&mut self) -> HostMut<'_> {
+        match self {
+            HostMut::F32(s) => HostMut::F32(s),
+            HostMut::F16(s) => HostMut::F16(s),
+            HostMut::Bf16(s) => HostMut::Bf16(s),
+        }
+    }
+}
+
+/// A dtype-tagged owned host buffer: handy for tests, benches and the npy front end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostTensor {
+    /// f32 storage.
+    F32(Vec<f32>),
+    /// f16 storage.
+    F16(Vec<f16>),
+    /// bf16 storage.
+    Bf16(Vec<bf16>),
+}
+
+impl HostTensor {
+    /// Round f32 values into storage of `dtype`.
+    pub fn from_f32(dtype: DType, v: &[f32]) -> Self {
+        match dtype {
+            DType::F32 => HostTensor::F32(v.to_vec()),
+            DType::F16 => HostTensor::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::Bf16 => HostTensor::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+        }
+    }
+
+    /// Zero-filled storage.
+    pub fn zeros(dtype: DType, n: usize) -> Self {
+        Self::from_f32(dtype, &vec![0.0; n])
+    }
+
+    /// Read-only view.
+    pub fn view(&self) -> HostRef<'_> {
+        match self {
+            HostTensor::F32(v) => HostRef::F32(v),
+            HostTensor::F16(v) => HostRef::F16(v),
+            HostTensor::Bf16(v) => HostRef::Bf16(v),
+        }
+    }
+
+    /// Writable view.
+    pub fn view_mut(&mut self) -> HostMut<'_> {
+        match self {
+            HostTensor::F32(v) => HostMut::F32(v),
+            HostTensor::F16(v) => HostMut::F16(v),
+            HostTensor::Bf16(v) => HostMut::Bf16(v),
+        }
+    }
+
+    /// Widened copy.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.view().to_f64_vec()
+    }
+
+    /// Widened copy.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.view().to_f32_vec()
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.view().dtype()
+    }
+}

@@ -1,0 +1,85 @@
+//! The one error type of favor. Every backend converts its failures into it at its edge.
+
+use crate::DType;
+
+/// Result alias used across favor.
+pub type Result<T, E = FavorError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a favor call. User input never panics: it lands here, with
+/// the argument named and the expected vs actual value spelled out.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FavorError {
+    /// A tensor has the wrong number of elements for the shape it was declared with.
+    #[error("argument `{arg}`: expected {expected}, got {actual}")]
+    Shape {
+        /// Name of the offending argument.
+        arg: &'static str,
+        /// What the call required.
+        expected: String,
+        /// What it received.
+        actual: String,
+    },
+    /// A tensor's element type differs from the others in the same call.
+    #[error("argument `{arg}`: expected dtype {expected}, got {actual}")]
+    DType {
+        /// Name of the offending argument.
+        arg: &'static str,
+        /// The dtype of the call (taken from `q`).
+        expected: DType,
+        /// The dtype of this argument.
+        actual: DType,
+    },
+    /// A size that must be positive is zero.
+    #[error("argument `{arg}` must be positive, got 0")]
+    ZeroSize {
+        /// Name of the size.
+        arg: &'static str,
+    },
+    /// A parameter value outside its valid range (negative ε, non-finite scale, ...).
+    #[error("parameter `{name}`: {reason}")]
+    InvalidParameter {
+        /// Name of the parameter.
+        name: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// An input holds a NaN or an infinity. favor reports these instead of propagating them.
+    #[error("argument `{arg}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        /// Name of the argument.
+        arg: &'static str,
+        /// Flat (row-major) index of the first non-finite element.
+        index: usize,
+        /// The value found, as f32.
+        value: f32,
+    },
+    /// A valid request this backend does not support (e.g. a feature map without a kernel).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The backend cannot run here (no driver, no device, built without kernels).
+    #[error("backend `{backend}` is not available: {reason}")]
+    NotAvailable {
+        /// Backend name.
+        backend: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A failure inside a backend (driver error, launch failure, out of memory).
+    #[error("backend `{backend}` failed: {reason}")]
+    Backend {
+        /// Backend name.
+        backend: &'static str,
+        /// The backend's own message.
+        reason: String,
+    },
+}
+
+impl FavorError {
+    pub(crate) fn shape(arg: &'static str, expected: impl ToString, actual: impl ToString) -> Self {
+        Self::Shape { arg, expected: expected.to_string(), actual: actual.to_string() }
+    }
+
+    pub(crate) fn param(name: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidParameter { name, reason: reason.into() }
+    }
+}

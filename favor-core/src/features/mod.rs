@@ -1,0 +1,350 @@
+//! Feature maps φ: R^d → R^M whose inner products approximate (or define) the attention kernel.
+//!
+//! | map | φ(x) | M | default ε/κ |
+//! |---|---|---|---|
+//! | [`FeatureMap::Positive`] (FAVOR+) | m^{-1/2}(exp(Wx̃ − ‖x̃‖²/2 − c) + ε) | m | ε = 1e-6 |
+//! | [`FeatureMap::Hyperbolic`] | (2m)^{-1/2}[exp(Wx̃ − ‖x̃‖²/2 − c) + ε, exp(−Wx̃ − ‖x̃‖²/2 − c) + ε] | 2m | ε = 1e-6 |
+//! | [`FeatureMap::Trigonometric`] | m^{-1/2}[cos Wx̃, sin Wx̃]·exp(‖x̃‖²/2 − c) | 2m | — |
+//! | [`FeatureMap::Generalized`] | f(s·W x̂) + κ, or f(x̂) + κ without projection | m or d | κ = 1e-3 (ReLU), 0 (ELU+1) |
+//! | [`FeatureMap::Softplus`] (learned) | softplus(xWᵀ + b) | m | — |
+//! | [`FeatureMap::GatedSoftplus`] (learned) | softplus(xW_fᵀ) ⊙ σ(xW_gᵀ) | m | — |
+//!
+//! x̃ = d^{-1/4}x is the data normaliser (so that x̃ᵀỹ = xᵀy/√d); x̂ is x̃ when
+//! `normalize_data` is set and x otherwise.
+//!
+//! # Stabilisers
+//! The exponential maps (positive, hyperbolic, trigonometric) subtract a constant c before the
+//! exp. Constants that are shared by all features of a query row, or by all keys a query sees,
+//! cancel in the normalised attention output except through ε. Every token x has a *log-scale*
+//! s(x) ([`FeatureMap::log_scale`]): max_j(a_j − h) for positive features (the −‖x̃‖²/2 term is
+//! included so that large-norm tokens do not underflow), max_j|a_j| − h for hyperbolic, h for
+//! trigonometric. Then
+//! * a query uses its own log-scale, c = s(q) (per-token);
+//! * bidirectional keys use c = max over the unpadded keys of one (batch, head);
+//! * causal keys use the *running* maximum c_j = max_{l≤j} s(k_l), never a future key. Key j's
+//!   features are computed against c_j and the prefix state is rescaled by exp(c_old − c_new) ≤ 1
+//!   whenever the maximum grows (see [`crate::attention`]). Full causal attention, chunked prefill
+//!   and step-by-step decoding therefore compute the same function, and every exp argument is ≤ 0.
+//!
+//! Gradients treat c as a constant (stop-gradient). With ε = 0 the output does not depend on c at
+//! all, so this is exact; with ε > 0 it drops a term of relative size ~ε.
+
+mod exp_maps;
+mod generalized;
+mod learned;
+
+pub use generalized::Elementwise;
+pub use learned::{GatedSoftplusParams, Linear};
+
+use crate::{FavorError, Projection, Result};
+
+/// A feature map with its parameters. Construct with the helper functions
+/// ([`FeatureMap::positive`], [`FeatureMap::relu`], ...), which set the documented defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeatureMap {
+    /// FAVOR+ positive softmax features (m features).
+    Positive {
+        /// Random projection W (m×d).
+        projection: Projection,
+        /// ε added after the exp (default 1e-6, the JAX/TF value).
+        epsilon: f32,
+    },
+    /// Hyperbolic positive softmax features (2m features from m draws); lower variance than
+    /// [`FeatureMap::Positive`] at the same number of draws.
+    Hyperbolic {
+        /// Random projection W (m×d).
+        projection: Projection,
+        /// ε added after the exp (default 1e-6).
+        epsilon: f32,
+    },
+    /// Trigonometric (random Fourier) softmax features (2m): unbiased but sign-indefinite, so
+    /// denominators need the guard δ (default 1e-6).
+    Trigonometric {
+        /// Random projection W (m×d).
+        projection: Projection,
+    },
+    /// φ(x) = f(scale·W x̂) + κ, or f(x̂) + κ without a projection (deterministic features).
+    Generalized {
+        /// Elementwise nonlinearity f.
+        f: Elementwise,
+        /// Optional projection W (m×d).
+        projection: Option<Projection>,
+        /// Apply the d^{-1/4} data normaliser before projecting.
+        normalize_data: bool,
+        /// Scale applied inside f (1/√m for Performer-ReLU, 1 otherwise).
+        scale: f32,
+        /// κ added after f.
+        kappa: f32,
+    },
+    /// Learned φ(x) = softplus(xWᵀ + b).
+    Softplus(Linear),
+    /// Learned gated φ(x) = softplus(xW_fᵀ) ⊙ σ(xW_gᵀ).
+    GatedSoftplus(GatedSoftplusParams),
+}
+
+/// Which stabiliser a batch of tokens gets (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FeatureRole {
+    /// Per-token stabiliser.
+    Query,
+    /// One stabiliser per (batch, head): the maximum over all its tokens.
+    Key,
+    /// Running maximum along the sequence (no look-ahead).
+    CausalKey,
+}
+
+/// Gradients of a learned map's parameters, same layout as the parameters.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ParamGrads {
+    /// ∂ℒ/∂W (or ∂ℒ/∂W_f for the gated map), row-major m×d.
+    pub w: Vec<f32>,
+    /// ∂ℒ/∂b when the map has a bias.
+    pub bias: Option<Vec<f32>>,
+    /// ∂ℒ/∂W_g for the gated map.
+    pub w_gate: Option<Vec<f32>>,
+}
+
+/// Default ε of the positive and hyperbolic maps (the value JAX and TF pass in practice).
+pub const DEFAULT_EPSILON: f32 = 1e-6;
+/// Default κ of Performer-ReLU features (TF `relu_kernel_transformation`).
+pub const DEFAULT_RELU_KAPPA: f32 = 1e-3;
+/// Default denominator guard of trigonometric features (JAX `numerical_stabilizer`).
+pub const DEFAULT_TRIG_GUARD: f32 = 1e-6;
+
+impl FeatureMap {
+    /// FAVOR+ positive features with ε = 1e-6.
+    pub fn positive(projection: Projection) -> Self {
+        FeatureMap::Positive { projection, epsilon: DEFAULT_EPSILON }
+    }
+
+    /// Hyperbolic positive features with ε = 1e-6.
+    pub fn hyperbolic(projection: Projection) -> Self {
+        FeatureMap::Hyperbolic { projection, epsilon: DEFAULT_EPSILON }
+    }
+
+    /// Trigonometric sin/cos features.
+    pub fn trigonometric(projection: Projection) -> Self {
+        FeatureMap::Trigonometric { projection }
+    }
+
+    /// Performer-ReLU: ReLU(m^{-1/2}·Wx) + 1e-3 with a projection (TF
+    /// `relu_kernel_transformation`), or the deterministic ReLU(x) + 1e-3 without.
+    pub fn relu(projection: Option<Projection>) -> Self {
+        let scale = projection.as_ref().map_or(1.0, |p| 1.0 / (p.m() as f32).sqrt());
+        FeatureMap::Generalized {
+            f: Elementwise::Relu,
+            projection,
+            normalize_data: false,
+            scale,
+            kappa: DEFAULT_RELU_KAPPA,
+        }
+    }
+
+    /// The generalized kernel f(x̂Wᵀ) + κ of JAX `make_fast_generalized_attention`.
+    pub fn generalized(f: Elementwise, projection: Option<Projection>, normalize_data: bool, kappa: f32) -> Self {
+        FeatureMap::Generalized { f, projection, normalize_data, scale: 1.0, kappa }
+    }
+
+    /// ELU(x) + 1 features without projection (the linear transformer of Katharopoulos et al.).
+    pub fn elu_plus_one() -> Self {
+        FeatureMap::Generalized {
+            f: Elementwise::EluPlusOne,
+            projection: None,
+            normalize_data: false,
+            scale: 1.0,
+            kappa: 0.0,
+        }
+    }
+
+    /// Input dimension d this map expects, `None` for maps without a projection (any d).
+    pub fn input_dim(&self) -> Option<usize> {
+        match self {
+            FeatureMap::Positive { projection, .. }
+            | FeatureMap::Hyperbolic { projection, .. }
+            | FeatureMap::Trigonometric { projection } => Some(projection.d()),
+            FeatureMap::Generalized { projection, .. } => projection.as_ref().map(Projection::d),
+            FeatureMap::Softplus(l) => Some(l.d),
+            FeatureMap::GatedSoftplus(g) => Some(g.filter.d),
+        }
+    }
+
+    /// Number of features M for inputs of dimension `d`.
+    pub fn feature_dim(&self, d: usize) -> usize {
+        match self {
+            FeatureMap::Positive { projection, .. } => projection.m(),
+            FeatureMap::Hyperbolic { projection, .. } | FeatureMap::Trigonometric { projection } => {
+                2 * projection.m()
+            }
+            FeatureMap::Generalized { projection, .. } => projection.as_ref().map_or(d, Projection::m),
+            FeatureMap::Softplus(l) => l.m,
+            FeatureMap::GatedSoftplus(g) => g.filter.m,
+        }
+    }
+
+    /// True for the exponential maps, which carry a log-scale stabiliser.
+    pub fn is_stabilised(&self) -> bool {
+        matches!(
+            self,
+            FeatureMap::Positive { .. } | FeatureMap::Hyperbolic { .. } | FeatureMap::Trigonometric { .. }
+        )
+    }
+
+    /// True when the map has trainable parameters (and the backward returns [`ParamGrads`]).
+    pub fn has_params(&self) -> bool {
+        matches!(self, FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_))
+    }
+
+    /// The denominator guard δ used when the options do not set one.
+    pub fn default_denominator_guard(&self) -> f32 {
+        match self {
+            FeatureMap::Trigonometric { .. } => DEFAULT_TRIG_GUARD,
+            _ => 0.0,
+        }
+    }
+
+    /// A short name for logs and result files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FeatureMap::Positive { .. } => "positive",
+            FeatureMap::Hyperbolic { .. } => "hyperbolic",
+            FeatureMap::Trigonometric { .. } => "trigonometric",
+            FeatureMap::Generalized { f: Elementwise::Relu, .. } => "relu",
+            FeatureMap::Generalized { f: Elementwise::EluPlusOne, .. } => "elu+1",
+            FeatureMap::Generalized { f: Elementwise::Softplus, .. } => "generalized-softplus",
+            FeatureMap::Softplus(_) => "learned-softplus",
+            FeatureMap::GatedSoftplus(_) => "learned-gated-softplus",
+        }
+    }
+
+    /// Checks the map against the input dimension `d` and its own parameters.
+    pub fn validate(&self, d: usize) -> Result<()> {
+        if let Some(want) = self.input_dim()
+            && want != d
+        {
+            return Err(FavorError::shape("d", format!("{want} (the feature map's input dimension)"), d));
+        }
+        let check_eps = |name: &'static str, e: f32| {
+            if !(e.is_finite() && e >= 0.0) {
+                Err(FavorError::param(name, format!("must be finite and ≥ 0, got {e}")))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            FeatureMap::Positive { epsilon, .. } | FeatureMap::Hyperbolic { epsilon, .. } => {
+                check_eps("epsilon", *epsilon)
+            }
+            FeatureMap::Trigonometric { .. } => Ok(()),
+            FeatureMap::Generalized { scale, kappa, .. } => {
+                check_eps("kappa", *kappa)?;
+                if !scale.is_finite() {
+                    return Err(FavorError::param("scale", format!("must be finite, got {scale}")));
+                }
+                Ok(())
+            }
+            FeatureMap::Softplus(l) => l.validate("w"),
+            FeatureMap::GatedSoftplus(g) => {
+                g.filter.validate("w")?;
+                g.gate.validate("w_gate")?;
+                if g.filter.bias.is_some() || g.gate.bias.is_some() {
+                    return Err(FavorError::Unsupported("biases in the gated softplus map".into()));
+                }
+                if g.filter.m != g.gate.m || g.filter.d != g.gate.d {
+                    return Err(FavorError::shape(
+                        "w_gate",
+                        format!("{}×{} like w", g.filter.m, g.filter.d),
+                        format!("{}×{}", g.gate.m, g.gate.d),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The log-scale s(x) of one token (module docs), or 0 for maps without a stabiliser.
+    /// Computed in f64.
+    pub fn log_scale(&self, x: &[f64]) -> f64 {
+        match self {
+            FeatureMap::Positive { projection, .. } => exp_maps::positive_log_scale(projection, x),
+            FeatureMap::Hyperbolic { projection, .. } => exp_maps::hyperbolic_log_scale(projection, x),
+            FeatureMap::Trigonometric { projection } => exp_maps::half_sq_norm(projection.d(), x),
+            _ => 0.0,
+        }
+    }
+
+    /// φ(x) with stabiliser `c` (ignored by maps without one), in f64. `out` has
+    /// [`FeatureMap::feature_dim`] entries.
+    pub fn features(&self, x: &[f64], c: f64, out: &mut [f64]) {
+        match self {
+            FeatureMap::Positive { projection, epsilon } => exp_maps::positive(projection, *epsilon, x, c, out),
+            FeatureMap::Hyperbolic { projection, epsilon } => {
+                exp_maps::hyperbolic(projection, *epsilon, x, c, out)
+            }
+            FeatureMap::Trigonometric { projection } => exp_maps::trigonometric(projection, x, c, out),
+            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
+                generalized::forward(*f, projection.as_ref(), *normalize_data, *scale, *kappa, x, out)
+            }
+            FeatureMap::Softplus(l) => learned::softplus_forward(l, x, out),
+            FeatureMap::GatedSoftplus(g) => learned::gated_forward(g, x, out),
+        }
+    }
+
+    /// Backward of [`FeatureMap::features`] with `c` held constant: adds ∂ℒ/∂x to `dx` and, for
+    /// learned maps, parameter gradients to `grads` (f64, laid out like [`ParamGrads`]).
+    pub fn features_backward(&self, x: &[f64], c: f64, dphi: &[f64], dx: &mut [f64], grads: Option<&mut ParamGradsF64>) {
+        match self {
+            FeatureMap::Positive { projection, .. } => exp_maps::positive_backward(projection, x, c, dphi, dx),
+            FeatureMap::Hyperbolic { projection, .. } => exp_maps::hyperbolic_backward(projection, x, c, dphi, dx),
+            FeatureMap::Trigonometric { projection } => exp_maps::trigonometric_backward(projection, x, c, dphi, dx),
+            FeatureMap::Generalized { f, projection, normalize_data, scale, .. } => {
+                generalized::backward(*f, projection.as_ref(), *normalize_data, *scale, x, dphi, dx)
+            }
+            FeatureMap::Softplus(l) => learned::softplus_backward(l, x, dphi, dx, grads),
+            FeatureMap::GatedSoftplus(g) => learned::gated_backward(g, x, dphi, dx, grads),
+        }
+    }
+
+    /// Zeroed f64 gradient accumulators for this map's parameters (`None` without parameters).
+    pub fn param_grads_f64(&self) -> Option<ParamGradsF64> {
+        match self {
+            FeatureMap::Softplus(l) => Some(ParamGradsF64 {
+                w: vec![0.0; l.m * l.d],
+                bias: l.bias.as_ref().map(|b| vec![0.0; b.len()]),
+                w_gate: None,
+            }),
+            FeatureMap::GatedSoftplus(g) => Some(ParamGradsF64 {
+                w: vec![0.0; g.filter.m * g.filter.d],
+                bias: None,
+                w_gate: Some(vec![0.0; g.gate.m * g.gate.d]),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// f64 accumulators for parameter gradients (the reference backend's precision).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ParamGradsF64 {
+    /// ∂ℒ/∂W (or W_f).
+    pub w: Vec<f64>,
+    /// ∂ℒ/∂b.
+    pub bias: Option<Vec<f64>>,
+    /// ∂ℒ/∂W_g.
+    pub w_gate: Option<Vec<f64>>,
+}
+
+impl ParamGradsF64 {
+    /// Round to the public f32 form.
+    pub fn to_f32(&self) -> ParamGrads {
+        let r = |v: &Vec<f64>| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        ParamGrads { w: r(&self.w), bias: self.bias.as_ref().map(r), w_gate: self.w_gate.as_ref().map(r) }
+    }
+}
+
+/// x̃ = d^{-1/4}·x, the data normaliser.
+pub(crate) fn data_normalizer(d: usize) -> f64 {
+    (d as f64).powf(-0.25)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,33 @@
+//! # favor-core
+//!
+//! The backend-agnostic foundation of favor, a FAVOR+ (Performer) attention library:
+//!
+//! * [`FavorBackend`]: the trait every backend implements (feature map, attention forward and
+//!   backward in both directions, recurrent decoding, synchronize), with tensors in the
+//!   backend's [`MemorySpace`];
+//! * tensor views ([`HostRef`], [`HostMut`]) over f32, f16 and bf16 storage;
+//! * every feature map ([`FeatureMap`]) with forward and backward;
+//! * random projections ([`Projection`]): iid and block-orthogonal, seeded and reproducible;
+//! * [`ReferenceBackend`]: the f64 oracle, and exact softmax attention
+//!   ([`reference::softmax_attention`]) for accuracy comparisons;
+//! * one error type, [`FavorError`].
+//!
+//! Non-finite inputs (NaN, ±∞) are rejected with [`FavorError::NonFinite`]; finite inputs of any
+//! magnitude give finite outputs.
+
+pub mod attention;
+pub mod backend;
+mod dtype;
+mod error;
+pub mod features;
+mod projection;
+pub mod reference;
+mod shape;
+
+pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
+pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle};
+pub use error::{FavorError, Result};
+pub use features::{Elementwise, FeatureMap, FeatureRole, GatedSoftplusParams, Linear, ParamGrads};
+pub use projection::{Projection, ProjectionConfig, ProjectionKind, RowNorms};
+pub use reference::{ReferenceBackend, ReferenceState};
+pub use shape::{AttentionOptions, AttentionShape, Direction};

@@ -1,0 +1,316 @@
+//! The reference backend: the f64 attention core of [`crate::attention`] applied head by head.
+//! Slow and obviously correct; the oracle for every other backend.
+
+use crate::attention::{
+    self, CausalState, Head, HeadGrads, bidirectional_backward, bidirectional_forward, causal_backward,
+    causal_forward,
+};
+use crate::backend::{Grads, Host, Inputs, Problem, check_finite, check_tensor, validate_inputs};
+use crate::features::ParamGradsF64;
+use crate::{
+    AttentionShape, DType, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
+    Result, TensorHandle,
+};
+
+/// The f64 reference backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReferenceBackend;
+
+/// Decoding state of the reference backend: one [`CausalState`] per (batch, head).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceState {
+    shape: AttentionShape,
+    heads: Vec<CausalState>,
+}
+
+impl ReferenceState {
+    /// Per-(batch, head) states, batch-major.
+    pub fn heads(&self) -> &[CausalState] {
+        &self.heads
+    }
+}
+
+/// Host inputs widened to f64, split per (batch, head).
+struct Widened {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl Widened {
+    fn new(inputs: &Inputs<'_, Host>) -> Self {
+        Self { q: inputs.q.to_f64_vec(), k: inputs.k.to_f64_vec(), v: inputs.v.to_f64_vec() }
+    }
+
+    fn head<'a>(&'a self, s: AttentionShape, mask: Option<&'a [bool]>, bh: usize) -> Head<'a> {
+        let (l, d, dv) = (s.len, s.d, s.dv);
+        let b = bh / s.heads;
+        Head {
+            len: l,
+            d,
+            dv,
+            q: &self.q[bh * l * d..(bh + 1) * l * d],
+            k: &self.k[bh * l * d..(bh + 1) * l * d],
+            v: &self.v[bh * l * dv..(bh + 1) * l * dv],
+            mask: mask.map(|m| &m[b * l..(b + 1) * l]),
+        }
+    }
+}
+
+fn validate_host(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<DType> {
+    let dtype = validate_inputs(p, inputs)?;
+    check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
+    Ok(dtype)
+}
+
+fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
+    let (Some(acc), Some(part)) = (acc.as_mut(), part) else { return };
+    let add = |a: &mut Vec<f64>, b: &Vec<f64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    add(&mut acc.w, &part.w);
+    if let (Some(a), Some(b)) = (acc.bias.as_mut(), part.bias.as_ref()) {
+        add(a, b);
+    }
+    if let (Some(a), Some(b)) = (acc.w_gate.as_mut(), part.w_gate.as_ref()) {
+        add(a, b);
+    }
+}
+
+impl FavorBackend for ReferenceBackend {
+    type Mem = Host;
+    type State = ReferenceState;
+
+    fn name(&self) -> String {
+        "reference".into()
+    }
+
+    fn feature_map(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: HostRef<'_>,
+        mut phi: HostMut<'_>,
+    ) -> Result<()> {
+        let (l, d) = (shape.len, shape.d);
+        let mf = validate_feature_call(map, shape, &x, &phi)?;
+        check_finite(&[("x", x)])?;
+        let xs = x.to_f64_vec();
+        for bh in 0..shape.problems() {
+            let rows = &xs[bh * l * d..(bh + 1) * l * d];
+            let c = stabilisers(map, role, rows, l, d);
+            let mut out = vec![0.0; l * mf];
+            for i in 0..l {
+                map.features(&rows[i * d..(i + 1) * d], c[i], &mut out[i * mf..(i + 1) * mf]);
+            }
+            phi.write_f64(bh * l * mf, &out);
+        }
+        Ok(())
+    }
+
+    fn feature_map_backward(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: HostRef<'_>,
+        dphi: HostRef<'_>,
+        mut dx: HostMut<'_>,
+    ) -> Result<Option<ParamGrads>> {
+        let (l, d) = (shape.len, shape.d);
+        let mf = validate_feature_call(map, shape, &x, &dphi)?;
+        check_tensor("dx", &dx, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
+        check_finite(&[("x", x), ("dphi", dphi)])?;
+        let xs = x.to_f64_vec();
+        let gs = dphi.to_f64_vec();
+        let mut params = map.param_grads_f64();
+        for bh in 0..shape.problems() {
+            let rows = &xs[bh * l * d..(bh + 1) * l * d];
+            let c = stabilisers(map, role, rows, l, d);
+            let mut out = vec![0.0; l * d];
+            for i in 0..l {
+                map.features_backward(
+                    &rows[i * d..(i + 1) * d],
+                    c[i],
+                    &gs[(bh * l + i) * mf..(bh * l + i + 1) * mf],
+                    &mut out[i * d..(i + 1) * d],
+                    params.as_mut(),
+                );
+            }
+            dx.write_f64(bh * l * d, &out);
+        }
+        Ok(params.map(|p| p.to_f32()))
+    }
+
+    fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
+        let dtype = validate_host(p, &inputs)?;
+        let s = p.shape;
+        check_tensor("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        let w = Widened::new(&inputs);
+        let delta = p.denominator_guard() as f64;
+        for bh in 0..s.problems() {
+            let h = w.head(s, inputs.key_mask, bh);
+            let o = match p.options.direction {
+                Direction::Bidirectional => bidirectional_forward(p.map, delta, &h),
+                Direction::Causal => causal_forward(p.map, delta, &h),
+            };
+            out.write_f64(bh * s.len * s.dv, &o);
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &self,
+        p: &Problem<'_>,
+        inputs: Inputs<'_, Host>,
+        dout: HostRef<'_>,
+        grads: Grads<'_, Host>,
+    ) -> Result<Option<ParamGrads>> {
+        let dtype = validate_host(p, &inputs)?;
+        let s = p.shape;
+        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        let Grads { mut dq, mut dk, mut dv } = grads;
+        check_tensor("dq", &dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+        check_tensor("dk", &dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+        check_tensor("dv", &dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_finite(&[("dout", dout)])?;
+        let w = Widened::new(&inputs);
+        let g = dout.to_f64_vec();
+        let delta = p.denominator_guard() as f64;
+        let mut params = p.map.param_grads_f64();
+        for bh in 0..s.problems() {
+            let h = w.head(s, inputs.key_mask, bh);
+            let gh = &g[bh * s.len * s.dv..(bh + 1) * s.len * s.dv];
+            let HeadGrads { dq: q, dk: k, dv: v, params: part } = match p.options.direction {
+                Direction::Bidirectional => bidirectional_backward(p.map, delta, &h, gh),
+                Direction::Causal => causal_backward(p.map, delta, &h, gh),
+            };
+            dq.write_f64(bh * s.len * s.d, &q);
+            dk.write_f64(bh * s.len * s.d, &k);
+            dv.write_f64(bh * s.len * s.dv, &v);
+            add_params(&mut params, part);
+        }
+        Ok(params.map(|p| p.to_f32()))
+    }
+
+    fn new_state(&self, p: &Problem<'_>) -> Result<ReferenceState> {
+        // The chunk length is irrelevant to the state; validate with len = 1.
+        let shape = AttentionShape { len: 1, ..p.shape };
+        Problem { shape, ..*p }.validate()?;
+        let mf = p.features();
+        Ok(ReferenceState { shape, heads: vec![CausalState::new(mf, shape.dv); shape.problems()] })
+    }
+
+    fn decode(
+        &self,
+        p: &Problem<'_>,
+        state: &mut ReferenceState,
+        inputs: Inputs<'_, Host>,
+        mut out: HostMut<'_>,
+    ) -> Result<()> {
+        let dtype = validate_host(p, &inputs)?;
+        let s = p.shape;
+        let st = state.shape;
+        if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv)
+            || state.heads.first().is_some_and(|h| h.mf != p.features())
+        {
+            return Err(FavorError::shape(
+                "state",
+                format!("a state for batch {}, heads {}, d {}, d_v {}", s.batch, s.heads, s.d, s.dv),
+                format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
+            ));
+        }
+        check_tensor("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        let w = Widened::new(&inputs);
+        let delta = p.denominator_guard() as f64;
+        for (bh, head_state) in state.heads.iter_mut().enumerate() {
+            let h = w.head(s, inputs.key_mask, bh);
+            let o = head_state.advance(p.map, delta, &h);
+            out.write_f64(bh * s.len * s.dv, &o);
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn validate_feature_call(
+    map: &FeatureMap,
+    shape: AttentionShape,
+    x: &HostRef<'_>,
+    phi: &impl TensorHandle,
+) -> Result<usize> {
+    AttentionShape { dv: shape.d, ..shape }.validate()?;
+    map.validate(shape.d)?;
+    let mf = map.feature_dim(shape.d);
+    check_tensor("x", x, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
+    check_tensor("phi", phi, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
+    Ok(mf)
+}
+
+/// Per-row stabilisers of `l` tokens of one (batch, head) for `role`.
+pub fn stabilisers(map: &FeatureMap, role: FeatureRole, x: &[f64], l: usize, d: usize) -> Vec<f64> {
+    let s: Vec<f64> = (0..l).map(|i| map.log_scale(&x[i * d..(i + 1) * d])).collect();
+    match role {
+        FeatureRole::Query => s,
+        FeatureRole::Key => vec![s.iter().copied().fold(f64::NEG_INFINITY, f64::max); l],
+        FeatureRole::CausalKey => s
+            .iter()
+            .scan(f64::NEG_INFINITY, |c, &x| {
+                *c = c.max(x);
+                Some(*c)
+            })
+            .collect(),
+    }
+}
+
+/// Exact softmax attention on host tensors (f64 inside): the accuracy reference.
+pub fn softmax_attention(
+    shape: AttentionShape,
+    direction: Direction,
+    inputs: Inputs<'_, Host>,
+    mut out: HostMut<'_>,
+) -> Result<()> {
+    let map = FeatureMap::elu_plus_one();
+    let p = Problem::new(shape, &map);
+    let dtype = validate_host(&p, &inputs)?;
+    check_tensor("out", &out, shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    let w = Widened::new(&inputs);
+    for bh in 0..shape.problems() {
+        let h = w.head(shape, inputs.key_mask, bh);
+        let o = attention::softmax::softmax_forward(&h, direction == Direction::Causal);
+        out.write_f64(bh * shape.len * shape.dv, &o);
+    }
+    Ok(())
+}
+
+/// Gradients of exact softmax attention on host tensors.
+pub fn softmax_attention_backward(
+    shape: AttentionShape,
+    direction: Direction,
+    inputs: Inputs<'_, Host>,
+    dout: HostRef<'_>,
+    grads: Grads<'_, Host>,
+) -> Result<()> {
+    let map = FeatureMap::elu_plus_one();
+    let p = Problem::new(shape, &map);
+    let dtype = validate_host(&p, &inputs)?;
+    check_tensor("dout", &dout, shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    check_finite(&[("dout", dout)])?;
+    let Grads { mut dq, mut dk, mut dv } = grads;
+    check_tensor("dq", &dq, shape.qk_len(), dtype, "[batch, heads, len, d]")?;
+    check_tensor("dk", &dk, shape.qk_len(), dtype, "[batch, heads, len, d]")?;
+    check_tensor("dv", &dv, shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    let w = Widened::new(&inputs);
+    let g = dout.to_f64_vec();
+    for bh in 0..shape.problems() {
+        let h = w.head(shape, inputs.key_mask, bh);
+        let gh = &g[bh * shape.len * shape.dv..(bh + 1) * shape.len * shape.dv];
+        let r = attention::softmax::softmax_backward(&h, direction == Direction::Causal, gh);
+        dq.write_f64(bh * shape.len * shape.d, &r.dq);
+        dk.write_f64(bh * shape.len * shape.d, &r.dk);
+        dv.write_f64(bh * shape.len * shape.dv, &r.dv);
+    }
+    Ok(())
+}
