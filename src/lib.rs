@@ -1,2 +1,7 @@
-//! favor: FAVOR+ (Performer) attention. Placeholder entry point; see favor-core.
+#![doc = include_str!("../README.md")]
+
 pub use favor_core::*;
+
+mod select;
+
+pub use select::{Backend, BackendState};

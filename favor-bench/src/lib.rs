@@ -1,1 +1,14 @@
-//! placeholder
+//! # favor-bench
+//!
+//! The benchmark and I/O tool of favor (the `favor-bench` binary): the paper's speed/memory
+//! curves (`curves`), accuracy figures (`accuracy`), this machine's ceilings (`roofline`),
+//! single-kernel profiling (`profile`) and npy round trips (`run`). The library holds the pieces
+//! so that the integration tests and criterion benches use the same code.
+
+pub mod alloc;
+pub mod error;
+pub mod json;
+pub mod meta;
+pub mod plot;
+
+pub use error::{BenchError, Result};

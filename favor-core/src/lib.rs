@@ -23,6 +23,9 @@ pub mod features;
 mod projection;
 pub mod reference;
 mod shape;
+/// Test utilities shared with other crates' tests (the `testing` feature).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
 pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle};

@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(a, b);
         // Value stability across platforms and versions: pin a few entries of a fixed seed.
         let iid = Projection::draw(ProjectionConfig::new(2, 2, 42).iid()).unwrap();
-        assert_eq!(iid.matrix()[0], 0.834_397_6);
+        assert_eq!(iid.matrix()[0], 0.834_397_55);
     }
 
     #[test]

@@ -1,0 +1,49 @@
+// Shared helpers of the favor kernels.
+//
+// Conventions (every kernel):
+// * tensors are row-major; a "row" is one token of one (batch, head); rows of one (batch, head)
+//   are contiguous, so row r belongs to head r / L and sequence position r % L;
+// * offsets are 64-bit (long long): B·H·L·M overflows 32 bits at realistic sizes;
+// * all arithmetic, state and scratch are fp32; f16/bf16 appear only at the pack/unpack edges;
+// * every thread index is bounds-checked against the real size (arbitrary L, d, d_v, M tails).
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+
+// Storage conversions (round-to-nearest-even on the way out, exact on the way in).
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// exp(c_old − c_new) with 1 for equal values, so that −∞ − (−∞) (no key seen yet) is not NaN.
+// Callers guarantee c_old ≤ c_new, so the result is in [0, 1].
+__device__ __forceinline__ float decay(float c_old, float c_new) {
+    return c_old == c_new ? 1.0f : expf(c_old - c_new);
+}
+
+// Feature-map kinds, mirrored by `FeatureKind` in favor-cuda/src/kernels.rs.
+enum FeatureKind : int {
+    KIND_POSITIVE = 0,       // m^{-1/2}(exp(a − h − c) + ε)
+    KIND_HYPERBOLIC = 1,     // (2m)^{-1/2}[exp(±a − h − c) + ε]
+    KIND_TRIGONOMETRIC = 2,  // m^{-1/2}[cos a, sin a]·exp(h − c)
+    KIND_RELU = 3,           // max(a, 0) + κ
+    KIND_ELU_PLUS_ONE = 4,   // elu(a) + 1 + κ
+    KIND_SOFTPLUS = 5,       // ln(1 + e^a) + κ
+};
+
+__device__ __forceinline__ bool is_exp_kind(int kind) { return kind <= KIND_TRIGONOMETRIC; }
+
+// ln(1 + e^y) without overflow, and its derivative σ(y).
+__device__ __forceinline__ float softplus_f(float y) { return fmaxf(y, 0.0f) + log1pf(expf(-fabsf(y))); }
+__device__ __forceinline__ float sigmoid_f(float y) {
+    if (y >= 0.0f) return 1.0f / (1.0f + expf(-y));
+    float e = expf(y);
+    return e / (1.0f + e);
+}

@@ -1,0 +1,89 @@
+// Edge kernels: storage dtype <-> fp32 scratch, the normalisation out = N / R, and the
+// cotangents of the backward pass.
+//
+// Data flow of one attention call (host side in favor-cuda/src/ops.rs):
+//   Q, K, V (dtype) --pack--> fp32 rows;  V gets an appended ones column: V1 = [V 1]
+//   ... features / attention kernels produce O1 = [N R] (fp32, rows × (d_v + 1)) ...
+//   O1 --normalize--> out (dtype) and the guarded denominators R (fp32, for the backward)
+//   dO (dtype) --pack--> G;  (G, O1) --cotangent--> G1 = [G/R, −<G, out>/R]  (rows × (d_v + 1))
+//
+// One thread per element; grid-stride loops so any row count works.
+#include "common.cuh"
+
+// dst[r, 0..n) = src[r, 0..n) widened; dst[r, n] = 1 when `ones` (the normaliser column).
+template <typename T>
+__device__ void pack(const T* __restrict__ src, i64 rows, int n, float* __restrict__ dst, int ld, int ones) {
+    const int width = n + (ones ? 1 : 0);
+    const i64 total = rows * width;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 r = idx / width;
+        const int e = (int)(idx % width);
+        dst[r * ld + e] = e < n ? to_f32(src[r * n + e]) : 1.0f;
+    }
+}
+
+// dst[r, 0..n) = src[r, 0..n) rounded to T.
+template <typename T>
+__device__ void unpack(const float* __restrict__ src, int ld, i64 rows, int n, T* __restrict__ dst) {
+    const i64 total = rows * n;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 r = idx / n;
+        const int e = (int)(idx % n);
+        dst[idx] = from_f32<T>(src[r * ld + e]);
+    }
+}
+
+// Guarded denominator: |R| ≤ δ becomes R + 2δ (favor-core's rule).
+__device__ __forceinline__ float guard(float r, float delta) {
+    return (delta > 0.0f && fabsf(r) <= delta) ? r + 2.0f * delta : r;
+}
+
+// out[r, e] = N[r, e] / R[r] with R = guard(O1[r, dv]); a zero denominator gives a zero row.
+// Writes the guarded R to r_out when it is not null.
+template <typename T>
+__device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float delta, T* __restrict__ out,
+                          float* __restrict__ r_out) {
+    const i64 total = rows * dv;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 r = idx / dv;
+        const int e = (int)(idx % dv);
+        const float den = guard(o1[r * (dv + 1) + dv], delta);
+        out[idx] = from_f32<T>(den == 0.0f ? 0.0f : o1[r * (dv + 1) + e] / den);
+        if (e == 0 && r_out != nullptr) r_out[r] = den;
+    }
+}
+
+#define FAVOR_EDGE_KERNELS(NAME, T)                                                                         \
+    extern "C" __global__ void favor_pack_##NAME(const T* src, i64 rows, int n, float* dst, int ld, int ones) { \
+        pack<T>(src, rows, n, dst, ld, ones);                                                              \
+    }                                                                                                      \
+    extern "C" __global__ void favor_unpack_##NAME(const float* src, int ld, i64 rows, int n, T* dst) {    \
+        unpack<T>(src, ld, rows, n, dst);                                                                  \
+    }                                                                                                      \
+    extern "C" __global__ void favor_normalize_##NAME(const float* o1, i64 rows, int dv, float delta, T* out, \
+                                                      float* r_out) {                                      \
+        normalize<T>(o1, rows, dv, delta, out, r_out);                                                     \
+    }
+
+FAVOR_EDGE_KERNELS(f32, float)
+FAVOR_EDGE_KERNELS(f16, __half)
+FAVOR_EDGE_KERNELS(bf16, __nv_bfloat16)
+
+// G1[r] = [G[r]/R, −<G[r], out[r]>/R] with out = N/R, R = guard(O1[r, dv]); zero when R == 0
+// (the output row is defined as zero there and has zero gradient). One warp per row.
+extern "C" __global__ void favor_cotangent_f32(const float* __restrict__ g, const float* __restrict__ o1, i64 rows,
+                                               int dv, float delta, float* __restrict__ g1) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = (i64)gridDim.x * (blockDim.x / 32);
+    for (i64 r = blockIdx.x * (i64)(blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+        const float den = guard(o1[r * (dv + 1) + dv], delta);
+        float dot = 0.0f;
+        for (int e = lane; e < dv; e += 32) {
+            const float out = den == 0.0f ? 0.0f : o1[r * (dv + 1) + e] / den;
+            dot += g[r * dv + e] * out;
+        }
+        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        for (int e = lane; e < dv; e += 32) g1[r * (dv + 1) + e] = den == 0.0f ? 0.0f : g[r * dv + e] / den;
+        if (lane == 0) g1[r * (dv + 1) + dv] = den == 0.0f ? 0.0f : -dot / den;
+    }
+}

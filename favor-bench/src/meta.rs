@@ -1,0 +1,143 @@
+//! What every result file records: machine, ISA, commit, date and the exact command line.
+
+use crate::json::Json;
+
+/// Provenance of a result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInfo {
+    /// CPU model from /proc/cpuinfo (or the architecture when unknown).
+    pub cpu: String,
+    /// Logical CPUs available to this process.
+    pub cpus: usize,
+    /// Threads of the rayon pool used by the backends.
+    pub threads: usize,
+    /// Backends (with their ISA) used by the run.
+    pub backends: Vec<String>,
+    /// `git rev-parse HEAD`, or "unknown".
+    pub commit: String,
+    /// UTC date and time, ISO 8601.
+    pub date: String,
+    /// The command line, shell-quoted.
+    pub command: String,
+}
+
+impl RunInfo {
+    /// Collects the information for a run using `backends`.
+    pub fn collect(backends: Vec<String>) -> Self {
+        Self {
+            cpu: cpu_model(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: rayon::current_num_threads(),
+            backends,
+            commit: git_commit(),
+            date: utc_now(),
+            command: command_line(),
+        }
+    }
+
+    /// As `# key: value` comment lines for the top of a CSV file.
+    pub fn csv_comment(&self) -> String {
+        self.pairs().into_iter().map(|(k, v)| format!("# {k}: {v}\n")).collect()
+    }
+
+    /// As a JSON object.
+    pub fn json(&self) -> Json {
+        Json::obj(self.pairs().into_iter().map(|(k, v)| (k, Json::str(v))).collect())
+    }
+
+    /// A one-line summary for plot captions.
+    pub fn caption(&self) -> String {
+        format!("{} ({} threads), {} - {}", self.cpu, self.threads, self.backends.join(", "), self.date)
+    }
+
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("machine", self.cpu.clone()),
+            ("cpus", self.cpus.to_string()),
+            ("threads", self.threads.to_string()),
+            ("backends", self.backends.join(", ")),
+            ("commit", self.commit.clone()),
+            ("date", self.date.clone()),
+            ("command", self.command.clone()),
+        ]
+    }
+}
+
+/// The CPU model name from /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name") || l.starts_with("Model") || l.starts_with("CPU part"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// The commit of the working tree the tool runs in (or was built from), or "unknown".
+pub fn git_commit() -> String {
+    let try_in = |dir: &str| {
+        std::process::Command::new("git")
+            .args(["-C", dir, "rev-parse", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    try_in(".").or_else(|| try_in(env!("CARGO_MANIFEST_DIR"))).unwrap_or_else(|| "unknown".into())
+}
+
+/// The command line, each argument quoted when it holds shell-special characters.
+pub fn command_line() -> String {
+    std::env::args().map(|a| shell_quote(&a)).collect::<Vec<_>>().join(" ")
+}
+
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain { a.to_string() } else { format!("'{}'", a.replace('\'', "'\\''")) }
+}
+
+/// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format_utc(secs)
+}
+
+/// Seconds since the Unix epoch as an ISO 8601 UTC timestamp (proleptic Gregorian calendar).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm), valid for all dates after 1970.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_795_400_000), "2026-11-23T02:13:20Z");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("--lens=512,1024"), "--lens=512,1024");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+}

@@ -1,0 +1,262 @@
+//! Shared test utilities: seeded random tensors, error norms, central finite differences and a
+//! catalogue of every feature map. Compiled for favor-core's own tests and, with the `testing`
+//! cargo feature, for other crates' tests (`favor-core = { ..., features = ["testing"] }` as a
+//! dev-dependency).
+//!
+//! Everything is deterministic: the RNG is `Xoshiro256++` seeded by the caller.
+
+use crate::features::ParamGradsF64;
+use crate::{Elementwise, FeatureMap, GatedSoftplusParams, Linear, Projection, ProjectionConfig};
+use rand_distr::{Distribution, StandardNormal, StandardUniform};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::SeedableRng;
+
+/// The value-stable RNG of the test suite.
+pub type TestRng = Xoshiro256PlusPlus;
+
+/// A seeded RNG.
+pub fn rng(seed: u64) -> TestRng {
+    TestRng::seed_from_u64(seed)
+}
+
+/// `n` draws of N(0, std²) in f64.
+pub fn gaussian(rng: &mut TestRng, n: usize, std: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            std * z
+        })
+        .collect()
+}
+
+/// A seeded N(0, std²) tensor of `n` elements in f32 (for the host API).
+pub fn random_tensor(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    gaussian(&mut rng(seed), n, std as f64).into_iter().map(|x| x as f32).collect()
+}
+
+/// `n` draws uniform in [lo, hi).
+pub fn uniform(rng: &mut TestRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let u: f64 = StandardUniform.sample(rng);
+            lo + (hi - lo) * u
+        })
+        .collect()
+}
+
+/// A uniform index in `0..n` (`n > 0`).
+pub fn index(rng: &mut TestRng, n: usize) -> usize {
+    let u: f64 = StandardUniform.sample(rng);
+    ((u * n as f64) as usize).min(n - 1)
+}
+
+/// A key mask of `n` entries keeping each with probability `keep`.
+pub fn random_mask(rng: &mut TestRng, n: usize, keep: f64) -> Vec<bool> {
+    uniform(rng, n, 0.0, 1.0).into_iter().map(|u| u < keep).collect()
+}
+
+/// ⟨a, b⟩.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// ‖a‖_F.
+pub fn frobenius(a: &[f64]) -> f64 {
+    a.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Relative Frobenius error ‖a − b‖_F / ‖b‖_F (0 when both are zero, ∞ when only b is).
+pub fn rel_frobenius(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel_frobenius: length mismatch");
+    let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let (num, den) = (frobenius(&diff), frobenius(b));
+    if num == 0.0 { 0.0 } else { num / den }
+}
+
+/// max_i |a_i − b_i|.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// max_i |a_i|.
+pub fn max_abs(a: &[f64]) -> f64 {
+    a.iter().map(|x| x.abs()).fold(0.0, f64::max)
+}
+
+/// The gradient of `f` at `x` by central differences with step `h` (2·len evaluations).
+/// Truncation error O(h²·f'''), rounding error O(ulp(f)/h): h ≈ 1e-5 suits O(1) inputs in f64.
+pub fn central_difference(x: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let mut xp = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            xp[i] = x[i] + h;
+            let up = f(&xp);
+            xp[i] = x[i] - h;
+            let down = f(&xp);
+            xp[i] = x[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// The largest entrywise difference between an analytic and a finite-difference gradient,
+/// relative to the largest finite-difference entry.
+pub fn gradient_error(analytic: &[f64], numeric: &[f64]) -> f64 {
+    max_abs_diff(analytic, numeric) / max_abs(numeric).max(f64::MIN_POSITIVE)
+}
+
+/// Asserts that `analytic` matches `numeric` within `rtol` (see [`gradient_error`]) and that the
+/// gradient is not trivially zero (a check of two zero vectors could never fail).
+#[track_caller]
+pub fn assert_gradient(what: &str, analytic: &[f64], numeric: &[f64], rtol: f64) {
+    assert_eq!(analytic.len(), numeric.len(), "{what}: length mismatch");
+    assert!(
+        analytic.iter().chain(numeric).all(|x| x.is_finite()),
+        "{what}: non-finite gradient\nanalytic {analytic:?}\nnumeric  {numeric:?}"
+    );
+    assert!(max_abs(numeric) > 1e-10, "{what}: the gradient is (numerically) zero; the check would be vacuous");
+    let err = gradient_error(analytic, numeric);
+    assert!(err <= rtol, "{what}: gradient error {err:.3e} > {rtol:.1e}\nanalytic {analytic:?}\nnumeric  {numeric:?}");
+}
+
+/// Rounds to a multiple of 2^-16, so that steps of 2^-12 on values below 2^8 in magnitude are
+/// exact in f32: finite differences on f32 parameters then see exactly the step they assume.
+pub fn quantize(x: f64) -> f32 {
+    ((x * 65536.0).round() / 65536.0) as f32
+}
+
+/// A learned softplus map m×d, weights N(0, 1/d) (quantised, see [`quantize`]), optional bias.
+pub fn learned_softplus(m: usize, d: usize, seed: u64, bias: bool) -> FeatureMap {
+    let mut r = rng(seed);
+    let std = (d as f64).sqrt().recip();
+    let w = gaussian(&mut r, m * d, std).into_iter().map(quantize).collect();
+    let b = bias.then(|| gaussian(&mut r, m, 0.5).into_iter().map(quantize).collect());
+    FeatureMap::Softplus(Linear::new(m, d, w, b).expect("valid learned softplus"))
+}
+
+/// A learned gated softplus map m×d with quantised N(0, 1/d) weights.
+pub fn gated_softplus(m: usize, d: usize, seed: u64) -> FeatureMap {
+    let mut r = rng(seed);
+    let std = (d as f64).sqrt().recip();
+    let lin = |r: &mut TestRng| {
+        Linear::new(m, d, gaussian(r, m * d, std).into_iter().map(quantize).collect(), None).expect("valid linear")
+    };
+    let filter = lin(&mut r);
+    let gate = lin(&mut r);
+    FeatureMap::GatedSoftplus(GatedSoftplusParams { filter, gate })
+}
+
+/// Every feature map favor offers, named: positive, hyperbolic, trigonometric (orthogonal
+/// projections with χ norms, m draws), ReLU with and without projection, ELU+1, generalized
+/// softplus (projected, normalised data), learned softplus with bias, gated softplus. Maps
+/// without a projection have d features.
+pub fn feature_map_catalog(d: usize, m: usize, seed: u64) -> Vec<(&'static str, FeatureMap)> {
+    let proj = |s: u64| Projection::draw(ProjectionConfig::new(m, d, seed.wrapping_mul(1000).wrapping_add(s))).expect("valid projection");
+    vec![
+        ("positive", FeatureMap::positive(proj(1))),
+        ("hyperbolic", FeatureMap::hyperbolic(proj(2))),
+        ("trigonometric", FeatureMap::trigonometric(proj(3))),
+        ("relu-projected", FeatureMap::relu(Some(proj(4)))),
+        ("relu", FeatureMap::relu(None)),
+        ("elu+1", FeatureMap::elu_plus_one()),
+        ("generalized-softplus", FeatureMap::generalized(Elementwise::Softplus, Some(proj(5)), true, 1e-3)),
+        ("learned-softplus", learned_softplus(m, d, seed.wrapping_add(6), true)),
+        ("gated-softplus", gated_softplus(m, d, seed.wrapping_add(7))),
+    ]
+}
+
+/// The same map with ε set (positive and hyperbolic maps; others are returned unchanged).
+pub fn with_epsilon(map: &FeatureMap, eps: f32) -> FeatureMap {
+    match map {
+        FeatureMap::Positive { projection, .. } => FeatureMap::Positive { projection: projection.clone(), epsilon: eps },
+        FeatureMap::Hyperbolic { projection, .. } => {
+            FeatureMap::Hyperbolic { projection: projection.clone(), epsilon: eps }
+        }
+        other => other.clone(),
+    }
+}
+
+/// The trainable parameters of a learned map, flattened as (W or W_f, bias, W_g); empty for
+/// maps without parameters.
+pub fn params(map: &FeatureMap) -> Vec<f32> {
+    match map {
+        FeatureMap::Softplus(l) => l.w.iter().chain(l.bias.iter().flatten()).copied().collect(),
+        FeatureMap::GatedSoftplus(g) => g.filter.w.iter().chain(&g.gate.w).copied().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A copy of a learned map with its flattened parameters (layout of [`params`]) replaced.
+pub fn with_params(map: &FeatureMap, p: &[f32]) -> FeatureMap {
+    let mut out = map.clone();
+    match &mut out {
+        FeatureMap::Softplus(l) => {
+            let n = l.w.len();
+            l.w.copy_from_slice(&p[..n]);
+            if let Some(b) = &mut l.bias {
+                b.copy_from_slice(&p[n..]);
+            }
+        }
+        FeatureMap::GatedSoftplus(g) => {
+            let n = g.filter.w.len();
+            g.filter.w.copy_from_slice(&p[..n]);
+            g.gate.w.copy_from_slice(&p[n..]);
+        }
+        _ => assert!(p.is_empty(), "map without parameters"),
+    }
+    out
+}
+
+/// Parameter gradients flattened like [`params`].
+pub fn flat_param_grads(g: &ParamGradsF64) -> Vec<f64> {
+    g.w.iter().chain(g.bias.iter().flatten()).chain(g.w_gate.iter().flatten()).copied().collect()
+}
+
+/// Finite-difference gradient w.r.t. a learned map's parameters: `loss(map)` is evaluated at
+/// parameters ± 2^-12 (exact in f32 for quantised parameters) and Richardson-extrapolated with
+/// the ± 2^-13 step, so the truncation error is O(h⁴).
+pub fn param_gradient(map: &FeatureMap, mut loss: impl FnMut(&FeatureMap) -> f64) -> Vec<f64> {
+    let p0 = params(map);
+    let mut p = p0.clone();
+    let mut diff = |i: usize, h: f32, p: &mut Vec<f32>| {
+        p[i] = p0[i] + h;
+        let up = loss(&with_params(map, p));
+        p[i] = p0[i] - h;
+        let down = loss(&with_params(map, p));
+        p[i] = p0[i];
+        (up - down) / (2.0 * h as f64)
+    };
+    (0..p0.len())
+        .map(|i| {
+            let coarse = diff(i, 2f32.powi(-12), &mut p);
+            let fine = diff(i, 2f32.powi(-13), &mut p);
+            (4.0 * fine - coarse) / 3.0
+        })
+        .collect()
+}
+
+/// The smallest |pre-activation| of a ReLU or ELU+1 map over the rows of `x` (L×d): central
+/// differences across a kink are wrong, so gradient checks pick inputs away from it. `∞` for
+/// other maps.
+pub fn min_abs_preactivation(map: &FeatureMap, x: &[f64], d: usize) -> f64 {
+    let FeatureMap::Generalized { f: Elementwise::Relu | Elementwise::EluPlusOne, projection, normalize_data, scale, .. } =
+        map
+    else {
+        return f64::INFINITY;
+    };
+    let n = if *normalize_data { (d as f64).powf(-0.25) } else { 1.0 } * *scale as f64;
+    let mut min = f64::INFINITY;
+    for row in x.chunks_exact(d) {
+        match projection {
+            Some(p) => {
+                for j in 0..p.m() {
+                    let y: f64 = p.row(j).iter().zip(row).map(|(&w, &v)| w as f64 * v).sum();
+                    min = min.min((n * y).abs());
+                }
+            }
+            None => row.iter().for_each(|v| min = min.min((n * v).abs())),
+        }
+    }
+    min
+}

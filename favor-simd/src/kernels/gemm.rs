@@ -1,0 +1,180 @@
+//! The register-blocked matrix product every attention kernel is built from:
+//!
+//! C[i, 0..n] (= or +=) Σ_p A(i, p) · B[p, 0..n],   A(i, p) = a[i·ars + p·acs]
+//!
+//! A is read through arbitrary strides (so Aᵀ costs nothing), B and C are row-major with `n` a
+//! multiple of the vector width (internal buffers are padded, see [`crate::isa::pad`]). The
+//! microkernel keeps MR × NV vectors of C in registers (4 × 2 = 8 independent FMA chains, enough
+//! to hide the FMA latency of 4 cycles at 2 FMAs per cycle) and streams one row of B and one
+//! broadcast of A per step. The callers keep B small enough to stay in L1/L2: a 64-row tile of
+//! K'/Q' (64 × 256 floats = 64 KiB) or an M × d_v state (256 × 64 floats = 64 KiB).
+
+use crate::isa::SimdF32;
+
+/// Rows of C per microkernel.
+const MR: usize = 4;
+
+/// See the module docs. `overwrite` replaces C instead of accumulating into it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn gemm<S: SimdF32>(
+    rows: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    overwrite: bool,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(n % S::LANES == 0 && ldb >= n && ldc >= n, "gemm: unpadded operand");
+    assert!(c.len() >= (rows - 1) * ldc + n, "gemm: C too short");
+    if k > 0 {
+        assert!(a.len() > (rows - 1) * ars + (k - 1) * acs, "gemm: A too short");
+        assert!(b.len() >= (k - 1) * ldb + n, "gemm: B too short");
+    }
+    let g = Gemm { k, a: a.as_ptr(), ars, acs, b: b.as_ptr(), ldb, c: c.as_mut_ptr(), ldc, overwrite };
+    let mut j = 0;
+    while j + 2 * S::LANES <= n {
+        g.rows::<S, 2>(rows, j);
+        j += 2 * S::LANES;
+    }
+    while j < n {
+        g.rows::<S, 1>(rows, j);
+        j += S::LANES;
+    }
+}
+
+/// Raw operands of one product, bounds-checked by [`gemm`] before any access.
+struct Gemm {
+    k: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+}
+
+impl Gemm {
+    #[inline(always)]
+    fn rows<S: SimdF32, const NV: usize>(&self, rows: usize, j: usize) {
+        let mut i = 0;
+        while i + MR <= rows {
+            self.micro::<S, MR, NV>(i, j);
+            i += MR;
+        }
+        while i < rows {
+            self.micro::<S, 1, NV>(i, j);
+            i += 1;
+        }
+    }
+
+    /// C[i..i+R, j..j+NV·LANES] for R ≤ rows − i and j + NV·LANES ≤ n (checked in [`gemm`]).
+    #[inline(always)]
+    fn micro<S: SimdF32, const R: usize, const NV: usize>(&self, i: usize, j: usize) {
+        let mut acc = [[S::splat(0.0); NV]; R];
+        if !self.overwrite {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    // SAFETY: (i + r) < rows and j + (v+1)·LANES ≤ n, so the vector lies inside C.
+                    *x = unsafe { S::load(self.c.add((i + r) * self.ldc + j + v * S::LANES)) };
+                }
+            }
+        }
+        for p in 0..self.k {
+            // SAFETY: p < k and j + NV·LANES ≤ n: inside B (checked in `gemm`).
+            let bp = unsafe { self.b.add(p * self.ldb + j) };
+            let mut bv = [S::splat(0.0); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                // SAFETY: see above.
+                *x = unsafe { S::load(bp.add(v * S::LANES)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: (i + r) < rows and p < k: inside A (checked in `gemm`).
+                let av = S::splat(unsafe { *self.a.add((i + r) * self.ars + p * self.acs) });
+                for (x, &bvv) in row.iter_mut().zip(&bv) {
+                    *x = av.mul_add(bvv, *x);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                // SAFETY: as for the loads of C above.
+                unsafe { x.store(self.c.add((i + r) * self.ldc + j + v * S::LANES)) };
+            }
+        }
+    }
+}
+
+/// Σ_t x[t]·y[t] over equal-length padded slices (length a multiple of LANES).
+#[inline(always)]
+pub(crate) fn dot<S: SimdF32>(x: &[f32], y: &[f32]) -> f32 {
+    assert!(x.len() == y.len() && x.len() % S::LANES == 0);
+    let mut acc = [S::splat(0.0); 4];
+    let n = x.len() / S::LANES;
+    let mut v = 0;
+    while v + 4 <= n {
+        for (u, a) in acc.iter_mut().enumerate() {
+            // SAFETY: (v + u + 1)·LANES ≤ len for both slices.
+            unsafe {
+                *a = S::load(x.as_ptr().add((v + u) * S::LANES))
+                    .mul_add(S::load(y.as_ptr().add((v + u) * S::LANES)), *a)
+            };
+        }
+        v += 4;
+    }
+    while v < n {
+        // SAFETY: (v + 1)·LANES ≤ len for both slices.
+        unsafe { acc[0] = S::load(x.as_ptr().add(v * S::LANES)).mul_add(S::load(y.as_ptr().add(v * S::LANES)), acc[0]) };
+        v += 1;
+    }
+    acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_add()
+}
+
+/// y[t] += alpha · x[t] over equal-length padded slices.
+#[inline(always)]
+pub(crate) fn axpy<S: SimdF32>(alpha: f32, x: &[f32], y: &mut [f32]) {
+    assert!(x.len() == y.len() && x.len() % S::LANES == 0);
+    let a = S::splat(alpha);
+    for v in 0..x.len() / S::LANES {
+        // SAFETY: (v + 1)·LANES ≤ len for both slices.
+        unsafe {
+            let p = y.as_mut_ptr().add(v * S::LANES);
+            a.mul_add(S::load(x.as_ptr().add(v * S::LANES)), S::load(p)).store(p)
+        };
+    }
+}
+
+/// y[t] *= alpha over a padded slice.
+#[inline(always)]
+pub(crate) fn scale<S: SimdF32>(alpha: f32, y: &mut [f32]) {
+    assert!(y.len() % S::LANES == 0);
+    let a = S::splat(alpha);
+    for v in 0..y.len() / S::LANES {
+        // SAFETY: (v + 1)·LANES ≤ len.
+        unsafe {
+            let p = y.as_mut_ptr().add(v * S::LANES);
+            S::load(p).mul(a).store(p)
+        };
+    }
+}
+
+/// dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols.
+#[inline(always)]
+pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], ld_src: usize, dst: &mut [f32], ld_dst: usize) {
+    for r in 0..rows {
+        let s = &src[r * ld_src..r * ld_src + cols];
+        for (c, &x) in s.iter().enumerate() {
+            dst[c * ld_dst + r] = x;
+        }
+    }
+}

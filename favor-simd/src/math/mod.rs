@@ -1,0 +1,3 @@
+//! Vectorised math written once over [`crate::isa::SimdF32`].
+
+pub(crate) mod exp;
