@@ -7,8 +7,8 @@
 //! backends natively, GPU backends through a host adapter that copies.
 
 use crate::{
-    AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
-    Result, TensorHandle,
+    AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
+    TensorHandle,
 };
 
 /// Where a backend's tensors live.
@@ -174,7 +174,11 @@ pub fn check_tensor(arg: &'static str, t: &impl TensorHandle, len: usize, dtype:
         return Err(FavorError::DType { arg, expected: dtype, actual: t.dtype() });
     }
     if t.len() != len {
-        return Err(FavorError::Shape { arg, expected: format!("{len} elements ({dims})"), actual: format!("{} elements", t.len()) });
+        return Err(FavorError::Shape {
+            arg,
+            expected: format!("{len} elements ({dims})"),
+            actual: format!("{} elements", t.len()),
+        });
     }
     Ok(())
 }

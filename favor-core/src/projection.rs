@@ -225,7 +225,9 @@ mod tests {
     #[test]
     fn orthogonal_blocks_are_orthogonal_with_requested_norms() {
         for (m, d) in [(16, 16), (40, 16), (7, 9), (65, 8), (1, 1)] {
-            let p = Projection::draw(ProjectionConfig { norms: RowNorms::FixedSqrtD, ..ProjectionConfig::new(m, d, 3) }).unwrap();
+            let p =
+                Projection::draw(ProjectionConfig { norms: RowNorms::FixedSqrtD, ..ProjectionConfig::new(m, d, 3) })
+                    .unwrap();
             for start in (0..m).step_by(d) {
                 let end = (start + d).min(m);
                 let gm = gram(p.matrix(), d, start..end);
@@ -233,7 +235,11 @@ mod tests {
                 for a in 0..n {
                     for b in 0..n {
                         let want = if a == b { d as f64 } else { 0.0 };
-                        assert!((gm[a * n + b] - want).abs() < 1e-4 * d as f64, "m={m} d={d} ({a},{b}) {}", gm[a * n + b]);
+                        assert!(
+                            (gm[a * n + b] - want).abs() < 1e-4 * d as f64,
+                            "m={m} d={d} ({a},{b}) {}",
+                            gm[a * n + b]
+                        );
                     }
                 }
             }
@@ -265,7 +271,8 @@ mod tests {
         // E‖g‖² = d for g ~ N(0, I_d): the mean squared row norm over many rows must match.
         let d = 8;
         let p = Projection::draw(ProjectionConfig::new(4000, d, 7)).unwrap();
-        let mean_sq: f64 = p.matrix().chunks(d).map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sum::<f64>() / 4000.0;
+        let mean_sq: f64 =
+            p.matrix().chunks(d).map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>()).sum::<f64>() / 4000.0;
         // sd of ‖g‖² is √(2d) = 4 → standard error 4/√4000 ≈ 0.063.
         assert!((mean_sq - d as f64).abs() < 0.3, "{mean_sq}");
     }

@@ -2,8 +2,7 @@
 //! Slow and obviously correct; the oracle for every other backend.
 
 use crate::attention::{
-    self, CausalState, Head, HeadGrads, bidirectional_backward, bidirectional_forward, causal_backward,
-    causal_forward,
+    self, CausalState, Head, HeadGrads, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward,
 };
 use crate::backend::{Grads, Host, Inputs, Problem, check_finite, check_tensor, validate_inputs};
 use crate::features::ParamGradsF64;
@@ -92,7 +91,7 @@ impl FavorBackend for ReferenceBackend {
         mut phi: HostMut<'_>,
     ) -> Result<()> {
         let (l, d) = (shape.len, shape.d);
-        let mf = validate_feature_call(map, shape, &x, &phi)?;
+        let mf = validate_feature_call(map, shape, &x, "phi", &phi)?;
         check_finite(&[("x", x)])?;
         let xs = x.to_f64_vec();
         for bh in 0..shape.problems() {
@@ -117,7 +116,7 @@ impl FavorBackend for ReferenceBackend {
         mut dx: HostMut<'_>,
     ) -> Result<Option<ParamGrads>> {
         let (l, d) = (shape.len, shape.d);
-        let mf = validate_feature_call(map, shape, &x, &dphi)?;
+        let mf = validate_feature_call(map, shape, &x, "dphi", &dphi)?;
         check_tensor("dx", &dx, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
         check_finite(&[("x", x), ("dphi", dphi)])?;
         let xs = x.to_f64_vec();
@@ -239,13 +238,14 @@ fn validate_feature_call(
     map: &FeatureMap,
     shape: AttentionShape,
     x: &HostRef<'_>,
+    phi_arg: &'static str,
     phi: &impl TensorHandle,
 ) -> Result<usize> {
     AttentionShape { dv: shape.d, ..shape }.validate()?;
     map.validate(shape.d)?;
     let mf = map.feature_dim(shape.d);
     check_tensor("x", x, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
-    check_tensor("phi", phi, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
+    check_tensor(phi_arg, phi, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
     Ok(mf)
 }
 

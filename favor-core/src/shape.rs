@@ -53,22 +53,15 @@ impl AttentionShape {
 
     /// Rejects zero sizes and sizes whose element counts overflow `usize`.
     pub fn validate(&self) -> Result<()> {
-        for (arg, v) in [
-            ("batch", self.batch),
-            ("heads", self.heads),
-            ("len", self.len),
-            ("d", self.d),
-            ("dv", self.dv),
-        ] {
+        for (arg, v) in
+            [("batch", self.batch), ("heads", self.heads), ("len", self.len), ("d", self.d), ("dv", self.dv)]
+        {
             if v == 0 {
                 return Err(FavorError::ZeroSize { arg });
             }
         }
         let bhl = self.batch.checked_mul(self.heads).and_then(|x| x.checked_mul(self.len));
-        let ok = bhl
-            .and_then(|x| x.checked_mul(self.d.max(self.dv)))
-            .and_then(|x| x.checked_mul(4))
-            .is_some();
+        let ok = bhl.and_then(|x| x.checked_mul(self.d.max(self.dv))).and_then(|x| x.checked_mul(4)).is_some();
         if !ok {
             return Err(FavorError::shape("shape", "element counts that fit in memory", format!("{self:?}")));
         }

@@ -100,6 +100,14 @@ pub fn central_difference(x: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -
         .collect()
 }
 
+/// [`central_difference`] with Richardson extrapolation over steps h and h/2: truncation error
+/// O(h⁴), for functions with large higher derivatives.
+pub fn central_difference_richardson(x: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let coarse = central_difference(x, h, &mut f);
+    let fine = central_difference(x, h / 2.0, &mut f);
+    coarse.iter().zip(&fine).map(|(c, f)| (4.0 * f - c) / 3.0).collect()
+}
+
 /// The largest entrywise difference between an analytic and a finite-difference gradient,
 /// relative to the largest finite-difference entry.
 pub fn gradient_error(analytic: &[f64], numeric: &[f64]) -> f64 {
@@ -152,7 +160,10 @@ pub fn gated_softplus(m: usize, d: usize, seed: u64) -> FeatureMap {
 /// softplus (projected, normalised data), learned softplus with bias, gated softplus. Maps
 /// without a projection have d features.
 pub fn feature_map_catalog(d: usize, m: usize, seed: u64) -> Vec<(&'static str, FeatureMap)> {
-    let proj = |s: u64| Projection::draw(ProjectionConfig::new(m, d, seed.wrapping_mul(1000).wrapping_add(s))).expect("valid projection");
+    let proj = |s: u64| {
+        Projection::draw(ProjectionConfig::new(m, d, seed.wrapping_mul(1000).wrapping_add(s)))
+            .expect("valid projection")
+    };
     vec![
         ("positive", FeatureMap::positive(proj(1))),
         ("hyperbolic", FeatureMap::hyperbolic(proj(2))),
@@ -169,7 +180,9 @@ pub fn feature_map_catalog(d: usize, m: usize, seed: u64) -> Vec<(&'static str, 
 /// The same map with ε set (positive and hyperbolic maps; others are returned unchanged).
 pub fn with_epsilon(map: &FeatureMap, eps: f32) -> FeatureMap {
     match map {
-        FeatureMap::Positive { projection, .. } => FeatureMap::Positive { projection: projection.clone(), epsilon: eps },
+        FeatureMap::Positive { projection, .. } => {
+            FeatureMap::Positive { projection: projection.clone(), epsilon: eps }
+        }
         FeatureMap::Hyperbolic { projection, .. } => {
             FeatureMap::Hyperbolic { projection: projection.clone(), epsilon: eps }
         }
@@ -240,8 +253,13 @@ pub fn param_gradient(map: &FeatureMap, mut loss: impl FnMut(&FeatureMap) -> f64
 /// differences across a kink are wrong, so gradient checks pick inputs away from it. `∞` for
 /// other maps.
 pub fn min_abs_preactivation(map: &FeatureMap, x: &[f64], d: usize) -> f64 {
-    let FeatureMap::Generalized { f: Elementwise::Relu | Elementwise::EluPlusOne, projection, normalize_data, scale, .. } =
-        map
+    let FeatureMap::Generalized {
+        f: Elementwise::Relu | Elementwise::EluPlusOne,
+        projection,
+        normalize_data,
+        scale,
+        ..
+    } = map
     else {
         return f64::INFINITY;
     };

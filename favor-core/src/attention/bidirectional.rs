@@ -1,6 +1,8 @@
 //! Bidirectional FAVOR attention in f64: out = D⁻¹Q'(K'ᵀV).
 
-use super::{Head, HeadGrads, features_backward_rows, guard, query_features, row_cotangents};
+use super::{
+    Head, HeadGrads, add_scaled_backward, at_risk, features_backward_rows, guard, query_features, row_cotangents,
+};
 use crate::FeatureMap;
 
 /// Key features against the shared stabiliser c = max over unpadded keys; padded rows are zero.
@@ -71,7 +73,8 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
     // Σ_i q'_i x̄_iᵀ (M×d_v) and Σ_i q'_i ḡ_i (M).
     let mut dkv = vec![0.0; mf * h.dv];
     let mut dks = vec![0.0; mf];
-    for i in 0..h.len {
+    let risky: Vec<usize> = (0..h.len).filter(|&i| at_risk(&fw.qf[i * mf..(i + 1) * mf], fw.den[i])).collect();
+    for i in (0..h.len).filter(|i| !risky.contains(i)) {
         let (xbar, gbar) =
             row_cotangents(&dout[i * h.dv..(i + 1) * h.dv], &fw.out[i * h.dv..(i + 1) * h.dv], fw.den[i]);
         for f in 0..mf {
@@ -95,7 +98,27 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
         }
     }
     let mut params = map.param_grads_f64();
-    let dq = features_backward_rows(map, h.q, h.d, &fw.qc, None, &dqf, &mut params);
-    let dk = features_backward_rows(map, h.k, h.d, &vec![fw.kc; h.len], h.mask, &dkf, &mut params);
+    let mut dq = features_backward_rows(map, h.q, h.d, &fw.qc, None, &dqf, &mut params);
+    let mut dk = features_backward_rows(map, h.k, h.d, &vec![fw.kc; h.len], h.mask, &dkf, &mut params);
+    for &i in &risky {
+        let g = &dout[i * h.dv..(i + 1) * h.dv];
+        let out = &fw.out[i * h.dv..(i + 1) * h.dv];
+        let q = &fw.qf[i * mf..(i + 1) * mf];
+        let r = fw.den[i];
+        let g_out: f64 = g.iter().zip(out).map(|(a, b)| a * b).sum();
+        // dq_i = J_iᵀ(K'ᵀV·G_i − K'ᵀ1·⟨G_i, out_i⟩) / R_i.
+        let y: Vec<f64> =
+            (0..mf).map(|f| (0..h.dv).map(|e| fw.kv[f * h.dv + e] * g[e]).sum::<f64>() - fw.ks[f] * g_out).collect();
+        add_scaled_backward(map, h.q_row(i), fw.qc[i], &y, r, 1.0, &mut dq[i * h.d..(i + 1) * h.d], &mut params);
+        // dk_j += J_jᵀq'_i·(⟨G_i, v_j⟩ − ⟨G_i, out_i⟩)/R_i, dv_j += (q'_i·k'_j / R_i)·G_i.
+        for j in (0..h.len).filter(|&j| h.keep(j)) {
+            let t = g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum::<f64>() - g_out;
+            add_scaled_backward(map, h.k_row(j), fw.kc, q, r, t, &mut dk[j * h.d..(j + 1) * h.d], &mut params);
+            let w = q.iter().zip(&fw.kf[j * mf..(j + 1) * mf]).map(|(a, b)| a * b).sum::<f64>() / r;
+            for e in 0..h.dv {
+                dv[j * h.dv + e] += w * g[e];
+            }
+        }
+    }
     HeadGrads { dq, dk, dv, params }
 }

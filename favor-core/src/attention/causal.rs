@@ -1,6 +1,8 @@
 //! Causal FAVOR attention in f64 by prefix sums with a running-maximum stabiliser.
 
-use super::{Head, HeadGrads, decay, features_backward_rows, guard, query_features, row_cotangents};
+use super::{
+    Head, HeadGrads, add_scaled_backward, at_risk, decay, features_backward_rows, guard, query_features, row_cotangents,
+};
 use crate::FeatureMap;
 
 /// The recurrent state of one (batch, head): S (M×d_v), z (M) and the running key maximum c,
@@ -39,10 +41,10 @@ impl CausalState {
         }
         let mut kf = vec![0.0; self.mf];
         map.features(k, self.c, &mut kf);
-        for f in 0..self.mf {
-            self.z[f] += kf[f];
-            for e in 0..self.dv {
-                self.s[f * self.dv + e] += kf[f] * v[e];
+        for (f, &kff) in kf.iter().enumerate() {
+            self.z[f] += kff;
+            for (s, &ve) in self.s[f * self.dv..(f + 1) * self.dv].iter_mut().zip(v) {
+                *s += kff * ve;
             }
         }
         (kf, self.c)
@@ -93,6 +95,8 @@ pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64])
     let mut xbar = vec![0.0; h.len * h.dv];
     let mut gbar = vec![0.0; h.len];
     let mut dqf = vec![0.0; h.len * mf];
+    // Rows at risk (see `at_risk`): (i, R_i, out_i, y_i = S_i G_i − z_i⟨G_i, out_i⟩).
+    let mut risky = Vec::new();
     for i in 0..h.len {
         if h.keep(i) {
             let (f, _) = state.push_key(map, h.k_row(i), h.v_row(i));
@@ -101,7 +105,16 @@ pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64])
         kc[i] = state.c;
         let q = &qf[i * mf..(i + 1) * mf];
         let (out, r) = state.read(q, delta);
-        let (xb, gb) = row_cotangents(&dout[i * h.dv..(i + 1) * h.dv], &out, r);
+        let g = &dout[i * h.dv..(i + 1) * h.dv];
+        if at_risk(q, r) {
+            let g_out: f64 = g.iter().zip(&out).map(|(a, b)| a * b).sum();
+            let y: Vec<f64> = (0..mf)
+                .map(|f| (0..h.dv).map(|e| state.s[f * h.dv + e] * g[e]).sum::<f64>() - state.z[f] * g_out)
+                .collect();
+            risky.push((i, r, out, y));
+            continue;
+        }
+        let (xb, gb) = row_cotangents(g, &out, r);
         for f in 0..mf {
             let s_x: f64 = (0..h.dv).map(|e| state.s[f * h.dv + e] * xb[e]).sum();
             dqf[i * mf + f] = s_x + state.z[f] * gb;
@@ -137,7 +150,25 @@ pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64])
         }
     }
     let mut params = map.param_grads_f64();
-    let dq = features_backward_rows(map, h.q, h.d, &qc, None, &dqf, &mut params);
-    let dk = features_backward_rows(map, h.k, h.d, &kc, h.mask, &dkf, &mut params);
+    let mut dq = features_backward_rows(map, h.q, h.d, &qc, None, &dqf, &mut params);
+    let mut dk = features_backward_rows(map, h.k, h.d, &kc, h.mask, &dkf, &mut params);
+    for (i, r, out, y) in risky {
+        let g = &dout[i * h.dv..(i + 1) * h.dv];
+        let q = &qf[i * mf..(i + 1) * mf];
+        let g_out: f64 = g.iter().zip(&out).map(|(a, b)| a * b).sum();
+        add_scaled_backward(map, h.q_row(i), qc[i], &y, r, 1.0, &mut dq[i * h.d..(i + 1) * h.d], &mut params);
+        // Key j ≤ i enters query i with weight exp(c_j − c_i), folded into the query features
+        // before anything is divided by R_i (the decay may be what makes the product tiny).
+        for j in (0..=i).filter(|&j| h.keep(j)) {
+            let w_ij = decay(kc[j], kc[i]);
+            let qw: Vec<f64> = q.iter().map(|&x| x * w_ij).collect();
+            let t = g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum::<f64>() - g_out;
+            add_scaled_backward(map, h.k_row(j), kc[j], &qw, r, t, &mut dk[j * h.d..(j + 1) * h.d], &mut params);
+            let w = qw.iter().zip(&kf[j * mf..(j + 1) * mf]).map(|(a, b)| a * b).sum::<f64>() / r;
+            for e in 0..h.dv {
+                dv[j * h.dv + e] += w * g[e];
+            }
+        }
+    }
     HeadGrads { dq, dk, dv, params }
 }

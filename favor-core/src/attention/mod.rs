@@ -33,6 +33,8 @@
 //!   is rebuilt by subtraction, and memory is O(L·(d + d_v + M) + M·d_v).
 //!
 //! Then ∂ℒ/∂q and ∂ℒ/∂k go through the feature map's backward with stabilisers held constant.
+//! Rows whose denominator is hundreds of orders of magnitude below their features (extreme
+//! inputs only) are differentiated pair by pair so that no cotangent overflows (`at_risk`).
 
 mod bidirectional;
 mod causal;
@@ -122,6 +124,48 @@ pub(crate) fn row_cotangents(g: &[f64], out: &[f64], r: f64) -> (Vec<f64>, f64) 
     let xbar = g.iter().map(|&x| x / r).collect();
     let gbar = -g.iter().zip(out).map(|(a, b)| a * b).sum::<f64>() / r;
     (xbar, gbar)
+}
+
+/// A row is *at risk* when its denominator is tiny in absolute terms or next to its own
+/// features, |R_i| < 1e-100·max(1, max_f |q'_if|). That happens only at extreme input
+/// magnitudes, when features underflow towards the subnormal range or a query's features and the
+/// keys' features live at scales hundreds of orders of magnitude apart: the
+/// cotangents q'_i/R_i and G_i/R_i would then overflow before the feature-map backward multiplies
+/// them by features that are just as tiny (the true gradient is finite). Such rows are
+/// differentiated pair by pair instead, forming every product with the features before dividing
+/// by R_i ([`add_scaled_backward`]). Ordinary inputs never take this path.
+pub(crate) fn at_risk(qf: &[f64], r: f64) -> bool {
+    const RISK_RATIO: f64 = 1e-100;
+    r != 0.0 && r.abs() < RISK_RATIO * qf.iter().fold(1.0f64, |a, &b| a.max(b.abs()))
+}
+
+/// dx += (J_φ(x; c)ᵀ·dphi / divisor)·factor, and the parameter gradients likewise: the
+/// product with the features is formed before the division, so a tiny divisor cannot overflow.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_scaled_backward(
+    map: &FeatureMap,
+    x: &[f64],
+    c: f64,
+    dphi: &[f64],
+    divisor: f64,
+    factor: f64,
+    dx: &mut [f64],
+    params: &mut Option<ParamGradsF64>,
+) {
+    let mut tmp = vec![0.0; x.len()];
+    let mut tmp_params = params.as_ref().and_then(|_| map.param_grads_f64());
+    map.features_backward(x, c, dphi, &mut tmp, tmp_params.as_mut());
+    let add = |acc: &mut [f64], part: &[f64]| acc.iter_mut().zip(part).for_each(|(a, &p)| *a += p / divisor * factor);
+    add(dx, &tmp);
+    if let (Some(acc), Some(part)) = (params.as_mut(), tmp_params) {
+        add(&mut acc.w, &part.w);
+        if let (Some(a), Some(p)) = (acc.bias.as_mut(), part.bias.as_ref()) {
+            add(a, p);
+        }
+        if let (Some(a), Some(p)) = (acc.w_gate.as_mut(), part.w_gate.as_ref()) {
+            add(a, p);
+        }
+    }
 }
 
 /// Backward through the feature map for every kept row of `x` (L×d) given per-row stabilisers.

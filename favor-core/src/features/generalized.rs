@@ -101,7 +101,8 @@ pub(super) fn backward(
 ) {
     let n = if normalize { data_normalizer(x.len()) } else { 1.0 };
     let s = scale as f64 * n;
-    let dy: Vec<f64> = pre_activation(p, normalize, scale, x).iter().zip(g).map(|(&y, &gj)| gj * f.derivative(y)).collect();
+    let dy: Vec<f64> =
+        pre_activation(p, normalize, scale, x).iter().zip(g).map(|(&y, &gj)| gj * f.derivative(y)).collect();
     match p {
         Some(p) => {
             for (t, dxt) in dx.iter_mut().enumerate() {

@@ -172,9 +172,7 @@ impl FeatureMap {
     pub fn feature_dim(&self, d: usize) -> usize {
         match self {
             FeatureMap::Positive { projection, .. } => projection.m(),
-            FeatureMap::Hyperbolic { projection, .. } | FeatureMap::Trigonometric { projection } => {
-                2 * projection.m()
-            }
+            FeatureMap::Hyperbolic { projection, .. } | FeatureMap::Trigonometric { projection } => 2 * projection.m(),
             FeatureMap::Generalized { projection, .. } => projection.as_ref().map_or(d, Projection::m),
             FeatureMap::Softplus(l) => l.m,
             FeatureMap::GatedSoftplus(g) => g.filter.m,
@@ -183,10 +181,7 @@ impl FeatureMap {
 
     /// True for the exponential maps, which carry a log-scale stabiliser.
     pub fn is_stabilised(&self) -> bool {
-        matches!(
-            self,
-            FeatureMap::Positive { .. } | FeatureMap::Hyperbolic { .. } | FeatureMap::Trigonometric { .. }
-        )
+        matches!(self, FeatureMap::Positive { .. } | FeatureMap::Hyperbolic { .. } | FeatureMap::Trigonometric { .. })
     }
 
     /// True when the map has trainable parameters (and the backward returns [`ParamGrads`]).
@@ -277,9 +272,7 @@ impl FeatureMap {
     pub fn features(&self, x: &[f64], c: f64, out: &mut [f64]) {
         match self {
             FeatureMap::Positive { projection, epsilon } => exp_maps::positive(projection, *epsilon, x, c, out),
-            FeatureMap::Hyperbolic { projection, epsilon } => {
-                exp_maps::hyperbolic(projection, *epsilon, x, c, out)
-            }
+            FeatureMap::Hyperbolic { projection, epsilon } => exp_maps::hyperbolic(projection, *epsilon, x, c, out),
             FeatureMap::Trigonometric { projection } => exp_maps::trigonometric(projection, x, c, out),
             FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
                 generalized::forward(*f, projection.as_ref(), *normalize_data, *scale, *kappa, x, out)
@@ -291,7 +284,14 @@ impl FeatureMap {
 
     /// Backward of [`FeatureMap::features`] with `c` held constant: adds ∂ℒ/∂x to `dx` and, for
     /// learned maps, parameter gradients to `grads` (f64, laid out like [`ParamGrads`]).
-    pub fn features_backward(&self, x: &[f64], c: f64, dphi: &[f64], dx: &mut [f64], grads: Option<&mut ParamGradsF64>) {
+    pub fn features_backward(
+        &self,
+        x: &[f64],
+        c: f64,
+        dphi: &[f64],
+        dx: &mut [f64],
+        grads: Option<&mut ParamGradsF64>,
+    ) {
         match self {
             FeatureMap::Positive { projection, .. } => exp_maps::positive_backward(projection, x, c, dphi, dx),
             FeatureMap::Hyperbolic { projection, .. } => exp_maps::hyperbolic_backward(projection, x, c, dphi, dx),
