@@ -27,7 +27,7 @@ favor_causal_scan_f32(const float* __restrict__ a, int lda, const float* __restr
                       const float* __restrict__ v, int ldv, int nv, const float* __restrict__ c, int len,
                       int reverse, float* __restrict__ out, int ldo, float* state, const float* __restrict__ c0,
                       int nvt) {
-    extern __shared__ float smem[];
+    FAVOR_DYNAMIC_SMEM(smem);
     float* s = smem;
     float* p = s + (i64)na * nvt;
     float* cc = p + CHUNK * CHUNK;

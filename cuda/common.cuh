@@ -7,8 +7,12 @@
 // * all arithmetic, state and scratch are fp32; f16/bf16 appear only at the pack/unpack edges;
 // * every thread index is bounds-checked against the real size (arbitrary L, d, d_v, M tails).
 #pragma once
+#ifndef FAVOR_EMULATOR
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+// The block's dynamic shared memory as floats (the test emulator in emu/ provides its own).
+#define FAVOR_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
 
 typedef long long i64;
 

@@ -45,7 +45,7 @@ extern "C" __global__ void favor_features_f32(const float* __restrict__ x, i64 r
                                               int mode, const float* __restrict__ c_in, float* __restrict__ c_out,
                                               const unsigned char* __restrict__ keep, int heads, int len,
                                               float* __restrict__ phi, int ld_phi) {
-    extern __shared__ float smem[];
+    FAVOR_DYNAMIC_SMEM(smem);
     const int nt = blockDim.x, tid = threadIdx.x;
     float* xs = smem;
     float* red = xs + TOK * d;
@@ -139,7 +139,7 @@ extern "C" __global__ void favor_features_bwd_f32(const float* __restrict__ x, i
                                                   const float* __restrict__ c, const float* __restrict__ dphi,
                                                   int ld_dphi, const unsigned char* __restrict__ keep, int heads,
                                                   int len, float* __restrict__ dx) {
-    extern __shared__ float smem[];
+    FAVOR_DYNAMIC_SMEM(smem);
     const int nt = blockDim.x, tid = threadIdx.x;
     float* xs = smem;
     float* da = xs + TOK * d;

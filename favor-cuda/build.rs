@@ -24,9 +24,8 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let require = env::var("FAVOR_REQUIRE_NVCC").is_ok_and(|v| v == "1");
 
-    let mut sources: Vec<PathBuf> = fs::read_dir(&cuda_dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut sources: Vec<PathBuf> =
+        fs::read_dir(&cuda_dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     sources.retain(|p| p.extension().is_some_and(|e| e == "cu" || e == "cuh"));
     sources.sort();
     for s in &sources {
@@ -68,8 +67,19 @@ fn main() {
         println!("cargo::rustc-cfg=favor_no_kernels");
     }
 
+    #[cfg(feature = "emulator")]
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        .include(&cuda_dir)
+        .file(cuda_dir.join("emu/emulator.cpp"))
+        .compile("favor_emu");
+
     // The generated table: (unit name, fatbin bytes) for every .cu file.
-    let mut table = String::from("/// (kernel file, embedded fatbin) for every `cuda/*.cu`.\npub static FATBINS: &[(&str, &[u8])] = &[\n");
+    let mut table = String::from(
+        "/// (kernel file, embedded fatbin) for every `cuda/*.cu`.\npub static FATBINS: &[(&str, &[u8])] = &[\n",
+    );
     for unit in &units {
         let stem = unit.file_stem().and_then(|s| s.to_str()).expect("utf-8 file name");
         let bin = out.join(format!("{stem}.fatbin"));

@@ -26,6 +26,8 @@ pub(crate) unsafe fn run<T: SimdTask>(task: T) -> T::Output {
 // inlined into `run`, which requires the CPU features (see the module docs).
 impl SimdF32 for Avx2 {
     const LANES: usize = 8;
+    // 12 of the 16 ymm registers hold accumulators.
+    const MR: usize = 6;
     type Mask = __m256;
 
     #[inline(always)]

@@ -27,6 +27,8 @@ pub(crate) unsafe fn run<T: SimdTask>(task: T) -> T::Output {
 // inlined into `run`, which requires the CPU feature (see the module docs).
 impl SimdF32 for Avx512 {
     const LANES: usize = 16;
+    // 16 of the 32 zmm registers hold accumulators.
+    const MR: usize = 8;
     type Mask = __mmask16;
 
     #[inline(always)]

@@ -25,6 +25,9 @@ pub(crate) const MAX_LANES: usize = 16;
 pub(crate) trait SimdF32: Copy + Send + Sync + 'static {
     /// Lanes per vector.
     const LANES: usize;
+    /// Rows of the product microkernel ([`crate::kernels::gemm`]): MR × 2 accumulators must fit
+    /// in the register file next to two B vectors and one broadcast.
+    const MR: usize;
     /// Result of a lane-wise comparison.
     type Mask: Copy;
 
@@ -125,7 +128,11 @@ pub fn best_isa() -> Isa {
             Ok(v) if !v.trim().is_empty() => match Isa::from_name(&v) {
                 Some(isa) if isa.is_supported() => isa,
                 Some(isa) => {
-                    eprintln!("favor-simd: {ISA_ENV}={v}: {} is not supported by this CPU, using {}", isa.name(), widest.name());
+                    eprintln!(
+                        "favor-simd: {ISA_ENV}={v}: {} is not supported by this CPU, using {}",
+                        isa.name(),
+                        widest.name()
+                    );
                     widest
                 }
                 None => {

@@ -1,10 +1,12 @@
 //! The portable path: `wide::f32x8` (SSE2 on baseline x86_64, NEON `fmla` on aarch64).
 
 use super::SimdF32;
-use wide::{CmpGt, CmpLt, f32x8, i32x8};
+use wide::{f32x8, i32x8};
 
 impl SimdF32 for f32x8 {
     const LANES: usize = 8;
+    // 8 accumulators: 16 xmm on SSE2 (two per f32x8), 16 of NEON's 32 q registers.
+    const MR: usize = 4;
     type Mask = f32x8;
 
     #[inline(always)]
@@ -72,7 +74,7 @@ impl SimdF32 for f32x8 {
     }
     #[inline(always)]
     fn select(m: Self::Mask, t: Self, f: Self) -> Self {
-        m.blend(t, f)
+        m.select(t, f)
     }
     #[inline(always)]
     fn reduce_add(self) -> f32 {

@@ -4,15 +4,13 @@
 //!
 //! A is read through arbitrary strides (so Aᵀ costs nothing), B and C are row-major with `n` a
 //! multiple of the vector width (internal buffers are padded, see [`crate::isa::pad`]). The
-//! microkernel keeps MR × NV vectors of C in registers (4 × 2 = 8 independent FMA chains, enough
-//! to hide the FMA latency of 4 cycles at 2 FMAs per cycle) and streams one row of B and one
+//! microkernel keeps MR × 2 vectors of C in registers (MR = 6 on AVX2, 8 on AVX-512, 4 on the
+//! portable path: 12–16 independent FMA chains, more than the 8 needed to hide an FMA latency of
+//! 4 cycles at 2 FMAs per cycle) and streams one row of B and one
 //! broadcast of A per step. The callers keep B small enough to stay in L1/L2: a 64-row tile of
 //! K'/Q' (64 × 256 floats = 64 KiB) or an M × d_v state (256 × 64 floats = 64 KiB).
 
 use crate::isa::SimdF32;
-
-/// Rows of C per microkernel.
-const MR: usize = 4;
 
 /// See the module docs. `overwrite` replaces C instead of accumulating into it.
 #[allow(clippy::too_many_arguments)]
@@ -33,7 +31,7 @@ pub(crate) fn gemm<S: SimdF32>(
     if rows == 0 || n == 0 {
         return;
     }
-    assert!(n % S::LANES == 0 && ldb >= n && ldc >= n, "gemm: unpadded operand");
+    assert!(n.is_multiple_of(S::LANES) && ldb >= n && ldc >= n, "gemm: unpadded operand");
     assert!(c.len() >= (rows - 1) * ldc + n, "gemm: C too short");
     if k > 0 {
         assert!(a.len() > (rows - 1) * ars + (k - 1) * acs, "gemm: A too short");
@@ -68,9 +66,25 @@ impl Gemm {
     #[inline(always)]
     fn rows<S: SimdF32, const NV: usize>(&self, rows: usize, j: usize) {
         let mut i = 0;
-        while i + MR <= rows {
-            self.micro::<S, MR, NV>(i, j);
-            i += MR;
+        // Const generics cannot take S::MR directly; the three register budgets in use.
+        match S::MR {
+            8 => {
+                while i + 8 <= rows {
+                    self.micro::<S, 8, NV>(i, j);
+                    i += 8;
+                }
+            }
+            6 => {
+                while i + 6 <= rows {
+                    self.micro::<S, 6, NV>(i, j);
+                    i += 6;
+                }
+            }
+            _ => {}
+        }
+        while i + 4 <= rows {
+            self.micro::<S, 4, NV>(i, j);
+            i += 4;
         }
         while i < rows {
             self.micro::<S, 1, NV>(i, j);
@@ -118,7 +132,7 @@ impl Gemm {
 /// Σ_t x[t]·y[t] over equal-length padded slices (length a multiple of LANES).
 #[inline(always)]
 pub(crate) fn dot<S: SimdF32>(x: &[f32], y: &[f32]) -> f32 {
-    assert!(x.len() == y.len() && x.len() % S::LANES == 0);
+    assert!(x.len() == y.len() && x.len().is_multiple_of(S::LANES));
     let mut acc = [S::splat(0.0); 4];
     let n = x.len() / S::LANES;
     let mut v = 0;
@@ -126,15 +140,17 @@ pub(crate) fn dot<S: SimdF32>(x: &[f32], y: &[f32]) -> f32 {
         for (u, a) in acc.iter_mut().enumerate() {
             // SAFETY: (v + u + 1)·LANES ≤ len for both slices.
             unsafe {
-                *a = S::load(x.as_ptr().add((v + u) * S::LANES))
-                    .mul_add(S::load(y.as_ptr().add((v + u) * S::LANES)), *a)
+                *a =
+                    S::load(x.as_ptr().add((v + u) * S::LANES)).mul_add(S::load(y.as_ptr().add((v + u) * S::LANES)), *a)
             };
         }
         v += 4;
     }
     while v < n {
         // SAFETY: (v + 1)·LANES ≤ len for both slices.
-        unsafe { acc[0] = S::load(x.as_ptr().add(v * S::LANES)).mul_add(S::load(y.as_ptr().add(v * S::LANES)), acc[0]) };
+        unsafe {
+            acc[0] = S::load(x.as_ptr().add(v * S::LANES)).mul_add(S::load(y.as_ptr().add(v * S::LANES)), acc[0])
+        };
         v += 1;
     }
     acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_add()
@@ -143,7 +159,7 @@ pub(crate) fn dot<S: SimdF32>(x: &[f32], y: &[f32]) -> f32 {
 /// y[t] += alpha · x[t] over equal-length padded slices.
 #[inline(always)]
 pub(crate) fn axpy<S: SimdF32>(alpha: f32, x: &[f32], y: &mut [f32]) {
-    assert!(x.len() == y.len() && x.len() % S::LANES == 0);
+    assert!(x.len() == y.len() && x.len().is_multiple_of(S::LANES));
     let a = S::splat(alpha);
     for v in 0..x.len() / S::LANES {
         // SAFETY: (v + 1)·LANES ≤ len for both slices.
@@ -157,7 +173,7 @@ pub(crate) fn axpy<S: SimdF32>(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// y[t] *= alpha over a padded slice.
 #[inline(always)]
 pub(crate) fn scale<S: SimdF32>(alpha: f32, y: &mut [f32]) {
-    assert!(y.len() % S::LANES == 0);
+    assert!(y.len().is_multiple_of(S::LANES));
     let a = S::splat(alpha);
     for v in 0..y.len() / S::LANES {
         // SAFETY: (v + 1)·LANES ≤ len.

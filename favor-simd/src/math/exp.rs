@@ -30,7 +30,7 @@ pub(crate) fn exp<S: SimdF32>(x: S) -> S {
     let p = p.mul_add(r, S::splat(8.333_452e-3));
     let p = p.mul_add(r, S::splat(4.166_579_6e-2));
     let p = p.mul_add(r, S::splat(1.666_666_5e-1));
-    let p = p.mul_add(r, S::splat(5.000_000_1e-1));
+    let p = p.mul_add(r, S::splat(0.5));
     let p = p.mul_add(r2, r).add(S::splat(1.0));
     let n1 = n.mul(S::splat(0.5)).round();
     let n2 = n.sub(n1);

@@ -1,0 +1,337 @@
+//! [`CudaBackend`]: context, stream, loaded kernels, allocation counters, and the
+//! [`FavorBackend`] implementation on device memory ([`CudaMem`]).
+
+use crate::kernels::{Exec, Kernels, driver_err, kernels_built};
+use crate::memory::{Buf, CudaMem, DeviceMut, DeviceRef, DeviceTensor, MemCounters, MemoryUsage, Scratch, TensorData};
+use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits, sys};
+use favor_core::{
+    AttentionShape, DType, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, HostMut, HostRef, Inputs,
+    ParamGrads, Problem, Result, TensorHandle,
+};
+use std::sync::Arc;
+
+/// CUDA 13.0 as `cuDriverGetVersion` reports it: the fatbin comes from nvcc 13.0 (PTX ISA 9.0),
+/// which needs an r580+ driver.
+pub const REQUIRED_DRIVER_VERSION: i32 = 13000;
+
+fn not_available(reason: impl Into<String>) -> FavorError {
+    FavorError::NotAvailable { backend: "cuda", reason: reason.into() }
+}
+
+/// The CUDA backend: one device, one stream, kernels loaded once.
+///
+/// Calls enqueue work on the stream and return without synchronising (except for the host
+/// copies of [`CudaBackend::upload`] / [`CudaBackend::download`]); call
+/// [`FavorBackend::synchronize`] before reading results on the host by other means.
+pub struct CudaBackend {
+    ctx: Option<Arc<CudaContext>>,
+    pub(crate) exec: Exec,
+    pub(crate) counters: Arc<MemCounters>,
+    device_name: String,
+    driver_version: i32,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.device_name)
+            .field("ordinal", &self.ctx.as_ref().map(|c| c.ordinal()))
+            .field("driver_version", &self.driver_version)
+            .finish()
+    }
+}
+
+/// The driver's CUDA version (e.g. 13000), or `NotAvailable` when no driver library is present.
+pub fn driver_version() -> Result<i32> {
+    // SAFETY: only dlopen()s the candidate libcuda names; no CUDA function is called.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(not_available("the NVIDIA driver library (libcuda.so) was not found"));
+    }
+    let mut version = 0i32;
+    // SAFETY: libcuda is loaded (checked above); cuDriverGetVersion writes one int and needs no
+    // cuInit.
+    let status = unsafe { sys::cuDriverGetVersion(&mut version) };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(not_available(format!("cuDriverGetVersion failed: {status:?}")));
+    }
+    Ok(version)
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` on its default stream. Returns [`FavorError::NotAvailable`] when
+    /// the crate was built without kernels, when there is no NVIDIA driver or it is older than
+    /// CUDA 13.0, or when the device does not exist. Never panics.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !kernels_built() {
+            return Err(not_available(
+                "favor-cuda was built without nvcc, so it has no kernels (set NVCC or CUDA_HOME and rebuild)",
+            ));
+        }
+        let version = driver_version()?;
+        if version < REQUIRED_DRIVER_VERSION {
+            return Err(not_available(format!(
+                "the driver supports CUDA {}.{}, the kernels were built with CUDA 13.0 and need an r580+ driver",
+                version / 1000,
+                (version % 1000) / 10
+            )));
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| not_available(format!("cannot open CUDA device {ordinal}: {e}")))?;
+        // SAFETY: this context object is ours; all favor work goes to one stream and kernels get
+        // raw pointers, so cudarc's cross-stream event tracking would only add overhead.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let kernels = Kernels::load(&ctx)?;
+        let device_name = ctx.name().map_err(driver_err)?;
+        Ok(Self {
+            ctx: Some(ctx),
+            exec: Exec::Cuda { stream, kernels },
+            counters: Arc::default(),
+            device_name,
+            driver_version: version,
+        })
+    }
+
+    /// The kernels run on the CPU by the test emulator of `cuda/emu` (one OS thread per CUDA
+    /// thread): slow, for validating the kernels on machines without a GPU. "Device" buffers
+    /// are host allocations.
+    #[cfg(feature = "emulator")]
+    #[doc(hidden)]
+    pub fn emulated() -> Self {
+        Self {
+            ctx: None,
+            exec: Exec::Emulator,
+            counters: Arc::default(),
+            device_name: "cpu-emulator".into(),
+            driver_version: 0,
+        }
+    }
+
+    /// The same backend enqueuing on `stream` (an engine's own stream on this device's context).
+    pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Self> {
+        let (Some(ctx), Exec::Cuda { kernels, .. }) = (&self.ctx, &self.exec) else {
+            return Err(FavorError::Unsupported("streams on an emulated backend".into()));
+        };
+        if stream.context().cu_ctx() != ctx.cu_ctx() {
+            return Err(FavorError::Unsupported("a stream of another CUDA context".into()));
+        }
+        Ok(Self {
+            ctx: Some(ctx.clone()),
+            exec: Exec::Cuda { stream, kernels: kernels.clone() },
+            counters: self.counters.clone(),
+            device_name: self.device_name.clone(),
+            driver_version: self.driver_version,
+        })
+    }
+
+    /// The context (`None` only for the test emulator).
+    pub fn context(&self) -> Option<&Arc<CudaContext>> {
+        self.ctx.as_ref()
+    }
+
+    /// The stream work is enqueued on (`None` only for the test emulator).
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.exec {
+            Exec::Cuda { stream, .. } => Some(stream),
+            #[cfg(feature = "emulator")]
+            Exec::Emulator => None,
+        }
+    }
+
+    /// Device name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// Driver CUDA version (e.g. 13000).
+    pub fn driver_version(&self) -> i32 {
+        self.driver_version
+    }
+
+    /// Bytes allocated through this backend (tensors, scratch, states) now and at the peak.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        self.counters.usage()
+    }
+
+    /// Restart the peak at the current usage.
+    pub fn reset_peak_memory(&self) {
+        self.counters.reset_peak();
+    }
+
+    fn buf_zeros<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod>(&self, len: usize) -> Result<Buf<T>> {
+        match &self.exec {
+            Exec::Cuda { stream, .. } => Ok(Buf::Device(stream.alloc_zeros::<T>(len).map_err(driver_err)?)),
+            #[cfg(feature = "emulator")]
+            Exec::Emulator => Ok(Buf::Host(crate::emulator::HostBuf::from_slice(&vec![T::zeroed(); len]))),
+        }
+    }
+
+    fn buf_from<T: DeviceRepr + bytemuck::Pod>(&self, host: &[T]) -> Result<Buf<T>> {
+        match &self.exec {
+            Exec::Cuda { stream, .. } => Ok(Buf::Device(stream.clone_htod(host).map_err(driver_err)?)),
+            #[cfg(feature = "emulator")]
+            Exec::Emulator => Ok(Buf::Host(crate::emulator::HostBuf::from_slice(host))),
+        }
+    }
+
+    /// Copies `buf` into `dst` (same length) and waits for the stream.
+    fn buf_to_host<T: DeviceRepr + bytemuck::Pod>(&self, buf: &Buf<T>, dst: &mut [T]) -> Result<()> {
+        match (buf, &self.exec) {
+            (Buf::Device(b), Exec::Cuda { stream, .. }) => {
+                stream.memcpy_dtoh(b, dst).map_err(driver_err)?;
+                stream.synchronize().map_err(driver_err)
+            }
+            #[cfg(feature = "emulator")]
+            (Buf::Host(h), Exec::Emulator) => {
+                h.copy_to(dst);
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(FavorError::Backend { backend: "cuda", reason: "buffer of another backend kind".into() }),
+        }
+    }
+
+    /// A zeroed device tensor.
+    pub fn alloc(&self, dtype: DType, len: usize) -> Result<DeviceTensor> {
+        let data = match dtype {
+            DType::F32 => TensorData::F32(self.buf_zeros(len)?),
+            DType::F16 => TensorData::F16(self.buf_zeros(len)?),
+            DType::Bf16 => TensorData::Bf16(self.buf_zeros(len)?),
+        };
+        Ok(DeviceTensor::new(data, &self.counters))
+    }
+
+    /// Copies a host tensor to a new device tensor.
+    pub fn upload(&self, t: HostRef<'_>) -> Result<DeviceTensor> {
+        let data = match t {
+            HostRef::F32(v) => TensorData::F32(self.buf_from(v)?),
+            HostRef::F16(v) => TensorData::F16(self.buf_from(v)?),
+            HostRef::Bf16(v) => TensorData::Bf16(self.buf_from(v)?),
+        };
+        Ok(DeviceTensor::new(data, &self.counters))
+    }
+
+    /// Copies a device tensor into host memory (waits for the stream).
+    pub fn download(&self, t: &DeviceTensor, dst: HostMut<'_>) -> Result<()> {
+        favor_core::backend::check_tensor("dst", &dst, t.len(), t.dtype(), "the device tensor's size")?;
+        match (&t.data, dst) {
+            (TensorData::F32(b), HostMut::F32(h)) => self.buf_to_host(b, h),
+            (TensorData::F16(b), HostMut::F16(h)) => self.buf_to_host(b, h),
+            (TensorData::Bf16(b), HostMut::Bf16(h)) => self.buf_to_host(b, h),
+            _ => Err(FavorError::Backend { backend: "cuda", reason: "device tensor dtype mismatch".into() }),
+        }
+    }
+
+    pub(crate) fn scratch(&self, len: usize) -> Result<Scratch<f32>> {
+        Ok(Scratch::new(self.buf_zeros(len.max(1))?, &self.counters))
+    }
+
+    pub(crate) fn scratch_from(&self, host: &[f32]) -> Result<Scratch<f32>> {
+        Ok(Scratch::new(self.buf_from(host)?, &self.counters))
+    }
+
+    pub(crate) fn scratch_mask(&self, mask: &[bool]) -> Result<Scratch<u8>> {
+        let bytes: Vec<u8> = mask.iter().map(|&k| u8::from(k)).collect();
+        Ok(Scratch::new(self.buf_from(&bytes)?, &self.counters))
+    }
+}
+
+/// Recurrent decoding state on the device: S (M × (d_v + 1), the last column is z) and the
+/// running key maximum c, per (batch, head), both fp32.
+#[derive(Debug)]
+pub struct CudaState {
+    pub(crate) shape: AttentionShape,
+    pub(crate) features: usize,
+    pub(crate) s: Scratch<f32>,
+    pub(crate) c: Scratch<f32>,
+    pub(crate) tokens: usize,
+}
+
+impl CudaState {
+    /// Tokens consumed so far.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Copies (S, c) to the host: S is `[B·H, M, d_v + 1]` (the last column is z), c is `[B·H]`.
+    pub fn to_host(&self, backend: &CudaBackend) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut s = vec![0.0; self.s.buf.len()];
+        let mut c = vec![0.0; self.c.buf.len()];
+        backend.buf_to_host(&self.s.buf, &mut s)?;
+        backend.buf_to_host(&self.c.buf, &mut c)?;
+        Ok((s, c))
+    }
+}
+
+impl FavorBackend for CudaBackend {
+    type Mem = CudaMem;
+    type State = CudaState;
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.device_name)
+    }
+
+    fn feature_map(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: DeviceRef<'_>,
+        phi: DeviceMut<'_>,
+    ) -> Result<()> {
+        self.feature_map_device(map, role, shape, x, phi)
+    }
+
+    fn feature_map_backward(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: DeviceRef<'_>,
+        dphi: DeviceRef<'_>,
+        dx: DeviceMut<'_>,
+    ) -> Result<Option<ParamGrads>> {
+        self.feature_map_backward_device(map, role, shape, x, dphi, dx)
+    }
+
+    fn forward(&self, problem: &Problem<'_>, inputs: Inputs<'_, CudaMem>, out: DeviceMut<'_>) -> Result<()> {
+        self.forward_device(problem, inputs, out)
+    }
+
+    fn backward(
+        &self,
+        problem: &Problem<'_>,
+        inputs: Inputs<'_, CudaMem>,
+        dout: DeviceRef<'_>,
+        grads: Grads<'_, CudaMem>,
+    ) -> Result<Option<ParamGrads>> {
+        self.backward_device(problem, inputs, dout, grads)
+    }
+
+    fn new_state(&self, problem: &Problem<'_>) -> Result<CudaState> {
+        self.new_state_device(problem)
+    }
+
+    fn decode(
+        &self,
+        problem: &Problem<'_>,
+        state: &mut CudaState,
+        inputs: Inputs<'_, CudaMem>,
+        out: DeviceMut<'_>,
+    ) -> Result<()> {
+        self.decode_device(problem, state, inputs, out)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        match &self.exec {
+            Exec::Cuda { stream, .. } => stream.synchronize().map_err(driver_err),
+            #[cfg(feature = "emulator")]
+            Exec::Emulator => Ok(()),
+        }
+    }
+}
+
+/// Checks a device tensor's length and dtype (favor-core's rule, on device handles).
+pub(crate) fn check(arg: &'static str, t: &impl TensorHandle, len: usize, dtype: DType, dims: &str) -> Result<()> {
+    favor_core::backend::check_tensor(arg, t, len, dtype, dims)
+}

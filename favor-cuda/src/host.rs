@@ -1,0 +1,167 @@
+//! [`CudaHost`]: the CUDA backend on host tensors. Each call uploads its inputs, runs the device
+//! path, waits, and downloads the results; the copy time is accumulated separately from the
+//! whole call so benchmarks can report both.
+
+use crate::backend::{CudaBackend, CudaState};
+use crate::memory::DeviceTensor;
+use favor_core::backend::{check_finite, check_tensor, validate_inputs};
+use favor_core::{
+    AttentionShape, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, Inputs, ParamGrads, Problem,
+    Result, TensorHandle,
+};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Time spent in host↔device copies (including the waits they imply) since the last reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CopyTimes {
+    /// Uploads.
+    pub host_to_device: Duration,
+    /// Downloads (wait for the kernels first, which is counted here too).
+    pub device_to_host: Duration,
+}
+
+/// The CUDA backend on host memory (copies in and out around every call).
+#[derive(Debug)]
+pub struct CudaHost {
+    device: CudaBackend,
+    copies: Mutex<CopyTimes>,
+}
+
+impl CudaHost {
+    /// Wraps a device backend.
+    pub fn new(device: CudaBackend) -> Self {
+        Self { device, copies: Mutex::new(CopyTimes::default()) }
+    }
+
+    /// The device backend.
+    pub fn device(&self) -> &CudaBackend {
+        &self.device
+    }
+
+    /// Copy times accumulated so far.
+    pub fn copy_times(&self) -> CopyTimes {
+        *self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Zero the copy times.
+    pub fn reset_copy_times(&self) {
+        *self.copies.lock().unwrap_or_else(|e| e.into_inner()) = CopyTimes::default();
+    }
+
+    fn up(&self, t: HostRef<'_>) -> Result<DeviceTensor> {
+        let start = Instant::now();
+        let r = self.device.upload(t);
+        self.copies.lock().unwrap_or_else(|e| e.into_inner()).host_to_device += start.elapsed();
+        r
+    }
+
+    fn zeros_like(&self, t: &impl TensorHandle) -> Result<DeviceTensor> {
+        self.device.alloc(t.dtype(), t.len())
+    }
+
+    fn down(&self, t: &DeviceTensor, dst: HostMut<'_>) -> Result<()> {
+        let start = Instant::now();
+        let r = self.device.download(t, dst);
+        self.copies.lock().unwrap_or_else(|e| e.into_inner()).device_to_host += start.elapsed();
+        r
+    }
+}
+
+impl FavorBackend for CudaHost {
+    type Mem = Host;
+    type State = CudaState;
+
+    fn name(&self) -> String {
+        format!("{} (host copies)", self.device.name())
+    }
+
+    fn feature_map(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: HostRef<'_>,
+        phi: HostMut<'_>,
+    ) -> Result<()> {
+        check_finite(&[("x", x)])?;
+        let xd = self.up(x)?;
+        let mut pd = self.zeros_like(&phi)?;
+        self.device.feature_map(map, role, shape, xd.as_ref(), pd.as_mut())?;
+        self.down(&pd, phi)
+    }
+
+    fn feature_map_backward(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: HostRef<'_>,
+        dphi: HostRef<'_>,
+        dx: HostMut<'_>,
+    ) -> Result<Option<ParamGrads>> {
+        check_finite(&[("x", x), ("dphi", dphi)])?;
+        let xd = self.up(x)?;
+        let gd = self.up(dphi)?;
+        let mut dxd = self.zeros_like(&dx)?;
+        let params = self.device.feature_map_backward(map, role, shape, xd.as_ref(), gd.as_ref(), dxd.as_mut())?;
+        self.down(&dxd, dx)?;
+        Ok(params)
+    }
+
+    fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
+        let dtype = validate_inputs(p, &inputs)?;
+        check_tensor("out", &out, p.shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
+        let (q, k, v) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?);
+        let mut o = self.zeros_like(&out)?;
+        let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
+        self.device.forward(p, dev, o.as_mut())?;
+        self.down(&o, out)
+    }
+
+    fn backward(
+        &self,
+        p: &Problem<'_>,
+        inputs: Inputs<'_, Host>,
+        dout: HostRef<'_>,
+        grads: Grads<'_, Host>,
+    ) -> Result<Option<ParamGrads>> {
+        let dtype = validate_inputs(p, &inputs)?;
+        let s = p.shape;
+        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_tensor("dq", &grads.dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+        check_tensor("dk", &grads.dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+        check_tensor("dv", &grads.dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v), ("dout", dout)])?;
+        let (q, k, v, g) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?, self.up(dout)?);
+        let Grads { dq, dk, dv } = grads;
+        let (mut dqd, mut dkd, mut dvd) = (self.zeros_like(&dq)?, self.zeros_like(&dk)?, self.zeros_like(&dv)?);
+        let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
+        let dev_grads = Grads { dq: dqd.as_mut(), dk: dkd.as_mut(), dv: dvd.as_mut() };
+        let params = self.device.backward(p, dev, g.as_ref(), dev_grads)?;
+        self.down(&dqd, dq)?;
+        self.down(&dkd, dk)?;
+        self.down(&dvd, dv)?;
+        Ok(params)
+    }
+
+    fn new_state(&self, p: &Problem<'_>) -> Result<CudaState> {
+        self.device.new_state(p)
+    }
+
+    fn decode(&self, p: &Problem<'_>, state: &mut CudaState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
+        let dtype = validate_inputs(p, &inputs)?;
+        check_tensor("out", &out, p.shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
+        let (q, k, v) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?);
+        let mut o = self.zeros_like(&out)?;
+        let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
+        self.device.decode(p, state, dev, o.as_mut())?;
+        self.down(&o, out)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.device.synchronize()
+    }
+}

@@ -1,0 +1,302 @@
+//! Device memory: the [`CudaMem`] memory space (tensor handles over device buffers, yours or
+//! ours), owned [`DeviceTensor`]s, and the allocation counters behind
+//! [`crate::CudaBackend::memory_usage`].
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, sys};
+use favor_core::{DType, Element, MemorySpace, TensorHandle};
+use half::{bf16, f16};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// An element type the CUDA kernels accept: f32, f16 or bf16.
+pub trait CudaElement: Element + DeviceRepr {}
+impl<T: Element + DeviceRepr> CudaElement for T {}
+
+/// A device pointer and its length in elements (internal currency of the launch functions).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DevPtr {
+    pub ptr: u64,
+    pub len: usize,
+}
+
+/// Device memory: tensors are [`DeviceRef`] / [`DeviceMut`] handles on device buffers.
+///
+/// Work is enqueued on the backend's stream without synchronising; buffers written on another
+/// stream must be ordered before the call by the caller (events), as with any CUDA library.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CudaMem;
+
+impl MemorySpace for CudaMem {
+    type Ref<'a> = DeviceRef<'a>;
+    type Mut<'a> = DeviceMut<'a>;
+}
+
+/// Read-only device tensor handle: pointer, element count and dtype, borrowed for `'a`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRef<'a> {
+    ptr: u64,
+    len: usize,
+    dtype: DType,
+    _borrow: PhantomData<&'a ()>,
+}
+
+/// Writable device tensor handle, borrowed mutably for `'a`.
+#[derive(Debug)]
+pub struct DeviceMut<'a> {
+    ptr: u64,
+    len: usize,
+    dtype: DType,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+impl<'a> DeviceRef<'a> {
+    /// A handle on a whole cudarc buffer.
+    pub fn from_slice<T: CudaElement>(s: &'a CudaSlice<T>) -> Self {
+        let (ptr, _sync) = s.device_ptr(s.stream());
+        Self { ptr, len: s.len(), dtype: T::DTYPE, _borrow: PhantomData }
+    }
+
+    /// A handle on a cudarc view; `stream` is the stream the view's buffer is used on.
+    pub fn from_view<T: CudaElement>(v: &'a CudaView<'_, T>, stream: &CudaStream) -> Self {
+        let (ptr, _sync) = v.device_ptr(stream);
+        Self { ptr, len: v.len(), dtype: T::DTYPE, _borrow: PhantomData }
+    }
+
+    /// A handle on memory the caller manages (an engine's own buffers).
+    ///
+    /// # Safety
+    /// `ptr` must point to at least `len` elements of `dtype` in device memory of the backend's
+    /// context, readable by the backend's stream for as long as the handle is used.
+    pub unsafe fn from_raw(ptr: sys::CUdeviceptr, len: usize, dtype: DType) -> Self {
+        Self { ptr, len, dtype, _borrow: PhantomData }
+    }
+
+    /// The raw device address.
+    pub fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
+    pub(crate) fn raw(&self) -> DevPtr {
+        DevPtr { ptr: self.ptr, len: self.len }
+    }
+}
+
+impl<'a> DeviceMut<'a> {
+    /// A handle on a whole cudarc buffer.
+    pub fn from_slice<T: CudaElement>(s: &'a mut CudaSlice<T>) -> Self {
+        let len = s.len();
+        let stream = s.stream().clone();
+        let (ptr, _sync) = s.device_ptr_mut(&stream);
+        Self { ptr, len, dtype: T::DTYPE, _borrow: PhantomData }
+    }
+
+    /// A handle on a mutable cudarc view; `stream` is the stream the buffer is used on.
+    pub fn from_view<T: CudaElement>(v: &'a mut CudaViewMut<'_, T>, stream: &CudaStream) -> Self {
+        let len = v.len();
+        let (ptr, _sync) = v.device_ptr_mut(stream);
+        Self { ptr, len, dtype: T::DTYPE, _borrow: PhantomData }
+    }
+
+    /// A handle on memory the caller manages.
+    ///
+    /// # Safety
+    /// `ptr` must point to at least `len` elements of `dtype` in device memory of the backend's
+    /// context, readable and writable by the backend's stream, and not accessed by anyone else
+    /// while the handle is used.
+    pub unsafe fn from_raw(ptr: sys::CUdeviceptr, len: usize, dtype: DType) -> Self {
+        Self { ptr, len, dtype, _borrow: PhantomData }
+    }
+
+    /// Read-only reborrow.
+    pub fn as_ref(&self) -> DeviceRef<'_> {
+        DeviceRef { ptr: self.ptr, len: self.len, dtype: self.dtype, _borrow: PhantomData }
+    }
+
+    /// The raw device address.
+    pub fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
+    pub(crate) fn raw(&self) -> DevPtr {
+        DevPtr { ptr: self.ptr, len: self.len }
+    }
+}
+
+impl TensorHandle for DeviceRef<'_> {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl TensorHandle for DeviceMut<'_> {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Bytes currently allocated through a backend and the peak since the last reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryUsage {
+    /// Live bytes (tensors, scratch, decoding states).
+    pub current_bytes: usize,
+    /// Highest `current_bytes` seen.
+    pub peak_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct MemCounters {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemCounters {
+    pub(crate) fn usage(&self) -> MemoryUsage {
+        MemoryUsage {
+            current_bytes: self.current.load(Ordering::Relaxed),
+            peak_bytes: self.peak.load(Ordering::Relaxed),
+        }
+    }
+    pub(crate) fn reset_peak(&self) {
+        self.peak.store(self.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// Counts `bytes` as live until dropped.
+#[derive(Debug)]
+pub(crate) struct Tracked {
+    counters: Arc<MemCounters>,
+    bytes: usize,
+}
+
+impl Tracked {
+    pub(crate) fn new(counters: &Arc<MemCounters>, bytes: usize) -> Self {
+        let now = counters.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        counters.peak.fetch_max(now, Ordering::Relaxed);
+        Self { counters: counters.clone(), bytes }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.counters.current.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Storage of a buffer: device memory, or (emulator tests only) a host allocation that the
+/// emulated kernels address directly.
+#[derive(Debug)]
+pub(crate) enum Buf<T> {
+    Device(CudaSlice<T>),
+    #[cfg(feature = "emulator")]
+    Host(crate::emulator::HostBuf<T>),
+}
+
+impl<T: DeviceRepr> Buf<T> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Buf::Device(s) => s.len(),
+            #[cfg(feature = "emulator")]
+            Buf::Host(h) => h.len(),
+        }
+    }
+
+    pub(crate) fn ptr(&self) -> DevPtr {
+        match self {
+            Buf::Device(s) => {
+                let (ptr, _sync) = s.device_ptr(s.stream());
+                DevPtr { ptr, len: s.len() }
+            }
+            #[cfg(feature = "emulator")]
+            Buf::Host(h) => DevPtr { ptr: h.addr(), len: h.len() },
+        }
+    }
+}
+
+/// A counted buffer used inside one call (freed stream-ordered when dropped).
+#[derive(Debug)]
+pub(crate) struct Scratch<T> {
+    pub(crate) buf: Buf<T>,
+    _track: Tracked,
+}
+
+impl<T: DeviceRepr> Scratch<T> {
+    pub(crate) fn new(buf: Buf<T>, counters: &Arc<MemCounters>) -> Self {
+        let bytes = buf.len() * std::mem::size_of::<T>();
+        Self { buf, _track: Tracked::new(counters, bytes) }
+    }
+
+    pub(crate) fn ptr(&self) -> DevPtr {
+        self.buf.ptr()
+    }
+}
+
+/// An owned device tensor allocated by a backend (counted in its memory usage).
+#[derive(Debug)]
+pub struct DeviceTensor {
+    pub(crate) data: TensorData,
+    _track: Tracked,
+}
+
+#[derive(Debug)]
+pub(crate) enum TensorData {
+    F32(Buf<f32>),
+    F16(Buf<f16>),
+    Bf16(Buf<bf16>),
+}
+
+impl DeviceTensor {
+    pub(crate) fn new(data: TensorData, counters: &Arc<MemCounters>) -> Self {
+        let bytes = match &data {
+            TensorData::F32(b) => b.len() * 4,
+            TensorData::F16(b) => b.len() * 2,
+            TensorData::Bf16(b) => b.len() * 2,
+        };
+        Self { data, _track: Tracked::new(counters, bytes) }
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        match &self.data {
+            TensorData::F32(_) => DType::F32,
+            TensorData::F16(_) => DType::F16,
+            TensorData::Bf16(_) => DType::Bf16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.raw().len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn raw(&self) -> DevPtr {
+        match &self.data {
+            TensorData::F32(b) => b.ptr(),
+            TensorData::F16(b) => b.ptr(),
+            TensorData::Bf16(b) => b.ptr(),
+        }
+    }
+
+    /// Read-only handle.
+    pub fn as_ref(&self) -> DeviceRef<'_> {
+        let p = self.raw();
+        DeviceRef { ptr: p.ptr, len: p.len, dtype: self.dtype(), _borrow: PhantomData }
+    }
+
+    /// Writable handle.
+    pub fn as_mut(&mut self) -> DeviceMut<'_> {
+        let p = self.raw();
+        DeviceMut { ptr: p.ptr, len: p.len, dtype: self.dtype(), _borrow: PhantomData }
+    }
+}

@@ -1,0 +1,491 @@
+//! The sequence of kernel launches behind each trait method (all on device memory).
+//!
+//! Every call packs its inputs into fp32 rows (V with a ones column, so the denominator is the
+//! last output column), computes φ(Q) against each query's own log-scale and φ(K) against the
+//! key stabiliser (shared maximum, or running maximum for causal), runs the attention kernels,
+//! and rounds once into the caller's dtype. With A·B·V written for "out_t = Σ (A_t·B_s)·V_s":
+//!
+//! | quantity | bidirectional (reduce + apply) | causal scan |
+//! |---|---|---|
+//! | O1 = [N R] | A = φ(Q), B = φ(K), V = [V 1] | same, forward |
+//! | dφ(Q) | A = G1, B = [V 1], V = φ(K) | same, forward |
+//! | dφ(K) | A = [V 1], B = G1, V = φ(Q) | same, reversed |
+//! | dV | A = φ(K), B = φ(Q), V = G1[:, ..d_v] | same, reversed |
+//!
+//! with G1 = [dO/R, −<dO, out>/R]. Then dQ, dK go through the feature map's backward with the
+//! stabilisers held constant. Nothing is stored between calls: the backward recomputes φ.
+
+use crate::backend::{CudaBackend, CudaState, check};
+use crate::kernels::{FeatureKind, MapArgs, MaskArgs, SMEM_LIMIT, StabMode, scan_value_tile};
+use crate::memory::{CudaMem, DevPtr, DeviceMut, DeviceRef, Scratch};
+use favor_core::backend::validate_inputs;
+use favor_core::{
+    AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, ParamGrads,
+    Problem, Result, TensorHandle,
+};
+
+/// Largest grid.y (one block row per (batch, head)).
+const MAX_PROBLEMS: usize = 65_535;
+/// Target rows per segment of the bidirectional reduction.
+const REDUCE_SEGMENT: usize = 1024;
+
+/// The map's parameters for the kernels, plus the uploaded projection.
+struct Map {
+    args: MapArgs,
+    _w: Option<Scratch<f32>>,
+}
+
+/// fp32 copies of one call's inputs.
+struct Packed {
+    q: Scratch<f32>,
+    k: Scratch<f32>,
+    v1: Scratch<f32>,
+    mask: Option<Scratch<u8>>,
+    map: Map,
+    rows: usize,
+}
+
+/// Features and stabilisers of one call, and O1 = [N R].
+struct Attention {
+    qf: Scratch<f32>,
+    qc: Scratch<f32>,
+    kf: Scratch<f32>,
+    kc: Scratch<f32>,
+    o1: Scratch<f32>,
+}
+
+impl Packed {
+    fn mask(&self, heads: usize) -> Option<MaskArgs> {
+        self.mask.as_ref().map(|m| MaskArgs { keep: m.ptr(), heads })
+    }
+}
+
+impl CudaBackend {
+    fn map_args(&self, map: &FeatureMap, d: usize) -> Result<Map> {
+        let inv_fourth_root = (d as f32).powf(-0.25);
+        let (kind, proj, in_scale, eps) = match map {
+            FeatureMap::Positive { projection, epsilon } => {
+                (FeatureKind::Positive, Some(projection), inv_fourth_root, *epsilon)
+            }
+            FeatureMap::Hyperbolic { projection, epsilon } => {
+                (FeatureKind::Hyperbolic, Some(projection), inv_fourth_root, *epsilon)
+            }
+            FeatureMap::Trigonometric { projection } => {
+                (FeatureKind::Trigonometric, Some(projection), inv_fourth_root, 0.0)
+            }
+            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
+                let kind = match f {
+                    Elementwise::Relu => FeatureKind::Relu,
+                    Elementwise::EluPlusOne => FeatureKind::EluPlusOne,
+                    Elementwise::Softplus => FeatureKind::Softplus,
+                };
+                let n = if *normalize_data { inv_fourth_root } else { 1.0 };
+                (kind, projection.as_ref(), scale * n, *kappa)
+            }
+            FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => {
+                return Err(FavorError::Unsupported(format!(
+                    "the {} feature map has no CUDA kernel yet (use the CPU backends)",
+                    map.name()
+                )));
+            }
+        };
+        let (w, m) = match proj {
+            Some(p) => (Some(self.scratch_from(p.matrix())?), p.m()),
+            None => (None, d),
+        };
+        let args = MapArgs { kind, w: w.as_ref().map(Scratch::ptr), m, d, in_scale, eps };
+        if args.backward_smem() > SMEM_LIMIT {
+            return Err(FavorError::Unsupported(format!(
+                "d = {d} with m = {m} projections exceeds the CUDA feature kernels' shared memory"
+            )));
+        }
+        Ok(Map { args, _w: w })
+    }
+
+    fn check_sizes(&self, shape: AttentionShape, map: &MapArgs) -> Result<()> {
+        if shape.problems() > MAX_PROBLEMS {
+            return Err(FavorError::Unsupported(format!("batch × heads = {} > {MAX_PROBLEMS}", shape.problems())));
+        }
+        if shape.len > i32::MAX as usize || shape.len * shape.problems() > i64::MAX as usize / 4096 {
+            return Err(FavorError::Unsupported(format!("len = {} is too long for the CUDA kernels", shape.len)));
+        }
+        scan_value_tile(map.features(), shape.dv + 1)?;
+        scan_value_tile(shape.dv + 1, map.features())?;
+        Ok(())
+    }
+
+    fn pack_inputs(&self, p: &Problem<'_>, inputs: &Inputs<'_, CudaMem>, dtype: DType) -> Result<Packed> {
+        let s = p.shape;
+        let map = self.map_args(p.map, s.d)?;
+        self.check_sizes(s, &map.args)?;
+        let rows = s.problems() * s.len;
+        let q = self.pack(dtype, inputs.q.raw(), rows, s.d, s.d, false)?;
+        let k = self.pack(dtype, inputs.k.raw(), rows, s.d, s.d, false)?;
+        let v1 = self.pack(dtype, inputs.v.raw(), rows, s.dv, s.dv + 1, true)?;
+        let mask = inputs.key_mask.map(|m| self.scratch_mask(m)).transpose()?;
+        Ok(Packed { q, k, v1, mask, map, rows })
+    }
+
+    fn pack(&self, dtype: DType, src: DevPtr, rows: usize, n: usize, ld: usize, ones: bool) -> Result<Scratch<f32>> {
+        let dst = self.scratch(rows * ld)?;
+        self.exec.launch_pack(dtype, src, rows, n, dst.ptr(), ld, ones)?;
+        Ok(dst)
+    }
+
+    /// φ of query rows against their own log-scales; returns (φ, c).
+    fn query_features(
+        &self,
+        x: DevPtr,
+        rows: usize,
+        len: usize,
+        map: &MapArgs,
+    ) -> Result<(Scratch<f32>, Scratch<f32>)> {
+        let mf = map.features();
+        let phi = self.scratch(rows * mf)?;
+        let c = self.scratch(rows)?;
+        self.exec.launch_features(
+            x,
+            rows,
+            map,
+            StabMode::Own,
+            None,
+            Some(c.ptr()),
+            None,
+            len,
+            Some((phi.ptr(), mf)),
+        )?;
+        Ok((phi, c))
+    }
+
+    /// Key stabilisers: the shared (bidirectional) or running (causal) maximum of the unpadded
+    /// log-scales per (batch, head), continuing from `c_init` (decoding). Zero for maps without
+    /// a stabiliser.
+    #[allow(clippy::too_many_arguments)]
+    fn key_stabilisers(
+        &self,
+        x: DevPtr,
+        shape: AttentionShape,
+        map: &MapArgs,
+        mask: Option<MaskArgs>,
+        causal: bool,
+        c_init: Option<DevPtr>,
+    ) -> Result<Scratch<f32>> {
+        let rows = shape.problems() * shape.len;
+        let c = self.scratch(rows)?;
+        if map.kind.is_exp() {
+            let s = self.scratch(rows)?;
+            self.exec.launch_features(
+                x,
+                rows,
+                map,
+                StabMode::LogScaleOnly,
+                None,
+                Some(s.ptr()),
+                None,
+                shape.len,
+                None,
+            )?;
+            self.exec.launch_stabiliser(s.ptr(), mask, shape.problems(), shape.len, c_init, causal, c.ptr())?;
+        }
+        Ok(c)
+    }
+
+    fn key_features(
+        &self,
+        x: DevPtr,
+        shape: AttentionShape,
+        map: &MapArgs,
+        c: &Scratch<f32>,
+        mask: Option<MaskArgs>,
+    ) -> Result<Scratch<f32>> {
+        let rows = shape.problems() * shape.len;
+        let mf = map.features();
+        let phi = self.scratch(rows * mf)?;
+        self.exec.launch_features(
+            x,
+            rows,
+            map,
+            StabMode::Given,
+            Some(c.ptr()),
+            None,
+            mask,
+            shape.len,
+            Some((phi.ptr(), mf)),
+        )?;
+        Ok(phi)
+    }
+
+    /// out_t = A_tᵀ Σ_s B_s V_sᵀ (bidirectional) into `out` (rows × ldo, columns 0..nv).
+    #[allow(clippy::too_many_arguments)]
+    fn bidirectional(
+        &self,
+        shape: AttentionShape,
+        a: (DevPtr, usize),
+        b: (DevPtr, usize),
+        na: usize,
+        v: (DevPtr, usize),
+        nv: usize,
+        out: (DevPtr, usize),
+    ) -> Result<()> {
+        let problems = shape.problems();
+        let segments = shape.len.div_ceil(REDUCE_SEGMENT).clamp(1, 64);
+        let partial = self.scratch(problems * segments * na * nv)?;
+        let kv = self.scratch(problems * na * nv)?;
+        self.exec.launch_kv_reduce(
+            (b.0, b.1, na),
+            (v.0, v.1, nv),
+            problems,
+            shape.len,
+            segments,
+            partial.ptr(),
+            kv.ptr(),
+        )?;
+        self.exec.launch_kv_apply((a.0, a.1, na), kv.ptr(), nv, problems, shape.len, out)
+    }
+
+    /// φ(Q), φ(K), stabilisers and O1 = [N R] of a forward pass (optionally continuing a state).
+    fn attention(&self, p: &Problem<'_>, x: &Packed, state: Option<&mut CudaState>) -> Result<Attention> {
+        let s = p.shape;
+        let map = &x.map.args;
+        let mf = map.features();
+        let causal = p.options.direction == Direction::Causal || state.is_some();
+        let mask = x.mask(s.heads);
+        let (qf, qc) = self.query_features(x.q.ptr(), x.rows, s.len, map)?;
+        let c_init = state.as_ref().map(|st| st.c.ptr());
+        let kc = self.key_stabilisers(x.k.ptr(), s, map, mask, causal, c_init)?;
+        let kf = self.key_features(x.k.ptr(), s, map, &kc, mask)?;
+        let o1 = self.scratch(x.rows * (s.dv + 1))?;
+        let (q, k, v1, o) = ((qf.ptr(), mf), (kf.ptr(), mf), (x.v1.ptr(), s.dv + 1), (o1.ptr(), s.dv + 1));
+        if causal {
+            let st = state.as_ref().map(|st| (st.s.ptr(), st.c.ptr()));
+            self.exec.launch_causal_scan(q, k, mf, v1, s.dv + 1, kc.ptr(), s.problems(), s.len, false, o, st)?;
+            if let Some(st) = state {
+                self.exec.launch_state_c_update(kc.ptr(), s.len, s.problems(), st.c.ptr())?;
+                st.tokens += s.len;
+            }
+        } else {
+            self.bidirectional(s, q, k, mf, v1, s.dv + 1, o)?;
+        }
+        Ok(Attention { qf, qc, kf, kc, o1 })
+    }
+
+    pub(crate) fn forward_device(
+        &self,
+        p: &Problem<'_>,
+        inputs: Inputs<'_, CudaMem>,
+        out: DeviceMut<'_>,
+    ) -> Result<()> {
+        let dtype = validate_inputs(p, &inputs)?;
+        let s = p.shape;
+        check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        let x = self.pack_inputs(p, &inputs, dtype)?;
+        let att = self.attention(p, &x, None)?;
+        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, p.denominator_guard(), out.raw(), None)
+    }
+
+    pub(crate) fn backward_device(
+        &self,
+        p: &Problem<'_>,
+        inputs: Inputs<'_, CudaMem>,
+        dout: DeviceRef<'_>,
+        grads: Grads<'_, CudaMem>,
+    ) -> Result<Option<ParamGrads>> {
+        let dtype = validate_inputs(p, &inputs)?;
+        let s = p.shape;
+        check("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check("dq", &grads.dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+        check("dk", &grads.dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
+        check("dv", &grads.dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        let x = self.pack_inputs(p, &inputs, dtype)?;
+        let att = self.attention(p, &x, None)?;
+        let map = &x.map.args;
+        let (rows, mf, dv1) = (x.rows, map.features(), s.dv + 1);
+
+        let g = self.pack(dtype, dout.raw(), rows, s.dv, s.dv, false)?;
+        let g1 = self.scratch(rows * dv1)?;
+        self.exec.launch_cotangent(g.ptr(), att.o1.ptr(), rows, s.dv, p.denominator_guard(), g1.ptr())?;
+        drop(g);
+
+        let dqf = self.scratch(rows * mf)?;
+        let dkf = self.scratch(rows * mf)?;
+        let dv32 = self.scratch(rows * s.dv)?;
+        let (qf, kf, v1, g1p) = ((att.qf.ptr(), mf), (att.kf.ptr(), mf), (x.v1.ptr(), dv1), (g1.ptr(), dv1));
+        match p.options.direction {
+            Direction::Bidirectional => {
+                self.bidirectional(s, g1p, v1, dv1, kf, mf, (dqf.ptr(), mf))?;
+                self.bidirectional(s, v1, g1p, dv1, qf, mf, (dkf.ptr(), mf))?;
+                self.bidirectional(s, kf, qf, mf, g1p, s.dv, (dv32.ptr(), s.dv))?;
+            }
+            Direction::Causal => {
+                let (c, n, l) = (att.kc.ptr(), s.problems(), s.len);
+                let k = &self.exec;
+                k.launch_causal_scan(g1p, v1, dv1, kf, mf, c, n, l, false, (dqf.ptr(), mf), None)?;
+                k.launch_causal_scan(v1, g1p, dv1, qf, mf, c, n, l, true, (dkf.ptr(), mf), None)?;
+                k.launch_causal_scan(kf, qf, mf, g1p, s.dv, c, n, l, true, (dv32.ptr(), s.dv), None)?;
+            }
+        }
+
+        let dq32 = self.scratch(rows * s.d)?;
+        let dk32 = self.scratch(rows * s.d)?;
+        let kern = &self.exec;
+        kern.launch_features_bwd(x.q.ptr(), rows, map, Some(att.qc.ptr()), dqf.ptr(), mf, None, s.len, dq32.ptr())?;
+        kern.launch_features_bwd(
+            x.k.ptr(),
+            rows,
+            map,
+            Some(att.kc.ptr()),
+            dkf.ptr(),
+            mf,
+            x.mask(s.heads),
+            s.len,
+            dk32.ptr(),
+        )?;
+        let Grads { dq, dk, dv } = grads;
+        kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw())?;
+        kern.launch_unpack(dtype, dk32.ptr(), s.d, rows, s.d, dk.raw())?;
+        kern.launch_unpack(dtype, dv32.ptr(), s.dv, rows, s.dv, dv.raw())?;
+        Ok(None)
+    }
+
+    pub(crate) fn new_state_device(&self, p: &Problem<'_>) -> Result<CudaState> {
+        let shape = AttentionShape { len: 1, ..p.shape };
+        Problem { shape, ..*p }.validate()?;
+        let map = self.map_args(p.map, shape.d)?;
+        self.check_sizes(shape, &map.args)?;
+        let mf = map.args.features();
+        let s = self.scratch(shape.problems() * mf * (shape.dv + 1))?;
+        let c = self.scratch_from(&vec![f32::NEG_INFINITY; shape.problems()])?;
+        Ok(CudaState { shape, features: mf, s, c, tokens: 0 })
+    }
+
+    pub(crate) fn decode_device(
+        &self,
+        p: &Problem<'_>,
+        state: &mut CudaState,
+        inputs: Inputs<'_, CudaMem>,
+        out: DeviceMut<'_>,
+    ) -> Result<()> {
+        let dtype = validate_inputs(p, &inputs)?;
+        let s = p.shape;
+        let st = state.shape;
+        if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv) || state.features != p.features() {
+            return Err(FavorError::Shape {
+                arg: "state",
+                expected: format!("a state for batch {}, heads {}, d {}, d_v {}", s.batch, s.heads, s.d, s.dv),
+                actual: format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
+            });
+        }
+        check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        let x = self.pack_inputs(p, &inputs, dtype)?;
+        let att = self.attention(p, &x, Some(state))?;
+        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, p.denominator_guard(), out.raw(), None)
+    }
+
+    /// Stabilisers of `role` for feature-map calls (no padding mask).
+    fn role_stabilisers(
+        &self,
+        x: DevPtr,
+        shape: AttentionShape,
+        map: &MapArgs,
+        role: FeatureRole,
+    ) -> Result<Scratch<f32>> {
+        let rows = shape.problems() * shape.len;
+        match role {
+            FeatureRole::Query => {
+                let c = self.scratch(rows)?;
+                if map.kind.is_exp() {
+                    self.exec.launch_features(
+                        x,
+                        rows,
+                        map,
+                        StabMode::LogScaleOnly,
+                        None,
+                        Some(c.ptr()),
+                        None,
+                        shape.len,
+                        None,
+                    )?;
+                }
+                Ok(c)
+            }
+            FeatureRole::Key => self.key_stabilisers(x, shape, map, None, false, None),
+            FeatureRole::CausalKey => self.key_stabilisers(x, shape, map, None, true, None),
+        }
+    }
+
+    fn feature_call(
+        &self,
+        map: &FeatureMap,
+        shape: AttentionShape,
+        x: &DeviceRef<'_>,
+        phi: &impl TensorHandle,
+    ) -> Result<(Map, Scratch<f32>, usize)> {
+        let sq = AttentionShape { dv: shape.d, ..shape };
+        sq.validate()?;
+        map.validate(shape.d)?;
+        let mf = map.feature_dim(shape.d);
+        check("x", x, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
+        check("phi", phi, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
+        let m = self.map_args(map, shape.d)?;
+        self.check_sizes(sq, &m.args)?;
+        let rows = shape.problems() * shape.len;
+        let x32 = self.pack(x.dtype(), x.raw(), rows, shape.d, shape.d, false)?;
+        Ok((m, x32, rows))
+    }
+
+    pub(crate) fn feature_map_device(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: DeviceRef<'_>,
+        phi: DeviceMut<'_>,
+    ) -> Result<()> {
+        let (m, x32, rows) = self.feature_call(map, shape, &x, &phi)?;
+        let mf = m.args.features();
+        let c = self.role_stabilisers(x32.ptr(), shape, &m.args, role)?;
+        let phi32 = self.scratch(rows * mf)?;
+        self.exec.launch_features(
+            x32.ptr(),
+            rows,
+            &m.args,
+            StabMode::Given,
+            Some(c.ptr()),
+            None,
+            None,
+            shape.len,
+            Some((phi32.ptr(), mf)),
+        )?;
+        self.exec.launch_unpack(x.dtype(), phi32.ptr(), mf, rows, mf, phi.raw())
+    }
+
+    pub(crate) fn feature_map_backward_device(
+        &self,
+        map: &FeatureMap,
+        role: FeatureRole,
+        shape: AttentionShape,
+        x: DeviceRef<'_>,
+        dphi: DeviceRef<'_>,
+        dx: DeviceMut<'_>,
+    ) -> Result<Option<ParamGrads>> {
+        let (m, x32, rows) = self.feature_call(map, shape, &x, &dphi)?;
+        check("dx", &dx, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
+        let mf = m.args.features();
+        let c = self.role_stabilisers(x32.ptr(), shape, &m.args, role)?;
+        let g32 = self.pack(x.dtype(), dphi.raw(), rows, mf, mf, false)?;
+        let dx32 = self.scratch(rows * shape.d)?;
+        self.exec.launch_features_bwd(
+            x32.ptr(),
+            rows,
+            &m.args,
+            Some(c.ptr()),
+            g32.ptr(),
+            mf,
+            None,
+            shape.len,
+            dx32.ptr(),
+        )?;
+        self.exec.launch_unpack(x.dtype(), dx32.ptr(), shape.d, rows, shape.d, dx.raw())?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,424 @@
+//! The CUDA backend against the f64 reference, for every op, direction, pass, dtype and
+//! supported feature map, on shapes with tails (L across the 32-row chunks and the 8-row feature
+//! tiles, odd d, d_v and m). Without a usable GPU each test prints why and passes; with
+//! `FAVOR_REQUIRE_GPU=1` a missing GPU fails instead (set on GPU machines).
+//!
+//! Error measure: relative Frobenius norm ‖cuda − ref‖ / ‖ref‖ over the whole tensor, both
+//! outputs rounded to the storage dtype. Tolerances: f32 1e-5 (forward, features), 1e-4
+//! (gradients, which go through more cancelling sums), ×100 for the sign-indefinite
+//! trigonometric map; f16/bf16 1e-2.
+//!
+//! With the `emulator` feature the same tests also run the kernel sources on the CPU
+//! (`cuda/emu`), on the small shapes: `cargo test -p favor-cuda --features emulator`.
+
+use favor_core::{
+    AttentionOptions, AttentionShape, DType, Direction, Elementwise, FavorBackend, FavorError, FeatureMap, FeatureRole,
+    Grads, HostTensor, Inputs, Linear, Problem, Projection, ProjectionConfig, ReferenceBackend,
+};
+use favor_cuda::{CudaBackend, CudaHost};
+use rand_distr::{Distribution, StandardNormal};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::SeedableRng;
+
+/// The backends under test: the GPU when there is one (otherwise the reason is printed, or the
+/// test fails under `FAVOR_REQUIRE_GPU=1`), plus the CPU emulator of the same kernel sources
+/// when the `emulator` feature is on. The flag marks the (slow) emulator, which gets the small
+/// shapes only.
+fn backends(test: &str) -> Vec<(CudaHost, bool)> {
+    let found = gpu(test).into_iter().map(|b| (b, false));
+    #[cfg(feature = "emulator")]
+    let found = found.chain(std::iter::once((CudaHost::new(CudaBackend::emulated()), true)));
+    found.collect()
+}
+
+/// Shapes for a backend: the emulator runs only the small ones.
+fn shapes(emulated: bool) -> impl Iterator<Item = (usize, &'static (usize, usize, usize, usize, usize, usize))> {
+    SHAPES.iter().enumerate().filter(move |(_, s)| !emulated || s.0 * s.1 * s.2 * (s.3 + s.5) <= 12_000)
+}
+
+fn gpu(test: &str) -> Option<CudaHost> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(CudaHost::new(b)),
+        Err(FavorError::NotAvailable { reason, .. }) => {
+            if std::env::var("FAVOR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: FAVOR_REQUIRE_GPU=1 but the CUDA backend is not available: {reason}");
+            }
+            eprintln!("{test}: SKIPPED, CUDA backend not available: {reason}");
+            None
+        }
+        Err(e) => panic!("{test}: CudaBackend::new failed with an unexpected error: {e}"),
+    }
+}
+
+fn randn(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let x: f64 = StandardNormal.sample(&mut rng);
+            x as f32 * scale
+        })
+        .collect()
+}
+
+fn norm(t: &HostTensor) -> f64 {
+    t.to_f64_vec().iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// ‖got − want‖ / max(‖want‖, floor). The floor only matters for gradients that vanish in exact
+/// arithmetic (e.g. dQ with a single key, where the output does not depend on Q): there the
+/// error is measured against the scale of the incoming gradient instead.
+fn rel_err(got: &HostTensor, want: &HostTensor, floor: f64) -> f64 {
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    assert_eq!(g.len(), w.len());
+    let num: f64 = g.iter().zip(&w).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let den = norm(want).max(floor);
+    if den == 0.0 { num } else { num / den }
+}
+
+fn tol(dtype: DType, gradient: bool, map: &FeatureMap) -> f64 {
+    // Trigonometric features are sign-indefinite: denominators cancel and amplify the fp32
+    // rounding of the kernels (that is why they carry a guard), so f32 gets 100× the margin.
+    let ill_conditioned = matches!(map, FeatureMap::Trigonometric { .. });
+    match (dtype, gradient) {
+        (DType::F32, false) if ill_conditioned => 1e-3,
+        (DType::F32, true) if ill_conditioned => 1e-2,
+        (DType::F32, false) => 1e-5,
+        (DType::F32, true) => 1e-4,
+        _ => 1e-2,
+    }
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
+    assert_close_floor(what, got, want, tol, 0.0);
+}
+
+#[track_caller]
+fn assert_close_floor(what: &str, got: &HostTensor, want: &HostTensor, tol: f64, floor: f64) {
+    let e = rel_err(got, want, floor);
+    assert!(e <= tol, "{what}: relative Frobenius error {e:.3e} > {tol:.0e}");
+    assert!(got.to_f64_vec().iter().all(|x| x.is_finite()), "{what}: non-finite output");
+}
+
+/// (batch, heads, len, d, d_v, m): tails of every tile size, one shape spanning several
+/// reduction segments and one at the benchmark's head size.
+const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (1, 1, 1, 4, 3, 5),
+    (2, 3, 7, 5, 6, 9),
+    (1, 2, 33, 8, 5, 17),
+    (2, 1, 65, 16, 13, 31),
+    (1, 1, 130, 12, 1, 64),
+    (1, 2, 97, 64, 64, 256),
+    (1, 1, 1500, 16, 8, 32),
+];
+
+fn maps(d: usize, m: usize, seed: u64) -> Vec<FeatureMap> {
+    let proj = || Projection::draw(ProjectionConfig::new(m, d, seed)).expect("projection");
+    vec![
+        FeatureMap::positive(proj()),
+        FeatureMap::hyperbolic(proj()),
+        FeatureMap::trigonometric(proj()),
+        FeatureMap::relu(Some(proj())),
+        FeatureMap::relu(None),
+        FeatureMap::elu_plus_one(),
+        FeatureMap::generalized(Elementwise::Softplus, Some(proj()), true, 1e-3),
+    ]
+}
+
+struct Case {
+    shape: AttentionShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+    mask: Vec<bool>,
+}
+
+fn case(i: usize, &(b, h, l, d, dv, _m): &(usize, usize, usize, usize, usize, usize)) -> Case {
+    let shape = AttentionShape::new(b, h, l, d).with_dv(dv);
+    let seed = 1000 * i as u64;
+    // Padding: every third key, but never all keys of a batch element.
+    let mask = (0..b * l).map(|j| j % l == 0 || j % 3 != 1).collect();
+    Case {
+        shape,
+        q: randn(shape.qk_len(), 0.8, seed + 1),
+        k: randn(shape.qk_len(), 0.8, seed + 2),
+        v: randn(shape.v_len(), 1.0, seed + 3),
+        dout: randn(shape.v_len(), 1.0, seed + 4),
+        mask,
+    }
+}
+
+fn directions() -> [AttentionOptions; 2] {
+    [AttentionOptions::bidirectional(), AttentionOptions::causal()]
+}
+
+#[test]
+fn forward_matches_reference() {
+    for (cuda, emulated) in backends("forward_matches_reference") {
+        for (i, sh) in shapes(emulated) {
+            let c = case(i, sh);
+            for map in maps(sh.3, sh.5, i as u64) {
+                for opts in directions() {
+                    for dtype in DType::ALL {
+                        for masked in [false, true] {
+                            let p = Problem::new(c.shape, &map).with_options(opts);
+                            let (q, k, v) = (
+                                HostTensor::from_f32(dtype, &c.q),
+                                HostTensor::from_f32(dtype, &c.k),
+                                HostTensor::from_f32(dtype, &c.v),
+                            );
+                            let key_mask = masked.then_some(c.mask.as_slice());
+                            let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask };
+                            let mut want = HostTensor::zeros(dtype, c.shape.v_len());
+                            let mut got = HostTensor::zeros(dtype, c.shape.v_len());
+                            ReferenceBackend.forward(&p, inputs, want.view_mut()).expect("reference");
+                            cuda.forward(&p, inputs, got.view_mut()).expect("cuda forward");
+                            let what =
+                                format!("forward {:?} {} {:?} {dtype} mask={masked}", sh, map.name(), opts.direction);
+                            assert_close(&what, &got, &want, tol(dtype, false, &map));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_matches_reference() {
+    for (cuda, emulated) in backends("backward_matches_reference") {
+        for (i, sh) in shapes(emulated) {
+            let c = case(i, sh);
+            for map in maps(sh.3, sh.5, i as u64) {
+                for opts in directions() {
+                    for dtype in DType::ALL {
+                        for masked in [false, true] {
+                            let p = Problem::new(c.shape, &map).with_options(opts);
+                            let (q, k, v, g) = (
+                                HostTensor::from_f32(dtype, &c.q),
+                                HostTensor::from_f32(dtype, &c.k),
+                                HostTensor::from_f32(dtype, &c.v),
+                                HostTensor::from_f32(dtype, &c.dout),
+                            );
+                            let key_mask = masked.then_some(c.mask.as_slice());
+                            let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask };
+                            let s = c.shape;
+                            let zeros = |n| HostTensor::zeros(dtype, n);
+                            let (mut rq, mut rk, mut rv) = (zeros(s.qk_len()), zeros(s.qk_len()), zeros(s.v_len()));
+                            let (mut cq, mut ck, mut cv) = (zeros(s.qk_len()), zeros(s.qk_len()), zeros(s.v_len()));
+                            ReferenceBackend
+                                .backward(
+                                    &p,
+                                    inputs,
+                                    g.view(),
+                                    Grads { dq: rq.view_mut(), dk: rk.view_mut(), dv: rv.view_mut() },
+                                )
+                                .expect("reference");
+                            let params = cuda
+                                .backward(
+                                    &p,
+                                    inputs,
+                                    g.view(),
+                                    Grads { dq: cq.view_mut(), dk: ck.view_mut(), dv: cv.view_mut() },
+                                )
+                                .expect("cuda backward");
+                            assert!(params.is_none());
+                            let what =
+                                format!("backward {:?} {} {:?} {dtype} mask={masked}", sh, map.name(), opts.direction);
+                            let t = tol(dtype, true, &map);
+                            let floor = 1e-2 * norm(&g);
+                            assert_close_floor(&format!("{what} dq"), &cq, &rq, t, floor);
+                            assert_close_floor(&format!("{what} dk"), &ck, &rk, t, floor);
+                            assert_close_floor(&format!("{what} dv"), &cv, &rv, t, floor);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows `start..start + n` of every (batch, head) of a `[BH, L, width]` tensor.
+fn take_rows(x: &[f32], problems: usize, len: usize, width: usize, start: usize, n: usize) -> Vec<f32> {
+    (0..problems).flat_map(|bh| x[(bh * len + start) * width..(bh * len + start + n) * width].iter().copied()).collect()
+}
+
+#[test]
+fn decode_matches_reference() {
+    for (cuda, emulated) in backends("decode_matches_reference") {
+        for (i, sh) in shapes(emulated).filter(|(_, s)| s.2 >= 7 && s.2 <= 200) {
+            let c = case(i, sh);
+            let s = c.shape;
+            // A prefill chunk, three decoding steps, then another chunk.
+            let first = s.len - 4 - s.len / 3;
+            let chunks = [first, 1, 1, 1, s.len - first - 3];
+            for map in maps(sh.3, sh.5, i as u64) {
+                for dtype in DType::ALL {
+                    for masked in [false, true] {
+                        let full = Problem::new(s, &map).with_options(AttentionOptions::causal());
+                        let mut rs = ReferenceBackend.new_state(&full).expect("reference state");
+                        let mut cs = cuda.new_state(&full).expect("cuda state");
+                        let mut start = 0;
+                        for n in chunks {
+                            let cs_shape = AttentionShape { len: n, ..s };
+                            let p = Problem::new(cs_shape, &map).with_options(AttentionOptions::causal());
+                            let bh = s.problems();
+                            let q = HostTensor::from_f32(dtype, &take_rows(&c.q, bh, s.len, s.d, start, n));
+                            let k = HostTensor::from_f32(dtype, &take_rows(&c.k, bh, s.len, s.d, start, n));
+                            let v = HostTensor::from_f32(dtype, &take_rows(&c.v, bh, s.len, s.dv, start, n));
+                            let mask: Vec<bool> = (0..s.batch)
+                                .flat_map(|b| c.mask[b * s.len + start..b * s.len + start + n].to_vec())
+                                .collect();
+                            let key_mask = masked.then_some(mask.as_slice());
+                            let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask };
+                            let mut want = HostTensor::zeros(dtype, cs_shape.v_len());
+                            let mut got = HostTensor::zeros(dtype, cs_shape.v_len());
+                            ReferenceBackend.decode(&p, &mut rs, inputs, want.view_mut()).expect("reference decode");
+                            cuda.decode(&p, &mut cs, inputs, got.view_mut()).expect("cuda decode");
+                            let what =
+                                format!("decode {:?} {} {dtype} mask={masked} chunk at {start}+{n}", sh, map.name());
+                            assert_close(&what, &got, &want, tol(dtype, false, &map));
+                            start += n;
+                        }
+                        assert_eq!(cs.tokens(), s.len);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn feature_maps_match_reference() {
+    for (cuda, emulated) in backends("feature_maps_match_reference") {
+        for (i, sh) in shapes(emulated).filter(|(_, s)| s.2 <= 200) {
+            let c = case(i, sh);
+            let s = c.shape;
+            for map in maps(sh.3, sh.5, i as u64) {
+                let mf = map.feature_dim(s.d);
+                let dphi = randn(s.problems() * s.len * mf, 1.0, 77 + i as u64);
+                for role in [FeatureRole::Query, FeatureRole::Key, FeatureRole::CausalKey] {
+                    for dtype in DType::ALL {
+                        let x = HostTensor::from_f32(dtype, &c.k);
+                        let mut want = HostTensor::zeros(dtype, s.problems() * s.len * mf);
+                        let mut got = HostTensor::zeros(dtype, s.problems() * s.len * mf);
+                        ReferenceBackend.feature_map(&map, role, s, x.view(), want.view_mut()).expect("reference");
+                        cuda.feature_map(&map, role, s, x.view(), got.view_mut()).expect("cuda feature map");
+                        let what = format!("feature_map {:?} {} {role:?} {dtype}", sh, map.name());
+                        assert_close(&what, &got, &want, tol(dtype, false, &map));
+
+                        let g = HostTensor::from_f32(dtype, &dphi);
+                        let mut want = HostTensor::zeros(dtype, s.qk_len());
+                        let mut got = HostTensor::zeros(dtype, s.qk_len());
+                        ReferenceBackend
+                            .feature_map_backward(&map, role, s, x.view(), g.view(), want.view_mut())
+                            .expect("ref");
+                        cuda.feature_map_backward(&map, role, s, x.view(), g.view(), got.view_mut()).expect("cuda");
+                        assert_close(&format!("{what} backward"), &got, &want, tol(dtype, true, &map));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn errors_are_typed() {
+    for (cuda, _) in backends("errors_are_typed") {
+        let shape = AttentionShape::new(1, 2, 9, 8);
+        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(16, 8, 1)).expect("projection"));
+        let p = Problem::new(shape, &map);
+        let q = HostTensor::from_f32(DType::F32, &randn(shape.qk_len(), 1.0, 1));
+        let mut bad = randn(shape.v_len(), 1.0, 2);
+        let v = HostTensor::from_f32(DType::F32, &bad);
+        let inputs = Inputs { q: q.view(), k: q.view(), v: v.view(), key_mask: None };
+        let mut short = HostTensor::zeros(DType::F32, shape.v_len() - 1);
+        assert!(matches!(cuda.forward(&p, inputs, short.view_mut()), Err(FavorError::Shape { arg: "out", .. })));
+        bad[5] = f32::NAN;
+        let vn = HostTensor::from_f32(DType::F32, &bad);
+        let mut out = HostTensor::zeros(DType::F32, shape.v_len());
+        let inputs = Inputs { q: q.view(), k: q.view(), v: vn.view(), key_mask: None };
+        assert!(matches!(
+            cuda.forward(&p, inputs, out.view_mut()),
+            Err(FavorError::NonFinite { arg: "v", index: 5, .. })
+        ));
+        let learned = FeatureMap::Softplus(Linear::new(4, 8, vec![0.1; 32], None).expect("linear"));
+        let p = Problem::new(shape, &learned);
+        let inputs = Inputs { q: q.view(), k: q.view(), v: v.view(), key_mask: None };
+        assert!(matches!(cuda.forward(&p, inputs, out.view_mut()), Err(FavorError::Unsupported(_))));
+        // Every scratch buffer is released when a call returns.
+        assert_eq!(cuda.device().memory_usage().current_bytes, 0);
+        assert!(cuda.device().memory_usage().peak_bytes > 0);
+    }
+}
+
+#[test]
+fn device_buffers_and_large_values() {
+    for (cuda, _) in backends("device_buffers_and_large_values") {
+        let dev = cuda.device();
+        let shape = AttentionShape::new(2, 2, 70, 16).with_dv(24);
+        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(48, 16, 3)).expect("projection"));
+        for direction in [Direction::Bidirectional, Direction::Causal] {
+            let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
+            // Large-magnitude tokens: the stabilisers must keep everything finite.
+            let q = HostTensor::from_f32(DType::Bf16, &randn(shape.qk_len(), 30.0, 5));
+            let k = HostTensor::from_f32(DType::Bf16, &randn(shape.qk_len(), 30.0, 6));
+            let v = HostTensor::from_f32(DType::Bf16, &randn(shape.v_len(), 1.0, 7));
+            let (qd, kd, vd) =
+                (dev.upload(q.view()).unwrap(), dev.upload(k.view()).unwrap(), dev.upload(v.view()).unwrap());
+            let mut od = dev.alloc(DType::Bf16, shape.v_len()).unwrap();
+            let inputs = Inputs { q: qd.as_ref(), k: kd.as_ref(), v: vd.as_ref(), key_mask: None };
+            dev.forward(&p, inputs, od.as_mut()).expect("device forward");
+            let mut got = HostTensor::zeros(DType::Bf16, shape.v_len());
+            dev.download(&od, got.view_mut()).unwrap();
+            let mut want = HostTensor::zeros(DType::Bf16, shape.v_len());
+            let host_inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: None };
+            ReferenceBackend.forward(&p, host_inputs, want.view_mut()).unwrap();
+            assert_close(&format!("device forward {direction:?}"), &got, &want, tol(DType::Bf16, false, &map));
+        }
+    }
+}
+
+#[test]
+fn decode_state_matches_reference() {
+    for (cuda, _) in backends("decode_state_matches_reference") {
+        let s = AttentionShape::new(2, 1, 41, 6).with_dv(5);
+        let c = case(3, &(2, 1, 41, 6, 5, 11));
+        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(11, 6, 9)).expect("projection"));
+        let full = Problem::new(s, &map).with_options(AttentionOptions::causal());
+        let mut rs = ReferenceBackend.new_state(&full).expect("reference state");
+        let mut cs = cuda.new_state(&full).expect("cuda state");
+        let mut start = 0;
+        for n in [33, 1, 7] {
+            let shape = AttentionShape { len: n, ..s };
+            let p = Problem::new(shape, &map).with_options(AttentionOptions::causal());
+            let q = HostTensor::from_f32(DType::F32, &take_rows(&c.q, 2, s.len, s.d, start, n));
+            let k = HostTensor::from_f32(DType::F32, &take_rows(&c.k, 2, s.len, s.d, start, n));
+            let v = HostTensor::from_f32(DType::F32, &take_rows(&c.v, 2, s.len, s.dv, start, n));
+            let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: None };
+            let mut out = HostTensor::zeros(DType::F32, shape.v_len());
+            ReferenceBackend.decode(&p, &mut rs, inputs, out.view_mut()).expect("reference decode");
+            cuda.decode(&p, &mut cs, inputs, out.view_mut()).expect("cuda decode");
+            start += n;
+        }
+        // Layout promised by CudaState::to_host: S is [B·H, M, d_v + 1] with z in the last column.
+        let (st, ct) = cs.to_host(cuda.device()).expect("state to host");
+        let (mf, dv1) = (11, s.dv + 1);
+        for (bh, head) in rs.heads().iter().enumerate() {
+            assert!((ct[bh] as f64 - head.c).abs() <= 1e-5 * head.c.abs().max(1.0), "c of head {bh}");
+            let mut want = Vec::new();
+            let mut got = Vec::new();
+            for f in 0..mf {
+                for e in 0..s.dv {
+                    want.push(head.s[f * s.dv + e] as f32);
+                    got.push(st[(bh * mf + f) * dv1 + e]);
+                }
+                want.push(head.z[f] as f32);
+                got.push(st[(bh * mf + f) * dv1 + s.dv]);
+            }
+            let (want, got) = (HostTensor::F32(want), HostTensor::F32(got));
+            assert_close(&format!("state of head {bh}"), &got, &want, 1e-5);
+        }
+    }
+}

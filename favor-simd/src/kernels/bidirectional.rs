@@ -1,0 +1,337 @@
+//! Bidirectional attention, fused: out = Q'(K'ᵀV) / Q'(K'ᵀ1) without ever holding φ(Q) or φ(K)
+//! beyond one tile.
+//!
+//! **Keys, one pass.** The sequence is cut into segments (a function of the length only, so
+//! results do not depend on the thread count). A segment walks its key tiles once: project,
+//! take the tile's maximum log-scale, raise the segment's running maximum c_s (rescaling the
+//! partial sums by exp(c_old − c_s)), compute the exp part of φ against c_s and accumulate
+//! S_s = Σ e(k)vᵀ and z_s = Σ e(k). The ε part of φ, β = ε·ratio, does not scale with c, so it is
+//! summed apart: Σv and the key count. Segments are then combined in order:
+//! K'ᵀV = Σ_s exp(c_s − c)S_s + β·1(Σv)ᵀ with c = max_s c_s, the same value as with one global
+//! maximum. **Queries**: each tile computes φ(q) against its own log-scale and multiplies by the
+//! combined M × d_v state.
+//!
+//! Backward: with x̄ = G/R and ḡ = −⟨G, out⟩/R, query tiles give dq' = x̄(K'ᵀV)ᵀ + ḡ(K'ᵀ1)ᵀ and
+//! per-segment partials of dKV = Σ q'x̄ᵀ and ds = Σ q'ḡ (summed in segment order); key tiles then
+//! recompute φ(k) and give dk' = V dKVᵀ + 1dsᵀ and dv = K' dKV.
+
+use super::features::{ParamAcc, Plan, Tile};
+use super::gemm::{axpy, dot, gemm, scale};
+use super::{HeadIn, TILE, load_rows, store_rows};
+use crate::isa::{SimdF32, SimdTask};
+use favor_core::{HostMut, HostRef};
+
+/// Sums over one key segment, relative to its own maximum `c`.
+pub(crate) struct KeyStats {
+    pub c: f32,
+    /// Σ e(k) vᵀ, mfp × dvp.
+    pub s: Vec<f32>,
+    /// Σ e(k), mfp.
+    pub z: Vec<f32>,
+    /// Σ v over kept keys, dvp.
+    pub vsum: Vec<f32>,
+    pub count: f32,
+}
+
+/// The combined key state of one head: K'ᵀV (mfp × dvp), K'ᵀ1 (mfp) and the key stabiliser.
+pub(crate) struct KeyState {
+    pub kv: Vec<f32>,
+    pub ks: Vec<f32>,
+    pub c: f32,
+}
+
+/// Summarises keys r0..r1 of one head.
+pub(crate) struct KeySegment<'a> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub r0: usize,
+    pub r1: usize,
+}
+
+impl SimdTask for KeySegment<'_> {
+    type Output = KeyStats;
+    #[inline(always)]
+    fn run<S: SimdF32>(self) -> KeyStats {
+        let (p, io) = (self.plan, self.io);
+        let dvp = crate::isa::pad(io.dv);
+        let mut st = KeyStats {
+            c: f32::NEG_INFINITY,
+            s: vec![0.0; p.mfp * dvp],
+            z: vec![0.0; p.mfp],
+            vsum: vec![0.0; dvp],
+            count: 0.0,
+        };
+        let mut t = Tile::new(p, TILE);
+        let mut vt = vec![0.0; TILE * dvp];
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
+            let kept: Vec<bool> = (0..rows).map(|i| io.keep(r + i)).collect();
+            if kept.iter().any(|&k| k) {
+                load_rows(&io.k, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+                load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
+                t.project::<S>(p, rows);
+                let tile_max = (0..rows).filter(|&i| kept[i]).map(|i| t.c[i]).fold(f32::NEG_INFINITY, f32::max);
+                if tile_max > st.c {
+                    if st.c > f32::NEG_INFINITY {
+                        let f = crate::math::exp::decay::<S>(st.c, tile_max);
+                        scale::<S>(f, &mut st.s);
+                        scale::<S>(f, &mut st.z);
+                    }
+                    st.c = tile_max;
+                }
+                t.c[..rows].fill(st.c);
+                t.features::<S>(p, rows, false);
+                for (i, &k) in kept.iter().enumerate() {
+                    if k {
+                        axpy::<S>(1.0, &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut st.z);
+                        axpy::<S>(1.0, &vt[i * dvp..(i + 1) * dvp], &mut st.vsum);
+                        st.count += 1.0;
+                    } else {
+                        t.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
+                    }
+                }
+                gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, &vt, dvp, &mut st.s, dvp, false);
+            }
+            r += rows;
+        }
+        st
+    }
+}
+
+/// Combines segment summaries (in order) into the key state of one head.
+pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats]) -> KeyState {
+    let dvp = crate::isa::pad(dv);
+    let c = parts.iter().map(|s| s.c).fold(f32::NEG_INFINITY, f32::max);
+    let mut kv = vec![0.0f32; p.mfp * dvp];
+    let mut ks = vec![0.0f32; p.mfp];
+    let mut vsum = vec![0.0f32; dvp];
+    let mut count = 0.0f32;
+    for part in parts {
+        let f = if part.c == c { 1.0 } else { (part.c - c).exp() };
+        for (x, &y) in kv.iter_mut().zip(&part.s) {
+            *x += f * y;
+        }
+        for (x, &y) in ks.iter_mut().zip(&part.z) {
+            *x += f * y;
+        }
+        for (x, &y) in vsum.iter_mut().zip(&part.vsum) {
+            *x += y;
+        }
+        count += part.count;
+    }
+    if p.beta != 0.0 {
+        for f in (0..p.mfp).filter(|&f| p.is_real(f)) {
+            for (x, &y) in kv[f * dvp..(f + 1) * dvp].iter_mut().zip(&vsum) {
+                *x += p.beta * y;
+            }
+            ks[f] += p.beta * count;
+        }
+    }
+    KeyState { kv, ks, c }
+}
+
+/// The guarded denominator (favor-core's rule): |R| ≤ δ becomes R + 2δ.
+#[inline(always)]
+pub(crate) fn guard(r: f32, delta: f32) -> f32 {
+    if delta > 0.0 && r.abs() <= delta { r + 2.0 * delta } else { r }
+}
+
+/// Divides numerator rows by their denominators (zero rows for a zero denominator).
+#[inline(always)]
+pub(crate) fn normalise<S: SimdF32>(rows: usize, num: &mut [f32], ld: usize, den: &[f32]) {
+    for i in 0..rows {
+        let row = &mut num[i * ld..(i + 1) * ld];
+        if den[i] == 0.0 {
+            row.fill(0.0);
+        } else {
+            scale::<S>(1.0 / den[i], row);
+        }
+    }
+}
+
+/// Output rows r0..r1 of one head (`out` holds exactly those rows).
+pub(crate) struct QueryForward<'a, 'o> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub keys: &'a KeyState,
+    pub delta: f32,
+    pub r0: usize,
+    pub r1: usize,
+    pub out: HostMut<'o>,
+}
+
+impl SimdTask for QueryForward<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: SimdF32>(mut self) {
+        let (p, io) = (self.plan, self.io);
+        let dvp = crate::isa::pad(io.dv);
+        let mut t = Tile::new(p, TILE);
+        let mut num = vec![0.0; TILE * dvp];
+        let mut den = [0.0f32; TILE];
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
+            load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+            t.project::<S>(p, rows);
+            t.features::<S>(p, rows, true);
+            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
+            for (i, dn) in den.iter_mut().enumerate().take(rows) {
+                *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
+            }
+            normalise::<S>(rows, &mut num, dvp, &den);
+            store_rows(&mut self.out, io.dv, r - self.r0, rows, &num, dvp);
+            r += rows;
+        }
+    }
+}
+
+/// Row cotangents x̄ = G/R (in place over `g`) and ḡ = −⟨G, out⟩/R; zero for R = 0.
+#[inline(always)]
+pub(crate) fn cotangents<S: SimdF32>(
+    rows: usize,
+    g: &mut [f32],
+    out: &[f32],
+    ld: usize,
+    den: &[f32],
+    gbar: &mut [f32],
+) {
+    for i in 0..rows {
+        let gi = &mut g[i * ld..(i + 1) * ld];
+        if den[i] == 0.0 {
+            gi.fill(0.0);
+            gbar[i] = 0.0;
+        } else {
+            gbar[i] = -dot::<S>(gi, &out[i * ld..(i + 1) * ld]) / den[i];
+            scale::<S>(1.0 / den[i], gi);
+        }
+    }
+}
+
+/// The partial sums one query segment contributes to the key gradients.
+pub(crate) struct QueryGrads {
+    /// Σ q' x̄ᵀ, mfp × dvp.
+    pub dkv: Vec<f32>,
+    /// Σ q' ḡ, mfp.
+    pub ds: Vec<f32>,
+    pub params: Option<ParamAcc>,
+}
+
+/// Backward of query rows r0..r1: writes dq, returns the key-gradient partials.
+pub(crate) struct QueryBackward<'a, 'o> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub dout: HostRef<'a>,
+    pub keys: &'a KeyState,
+    /// (K'ᵀV)ᵀ, dvp × mfp.
+    pub kvt: &'a [f32],
+    pub delta: f32,
+    pub r0: usize,
+    pub r1: usize,
+    pub dq: HostMut<'o>,
+    pub params: Option<ParamAcc>,
+}
+
+impl SimdTask for QueryBackward<'_, '_> {
+    type Output = QueryGrads;
+    #[inline(always)]
+    fn run<S: SimdF32>(mut self) -> QueryGrads {
+        let (p, io) = (self.plan, self.io);
+        let dvp = crate::isa::pad(io.dv);
+        let mut t = Tile::new(p, TILE);
+        let mut num = vec![0.0; TILE * dvp];
+        let mut g = vec![0.0; TILE * dvp];
+        let mut den = [0.0f32; TILE];
+        let mut gbar = [0.0f32; TILE];
+        let mut dphi = vec![0.0; TILE * p.mfp];
+        let mut da = vec![0.0; TILE * p.mp];
+        let mut da2 = vec![0.0; TILE * p.mp];
+        let mut dx = vec![0.0; TILE * p.dp];
+        let mut out = QueryGrads { dkv: vec![0.0; p.mfp * dvp], ds: vec![0.0; p.mfp], params: self.params.take() };
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
+            load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            t.project::<S>(p, rows);
+            t.features::<S>(p, rows, true);
+            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
+            for (i, dn) in den.iter_mut().enumerate().take(rows) {
+                *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
+            }
+            normalise::<S>(rows, &mut num, dvp, &den);
+            cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
+            // dq' = x̄ KVᵀ + ḡ ksᵀ
+            gemm::<S>(rows, io.dv, p.mfp, &g, dvp, 1, self.kvt, p.mfp, &mut dphi, p.mfp, true);
+            for i in 0..rows {
+                axpy::<S>(gbar[i], &self.keys.ks, &mut dphi[i * p.mfp..(i + 1) * p.mfp]);
+                axpy::<S>(gbar[i], &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut out.ds);
+            }
+            gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, &g, dvp, &mut out.dkv, dvp, false);
+            t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, out.params.as_mut());
+            store_rows(&mut self.dq, io.d, r - self.r0, rows, &dx, p.dp);
+            r += rows;
+        }
+        out
+    }
+}
+
+/// Backward of key rows r0..r1: writes dk and dv.
+pub(crate) struct KeyBackward<'a, 'o> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub c: f32,
+    /// dKV (mfp × dvp) and its transpose (dvp × mfp), ds (mfp).
+    pub dkv: &'a [f32],
+    pub dkvt: &'a [f32],
+    pub ds: &'a [f32],
+    pub r0: usize,
+    pub r1: usize,
+    pub dk: HostMut<'o>,
+    pub dv: HostMut<'o>,
+    pub params: Option<ParamAcc>,
+}
+
+impl SimdTask for KeyBackward<'_, '_> {
+    type Output = Option<ParamAcc>;
+    #[inline(always)]
+    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
+        let (p, io) = (self.plan, self.io);
+        let dvp = crate::isa::pad(io.dv);
+        let mut t = Tile::new(p, TILE);
+        let mut vt = vec![0.0; TILE * dvp];
+        let mut dvt = vec![0.0; TILE * dvp];
+        let mut dphi = vec![0.0; TILE * p.mfp];
+        let mut da = vec![0.0; TILE * p.mp];
+        let mut da2 = vec![0.0; TILE * p.mp];
+        let mut dx = vec![0.0; TILE * p.dp];
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
+            load_rows(&io.k, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
+            t.project::<S>(p, rows);
+            t.c[..rows].fill(self.c);
+            t.features::<S>(p, rows, true);
+            gemm::<S>(rows, io.dv, p.mfp, &vt, dvp, 1, self.dkvt, p.mfp, &mut dphi, p.mfp, true);
+            for i in 0..rows {
+                if io.keep(r + i) {
+                    axpy::<S>(1.0, self.ds, &mut dphi[i * p.mfp..(i + 1) * p.mfp]);
+                } else {
+                    t.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
+                    dphi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
+                }
+            }
+            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, self.dkv, dvp, &mut dvt, dvp, true);
+            t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+            for i in (0..rows).filter(|&i| !io.keep(r + i)) {
+                dx[i * p.dp..(i + 1) * p.dp].fill(0.0);
+            }
+            store_rows(&mut self.dk, io.d, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dv, io.dv, r - self.r0, rows, &dvt, dvp);
+            r += rows;
+        }
+        self.params
+    }
+}

@@ -1,0 +1,450 @@
+//! Causal attention in chunks of [`TILE`] tokens (the same function as favor-core's prefix sums
+//! with the running-maximum key stabiliser, evaluated at matrix-multiply speed).
+//!
+//! State of one head: S = Σ_j exp(c_j − c)k'_j v_jᵀ (M × d_v), z = Σ_j exp(c_j − c)k'_j, and the
+//! running key maximum c. For a chunk with key maxima c_j (running, so nondecreasing) and the
+//! mask M_ij = exp(c_j − c_i)·[j ≤ i] (all 1 below the diagonal when c is constant in the chunk):
+//!
+//! * num_i = exp(c_prev − c_i)·q'_i S_prev + Σ_j (Q'K'ᵀ ⊙ M)_ij v_j, den_i likewise with z and 1;
+//! * S ← exp(c_prev − c_end)S + Σ_j exp(c_j − c_end) k'_j v_jᵀ (z likewise), c ← c_end.
+//!
+//! Every exp argument is ≤ 0. Decoding is the same loop started from a saved state.
+//!
+//! Backward, two sweeps, never rebuilding a state by subtraction:
+//! * forward sweep (recomputes the states): with B = (X̄Vᵀ + ḡ1ᵀ) ⊙ M,
+//!   dQ' = exp(c_prev − c_i)(X̄Sᵀ + ḡzᵀ) + B K'; it stores R_i, ḡ_i and c_i (3 floats per token);
+//! * reverse sweep with the decayed suffix sums P = Σ_{i later} exp(c_ref − c_i) q'_i x̄_iᵀ
+//!   (and p with ḡ): dK' = w_j(VPᵀ + 1pᵀ) + BᵀQ', dV = w_j K'P + (Q'K'ᵀ ⊙ M)ᵀX̄ with
+//!   w_j = exp(c_j − c_end).
+
+use super::bidirectional::{cotangents, guard, normalise};
+use super::features::{ParamAcc, Plan, Tile};
+use super::gemm::{axpy, dot, gemm, scale, transpose};
+use super::{HeadIn, TILE, load_rows, store_rows};
+use crate::isa::{SimdF32, SimdTask, pad};
+use crate::math::exp::decay;
+use favor_core::{HostMut, HostRef};
+
+/// The recurrent state of one (batch, head), in the internal feature layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadState {
+    /// S, mfp × dvp.
+    pub(crate) s: Vec<f32>,
+    /// z, mfp.
+    pub(crate) z: Vec<f32>,
+    /// Running key maximum (−∞ before the first key).
+    pub(crate) c: f32,
+}
+
+impl HeadState {
+    pub(crate) fn new(p: &Plan, dv: usize) -> Self {
+        HeadState { s: vec![0.0; p.mfp * pad(dv)], z: vec![0.0; p.mfp], c: f32::NEG_INFINITY }
+    }
+}
+
+/// Per-chunk scratch shared by the forward and backward kernels.
+struct Chunk {
+    tq: Tile,
+    tk: Tile,
+    vt: Vec<f32>,
+    /// φ(K)ᵀ, mfp × TILE (columns past the chunk zeroed).
+    phikt: Vec<f32>,
+    /// Decay mask M, TILE × TILE.
+    mask: Vec<f32>,
+    /// (Q'K'ᵀ) ⊙ M, TILE × TILE.
+    att: Vec<f32>,
+    /// Running key maxima of the chunk.
+    cj: [f32; TILE],
+    kept: [bool; TILE],
+    dvp: usize,
+}
+
+impl Chunk {
+    fn new(p: &Plan, dv: usize) -> Chunk {
+        let dvp = pad(dv);
+        Chunk {
+            tq: Tile::new(p, TILE),
+            tk: Tile::new(p, TILE),
+            vt: vec![0.0; TILE * dvp],
+            phikt: vec![0.0; p.mfp * TILE],
+            mask: vec![0.0; TILE * TILE],
+            att: vec![0.0; TILE * TILE],
+            cj: [0.0; TILE],
+            kept: [false; TILE],
+            dvp,
+        }
+    }
+
+    /// Loads rows r..r+rows, computes φ(K) (against the running maxima continuing from `c_run`,
+    /// or against `given` maxima), φ(Q), the mask and Q'K'ᵀ ⊙ M. Returns the last running max.
+    #[inline(always)]
+    fn prepare<S: SimdF32>(
+        &mut self,
+        p: &Plan,
+        io: &HeadIn<'_>,
+        r: usize,
+        rows: usize,
+        c_run: f32,
+        given: Option<&[f32]>,
+    ) -> f32 {
+        self.prepare_keys::<S>(p, io, r, rows, c_run, given, true);
+        load_rows(&io.q, io.qk_off, io.d, r, rows, &mut self.tq.x, p.dp);
+        self.tq.project::<S>(p, rows);
+        self.tq.features::<S>(p, rows, true);
+        self.phikt.fill(0.0);
+        transpose(rows, p.mfp, &self.tk.phi, p.mfp, &mut self.phikt, TILE);
+        gemm::<S>(rows, p.mfp, TILE, &self.tq.phi, p.mfp, 1, &self.phikt, TILE, &mut self.att, TILE, true);
+        let constant = self.cj[0] == self.cj[rows - 1];
+        for i in 0..rows {
+            let mrow = &mut self.mask[i * TILE..(i + 1) * TILE];
+            for (j, m) in mrow.iter_mut().enumerate() {
+                *m = if j > i || j >= rows {
+                    0.0
+                } else if constant {
+                    1.0
+                } else {
+                    decay::<S>(self.cj[j], self.cj[i])
+                };
+            }
+            for (a, &m) in self.att[i * TILE..(i + 1) * TILE].iter_mut().zip(mrow.iter()) {
+                *a *= m;
+            }
+        }
+        self.cj[rows - 1]
+    }
+
+    /// Loads keys and values of rows r..r+rows and computes φ(K) against the running maxima
+    /// (continuing from `c_run`, or `given`); padded keys get zero rows. `with_beta` as in
+    /// [`Tile::features`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn prepare_keys<S: SimdF32>(
+        &mut self,
+        p: &Plan,
+        io: &HeadIn<'_>,
+        r: usize,
+        rows: usize,
+        c_run: f32,
+        given: Option<&[f32]>,
+        with_beta: bool,
+    ) {
+        let dvp = self.dvp;
+        load_rows(&io.k, io.qk_off, io.d, r, rows, &mut self.tk.x, p.dp);
+        load_rows(&io.v, io.v_off, io.dv, r, rows, &mut self.vt, dvp);
+        self.tk.project::<S>(p, rows);
+        let mut c = c_run;
+        for i in 0..rows {
+            self.kept[i] = io.keep(r + i);
+            if self.kept[i] && self.tk.c[i] > c {
+                c = self.tk.c[i];
+            }
+            self.cj[i] = match given {
+                Some(g) => g[i],
+                None => c,
+            };
+        }
+        self.tk.c[..rows].copy_from_slice(&self.cj[..rows]);
+        self.tk.features::<S>(p, rows, with_beta);
+        for i in (0..rows).filter(|&i| !self.kept[i]) {
+            self.tk.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
+        }
+    }
+
+    /// num (rows × dvp) and den of the chunk given the incoming state.
+    #[inline(always)]
+    fn outputs<S: SimdF32>(&self, p: &Plan, rows: usize, st: &HeadState, delta: f32, num: &mut [f32], den: &mut [f32]) {
+        let dvp = self.dvp;
+        gemm::<S>(rows, p.mfp, dvp, &self.tq.phi, p.mfp, 1, &st.s, dvp, num, dvp, true);
+        for i in 0..rows {
+            let w = decay::<S>(st.c, self.cj[i]);
+            let qi = &self.tq.phi[i * p.mfp..(i + 1) * p.mfp];
+            scale::<S>(w, &mut num[i * dvp..(i + 1) * dvp]);
+            let intra: f32 = self.att[i * TILE..(i + 1) * TILE].iter().sum();
+            den[i] = guard(intra + w * dot::<S>(qi, &st.z), delta);
+        }
+        gemm::<S>(rows, rows, dvp, &self.att, TILE, 1, &self.vt, dvp, num, dvp, false);
+    }
+
+    /// Moves the state past this chunk (consumes φ(K), which it rescales in place).
+    #[inline(always)]
+    fn advance<S: SimdF32>(&mut self, p: &Plan, rows: usize, st: &mut HeadState) {
+        let c_end = self.cj[rows - 1];
+        let f = decay::<S>(st.c, c_end);
+        if f != 1.0 {
+            scale::<S>(f, &mut st.s);
+            scale::<S>(f, &mut st.z);
+        }
+        for i in 0..rows {
+            let u = decay::<S>(self.cj[i], c_end);
+            let row = &mut self.tk.phi[i * p.mfp..(i + 1) * p.mfp];
+            if u != 1.0 {
+                scale::<S>(u, row);
+            }
+            axpy::<S>(1.0, row, &mut st.z);
+        }
+        gemm::<S>(p.mfp, rows, self.dvp, &self.tk.phi, 1, p.mfp, &self.vt, self.dvp, &mut st.s, self.dvp, false);
+        st.c = c_end;
+    }
+}
+
+/// B = (X̄Vᵀ + ḡ1ᵀ) ⊙ M into `bm` (a function, not a closure: closures inside the
+/// `#[target_feature]` entry points would be compiled without the ISA).
+#[inline(always)]
+fn build_b<S: SimdF32>(ch: &Chunk, rows: usize, dv: usize, g: &[f32], gbar: &[f32], vtt: &mut [f32], bm: &mut [f32]) {
+    let dvp = ch.dvp;
+    vtt.fill(0.0);
+    transpose(rows, dv, &ch.vt, dvp, vtt, TILE);
+    gemm::<S>(rows, dv, TILE, g, dvp, 1, vtt, TILE, bm, TILE, true);
+    for i in 0..rows {
+        for (b, &m) in bm[i * TILE..(i + 1) * TILE].iter_mut().zip(&ch.mask[i * TILE..(i + 1) * TILE]) {
+            *b = (*b + gbar[i]) * m;
+        }
+    }
+}
+
+/// Causal forward (or prefill/decode) of rows r0..r1 of one head from `state` (the state after
+/// row r0 − 1), writing those rows to `out`.
+pub(crate) struct CausalForward<'a, 'o> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub r0: usize,
+    pub r1: usize,
+    pub state: &'a mut HeadState,
+    pub delta: f32,
+    pub out: HostMut<'o>,
+}
+
+impl SimdTask for CausalForward<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: SimdF32>(mut self) {
+        let (p, io) = (self.plan, self.io);
+        let mut ch = Chunk::new(p, io.dv);
+        let dvp = ch.dvp;
+        let mut num = vec![0.0; TILE * dvp];
+        let mut den = [0.0f32; TILE];
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
+            ch.prepare::<S>(p, &io, r, rows, self.state.c, None);
+            ch.outputs::<S>(p, rows, self.state, self.delta, &mut num, &mut den);
+            normalise::<S>(rows, &mut num, dvp, &den);
+            store_rows(&mut self.out, io.dv, r - self.r0, rows, &num, dvp);
+            ch.advance::<S>(p, rows, self.state);
+            r += rows;
+        }
+    }
+}
+
+/// Causal backward of one head: writes dq, dk, dv.
+pub(crate) struct CausalBackward<'a, 'o> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub dout: HostRef<'a>,
+    pub delta: f32,
+    pub dq: HostMut<'o>,
+    pub dk: HostMut<'o>,
+    pub dv: HostMut<'o>,
+    pub params: Option<ParamAcc>,
+}
+
+impl SimdTask for CausalBackward<'_, '_> {
+    type Output = Option<ParamAcc>;
+    #[inline(always)]
+    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
+        let (p, io) = (self.plan, self.io);
+        let (mfp, l) = (p.mfp, io.len);
+        let mut ch = Chunk::new(p, io.dv);
+        let dvp = ch.dvp;
+        let mut num = vec![0.0; TILE * dvp];
+        let mut g = vec![0.0; TILE * dvp];
+        let mut den = [0.0f32; TILE];
+        let mut gbar = [0.0f32; TILE];
+        let mut bm = vec![0.0; TILE * TILE];
+        let mut vtt = vec![0.0; dvp * TILE];
+        let mut st_t = vec![0.0; dvp * mfp];
+        let mut dphi = vec![0.0; TILE * mfp];
+        let mut da = vec![0.0; TILE * p.mp];
+        let mut da2 = vec![0.0; TILE * p.mp];
+        let mut dx = vec![0.0; TILE * p.dp];
+        let mut dvo = vec![0.0; TILE * dvp];
+        // Per token: guarded denominator, ḡ and the running key maximum.
+        let mut den_all = vec![0.0f32; l];
+        let mut gbar_all = vec![0.0f32; l];
+        let mut c_all = vec![0.0f32; l];
+
+        // Forward sweep: dq.
+        let mut st = HeadState::new(p, io.dv);
+        let mut r = 0;
+        while r < l {
+            let rows = TILE.min(l - r);
+            ch.prepare::<S>(p, &io, r, rows, st.c, None);
+            ch.outputs::<S>(p, rows, &st, self.delta, &mut num, &mut den);
+            normalise::<S>(rows, &mut num, dvp, &den);
+            load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
+            den_all[r..r + rows].copy_from_slice(&den[..rows]);
+            gbar_all[r..r + rows].copy_from_slice(&gbar[..rows]);
+            c_all[r..r + rows].copy_from_slice(&ch.cj[..rows]);
+            build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+            // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
+            transpose(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
+            gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
+            for i in 0..rows {
+                let row = &mut dphi[i * mfp..(i + 1) * mfp];
+                axpy::<S>(gbar[i], &st.z, row);
+                scale::<S>(decay::<S>(st.c, ch.cj[i]), row);
+            }
+            gemm::<S>(rows, rows, mfp, &bm, TILE, 1, &ch.tk.phi, mfp, &mut dphi, mfp, false);
+            ch.tq.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+            store_rows(&mut self.dq, io.d, r, rows, &dx, p.dp);
+            ch.advance::<S>(p, rows, &mut st);
+            r += rows;
+        }
+
+        // Reverse sweep: dk, dv.
+        let mut pm = vec![0.0f32; mfp * dvp];
+        let mut pv = vec![0.0f32; mfp];
+        let mut pm_t = vec![0.0f32; dvp * mfp];
+        let nchunks = l.div_ceil(TILE);
+        for ci in (0..nchunks).rev() {
+            let r = ci * TILE;
+            let rows = TILE.min(l - r);
+            ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&c_all[r..r + rows]));
+            load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            for i in 0..rows {
+                let gi = &mut g[i * dvp..(i + 1) * dvp];
+                if den_all[r + i] == 0.0 {
+                    gi.fill(0.0);
+                } else {
+                    scale::<S>(1.0 / den_all[r + i], gi);
+                }
+                gbar[i] = gbar_all[r + i];
+            }
+            build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+            let c_end = ch.cj[rows - 1];
+            // dk' = w_j (V Pᵀ + 1 pᵀ) + Bᵀ Q'
+            transpose(mfp, dvp, &pm, dvp, &mut pm_t, mfp);
+            gemm::<S>(rows, io.dv, mfp, &ch.vt, dvp, 1, &pm_t, mfp, &mut dphi, mfp, true);
+            // dv = w_j K' P + (Q'K'ᵀ ⊙ M)ᵀ X̄
+            gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &pm, dvp, &mut dvo, dvp, true);
+            for j in 0..rows {
+                let w = decay::<S>(ch.cj[j], c_end);
+                let row = &mut dphi[j * mfp..(j + 1) * mfp];
+                axpy::<S>(1.0, &pv, row);
+                scale::<S>(w, row);
+                scale::<S>(w, &mut dvo[j * dvp..(j + 1) * dvp]);
+            }
+            gemm::<S>(rows, rows, mfp, &bm, 1, TILE, &ch.tq.phi, mfp, &mut dphi, mfp, false);
+            gemm::<S>(rows, rows, dvp, &ch.att, 1, TILE, &g, dvp, &mut dvo, dvp, false);
+            for j in (0..rows).filter(|&j| !ch.kept[j]) {
+                dphi[j * mfp..(j + 1) * mfp].fill(0.0);
+                dvo[j * dvp..(j + 1) * dvp].fill(0.0);
+            }
+            ch.tk.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+            for j in (0..rows).filter(|&j| !ch.kept[j]) {
+                dx[j * p.dp..(j + 1) * p.dp].fill(0.0);
+            }
+            store_rows(&mut self.dk, io.d, r, rows, &dx, p.dp);
+            store_rows(&mut self.dv, io.dv, r, rows, &dvo, dvp);
+            if r > 0 {
+                // Re-reference the suffix sums to the last key maximum before this chunk.
+                let c_prev = c_all[r - 1];
+                let f = decay::<S>(c_prev, c_end);
+                if f != 1.0 {
+                    scale::<S>(f, &mut pm);
+                    scale::<S>(f, &mut pv);
+                }
+                for ((row, &cj), &gb) in ch.tq.phi.chunks_exact_mut(mfp).zip(&ch.cj).zip(&gbar).take(rows) {
+                    let u = decay::<S>(c_prev, cj);
+                    if u != 1.0 {
+                        scale::<S>(u, row);
+                    }
+                    axpy::<S>(gb, row, &mut pv);
+                }
+                gemm::<S>(mfp, rows, dvp, &ch.tq.phi, 1, mfp, &g, dvp, &mut pm, dvp, false);
+            }
+        }
+        self.params
+    }
+}
+
+/// What keys r0..r1 of one head add to a causal state, computed from an empty state: the exp
+/// part of the features (relative to the segment's own final maximum `state.c`) and the
+/// segment's running key maxima. The ε part depends on the incoming maximum and is added by
+/// [`combine_summary`].
+pub(crate) struct SegmentSummary {
+    pub state: HeadState,
+    /// Running key maximum of the segment alone, per row (−∞ before its first kept key).
+    pub c_local: Vec<f32>,
+}
+
+/// Summarises keys r0..r1 of one head (the first pass of the sequence-parallel causal forward).
+pub(crate) struct CausalSummary<'a> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub r0: usize,
+    pub r1: usize,
+}
+
+impl SimdTask for CausalSummary<'_> {
+    type Output = SegmentSummary;
+    #[inline(always)]
+    fn run<S: SimdF32>(self) -> SegmentSummary {
+        let (p, io) = (self.plan, self.io);
+        let mut ch = Chunk::new(p, io.dv);
+        let mut st = HeadState::new(p, io.dv);
+        let mut c_local = Vec::with_capacity(self.r1 - self.r0);
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
+            ch.prepare_keys::<S>(p, &io, r, rows, st.c, None, false);
+            c_local.extend_from_slice(&ch.cj[..rows]);
+            ch.advance::<S>(p, rows, &mut st);
+            r += rows;
+        }
+        SegmentSummary { state: st, c_local }
+    }
+}
+
+/// The state after segment r0..r1 given the state before it: exact, including the ε part
+/// β·Σ_j exp(max(c_in, c_j) − c_out) v_j of each key, whose weight depends on the incoming maximum.
+pub(crate) fn combine_summary(
+    p: &Plan,
+    io: &HeadIn<'_>,
+    r0: usize,
+    before: &HeadState,
+    seg: &SegmentSummary,
+) -> HeadState {
+    let dvp = pad(io.dv);
+    let c_out = before.c.max(seg.state.c);
+    let w = |a: f32| if a == c_out { 1.0 } else { (a - c_out).exp() };
+    let (fa, fb) = (w(before.c), w(seg.state.c));
+    let mut out = HeadState {
+        s: before.s.iter().zip(&seg.state.s).map(|(&a, &b)| fa * a + fb * b).collect(),
+        z: before.z.iter().zip(&seg.state.z).map(|(&a, &b)| fa * a + fb * b).collect(),
+        c: c_out,
+    };
+    if p.beta != 0.0 {
+        let mut y = vec![0.0f32; dvp];
+        let mut count = 0.0f32;
+        let mut v = vec![0.0f32; io.dv];
+        for (j, &cl) in seg.c_local.iter().enumerate() {
+            if io.keep(r0 + j) {
+                let wj = w(before.c.max(cl));
+                io.v.read_f32(io.v_off + (r0 + j) * io.dv, &mut v);
+                for (a, &b) in y.iter_mut().zip(&v) {
+                    *a += wj * b;
+                }
+                count += wj;
+            }
+        }
+        for f in (0..p.mfp).filter(|&f| p.is_real(f)) {
+            for (a, &b) in out.s[f * dvp..(f + 1) * dvp].iter_mut().zip(&y) {
+                *a += p.beta * b;
+            }
+            out.z[f] += p.beta * count;
+        }
+    }
+    out
+}

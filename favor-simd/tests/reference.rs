@@ -1,0 +1,124 @@
+//! Every ISA × feature map × direction, forward and backward, against the f64 reference on
+//! shapes that cross the vector-width and tile boundaries.
+
+mod common;
+use common::*;
+use favor_core::{AttentionShape, DType, Direction, FavorBackend};
+
+/// Draws (L, d, d_v, m) from [`SIZES`] under a work budget so the f64 reference stays fast.
+fn sample_shape(seed: u64, budget: f64) -> (usize, usize, usize, usize) {
+    let mut r = rng(seed);
+    loop {
+        let (l, d, dv, m) =
+            (SIZES[pick(&mut r, 13)], SIZES[pick(&mut r, 13)], SIZES[pick(&mut r, 13)], SIZES[pick(&mut r, 13)]);
+        if (l * m * (d + dv)) as f64 <= budget && d <= 257 {
+            return (l, d, dv, m);
+        }
+    }
+}
+
+fn sweep(direction: Direction) {
+    let mut seed = if direction == Direction::Causal { 1000 } else { 0 };
+    for backend in backends() {
+        for mi in 0..9 {
+            for rep in 0..3 {
+                seed += 1;
+                let (l, d, dv, m) = sample_shape(seed, 4e6);
+                let map = all_maps(d, m, seed).swap_remove(mi);
+                let batch = 1 + (rep % 2);
+                let shape = AttentionShape::new(batch, 1 + rep / 2, l, d).with_dv(dv);
+                let masked = rep == 1;
+                let e = check_against_reference(&backend, &map, shape, direction, DType::F32, masked, seed, true);
+                eprintln!(
+                    "{} {:>22} L={l:4} d={d:4} dv={dv:4} m={m:4} mask={masked}: {e:.2e}",
+                    backend.name(),
+                    map.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bidirectional_matches_reference_on_every_isa_and_map() {
+    sweep(Direction::Bidirectional);
+}
+
+#[test]
+fn causal_matches_reference_on_every_isa_and_map() {
+    sweep(Direction::Causal);
+}
+
+/// Every size of [`SIZES`] appears as L, d, d_v and m at least once (positive map, both directions).
+#[test]
+fn boundary_sizes_positive_map() {
+    for backend in backends() {
+        for (i, &n) in SIZES.iter().enumerate() {
+            let other = SIZES[(i * 5 + 3) % 13].min(65);
+            for (l, d, dv, m) in
+                [(n, 16, other, 17), (65, n.min(257), 9, other), (33, 8, n, 15), (70, other.max(2), 7, n)]
+            {
+                for direction in [Direction::Bidirectional, Direction::Causal] {
+                    let map = favor_core::FeatureMap::positive(
+                        favor_core::Projection::draw(favor_core::ProjectionConfig::new(m, d, 0x5eed_0000 + i as u64))
+                            .unwrap(),
+                    );
+                    let shape = AttentionShape::new(1, 2, l, d).with_dv(dv);
+                    check_against_reference(
+                        &backend,
+                        &map,
+                        shape,
+                        direction,
+                        DType::F32,
+                        i % 3 == 0,
+                        i as u64,
+                        l * m <= 70_000,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_storage() {
+    for backend in backends() {
+        for dtype in [DType::F16, DType::Bf16] {
+            for (mi, direction) in [
+                (0, Direction::Bidirectional),
+                (1, Direction::Causal),
+                (7, Direction::Causal),
+                (5, Direction::Bidirectional),
+            ] {
+                let map = all_maps(17, 33, 3).swap_remove(mi);
+                let shape = AttentionShape::new(2, 1, 130, 17).with_dv(9);
+                check_against_reference(&backend, &map, shape, direction, dtype, mi == 1, 5, true);
+            }
+        }
+    }
+}
+
+/// Long causal sequences with few heads are split into segments (summary pass, combination,
+/// replay); the ε part of the features is carried exactly across segments. A large ε makes an
+/// error there visible.
+#[test]
+fn causal_sequence_segments_match_reference() {
+    use favor_core::{FeatureMap, Projection, ProjectionConfig};
+    for backend in backends() {
+        for (l, heads, masked) in [(3000, 1, true), (4500, 2, false), (2100, 1, false)] {
+            let (d, m) = (8, 16);
+            let proj = || Projection::draw(ProjectionConfig::new(m, d, 0x5eed_1234)).unwrap();
+            let maps = [
+                FeatureMap::Positive { projection: proj(), epsilon: 0.1 },
+                FeatureMap::Hyperbolic { projection: proj(), epsilon: 0.05 },
+                FeatureMap::trigonometric(proj()),
+                all_maps(d, m, 9).swap_remove(7),
+            ];
+            for map in &maps {
+                let shape = AttentionShape::new(1, heads, l, d).with_dv(8);
+                let backward = l <= 3000;
+                check_against_reference(&backend, map, shape, Direction::Causal, DType::F32, masked, 21, backward);
+            }
+        }
+    }
+}
