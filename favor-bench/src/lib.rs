@@ -12,3 +12,13 @@ pub mod meta;
 pub mod plot;
 
 pub use error::{BenchError, Result};
+pub mod accuracy;
+pub mod backends;
+pub mod baselines;
+pub mod curves;
+pub mod measure;
+pub mod npy;
+pub mod profile;
+pub mod roofline;
+pub mod runcmd;
+pub mod workload;

@@ -19,6 +19,8 @@ pub struct RunInfo {
     pub date: String,
     /// The command line, shell-quoted.
     pub command: String,
+    /// CPU time used over wall time × threads during the measurements (set at the end).
+    pub cpu_share: Option<f64>,
 }
 
 impl RunInfo {
@@ -32,6 +34,7 @@ impl RunInfo {
             commit: git_commit(),
             date: utc_now(),
             command: command_line(),
+            cpu_share: None,
         }
     }
 
@@ -51,7 +54,7 @@ impl RunInfo {
     }
 
     fn pairs(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut v = vec![
             ("machine", self.cpu.clone()),
             ("cpus", self.cpus.to_string()),
             ("threads", self.threads.to_string()),
@@ -59,7 +62,57 @@ impl RunInfo {
             ("commit", self.commit.clone()),
             ("date", self.date.clone()),
             ("command", self.command.clone()),
-        ]
+        ];
+        if let Some(s) = self.cpu_share {
+            v.push(("cpu_share", format!("{s:.2}")));
+        }
+        v
+    }
+}
+
+/// CPU seconds (user + system) this process has used, from /proc/self/stat (Linux; 0 elsewhere).
+pub fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // The kernel reports clock ticks of USER_HZ = 100 on every mainstream Linux configuration.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Watches how much CPU the process gets: on a shared or oversubscribed machine the share drops
+/// below 1 and timings are disturbed by other load.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuShare {
+    wall: std::time::Instant,
+    cpu: f64,
+}
+
+impl CpuShare {
+    /// Starts watching.
+    pub fn start() -> Self {
+        Self { wall: std::time::Instant::now(), cpu: process_cpu_seconds() }
+    }
+
+    /// CPU seconds used since the start over (wall seconds × rayon threads); about 1 when the
+    /// process had its threads' CPUs to itself and kept them busy.
+    pub fn share(&self) -> f64 {
+        let wall = self.wall.elapsed().as_secs_f64();
+        (process_cpu_seconds() - self.cpu) / (wall * rayon::current_num_threads() as f64).max(1e-9)
+    }
+
+    /// A warning line when the share is low.
+    pub fn warning(&self) -> Option<String> {
+        let s = self.share();
+        (s < 0.75).then(|| {
+            format!(
+                "warning: the process used only {:.0}% of its {} threads' CPU time: other load on this machine \
+                 (or idle waiting) disturbs these timings",
+                100.0 * s,
+                rayon::current_num_threads()
+            )
+        })
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Series {
     pub markers: bool,
     /// Draw a dashed line (closed-form curves, references).
     pub dashed: bool,
+    /// Markers only, no line.
+    pub no_line: bool,
     /// Colour index into the palette (series with the same index share a colour).
     pub color: usize,
 }
@@ -39,10 +41,43 @@ pub struct Panel {
     pub y_label: String,
     /// Logarithmic x axis.
     pub log_x: bool,
+    /// Logarithmic x axis with ticks at powers of two (for L and m); overrides `log_x`.
+    pub log2_x: bool,
     /// Logarithmic y axis.
     pub log_y: bool,
     /// The lines.
     pub series: Vec<Series>,
+    /// Where the legend goes.
+    pub legend: Corner,
+}
+
+/// A corner of a chart (legend position).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Corner {
+    /// Top left.
+    #[default]
+    UpperLeft,
+    /// Top right.
+    UpperRight,
+    /// Bottom left.
+    LowerLeft,
+    /// Bottom right.
+    LowerRight,
+}
+
+/// A tick label without float noise: "0.001", "512", "1e-6", "2e5".
+pub fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 {
+        "0".into()
+    } else if (1e-3..1e6).contains(&a) {
+        let s = format!("{v:.4}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        s.to_string()
+    } else {
+        let s = format!("{v:.1e}");
+        s.replace(".0e", "e")
+    }
 }
 
 /// Panels side by side, with a caption line at the bottom (machine, date).
@@ -97,10 +132,27 @@ pub fn save(fig: &Figure, stem: &Path) -> Result<Vec<PathBuf>> {
 fn draw<DB: DrawingBackend>(fig: &Figure, root: &DrawingArea<DB, Shift>) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let (main, foot) = root.split_vertically(root.dim_in_pixel().1 - 22);
-    foot.draw_text(&fig.caption, &("sans-serif", 11).into_font().color(&BLACK.mix(0.7)), (8, 4))
-        .map_err(plot_err)?;
+    foot.draw_text(&fig.caption, &("sans-serif", 11).into_font().color(&BLACK.mix(0.7)), (8, 4)).map_err(plot_err)?;
     let areas = main.split_evenly((1, fig.panels.len().max(1)));
     for (panel, area) in fig.panels.iter().zip(areas) {
+        // Powers of two: plot log2(x) on a linear axis and label the ticks 2^k.
+        let log2_panel;
+        let panel = if panel.log2_x {
+            let mut p = panel.clone();
+            p.log_x = false;
+            for s in &mut p.series {
+                s.points.retain(|&(x, _)| x > 0.0);
+                s.points.iter_mut().for_each(|pt| pt.0 = pt.0.log2());
+                if let Some(b) = s.band.as_mut() {
+                    b.retain(|&(x, _, _)| x > 0.0);
+                    b.iter_mut().for_each(|pt| pt.0 = pt.0.log2());
+                }
+            }
+            log2_panel = p;
+            &log2_panel
+        } else {
+            panel
+        };
         let (xr, yr) = ranges(panel);
         match (panel.log_x, panel.log_y) {
             (true, true) => chart(panel, &area, (xr.0..xr.1).log_scale(), (yr.0..yr.1).log_scale())?,
@@ -163,12 +215,24 @@ where
         .y_label_area_size(62)
         .build_cartesian_2d(x, y)
         .map_err(plot_err)?;
-    ch.configure_mesh()
-        .x_desc(&p.x_label)
+    let x_span = (p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.0)).fold(f64::NEG_INFINITY, f64::max)
+        - p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.0)).fold(f64::INFINITY, f64::min))
+    .max(1.0);
+    let pow2 = |v: &f64| {
+        if (v - v.round()).abs() < 1e-6 { tick_label(2f64.powi(v.round() as i32)) } else { String::new() }
+    };
+    let x_fmt: &dyn Fn(&f64) -> String = if p.log2_x { &pow2 } else { &|v: &f64| tick_label(*v) };
+    let mut mesh = ch.configure_mesh();
+    if p.log2_x {
+        mesh.x_labels(x_span as usize + 1);
+    }
+    mesh.x_desc(&p.x_label)
         .y_desc(&p.y_label)
         .label_style(("sans-serif", 12))
         .axis_desc_style(("sans-serif", 13))
-        .light_line_style(BLACK.mix(0.05))
+        .x_label_formatter(x_fmt)
+        .y_label_formatter(&|v: &f64| tick_label(*v))
+        .light_line_style(WHITE.mix(0.0))
         .bold_line_style(BLACK.mix(0.15))
         .draw()
         .map_err(plot_err)?;
@@ -186,7 +250,9 @@ where
         }
         let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(valid).collect();
         let style = ShapeStyle::from(&color).stroke_width(2);
-        let legend = if s.dashed {
+        let legend = if s.no_line {
+            ch.draw_series(pts.iter().map(|&pt| Circle::new(pt, 3, color.filled()))).map_err(plot_err)?
+        } else if s.dashed {
             ch.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style)).map_err(plot_err)?
         } else {
             ch.draw_series(LineSeries::new(pts.clone(), style)).map_err(plot_err)?
@@ -200,7 +266,12 @@ where
     }
     if p.series.iter().any(|s| !s.label.is_empty()) {
         ch.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(match p.legend {
+                Corner::UpperLeft => SeriesLabelPosition::UpperLeft,
+                Corner::UpperRight => SeriesLabelPosition::UpperRight,
+                Corner::LowerLeft => SeriesLabelPosition::LowerLeft,
+                Corner::LowerRight => SeriesLabelPosition::LowerRight,
+            })
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.3))
             .label_font(("sans-serif", 11))

@@ -1,0 +1,320 @@
+//! `roofline`: this machine's ceilings measured in the same process on the same rayon threads
+//! (f32 GEMM with the `gemm` crate at a large square size, memory bandwidth with a parallel copy),
+//! then each favor kernel's achieved rate as a fraction of them. With the defaults this is the
+//! issue-3 CPU benchmark: batch 1, heads 8, d = d_v = 64, m = 256, L ∈ {1024, 4096, 16384,
+//! 65536}, f32, bidirectional and causal, forward and forward + backward, the unfused
+//! φ-materialised FAVOR+ built from the same GEMM, and peak heap memory against the bytes of
+//! inputs + outputs (+ gradients).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use favor_core::{AttentionShape, Direction};
+use rayon::prelude::*;
+
+use crate::backends::Backend;
+use crate::baselines::{self, MatRef};
+use crate::error::{Context, Result};
+use crate::json::{Csv, Json};
+use crate::measure::{self, Sample};
+use crate::meta::RunInfo;
+use crate::workload::{self, Buffers, FavorConfig, Method, Pass};
+
+/// What to run.
+#[derive(Debug)]
+pub struct RooflineConfig {
+    /// FAVOR backends to measure (the reference only up to `reference_max_len`).
+    pub backends: Vec<Backend>,
+    /// Sequence lengths.
+    pub lens: Vec<usize>,
+    /// Batch.
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// d = d_v.
+    pub d: usize,
+    /// Random features.
+    pub m: usize,
+    /// Square GEMM size for the ceiling.
+    pub gemm_size: usize,
+    /// Bytes copied by the bandwidth probe.
+    pub stream_bytes: usize,
+    /// Timed calls per point.
+    pub repeats: usize,
+    /// Also time forward + backward.
+    pub backward: bool,
+    /// Include the unfused GEMM line.
+    pub unfused: bool,
+    /// Largest L timed on the reference backend.
+    pub reference_max_len: usize,
+    /// Output folder.
+    pub out_dir: PathBuf,
+}
+
+/// The machine's ceilings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ceilings {
+    /// f32 GEMM GFLOP/s on the rayon pool's threads.
+    pub gemm_gflops: f64,
+    /// f32 GEMM GFLOP/s on one thread.
+    pub gemm_gflops_1t: f64,
+    /// Copy bandwidth, GB/s, counting bytes read + written.
+    pub copy_gbs: f64,
+}
+
+/// One kernel measurement.
+#[derive(Debug, Clone)]
+pub struct KernelPoint {
+    /// Method label.
+    pub method: String,
+    /// Pass.
+    pub pass: Pass,
+    /// L.
+    pub len: usize,
+    /// Timing and memory.
+    pub sample: Sample,
+    /// Credited flops.
+    pub flops: f64,
+    /// Inputs + outputs (+ gradients) bytes.
+    pub io_bytes: usize,
+}
+
+impl KernelPoint {
+    /// GFLOP/s.
+    pub fn gflops(&self) -> f64 {
+        self.flops / self.sample.median / 1e9
+    }
+}
+
+/// GEMM GFLOP/s of an n×n×n f32 product, best of a few runs, with `par`.
+pub fn gemm_gflops(n: usize, par: gemm::Parallelism) -> f64 {
+    let a = workload::gaussian(n * n, 1, 1.0);
+    let b = workload::gaussian(n * n, 2, 1.0);
+    let mut c = vec![0.0f32; n * n];
+    let flops = 2.0 * (n as f64).powi(3);
+    let mut best = f64::INFINITY;
+    let mut spent = 0.0;
+    let mut runs = 0;
+    while runs < 3 || (runs < 10 && spent < 2.0) {
+        let t = Instant::now();
+        baselines::matmul(&mut c, MatRef::row_major(&a, n, n), MatRef::row_major(&b, n, n), 1.0, false, par);
+        let dt = t.elapsed().as_secs_f64();
+        best = best.min(dt);
+        spent += dt;
+        runs += 1;
+    }
+    std::hint::black_box(&c);
+    flops / best / 1e9
+}
+
+/// Copy bandwidth (GB/s, read + write bytes) of a parallel copy of `bytes`, best of 5.
+pub fn copy_gbs(bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let chunk = (n / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        times.push(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    2.0 * bytes as f64 / best / 1e9
+}
+
+/// Measures the ceilings.
+pub fn ceilings(gemm_size: usize, stream_bytes: usize) -> Ceilings {
+    Ceilings {
+        gemm_gflops: gemm_gflops(gemm_size, baselines::parallelism()),
+        gemm_gflops_1t: gemm_gflops(gemm_size, gemm::Parallelism::None),
+        copy_gbs: copy_gbs(stream_bytes),
+    }
+}
+
+/// Runs the benchmark, prints the table, writes `roofline.csv` and `roofline.json`.
+pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<PathBuf>)> {
+    std::fs::create_dir_all(&cfg.out_dir).context(cfg.out_dir.display())?;
+    let mut info = RunInfo::collect(cfg.backends.iter().map(Backend::name).collect());
+    let cpu = crate::meta::CpuShare::start();
+    eprintln!("measuring ceilings on {} rayon threads ...", rayon::current_num_threads());
+    let c = ceilings(cfg.gemm_size, cfg.stream_bytes);
+    println!(
+        "ceilings: f32 GEMM {n}x{n}x{n} (gemm crate) {:.1} GFLOP/s on {} threads ({:.1} on 1 thread); copy {:.1} GB/s (read+write)",
+        c.gemm_gflops,
+        rayon::current_num_threads(),
+        c.gemm_gflops_1t,
+        c.copy_gbs,
+        n = cfg.gemm_size
+    );
+    let favor = FavorConfig::positive(cfg.m, cfg.d, 1)?;
+    let mut methods = Vec::new();
+    for (b, backend) in cfg.backends.iter().enumerate() {
+        for direction in [Direction::Bidirectional, Direction::Causal] {
+            methods.push((Method::Favor { backend: b, direction }, backend.is_reference()));
+        }
+    }
+    if cfg.unfused {
+        methods.push((Method::UnfusedFavor, false));
+    }
+    let mut passes = vec![Pass::Forward];
+    if cfg.backward {
+        passes.push(Pass::ForwardBackward);
+    }
+    println!(
+        "{:<44} {:<17} {:>6} {:>10} {:>9} {:>8} {:>9} {:>10} {:>10} {:>6}",
+        "kernel", "pass", "L", "median", "GFLOP/s", "of GEMM", "GB/s min", "of copy", "peak heap", "/ io"
+    );
+    let mut points = Vec::new();
+    for &(method, is_ref) in &methods {
+        for &pass in &passes {
+            if !method.supports(pass) {
+                continue;
+            }
+            for &len in &cfg.lens {
+                if is_ref && len > cfg.reference_max_len {
+                    continue;
+                }
+                let shape = AttentionShape::new(cfg.batch, cfg.heads, len, cfg.d);
+                let sample = measure::time_point(
+                    || Buffers::new(shape, pass, 7, 1.0),
+                    |buf| workload::run_once(method, &cfg.backends, &favor, buf),
+                    cfg.repeats,
+                    30.0,
+                )?;
+                let p = KernelPoint {
+                    method: method.label(&cfg.backends),
+                    pass,
+                    len,
+                    flops: method.flops(shape, cfg.m, pass),
+                    io_bytes: Buffers::io_bytes(shape, pass),
+                    sample,
+                };
+                let gbs = p.io_bytes as f64 / p.sample.median / 1e9;
+                println!(
+                    "{:<44} {:<17} {:>6} {:>10} {:>9.1} {:>7.0}% {:>9.1} {:>9.1}% {:>10} {:>6.2}",
+                    p.method,
+                    pass.name(),
+                    len,
+                    measure::human_time(p.sample.median),
+                    p.gflops(),
+                    100.0 * p.gflops() / c.gemm_gflops,
+                    gbs,
+                    100.0 * gbs / c.copy_gbs,
+                    measure::human_bytes(p.sample.peak_bytes),
+                    p.sample.peak_bytes as f64 / p.io_bytes as f64
+                );
+                points.push(p);
+            }
+        }
+    }
+    info.cpu_share = Some(cpu.share());
+    if let Some(w) = cpu.warning() {
+        eprintln!("{w}");
+    }
+    let files = write_outputs(cfg, &info, &c, &points)?;
+    Ok((c, points, files))
+}
+
+fn write_outputs(cfg: &RooflineConfig, info: &RunInfo, c: &Ceilings, points: &[KernelPoint]) -> Result<Vec<PathBuf>> {
+    let comment = format!(
+        "{}# gemm_gflops: {:.3}, gemm_gflops_1thread: {:.3}, copy_gbs: {:.3}, gemm size: {}, batch: {}, heads: {}, d: {}, m: {}, dtype: f32\n\
+         # flops credited: favor forward 8*B*H*L*d*m (bidirectional and causal), forward+backward 24*B*H*L*d*m\n",
+        info.csv_comment(),
+        c.gemm_gflops,
+        c.gemm_gflops_1t,
+        c.copy_gbs,
+        cfg.gemm_size,
+        cfg.batch,
+        cfg.heads,
+        cfg.d,
+        cfg.m
+    );
+    let mut csv = Csv::new(&[
+        "method",
+        "pass",
+        "len",
+        "median_s",
+        "min_s",
+        "max_s",
+        "repeats",
+        "gflops_per_s",
+        "fraction_of_gemm",
+        "io_gb_per_s",
+        "fraction_of_copy",
+        "peak_bytes",
+        "io_bytes",
+        "peak_over_io",
+    ]);
+    let mut jp = Vec::new();
+    for p in points {
+        let gbs = p.io_bytes as f64 / p.sample.median / 1e9;
+        let vals = [
+            p.sample.median,
+            p.sample.min,
+            p.sample.max,
+            p.sample.repeats as f64,
+            p.gflops(),
+            p.gflops() / c.gemm_gflops,
+            gbs,
+            gbs / c.copy_gbs,
+            p.sample.peak_bytes as f64,
+            p.io_bytes as f64,
+            p.sample.peak_bytes as f64 / p.io_bytes as f64,
+        ];
+        let mut row = vec![p.method.clone(), p.pass.name().into(), p.len.to_string()];
+        row.extend(vals.iter().map(|v| format!("{v:.6e}")));
+        csv.push(row);
+        let names = [
+            "median_s",
+            "min_s",
+            "max_s",
+            "repeats",
+            "gflops_per_s",
+            "fraction_of_gemm",
+            "io_gb_per_s",
+            "fraction_of_copy",
+            "peak_bytes",
+            "io_bytes",
+            "peak_over_io",
+        ];
+        let mut obj = vec![
+            ("method", Json::str(&p.method)),
+            ("pass", Json::str(p.pass.name())),
+            ("len", Json::num(p.len as f64)),
+        ];
+        obj.extend(names.iter().zip(vals).map(|(n, v)| (*n, Json::num(v))));
+        jp.push(Json::obj(obj));
+    }
+    let csv_path = cfg.out_dir.join("roofline.csv");
+    std::fs::write(&csv_path, csv.render(&comment)).context(csv_path.display())?;
+    let json = Json::obj(vec![
+        ("info", info.json()),
+        (
+            "ceilings",
+            Json::obj(vec![
+                ("gemm_gflops", Json::num(c.gemm_gflops)),
+                ("gemm_gflops_1thread", Json::num(c.gemm_gflops_1t)),
+                ("gemm_size", Json::num(cfg.gemm_size as f64)),
+                ("copy_gbs", Json::num(c.copy_gbs)),
+            ]),
+        ),
+        (
+            "config",
+            Json::obj(vec![
+                ("batch", Json::num(cfg.batch as f64)),
+                ("heads", Json::num(cfg.heads as f64)),
+                ("d", Json::num(cfg.d as f64)),
+                ("m", Json::num(cfg.m as f64)),
+                ("dtype", Json::str("f32")),
+                ("flops_forward", Json::str("8*B*H*L*d*m")),
+                ("flops_forward_backward", Json::str("24*B*H*L*d*m")),
+            ]),
+        ),
+        ("kernels", Json::Arr(jp)),
+    ]);
+    let json_path = cfg.out_dir.join("roofline.json");
+    std::fs::write(&json_path, json.pretty()).context(json_path.display())?;
+    Ok(vec![csv_path, json_path])
+}
