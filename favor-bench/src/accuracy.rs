@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::backends::Backend;
 use crate::error::{Context, Result};
-use crate::json::{Csv, Json};
+use crate::records::{Csv, Json, JsonExt};
 use crate::meta::RunInfo;
 use crate::plot::{Figure, Panel, Series};
 use crate::workload::gaussian;
@@ -270,14 +270,14 @@ fn write_outputs(
                 ("d", Json::num(cfg.d as f64)),
                 ("sigma", Json::num(cfg.sigma)),
                 ("seeds", Json::num(cfg.seeds as f64)),
-                ("ms", Json::Arr(cfg.ms.iter().map(|&m| Json::num(m as f64)).collect())),
+                ("ms", Json::Array(cfg.ms.iter().map(|&m| Json::num(m as f64)).collect())),
                 ("angles", Json::num(cfg.angles as f64)),
                 ("draws", Json::num(cfg.draws as f64)),
             ]),
         ),
         (
             "mse",
-            Json::Arr(
+            Json::Array(
                 mse.iter()
                     .map(|p| {
                         Json::obj(vec![
@@ -293,7 +293,7 @@ fn write_outputs(
         ),
         (
             "angle",
-            Json::Arr(
+            Json::Array(
                 angles
                     .iter()
                     .map(|a| {

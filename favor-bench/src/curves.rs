@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backends::Backend;
 use crate::error::{Context, Result};
-use crate::json::{Csv, Json};
+use crate::records::{Csv, Json, JsonExt};
 use crate::measure::{self, Sample};
 use crate::meta::RunInfo;
 use crate::plot::{Figure, Panel, Series};
@@ -312,10 +312,10 @@ fn write_outputs(cfg: &CurvesConfig, info: &RunInfo, points: &[Point]) -> Result
                 ("repeats", Json::num(cfg.repeats as f64)),
                 ("max_point_s", Json::num(cfg.max_point_s)),
                 ("memory_budget_bytes", Json::num(cfg.memory_budget as f64)),
-                ("lens", Json::Arr(cfg.lens.iter().map(|&l| Json::num(l as f64)).collect())),
+                ("lens", Json::Array(cfg.lens.iter().map(|&l| Json::num(l as f64)).collect())),
             ]),
         ),
-        ("points", Json::Arr(json_points)),
+        ("points", Json::Array(json_points)),
     ]);
     let json_path = cfg.out_dir.join("curves.json");
     std::fs::write(&json_path, json.pretty()).context(json_path.display())?;

@@ -7,7 +7,7 @@
 
 pub mod alloc;
 pub mod error;
-pub mod json;
+pub mod records;
 pub mod meta;
 pub mod plot;
 

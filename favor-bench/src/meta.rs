@@ -1,6 +1,6 @@
 //! What every result file records: machine, ISA, commit, date and the exact command line.
 
-use crate::json::Json;
+use crate::records::{Json, JsonExt};
 
 /// Provenance of a result.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use crate::backends::Backend;
 use crate::baselines::{self, MatRef};
 use crate::error::{Context, Result};
-use crate::json::{Csv, Json};
+use crate::records::{Csv, Json, JsonExt};
 use crate::measure::{self, Sample};
 use crate::meta::RunInfo;
 use crate::workload::{self, Buffers, FavorConfig, Method, Pass};
@@ -312,7 +312,7 @@ fn write_outputs(cfg: &RooflineConfig, info: &RunInfo, c: &Ceilings, points: &[K
                 ("flops_forward_backward", Json::str("24*B*H*L*d*m")),
             ]),
         ),
-        ("kernels", Json::Arr(jp)),
+        ("kernels", Json::Array(jp)),
     ]);
     let json_path = cfg.out_dir.join("roofline.json");
     std::fs::write(&json_path, json.pretty()).context(json_path.display())?;
