@@ -16,9 +16,9 @@ use rayon::prelude::*;
 
 use crate::backends::Backend;
 use crate::error::{Context, Result};
-use crate::records::{Csv, Json, JsonExt};
 use crate::meta::RunInfo;
 use crate::plot::{Figure, Panel, Series};
+use crate::records::{Csv, Json, JsonExt};
 use crate::workload::gaussian;
 
 /// What to run.

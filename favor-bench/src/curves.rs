@@ -10,10 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backends::Backend;
 use crate::error::{Context, Result};
-use crate::records::{Csv, Json, JsonExt};
 use crate::measure::{self, Sample};
 use crate::meta::RunInfo;
 use crate::plot::{Figure, Panel, Series};
+use crate::records::{Csv, Json, JsonExt};
 use crate::workload::{self, Buffers, FavorConfig, Method, Pass};
 
 /// A model setting of the paper's appendix (attention part only).

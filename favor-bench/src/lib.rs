@@ -7,9 +7,9 @@
 
 pub mod alloc;
 pub mod error;
-pub mod records;
 pub mod meta;
 pub mod plot;
+pub mod records;
 
 pub use error::{BenchError, Result};
 pub mod accuracy;

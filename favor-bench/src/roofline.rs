@@ -15,9 +15,9 @@ use rayon::prelude::*;
 use crate::backends::Backend;
 use crate::baselines::{self, MatRef};
 use crate::error::{Context, Result};
-use crate::records::{Csv, Json, JsonExt};
 use crate::measure::{self, Sample};
 use crate::meta::RunInfo;
+use crate::records::{Csv, Json, JsonExt};
 use crate::workload::{self, Buffers, FavorConfig, Method, Pass};
 
 /// What to run.
