@@ -11,6 +11,9 @@ use crate::{
     TensorHandle,
 };
 
+const QK_DIMS: &str = "[batch, heads, len, d]";
+const V_DIMS: &str = "[batch, heads, len, d_v]";
+
 /// Where a backend's tensors live.
 pub trait MemorySpace: 'static {
     /// Read-only tensor handle.
@@ -188,15 +191,51 @@ pub fn validate_inputs<M: MemorySpace>(p: &Problem<'_>, inputs: &Inputs<'_, M>) 
     p.validate()?;
     let s = p.shape;
     let dtype = inputs.q.dtype();
-    check_tensor("q", &inputs.q, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-    check_tensor("k", &inputs.k, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-    check_tensor("v", &inputs.v, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    check_tensor("q", &inputs.q, s.qk_len(), dtype, QK_DIMS)?;
+    check_tensor("k", &inputs.k, s.qk_len(), dtype, QK_DIMS)?;
+    check_tensor("v", &inputs.v, s.v_len(), dtype, V_DIMS)?;
     if let Some(m) = inputs.key_mask
         && m.len() != s.mask_len()
     {
         return Err(FavorError::shape("key_mask", format!("{} elements ([batch, len])", s.mask_len()), m.len()));
     }
     Ok(dtype)
+}
+
+/// Checks the output of a forward or decode call: `[B, H, L, d_v]` in the call's dtype.
+pub fn check_output(p: &Problem<'_>, out: &impl TensorHandle, dtype: DType) -> Result<()> {
+    check_tensor("out", out, p.shape.v_len(), dtype, V_DIMS)
+}
+
+/// Checks ∂ℒ/∂out and the three gradient outputs of a backward call against the call's dtype.
+pub fn check_backward<M: MemorySpace>(
+    p: &Problem<'_>,
+    dout: &M::Ref<'_>,
+    grads: &Grads<'_, M>,
+    dtype: DType,
+) -> Result<()> {
+    let s = p.shape;
+    check_tensor("dout", dout, s.v_len(), dtype, V_DIMS)?;
+    check_tensor("dq", &grads.dq, s.qk_len(), dtype, QK_DIMS)?;
+    check_tensor("dk", &grads.dk, s.qk_len(), dtype, QK_DIMS)?;
+    check_tensor("dv", &grads.dv, s.v_len(), dtype, V_DIMS)
+}
+
+/// Validates a feature-map call: the map against d, tokens `x` `[B, H, L, d]` and the feature
+/// tensor `features` (named `features_arg`: φ or ∂ℒ/∂φ) `[B, H, L, M]` in x's dtype. Returns M.
+pub fn validate_feature_call(
+    map: &FeatureMap,
+    shape: AttentionShape,
+    x: &impl TensorHandle,
+    features_arg: &'static str,
+    features: &impl TensorHandle,
+) -> Result<usize> {
+    AttentionShape { dv: shape.d, ..shape }.validate()?;
+    map.validate(shape.d)?;
+    let mf = map.feature_dim(shape.d);
+    check_tensor("x", x, shape.qk_len(), x.dtype(), QK_DIMS)?;
+    check_tensor(features_arg, features, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
+    Ok(mf)
 }
 
 /// Reports the first NaN or infinity of the host inputs (favor's documented policy: non-finite

@@ -4,7 +4,10 @@
 use crate::attention::{
     self, CausalState, Head, HeadGrads, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward,
 };
-use crate::backend::{Grads, Host, Inputs, Problem, check_finite, check_tensor, validate_inputs};
+use crate::backend::{
+    Grads, Host, Inputs, Problem, check_backward, check_finite, check_output, check_tensor, validate_feature_call,
+    validate_inputs,
+};
 use crate::features::ParamGradsF64;
 use crate::{
     AttentionShape, DType, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
@@ -143,7 +146,7 @@ impl FavorBackend for ReferenceBackend {
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
         let dtype = validate_host(p, &inputs)?;
         let s = p.shape;
-        check_tensor("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
         for bh in 0..s.problems() {
@@ -166,11 +169,8 @@ impl FavorBackend for ReferenceBackend {
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_host(p, &inputs)?;
         let s = p.shape;
-        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_backward(p, &dout, &grads, dtype)?;
         let Grads { mut dq, mut dk, mut dv } = grads;
-        check_tensor("dq", &dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check_tensor("dk", &dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check_tensor("dv", &dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         check_finite(&[("dout", dout)])?;
         let w = Widened::new(&inputs);
         let g = dout.to_f64_vec();
@@ -218,7 +218,7 @@ impl FavorBackend for ReferenceBackend {
                 format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
             ));
         }
-        check_tensor("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
         for (bh, head_state) in state.heads.iter_mut().enumerate() {
@@ -232,21 +232,6 @@ impl FavorBackend for ReferenceBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
-}
-
-fn validate_feature_call(
-    map: &FeatureMap,
-    shape: AttentionShape,
-    x: &HostRef<'_>,
-    phi_arg: &'static str,
-    phi: &impl TensorHandle,
-) -> Result<usize> {
-    AttentionShape { dv: shape.d, ..shape }.validate()?;
-    map.validate(shape.d)?;
-    let mf = map.feature_dim(shape.d);
-    check_tensor("x", x, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
-    check_tensor(phi_arg, phi, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
-    Ok(mf)
 }
 
 /// Per-row stabilisers of `l` tokens of one (batch, head) for `role`.
@@ -275,7 +260,7 @@ pub fn softmax_attention(
     let map = FeatureMap::elu_plus_one();
     let p = Problem::new(shape, &map);
     let dtype = validate_host(&p, &inputs)?;
-    check_tensor("out", &out, shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    check_output(&p, &out, dtype)?;
     let w = Widened::new(&inputs);
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);
@@ -296,12 +281,9 @@ pub fn softmax_attention_backward(
     let map = FeatureMap::elu_plus_one();
     let p = Problem::new(shape, &map);
     let dtype = validate_host(&p, &inputs)?;
-    check_tensor("dout", &dout, shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+    check_backward(&p, &dout, &grads, dtype)?;
     check_finite(&[("dout", dout)])?;
     let Grads { mut dq, mut dk, mut dv } = grads;
-    check_tensor("dq", &dq, shape.qk_len(), dtype, "[batch, heads, len, d]")?;
-    check_tensor("dk", &dk, shape.qk_len(), dtype, "[batch, heads, len, d]")?;
-    check_tensor("dv", &dv, shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
     let w = Widened::new(&inputs);
     let g = dout.to_f64_vec();
     for bh in 0..shape.problems() {

@@ -4,7 +4,7 @@
 
 use crate::backend::{CudaBackend, CudaState};
 use crate::memory::DeviceTensor;
-use favor_core::backend::{check_finite, check_tensor, validate_inputs};
+use favor_core::backend::{check_backward, check_finite, check_output, validate_inputs};
 use favor_core::{
     AttentionShape, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, Inputs, ParamGrads, Problem,
     Result, TensorHandle,
@@ -111,7 +111,7 @@ impl FavorBackend for CudaHost {
 
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
-        check_tensor("out", &out, p.shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
         let (q, k, v) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?);
         let mut o = self.zeros_like(&out)?;
@@ -128,11 +128,7 @@ impl FavorBackend for CudaHost {
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_inputs(p, &inputs)?;
-        let s = p.shape;
-        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
-        check_tensor("dq", &grads.dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check_tensor("dk", &grads.dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check_tensor("dv", &grads.dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_backward(p, &dout, &grads, dtype)?;
         check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v), ("dout", dout)])?;
         let (q, k, v, g) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?, self.up(dout)?);
         let Grads { dq, dk, dv } = grads;
@@ -152,7 +148,7 @@ impl FavorBackend for CudaHost {
 
     fn decode(&self, p: &Problem<'_>, state: &mut CudaState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
-        check_tensor("out", &out, p.shape.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
         let (q, k, v) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?);
         let mut o = self.zeros_like(&out)?;

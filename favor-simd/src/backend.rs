@@ -15,7 +15,9 @@ use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
 use crate::kernels::{HeadIn, TILE};
-use favor_core::backend::{check_finite, check_tensor, validate_inputs};
+use favor_core::backend::{
+    check_backward, check_finite, check_output, check_tensor, validate_feature_call, validate_inputs,
+};
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
     Inputs, ParamGrads, Problem, Result, TensorHandle,
@@ -140,20 +142,6 @@ fn validate_host(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<favor_cor
     Ok(dtype)
 }
 
-fn validate_feature_call(
-    map: &FeatureMap,
-    shape: AttentionShape,
-    x: &HostRef<'_>,
-    phi: &impl TensorHandle,
-) -> Result<usize> {
-    AttentionShape { dv: shape.d, ..shape }.validate()?;
-    map.validate(shape.d)?;
-    let mf = map.feature_dim(shape.d);
-    check_tensor("x", x, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
-    check_tensor("phi", phi, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
-    Ok(mf)
-}
-
 impl FavorBackend for SimdBackend {
     type Mem = Host;
     type State = SimdState;
@@ -170,7 +158,7 @@ impl FavorBackend for SimdBackend {
         x: HostRef<'_>,
         phi: HostMut<'_>,
     ) -> Result<()> {
-        let mf = validate_feature_call(map, shape, &x, &phi)?;
+        let mf = validate_feature_call(map, shape, &x, "phi", &phi)?;
         check_finite(&[("x", x)])?;
         let plan = Plan::new(map, shape.d);
         let pieces = split_mut(phi, &vec![shape.len * mf; shape.problems()]);
@@ -189,7 +177,7 @@ impl FavorBackend for SimdBackend {
         dphi: HostRef<'_>,
         dx: HostMut<'_>,
     ) -> Result<Option<ParamGrads>> {
-        let mf = validate_feature_call(map, shape, &x, &dphi)?;
+        let mf = validate_feature_call(map, shape, &x, "dphi", &dphi)?;
         check_tensor("dx", &dx, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
         check_finite(&[("x", x), ("dphi", dphi)])?;
         let plan = Plan::new(map, shape.d);
@@ -218,7 +206,7 @@ impl FavorBackend for SimdBackend {
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
         let dtype = validate_host(p, &inputs)?;
         let s = p.shape;
-        check_tensor("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         let plan = Plan::new(p.map, s.d);
         let delta = p.denominator_guard();
         match p.options.direction {
@@ -278,11 +266,8 @@ impl FavorBackend for SimdBackend {
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_host(p, &inputs)?;
         let s = p.shape;
-        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_backward(p, &dout, &grads, dtype)?;
         let Grads { dq, dk, dv } = grads;
-        check_tensor("dq", &dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check_tensor("dk", &dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check_tensor("dv", &dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         check_finite(&[("dout", dout)])?;
         let plan = Plan::new(p.map, s.d);
         let delta = p.denominator_guard();
@@ -407,7 +392,7 @@ impl FavorBackend for SimdBackend {
                 actual: format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
             });
         }
-        check_tensor("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         let delta = p.denominator_guard();
         let outs = split_mut(out, &vec![s.len * s.dv; s.problems()]);
         state.heads.par_iter_mut().zip(outs).enumerate().for_each(|(bh, (state, out))| {
