@@ -202,6 +202,13 @@ pub fn validate_inputs<M: MemorySpace>(p: &Problem<'_>, inputs: &Inputs<'_, M>) 
     Ok(dtype)
 }
 
+/// [`validate_inputs`] for host tensors, plus the finiteness check of Q, K and V.
+pub fn validate_host_inputs(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<DType> {
+    let dtype = validate_inputs(p, inputs)?;
+    check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
+    Ok(dtype)
+}
+
 /// Checks the output of a forward or decode call: `[B, H, L, d_v]` in the call's dtype.
 pub fn check_output(p: &Problem<'_>, out: &impl TensorHandle, dtype: DType) -> Result<()> {
     check_tensor("out", out, p.shape.v_len(), dtype, V_DIMS)

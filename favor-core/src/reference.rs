@@ -6,12 +6,12 @@ use crate::attention::{
 };
 use crate::backend::{
     Grads, Host, Inputs, Problem, check_backward, check_finite, check_output, check_tensor, validate_feature_call,
-    validate_inputs,
+    validate_host_inputs,
 };
 use crate::features::ParamGradsF64;
 use crate::{
-    AttentionShape, DType, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
-    Result, TensorHandle,
+    AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
+    TensorHandle,
 };
 
 /// The f64 reference backend.
@@ -57,12 +57,6 @@ impl Widened {
             mask: mask.map(|m| &m[b * l..(b + 1) * l]),
         }
     }
-}
-
-fn validate_host(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<DType> {
-    let dtype = validate_inputs(p, inputs)?;
-    check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
-    Ok(dtype)
 }
 
 fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
@@ -144,7 +138,7 @@ impl FavorBackend for ReferenceBackend {
     }
 
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_host(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         check_output(p, &out, dtype)?;
         let w = Widened::new(&inputs);
@@ -167,7 +161,7 @@ impl FavorBackend for ReferenceBackend {
         dout: HostRef<'_>,
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
-        let dtype = validate_host(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         check_backward(p, &dout, &grads, dtype)?;
         let Grads { mut dq, mut dk, mut dv } = grads;
@@ -206,7 +200,7 @@ impl FavorBackend for ReferenceBackend {
         inputs: Inputs<'_, Host>,
         mut out: HostMut<'_>,
     ) -> Result<()> {
-        let dtype = validate_host(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         let st = state.shape;
         if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv)
@@ -259,7 +253,7 @@ pub fn softmax_attention(
 ) -> Result<()> {
     let map = FeatureMap::elu_plus_one();
     let p = Problem::new(shape, &map);
-    let dtype = validate_host(&p, &inputs)?;
+    let dtype = validate_host_inputs(&p, &inputs)?;
     check_output(&p, &out, dtype)?;
     let w = Widened::new(&inputs);
     for bh in 0..shape.problems() {
@@ -280,7 +274,7 @@ pub fn softmax_attention_backward(
 ) -> Result<()> {
     let map = FeatureMap::elu_plus_one();
     let p = Problem::new(shape, &map);
-    let dtype = validate_host(&p, &inputs)?;
+    let dtype = validate_host_inputs(&p, &inputs)?;
     check_backward(&p, &dout, &grads, dtype)?;
     check_finite(&[("dout", dout)])?;
     let Grads { mut dq, mut dk, mut dv } = grads;

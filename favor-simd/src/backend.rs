@@ -16,7 +16,7 @@ use crate::kernels::gemm::transpose;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
 use crate::kernels::{HeadIn, TILE};
 use favor_core::backend::{
-    check_backward, check_finite, check_output, check_tensor, validate_feature_call, validate_inputs,
+    check_backward, check_finite, check_output, check_tensor, validate_feature_call, validate_host_inputs,
 };
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
@@ -136,12 +136,6 @@ impl SimdBackend {
     }
 }
 
-fn validate_host(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<favor_core::DType> {
-    let dtype = validate_inputs(p, inputs)?;
-    check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
-    Ok(dtype)
-}
-
 impl FavorBackend for SimdBackend {
     type Mem = Host;
     type State = SimdState;
@@ -204,7 +198,7 @@ impl FavorBackend for SimdBackend {
     }
 
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_host(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         check_output(p, &out, dtype)?;
         let plan = Plan::new(p.map, s.d);
@@ -264,7 +258,7 @@ impl FavorBackend for SimdBackend {
         dout: HostRef<'_>,
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
-        let dtype = validate_host(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         check_backward(p, &dout, &grads, dtype)?;
         let Grads { dq, dk, dv } = grads;
@@ -381,7 +375,7 @@ impl FavorBackend for SimdBackend {
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_host(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         let st = state.shape;
         let plan = Plan::new(p.map, s.d);
