@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release -p favor-simd --example profile -- [L] [reps] [isa] [case]`
 //!
+//! `FAVOR_PHASES=1` also prints the CPU time of each phase (`favor_simd::phases`).
+//!
 //! Prints wall time and the process CPU time (all threads; /proc/self/stat), so that the
 //! per-core throughput can be read even on a loaded machine. `RAYON_NUM_THREADS=1` for one core.
 //!
@@ -49,6 +51,8 @@ fn main() {
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()], vec![0.0f32; v.len()]);
             let mut best = f64::INFINITY;
             let mut best_cpu = f64::INFINITY;
+            favor_simd::phases::set_enabled(std::env::var_os("FAVOR_PHASES").is_some());
+            favor_simd::phases::reset();
             for _ in 0..reps {
                 let t = Instant::now();
                 let c0 = cpu_seconds();
@@ -69,6 +73,19 @@ fn main() {
                 best_cpu * 1e3,
                 mult * flops / best_cpu / 1e9
             );
+            if favor_simd::phases::enabled() {
+                let times = favor_simd::phases::snapshot();
+                let total: f64 = times.iter().map(|t| t.total.as_secs_f64()).sum();
+                for t in times.iter().filter(|t| t.spans > 0) {
+                    let s = t.total.as_secs_f64() / reps as f64;
+                    println!(
+                        "    {:>17}: {:8.2} ms cpu/call {:5.1}%",
+                        t.phase.name(),
+                        s * 1e3,
+                        100.0 * s * reps as f64 / total
+                    );
+                }
+            }
         }
     }
 }

@@ -9,7 +9,8 @@ use crate::kernels::bidirectional::{
     KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, combine,
 };
 use crate::kernels::causal::{
-    CausalBackward, CausalForward, CausalSummary, HeadState, SegmentSummary, combine_summary,
+    BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, HeadState, SegmentSummary, Stash,
+    StashPlace, Suffix, SweepOut, combine_summary,
 };
 use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
@@ -76,7 +77,8 @@ fn segments(len: usize) -> Vec<(usize, usize)> {
 }
 
 /// Causal segments of one head: the causal forward pays an extra summary pass (about a third
-/// of its work) to split a sequence, so it splits only when there are fewer than 8
+/// of its work; the backward pays it and a suffix-sum product, about a sixth of its work) to
+/// split a sequence, so it splits only when there are fewer than 8
 /// (batch, head) problems, into at most 8 / problems segments of at least 1024 tokens.
 /// Depends on the shape alone.
 fn causal_segments(problems: usize, len: usize) -> Vec<(usize, usize)> {
@@ -112,7 +114,6 @@ fn head_in<'a>(s: AttentionShape, inputs: &Inputs<'a, Host>, bh: usize) -> HeadI
         qk_off: bh * s.len * s.d,
         v_off: bh * s.len * s.dv,
         mask: inputs.key_mask.map(|m| &m[b * s.len..(b + 1) * s.len]),
-        len: s.len,
         d: s.d,
         dv: s.dv,
     }
@@ -125,6 +126,39 @@ fn tasks(s: AttentionShape) -> Vec<(usize, usize, usize)> {
 }
 
 impl SimdBackend {
+    /// The causal segments of every head, (head, r0, r1) head-major, and the state entering
+    /// each: a summary pass over every segment but the last (from an empty state, in parallel),
+    /// then an ordered combination per head (cheap: O(M·d_v) per segment).
+    fn causal_incoming(
+        &self,
+        plan: &Plan,
+        s: AttentionShape,
+        inputs: &Inputs<'_, Host>,
+    ) -> (Vec<(usize, usize, usize)>, Vec<HeadState>) {
+        let segs = causal_segments(s.problems(), s.len);
+        let nseg = segs.len();
+        let tasks: Vec<(usize, usize, usize)> =
+            (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect();
+        let summaries: Vec<SegmentSummary> = tasks
+            .par_iter()
+            .filter(|&&(_, _, r1)| r1 < s.len)
+            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh), r0, r1 }))
+            .collect();
+        let incoming = (0..s.problems())
+            .into_par_iter()
+            .flat_map_iter(|bh| {
+                let io = head_in(s, inputs, bh);
+                let mut states = vec![HeadState::new(plan, s.dv)];
+                for (k, sum) in summaries[bh * (nseg - 1)..(bh + 1) * (nseg - 1)].iter().enumerate() {
+                    let next = combine_summary(plan, &io, segs[k].0, &states[k], sum);
+                    states.push(next);
+                }
+                states
+            })
+            .collect();
+        (tasks, incoming)
+    }
+
     /// Key states of every head (bidirectional).
     fn key_states(&self, plan: &Plan, s: AttentionShape, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
         let nseg = segments(s.len).len();
@@ -215,32 +249,8 @@ impl FavorBackend for SimdBackend {
                 });
             }
             Direction::Causal => {
-                let segs = causal_segments(s.problems(), s.len);
-                let nseg = segs.len();
-                let tasks: Vec<(usize, usize, usize)> =
-                    (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect();
-                // Pass 1: what each segment but the last adds to the state, from an empty state.
-                let summaries: Vec<SegmentSummary> = tasks
-                    .par_iter()
-                    .filter(|&&(_, _, r1)| r1 < s.len)
-                    .map(|&(bh, r0, r1)| {
-                        self.token.run(CausalSummary { plan: &plan, io: head_in(s, &inputs, bh), r0, r1 })
-                    })
-                    .collect();
-                // The incoming state of every segment, combined in order (cheap: O(M·d_v) each).
-                let incoming: Vec<HeadState> = (0..s.problems())
-                    .into_par_iter()
-                    .flat_map_iter(|bh| {
-                        let io = head_in(s, &inputs, bh);
-                        let mut states = vec![HeadState::new(&plan, s.dv)];
-                        for (k, sum) in summaries[bh * (nseg - 1)..(bh + 1) * (nseg - 1)].iter().enumerate() {
-                            let next = combine_summary(&plan, &io, segs[k].0, &states[k], sum);
-                            states.push(next);
-                        }
-                        states
-                    })
-                    .collect();
-                // Pass 2: replay every segment from its incoming state.
+                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
+                // Replay every segment from its incoming state.
                 let outs = split_mut(out, &tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect::<Vec<_>>());
                 tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((bh, r0, r1), out), mut state)| {
                     let io = head_in(s, &inputs, bh);
@@ -340,28 +350,85 @@ impl FavorBackend for SimdBackend {
                 qgrads.into_iter().filter_map(|g| g.params).chain(kparams.into_iter().flatten()).collect()
             }
             Direction::Causal => {
-                let n = s.problems();
-                let dqs = split_mut(dq, &vec![s.len * s.d; n]);
-                let dks = split_mut(dk, &vec![s.len * s.d; n]);
-                let dvs = split_mut(dv, &vec![s.len * s.dv; n]);
-                let parts: Vec<Option<ParamAcc>> = dqs
-                    .into_par_iter()
-                    .zip(dks.into_par_iter().zip(dvs))
-                    .enumerate()
-                    .map(|(bh, (dq, (dk, dv)))| {
-                        self.token.run(CausalBackward {
+                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
+                let nseg = tasks.len() / s.problems();
+                let place = StashPlace::choose(s.d, s.dv, dtype.size());
+                let (sizes_qk, sizes_v): (Vec<usize>, Vec<usize>) =
+                    tasks.iter().map(|&(_, a, b)| ((b - a) * s.d, (b - a) * s.dv)).unzip();
+                let (mut dq, mut dk, mut dv) = (dq, dk, dv);
+                // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
+                let mut sweeps: Vec<SweepOut> = {
+                    let stash_rows: Vec<Option<HostMut<'_>>> = match place {
+                        StashPlace::Dv => split_mut(dv.reborrow(), &sizes_v).into_iter().map(Some).collect(),
+                        StashPlace::Dk => split_mut(dk.reborrow(), &sizes_qk).into_iter().map(Some).collect(),
+                        StashPlace::Side => tasks.iter().map(|_| None).collect(),
+                    };
+                    let row_len = if place == StashPlace::Dk { s.d } else { s.dv };
+                    tasks
+                        .par_iter()
+                        .zip(incoming)
+                        .zip(split_mut(dq.reborrow(), &sizes_qk).into_par_iter().zip(stash_rows))
+                        .map(|((&(bh, r0, r1), state), (dq, rows))| {
+                            let stash = match rows {
+                                Some(t) => Stash::Rows { t, row_len },
+                                None => Stash::Side(vec![[0.0; 3]; r1 - r0]),
+                            };
+                            self.token.run(BackwardForwardSweep {
+                                plan: &plan,
+                                io: head_in(s, &inputs, bh),
+                                dout,
+                                delta,
+                                r0,
+                                r1,
+                                state,
+                                suffix: r0 > 0,
+                                dq,
+                                stash,
+                                params: ParamAcc::new(&plan, p.map),
+                            })
+                        })
+                        .collect()
+                };
+                // The suffix sums entering each segment, chained from the last segment back.
+                let mut suffixes: Vec<Option<Suffix>> = vec![None; tasks.len()];
+                for bh in 0..s.problems() {
+                    let base = bh * nseg;
+                    let mut later = Suffix::new(&plan, s.dv);
+                    let mut c_later = None;
+                    for k in (0..nseg).rev() {
+                        if k + 1 < nseg {
+                            let next = &mut sweeps[base + k + 1];
+                            let seg = next.suffix.take().unwrap_or_else(|| Suffix::new(&plan, s.dv));
+                            later = Suffix::chain(later, next.c_in, c_later.unwrap_or(next.c_in), &seg);
+                            c_later = Some(next.c_in);
+                        }
+                        suffixes[base + k] = Some(later.clone());
+                    }
+                }
+                let mut params: Vec<ParamAcc> = sweeps.iter_mut().filter_map(|w| w.params.take()).collect();
+                // Sweep 2: dk and dv, last chunk first in every segment.
+                let kparams: Vec<Option<ParamAcc>> = tasks
+                    .par_iter()
+                    .zip(sweeps.into_par_iter().zip(suffixes))
+                    .zip(split_mut(dk, &sizes_qk).into_par_iter().zip(split_mut(dv, &sizes_v)))
+                    .map(|((&(bh, r0, r1), (sweep, suffix)), (dk, dv))| {
+                        self.token.run(BackwardReverseSweep {
                             plan: &plan,
                             io: head_in(s, &inputs, bh),
                             dout,
-                            delta,
-                            dq,
+                            r0,
+                            r1,
+                            suffix: suffix.unwrap_or_else(|| Suffix::new(&plan, s.dv)),
+                            place,
+                            side: sweep.side,
                             dk,
                             dv,
                             params: ParamAcc::new(&plan, p.map),
                         })
                     })
                     .collect();
-                parts.into_iter().flatten().collect()
+                params.extend(kparams.into_iter().flatten());
+                params
             }
         };
         Ok(reduce_params(&plan, &params))

@@ -19,17 +19,21 @@
 //! * `kernels/`: the register-blocked product (`gemm.rs`), feature-map tiles (`features.rs`),
 //!   bidirectional and causal attention (`bidirectional.rs`, `causal.rs`) and the standalone
 //!   feature map (`standalone.rs`);
-//! * `backend.rs`: the trait implementation, validation and threading.
+//! * `backend.rs`: the trait implementation, validation and threading;
+//! * `phases.rs`: opt-in per-phase CPU-time counters (feature map, state build, apply, backward
+//!   sweeps, feature backward, I/O) for profiling.
 //!
 //! ## Memory and threads
 //! φ(Q) and φ(K) exist only one tile (64 tokens) at a time. Extra memory is O(threads × tile +
-//! batch × heads × segments × M × d_v) plus, for the causal backward, three floats per token.
-//! Work is split across (batch, head) and across sequence segments: bidirectional attention
-//! (forward and backward) uses at most 8 segments per head; the causal forward splits a head
-//! into segments (summary pass, ordered combination, replay) when there are fewer than 8
-//! (batch, head) problems; the causal backward runs one task per head. The split depends only on
-//! the shape and partial sums are added in a fixed order, so the result is bitwise the same for
-//! any number of threads.
+//! batch × heads × segments × M × d_v): the causal backward keeps the three floats per token its
+//! second sweep needs (R, ḡ, c) in the caller's dv or dk rows until it overwrites them (a side
+//! buffer only for heads narrower than 12 bytes per row). Work is split across (batch, head) and
+//! across sequence segments: bidirectional attention (forward and backward) uses at most
+//! 8 segments per head; the causal forward and backward split a head into segments (a summary
+//! pass and an ordered combination give each segment its incoming state, and the backward chains
+//! the segments' suffix sums from the last back) when there are fewer than 8 (batch, head)
+//! problems. The split depends only on the shape and partial sums are added in a fixed order, so
+//! the result is bitwise the same for any number of threads.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -38,6 +42,7 @@ mod backend;
 mod isa;
 mod kernels;
 mod math;
+pub mod phases;
 
 pub use backend::{SimdBackend, SimdState};
 pub use isa::{ISA_ENV, Isa, best_isa};
@@ -59,5 +64,36 @@ pub mod testing {
             }
         }
         IsaToken::new(isa).map(|t| t.run(Exp(xs)))
+    }
+
+    /// GFLOP/s of the internal product C (rows × n) += A (rows × k) · B (k × n) on one thread,
+    /// A read transposed when `a_transposed` (tuning aid for the examples).
+    pub fn gemm_gflops(
+        isa: crate::Isa,
+        rows: usize,
+        k: usize,
+        n: usize,
+        a_transposed: bool,
+        reps: usize,
+    ) -> Option<f64> {
+        struct G(usize, usize, usize, bool, usize);
+        impl SimdTask for G {
+            type Output = f64;
+            #[inline(always)]
+            fn run<S: SimdF32>(self) -> f64 {
+                let G(rows, k, n, at, reps) = self;
+                let a = vec![0.5f32; rows * k];
+                let b = vec![0.25f32; k * n];
+                let mut c = vec![0.0f32; rows * n];
+                let (ars, acs) = if at { (1, rows) } else { (k, 1) };
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    crate::kernels::gemm::gemm::<S>(rows, k, n, &a, ars, acs, &b, n, &mut c, n, false);
+                }
+                std::hint::black_box(&c);
+                2.0 * (rows * k * n * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+            }
+        }
+        IsaToken::new(isa).map(|t| t.run(G(rows, k, n, a_transposed, reps)))
     }
 }

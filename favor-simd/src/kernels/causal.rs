@@ -23,6 +23,7 @@ use super::gemm::{axpy, dot, gemm, scale, transpose};
 use super::{HeadIn, TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
 use crate::math::exp::decay;
+use crate::phases::{Phase, Span};
 use favor_core::{HostMut, HostRef};
 
 /// The recurrent state of one (batch, head), in the internal feature layout.
@@ -88,9 +89,12 @@ impl Chunk {
         given: Option<&[f32]>,
     ) -> f32 {
         self.prepare_keys::<S>(p, io, r, rows, c_run, given, true);
+        let t = Span::start(Phase::Io);
         load_rows(&io.q, io.qk_off, io.d, r, rows, &mut self.tq.x, p.dp);
+        let t = t.next(Phase::FeatureMap);
         self.tq.project::<S>(p, rows);
         self.tq.features::<S>(p, rows, true);
+        let t = t.next(Phase::Apply);
         self.phikt.fill(0.0);
         transpose(rows, p.mfp, &self.tk.phi, p.mfp, &mut self.phikt, TILE);
         gemm::<S>(rows, p.mfp, TILE, &self.tq.phi, p.mfp, 1, &self.phikt, TILE, &mut self.att, TILE, true);
@@ -110,6 +114,7 @@ impl Chunk {
                 *a *= m;
             }
         }
+        t.end();
         self.cj[rows - 1]
     }
 
@@ -129,8 +134,10 @@ impl Chunk {
         with_beta: bool,
     ) {
         let dvp = self.dvp;
+        let t = Span::start(Phase::Io);
         load_rows(&io.k, io.qk_off, io.d, r, rows, &mut self.tk.x, p.dp);
         load_rows(&io.v, io.v_off, io.dv, r, rows, &mut self.vt, dvp);
+        let t = t.next(Phase::FeatureMap);
         self.tk.project::<S>(p, rows);
         let mut c = c_run;
         for i in 0..rows {
@@ -148,12 +155,14 @@ impl Chunk {
         for i in (0..rows).filter(|&i| !self.kept[i]) {
             self.tk.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
         }
+        t.end();
     }
 
     /// num (rows × dvp) and den of the chunk given the incoming state.
     #[inline(always)]
     fn outputs<S: SimdF32>(&self, p: &Plan, rows: usize, st: &HeadState, delta: f32, num: &mut [f32], den: &mut [f32]) {
         let dvp = self.dvp;
+        let _t = Span::start(Phase::Apply);
         gemm::<S>(rows, p.mfp, dvp, &self.tq.phi, p.mfp, 1, &st.s, dvp, num, dvp, true);
         for i in 0..rows {
             let w = decay::<S>(st.c, self.cj[i]);
@@ -168,6 +177,7 @@ impl Chunk {
     /// Moves the state past this chunk (consumes φ(K), which it rescales in place).
     #[inline(always)]
     fn advance<S: SimdF32>(&mut self, p: &Plan, rows: usize, st: &mut HeadState) {
+        let _t = Span::start(Phase::StateBuild);
         let c_end = self.cj[rows - 1];
         let f = decay::<S>(st.c, c_end);
         if f != 1.0 {
@@ -192,6 +202,7 @@ impl Chunk {
 #[inline(always)]
 fn build_b<S: SimdF32>(ch: &Chunk, rows: usize, dv: usize, g: &[f32], gbar: &[f32], vtt: &mut [f32], bm: &mut [f32]) {
     let dvp = ch.dvp;
+    let _t = Span::start(Phase::BackwardSweep);
     vtt.fill(0.0);
     transpose(rows, dv, &ch.vt, dvp, vtt, TILE);
     gemm::<S>(rows, dv, TILE, g, dvp, 1, vtt, TILE, bm, TILE, true);
@@ -236,24 +247,161 @@ impl SimdTask for CausalForward<'_, '_> {
     }
 }
 
-/// Causal backward of one head: writes dq, dk, dv.
-pub(crate) struct CausalBackward<'a, 'o> {
+/// Per-token values the reverse sweep takes from the forward sweep: the guarded denominator
+/// R_i, ḡ_i and the running key maximum c_i (12 bytes). They are kept in the caller's dv (or
+/// dk) rows of the same token, which the reverse sweep reads before it overwrites them, so the
+/// backward needs no per-token memory of its own; only heads too narrow to hold 12 bytes per
+/// row (d and d_v ≤ 2 in f32, ≤ 5 in 16-bit types) use a side buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StashPlace {
+    Dv,
+    Dk,
+    Side,
+}
+
+const STASH_BYTES: usize = 12;
+
+impl StashPlace {
+    pub(crate) fn choose(d: usize, dv: usize, elem_size: usize) -> StashPlace {
+        if dv * elem_size >= STASH_BYTES {
+            StashPlace::Dv
+        } else if d * elem_size >= STASH_BYTES {
+            StashPlace::Dk
+        } else {
+            StashPlace::Side
+        }
+    }
+}
+
+/// The bytes of row `row` of a `[.., row_len]` tensor.
+fn row_bytes<'t>(t: &'t mut HostMut<'_>, row_len: usize, row: usize) -> &'t mut [u8] {
+    let span = row * row_len..(row + 1) * row_len;
+    match t {
+        HostMut::F32(s) => bytemuck::cast_slice_mut(&mut s[span]),
+        HostMut::F16(s) => bytemuck::cast_slice_mut(&mut s[span]),
+        HostMut::Bf16(s) => bytemuck::cast_slice_mut(&mut s[span]),
+    }
+}
+
+/// Where the stash of one segment lives: in rows of a gradient tensor, or a side buffer.
+pub(crate) enum Stash<'o> {
+    Rows { t: HostMut<'o>, row_len: usize },
+    Side(Vec<[f32; 3]>),
+}
+
+impl Stash<'_> {
+    fn put(&mut self, row: usize, vals: [f32; 3]) {
+        match self {
+            Stash::Rows { t, row_len } => {
+                let b = row_bytes(t, *row_len, row);
+                for (k, v) in vals.iter().enumerate() {
+                    b[4 * k..4 * k + 4].copy_from_slice(&v.to_ne_bytes());
+                }
+            }
+            Stash::Side(v) => v[row] = vals,
+        }
+    }
+
+    fn get(&mut self, row: usize) -> [f32; 3] {
+        match self {
+            Stash::Rows { t, row_len } => {
+                let b = row_bytes(t, *row_len, row);
+                std::array::from_fn(|k| f32::from_ne_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]))
+            }
+            Stash::Side(v) => v[row],
+        }
+    }
+}
+
+/// The decayed suffix sums of the reverse sweep: P = Σ_i exp(c_ref − c_i) q'_i x̄_iᵀ (mfp × dvp)
+/// and p = Σ_i exp(c_ref − c_i) ḡ_i q'_i (mfp), over the queries after some row, relative to
+/// the running key maximum `c_ref` at that row.
+#[derive(Debug, Clone)]
+pub(crate) struct Suffix {
+    pub pm: Vec<f32>,
+    pub pv: Vec<f32>,
+}
+
+impl Suffix {
+    pub(crate) fn new(p: &Plan, dv: usize) -> Suffix {
+        Suffix { pm: vec![0.0; p.mfp * pad(dv)], pv: vec![0.0; p.mfp] }
+    }
+
+    /// Adds the queries of a chunk, weighted by exp(c_ref − c_i): consumes φ(Q) (rescaled in
+    /// place) and needs x̄ in `g`.
+    #[inline(always)]
+    fn add_queries<S: SimdF32>(&mut self, p: &Plan, ch: &mut Chunk, rows: usize, c_ref: f32, g: &[f32], gbar: &[f32]) {
+        let _t = Span::start(Phase::StateBuild);
+        let mfp = p.mfp;
+        for ((row, &cj), &gb) in ch.tq.phi.chunks_exact_mut(mfp).zip(&ch.cj).zip(gbar).take(rows) {
+            let u = decay::<S>(c_ref, cj);
+            if u != 1.0 {
+                scale::<S>(u, row);
+            }
+            axpy::<S>(gb, row, &mut self.pv);
+        }
+        gemm::<S>(mfp, rows, ch.dvp, &ch.tq.phi, 1, mfp, g, ch.dvp, &mut self.pm, ch.dvp, false);
+    }
+
+    /// Re-references to `c_new` ≤ the current reference.
+    #[inline(always)]
+    fn rescale<S: SimdF32>(&mut self, c_new: f32, c_old: f32) {
+        let f = decay::<S>(c_new, c_old);
+        if f != 1.0 {
+            scale::<S>(f, &mut self.pm);
+            scale::<S>(f, &mut self.pv);
+        }
+    }
+
+    /// The suffix entering the segment before: `later` (relative to the end of the segment it
+    /// enters, `c_later`) re-referenced to `c_here` and plus `seg`, the next segment's own
+    /// contribution (already relative to `c_here`).
+    pub(crate) fn chain(mut later: Suffix, c_here: f32, c_later: f32, seg: &Suffix) -> Suffix {
+        let f = if c_here == c_later { 1.0 } else { (c_here - c_later).exp() };
+        for (a, &b) in later.pm.iter_mut().zip(&seg.pm) {
+            *a = f * *a + b;
+        }
+        for (a, &b) in later.pv.iter_mut().zip(&seg.pv) {
+            *a = f * *a + b;
+        }
+        later
+    }
+}
+
+/// What a forward sweep of the causal backward returns.
+pub(crate) struct SweepOut {
+    pub params: Option<ParamAcc>,
+    /// The running key maximum entering the segment (the reference of `suffix`).
+    pub c_in: f32,
+    /// The segment's own suffix sums relative to its incoming maximum (when asked for).
+    pub suffix: Option<Suffix>,
+    /// The stash, when it could not live in the gradient rows.
+    pub side: Option<Vec<[f32; 3]>>,
+}
+
+/// Causal backward, first sweep over rows r0..r1 of one head from the incoming `state`:
+/// recomputes the outputs, writes dq (rows r0..r1 only) and the stash, and with `suffix` also
+/// the segment's contribution to the suffix sums of the segments before it.
+pub(crate) struct BackwardForwardSweep<'a, 'o> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
     pub dout: HostRef<'a>,
     pub delta: f32,
+    pub r0: usize,
+    pub r1: usize,
+    pub state: HeadState,
+    pub suffix: bool,
     pub dq: HostMut<'o>,
-    pub dk: HostMut<'o>,
-    pub dv: HostMut<'o>,
+    pub stash: Stash<'o>,
     pub params: Option<ParamAcc>,
 }
 
-impl SimdTask for CausalBackward<'_, '_> {
-    type Output = Option<ParamAcc>;
+impl SimdTask for BackwardForwardSweep<'_, '_> {
+    type Output = SweepOut;
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
+    fn run<S: SimdF32>(mut self) -> SweepOut {
         let (p, io) = (self.plan, self.io);
-        let (mfp, l) = (p.mfp, io.len);
+        let mfp = p.mfp;
         let mut ch = Chunk::new(p, io.dv);
         let dvp = ch.dvp;
         let mut num = vec![0.0; TILE * dvp];
@@ -267,26 +415,26 @@ impl SimdTask for CausalBackward<'_, '_> {
         let mut da = vec![0.0; TILE * p.mp];
         let mut da2 = vec![0.0; TILE * p.mp];
         let mut dx = vec![0.0; TILE * p.dp];
-        let mut dvo = vec![0.0; TILE * dvp];
-        // Per token: guarded denominator, ḡ and the running key maximum.
-        let mut den_all = vec![0.0f32; l];
-        let mut gbar_all = vec![0.0f32; l];
-        let mut c_all = vec![0.0f32; l];
-
-        // Forward sweep: dq.
-        let mut st = HeadState::new(p, io.dv);
-        let mut r = 0;
-        while r < l {
-            let rows = TILE.min(l - r);
+        let c_in = self.state.c;
+        let mut suffix = self.suffix.then(|| Suffix::new(p, io.dv));
+        let mut st = self.state;
+        let mut r = self.r0;
+        while r < self.r1 {
+            let rows = TILE.min(self.r1 - r);
             ch.prepare::<S>(p, &io, r, rows, st.c, None);
             ch.outputs::<S>(p, rows, &st, self.delta, &mut num, &mut den);
+            let t = Span::start(Phase::Apply);
             normalise::<S>(rows, &mut num, dvp, &den);
+            let t = t.next(Phase::Io);
             load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            let t = t.next(Phase::BackwardSweep);
             cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
-            den_all[r..r + rows].copy_from_slice(&den[..rows]);
-            gbar_all[r..r + rows].copy_from_slice(&gbar[..rows]);
-            c_all[r..r + rows].copy_from_slice(&ch.cj[..rows]);
+            for i in 0..rows {
+                self.stash.put(r - self.r0 + i, [den[i], gbar[i], ch.cj[i]]);
+            }
+            t.end();
             build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+            let t = Span::start(Phase::BackwardSweep);
             // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
             transpose(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
             gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
@@ -296,42 +444,106 @@ impl SimdTask for CausalBackward<'_, '_> {
                 scale::<S>(decay::<S>(st.c, ch.cj[i]), row);
             }
             gemm::<S>(rows, rows, mfp, &bm, TILE, 1, &ch.tk.phi, mfp, &mut dphi, mfp, false);
+            let t = t.next(Phase::FeatureBackward);
             ch.tq.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
-            store_rows(&mut self.dq, io.d, r, rows, &dx, p.dp);
+            let t = t.next(Phase::Io);
+            store_rows(&mut self.dq, io.d, r - self.r0, rows, &dx, p.dp);
+            t.end();
+            if let Some(sfx) = suffix.as_mut() {
+                sfx.add_queries::<S>(p, &mut ch, rows, c_in, &g, &gbar);
+            }
             ch.advance::<S>(p, rows, &mut st);
             r += rows;
         }
+        let side = match self.stash {
+            Stash::Side(v) => Some(v),
+            Stash::Rows { .. } => None,
+        };
+        SweepOut { params: self.params, c_in, suffix, side }
+    }
+}
 
-        // Reverse sweep: dk, dv.
-        let mut pm = vec![0.0f32; mfp * dvp];
-        let mut pv = vec![0.0f32; mfp];
+/// Causal backward, second sweep over rows r0..r1 of one head, last chunk first: writes dk and
+/// dv (rows r0..r1 only) from the suffix sums of the queries after r1 (`suffix`, relative to
+/// the running maximum at row r1 − 1) and the stash the first sweep left.
+pub(crate) struct BackwardReverseSweep<'a, 'o> {
+    pub plan: &'a Plan,
+    pub io: HeadIn<'a>,
+    pub dout: HostRef<'a>,
+    pub r0: usize,
+    pub r1: usize,
+    pub suffix: Suffix,
+    pub place: StashPlace,
+    pub side: Option<Vec<[f32; 3]>>,
+    pub dk: HostMut<'o>,
+    pub dv: HostMut<'o>,
+    pub params: Option<ParamAcc>,
+}
+
+impl BackwardReverseSweep<'_, '_> {
+    /// Stash entry of segment row `row`.
+    fn stashed(&mut self, row: usize) -> [f32; 3] {
+        match self.place {
+            StashPlace::Dv => Stash::Rows { t: self.dv.reborrow(), row_len: self.io.dv }.get(row),
+            StashPlace::Dk => Stash::Rows { t: self.dk.reborrow(), row_len: self.io.d }.get(row),
+            StashPlace::Side => self.side.as_ref().map_or([0.0; 3], |v| v[row]),
+        }
+    }
+}
+
+impl SimdTask for BackwardReverseSweep<'_, '_> {
+    type Output = Option<ParamAcc>;
+    #[inline(always)]
+    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
+        let (p, io) = (self.plan, self.io);
+        let mfp = p.mfp;
+        let mut ch = Chunk::new(p, io.dv);
+        let dvp = ch.dvp;
+        let mut g = vec![0.0; TILE * dvp];
+        let mut gbar = [0.0f32; TILE];
+        let mut den = [0.0f32; TILE];
+        let mut cj = [0.0f32; TILE];
+        let mut bm = vec![0.0; TILE * TILE];
+        let mut vtt = vec![0.0; dvp * TILE];
         let mut pm_t = vec![0.0f32; dvp * mfp];
-        let nchunks = l.div_ceil(TILE);
+        let mut dphi = vec![0.0; TILE * mfp];
+        let mut da = vec![0.0; TILE * p.mp];
+        let mut da2 = vec![0.0; TILE * p.mp];
+        let mut dx = vec![0.0; TILE * p.dp];
+        let mut dvo = vec![0.0; TILE * dvp];
+        let mut sfx = std::mem::replace(&mut self.suffix, Suffix { pm: Vec::new(), pv: Vec::new() });
+        let nchunks = (self.r1 - self.r0).div_ceil(TILE);
         for ci in (0..nchunks).rev() {
-            let r = ci * TILE;
-            let rows = TILE.min(l - r);
-            ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&c_all[r..r + rows]));
+            let r = self.r0 + ci * TILE;
+            let rows = TILE.min(self.r1 - r);
+            for i in 0..rows {
+                [den[i], gbar[i], cj[i]] = self.stashed(r - self.r0 + i);
+            }
+            ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
+            let t = Span::start(Phase::Io);
             load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            let t = t.next(Phase::BackwardSweep);
             for i in 0..rows {
                 let gi = &mut g[i * dvp..(i + 1) * dvp];
-                if den_all[r + i] == 0.0 {
+                if den[i] == 0.0 {
                     gi.fill(0.0);
                 } else {
-                    scale::<S>(1.0 / den_all[r + i], gi);
+                    scale::<S>(1.0 / den[i], gi);
                 }
-                gbar[i] = gbar_all[r + i];
             }
+            t.end();
             build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+            let t = Span::start(Phase::BackwardSweep);
             let c_end = ch.cj[rows - 1];
             // dk' = w_j (V Pᵀ + 1 pᵀ) + Bᵀ Q'
-            transpose(mfp, dvp, &pm, dvp, &mut pm_t, mfp);
+            transpose(mfp, dvp, &sfx.pm, dvp, &mut pm_t, mfp);
             gemm::<S>(rows, io.dv, mfp, &ch.vt, dvp, 1, &pm_t, mfp, &mut dphi, mfp, true);
             // dv = w_j K' P + (Q'K'ᵀ ⊙ M)ᵀ X̄
-            gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &pm, dvp, &mut dvo, dvp, true);
+            gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &sfx.pm, dvp, &mut dvo, dvp, true);
             for j in 0..rows {
                 let w = decay::<S>(ch.cj[j], c_end);
                 let row = &mut dphi[j * mfp..(j + 1) * mfp];
-                axpy::<S>(1.0, &pv, row);
+                axpy::<S>(1.0, &sfx.pv, row);
                 scale::<S>(w, row);
                 scale::<S>(w, &mut dvo[j * dvp..(j + 1) * dvp]);
             }
@@ -341,28 +553,24 @@ impl SimdTask for CausalBackward<'_, '_> {
                 dphi[j * mfp..(j + 1) * mfp].fill(0.0);
                 dvo[j * dvp..(j + 1) * dvp].fill(0.0);
             }
+            let t = t.next(Phase::FeatureBackward);
             ch.tk.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
             for j in (0..rows).filter(|&j| !ch.kept[j]) {
                 dx[j * p.dp..(j + 1) * p.dp].fill(0.0);
             }
-            store_rows(&mut self.dk, io.d, r, rows, &dx, p.dp);
-            store_rows(&mut self.dv, io.dv, r, rows, &dvo, dvp);
-            if r > 0 {
+            // The previous row's stash must be read before this chunk's rows are overwritten
+            // (it lies in the chunk before, which is still intact).
+            let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1)[2]) } else { None };
+            let t = t.next(Phase::Io);
+            store_rows(&mut self.dk, io.d, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dv, io.dv, r - self.r0, rows, &dvo, dvp);
+            t.end();
+            if let Some(c_prev) = c_prev {
                 // Re-reference the suffix sums to the last key maximum before this chunk.
-                let c_prev = c_all[r - 1];
-                let f = decay::<S>(c_prev, c_end);
-                if f != 1.0 {
-                    scale::<S>(f, &mut pm);
-                    scale::<S>(f, &mut pv);
-                }
-                for ((row, &cj), &gb) in ch.tq.phi.chunks_exact_mut(mfp).zip(&ch.cj).zip(&gbar).take(rows) {
-                    let u = decay::<S>(c_prev, cj);
-                    if u != 1.0 {
-                        scale::<S>(u, row);
-                    }
-                    axpy::<S>(gb, row, &mut pv);
-                }
-                gemm::<S>(mfp, rows, dvp, &ch.tq.phi, 1, mfp, &g, dvp, &mut pm, dvp, false);
+                let t = Span::start(Phase::StateBuild);
+                sfx.rescale::<S>(c_prev, c_end);
+                t.end();
+                sfx.add_queries::<S>(p, &mut ch, rows, c_prev, &g, &gbar);
             }
         }
         self.params

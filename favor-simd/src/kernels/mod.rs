@@ -30,7 +30,6 @@ pub(crate) struct HeadIn<'a> {
     pub v_off: usize,
     /// Key padding mask of this head's batch element (len entries).
     pub mask: Option<&'a [bool]>,
-    pub len: usize,
     pub d: usize,
     pub dv: usize,
 }
