@@ -283,7 +283,7 @@ impl FavorBackend for SimdBackend {
                     .par_iter()
                     .map(|k| {
                         let mut t = vec![0.0; dvp * mfp];
-                        transpose(mfp, dvp, &k.kv, dvp, &mut t, mfp);
+                        transpose::<wide::f32x8>(mfp, dvp, &k.kv, dvp, &mut t, mfp);
                         t
                     })
                     .collect();
@@ -319,7 +319,7 @@ impl FavorBackend for SimdBackend {
                             ds.iter_mut().zip(&part.ds).for_each(|(a, b)| *a += b);
                         }
                         let mut dkvt = vec![0.0; dvp * mfp];
-                        transpose(mfp, dvp, &dkv, dvp, &mut dkvt, mfp);
+                        transpose::<wide::f32x8>(mfp, dvp, &dkv, dvp, &mut dkvt, mfp);
                         (dkv, dkvt, ds)
                     })
                     .collect();

@@ -133,4 +133,27 @@ impl SimdF32 for Avx2 {
             _mm_cvtss_f32(s)
         }
     }
+    #[inline(always)]
+    unsafe fn transpose_block(src: *const f32, ld_src: usize, dst: *mut f32, ld_dst: usize) {
+        // SAFETY: the caller guarantees 8 readable rows of 8 floats at src and 8 writable rows
+        // at dst (trait contract); avx is present (module invariant).
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ld_src)));
+            // 32-bit interleave of row pairs within 128-bit lanes.
+            let a: [__m256; 8] = std::array::from_fn(|i| {
+                let (x, y) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 { _mm256_unpacklo_ps(x, y) } else { _mm256_unpackhi_ps(x, y) }
+            });
+            // b[4h + c] holds, in 128-bit lane l, column 4l + c of rows 4h..4h+3.
+            let b: [__m256; 8] = std::array::from_fn(|i| {
+                let (h, c) = (i / 4, i % 4);
+                let (x, y) = (a[4 * h + c / 2], a[4 * h + 2 + c / 2]);
+                if c % 2 == 0 { _mm256_shuffle_ps::<0x44>(x, y) } else { _mm256_shuffle_ps::<0xEE>(x, y) }
+            });
+            for c in 0..4 {
+                _mm256_storeu_ps(dst.add(c * ld_dst), _mm256_permute2f128_ps::<0x20>(b[c], b[4 + c]));
+                _mm256_storeu_ps(dst.add((4 + c) * ld_dst), _mm256_permute2f128_ps::<0x31>(b[c], b[4 + c]));
+            }
+        }
+    }
 }

@@ -62,6 +62,40 @@ pub(crate) trait SimdF32: Copy + Send + Sync + 'static {
     fn select(m: Self::Mask, t: Self, f: Self) -> Self;
     fn reduce_add(self) -> f32;
     fn reduce_max(self) -> f32;
+
+    /// self · 2^n for lanes of `n` holding integers in [−254, 254]: exact, and rounded once
+    /// when the result is subnormal. The default multiplies by two powers 2^⌊n/2⌉·2^(n−⌊n/2⌉)
+    /// so that neither factor leaves the normal range; AVX-512 has one instruction for it.
+    #[inline(always)]
+    fn ldexp(self, n: Self) -> Self {
+        let n1 = n.mul(Self::splat(0.5)).round();
+        self.mul(n1.pow2i()).mul(n.sub(n1).pow2i())
+    }
+
+    /// Transposes the LANES × LANES block at `src` (row stride `ld_src`) into `dst` (row stride
+    /// `ld_dst`): dst[c·ld_dst + r] = src[r·ld_src + c]. The default moves scalars through a
+    /// register-sized buffer; the x86 ISAs use in-register shuffles.
+    ///
+    /// # Safety
+    /// Rows r < LANES of `src` must be valid for reading LANES floats at src + r·ld_src, and
+    /// rows of `dst` likewise for writing; the two blocks must not overlap.
+    #[inline(always)]
+    unsafe fn transpose_block(src: *const f32, ld_src: usize, dst: *mut f32, ld_dst: usize) {
+        let mut buf = [0.0f32; MAX_LANES * MAX_LANES];
+        let l = Self::LANES;
+        for r in 0..l {
+            for c in 0..l {
+                // SAFETY: r, c < LANES: inside the source block (caller's contract).
+                buf[c * MAX_LANES + r] = unsafe { *src.add(r * ld_src + c) };
+            }
+        }
+        for c in 0..l {
+            for r in 0..l {
+                // SAFETY: r, c < LANES: inside the destination block (caller's contract).
+                unsafe { *dst.add(c * ld_dst + r) = buf[c * MAX_LANES + r] };
+            }
+        }
+    }
 }
 
 /// A CPU instruction set favor-simd has kernels for.

@@ -19,10 +19,10 @@
 
 use super::bidirectional::{cotangents, guard, normalise};
 use super::features::{ParamAcc, Plan, Tile};
-use super::gemm::{axpy, dot, gemm, scale, transpose};
+use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
 use super::{HeadIn, TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
-use crate::math::exp::decay;
+use crate::math::exp::{decay, exp_nonpositive};
 use crate::phases::{Phase, Span};
 use favor_core::{HostMut, HostRef};
 
@@ -96,23 +96,24 @@ impl Chunk {
         self.tq.features::<S>(p, rows, true);
         let t = t.next(Phase::Apply);
         self.phikt.fill(0.0);
-        transpose(rows, p.mfp, &self.tk.phi, p.mfp, &mut self.phikt, TILE);
+        transpose::<S>(rows, p.mfp, &self.tk.phi, p.mfp, &mut self.phikt, TILE);
         gemm::<S>(rows, p.mfp, TILE, &self.tq.phi, p.mfp, 1, &self.phikt, TILE, &mut self.att, TILE, true);
         let constant = self.cj[0] == self.cj[rows - 1];
         for i in 0..rows {
             let mrow = &mut self.mask[i * TILE..(i + 1) * TILE];
-            for (j, m) in mrow.iter_mut().enumerate() {
-                *m = if j > i || j >= rows {
-                    0.0
-                } else if constant {
-                    1.0
-                } else {
-                    decay::<S>(self.cj[j], self.cj[i])
-                };
+            if constant {
+                mrow[..=i].fill(1.0);
+            } else {
+                decay_row::<S>(&self.cj, self.cj[i], mrow);
             }
-            for (a, &m) in self.att[i * TILE..(i + 1) * TILE].iter_mut().zip(mrow.iter()) {
-                *a *= m;
+            mrow[i + 1..].fill(0.0);
+            let arow = &mut self.att[i * TILE..(i + 1) * TILE];
+            if !constant {
+                for (a, &m) in arow[..=i].iter_mut().zip(mrow.iter()) {
+                    *a *= m;
+                }
             }
+            arow[i + 1..].fill(0.0);
         }
         t.end();
         self.cj[rows - 1]
@@ -168,7 +169,7 @@ impl Chunk {
             let w = decay::<S>(st.c, self.cj[i]);
             let qi = &self.tq.phi[i * p.mfp..(i + 1) * p.mfp];
             scale::<S>(w, &mut num[i * dvp..(i + 1) * dvp]);
-            let intra: f32 = self.att[i * TILE..(i + 1) * TILE].iter().sum();
+            let intra = sum::<S>(&self.att[i * TILE..(i + 1) * TILE]);
             den[i] = guard(intra + w * dot::<S>(qi, &st.z), delta);
         }
         gemm::<S>(rows, rows, dvp, &self.att, TILE, 1, &self.vt, dvp, num, dvp, false);
@@ -178,6 +179,7 @@ impl Chunk {
     #[inline(always)]
     fn advance<S: SimdF32>(&mut self, p: &Plan, rows: usize, st: &mut HeadState) {
         let _t = Span::start(Phase::StateBuild);
+        self.tk.phi_beta = None;
         let c_end = self.cj[rows - 1];
         let f = decay::<S>(st.c, c_end);
         if f != 1.0 {
@@ -197,6 +199,21 @@ impl Chunk {
     }
 }
 
+/// m_j = exp(c_j − c_i) for every column of a mask row (1 where c_j = c_i, −∞ included); the
+/// caller zeroes j > i. Arguments are ≤ 0 for j ≤ i because the maxima are running.
+#[inline(always)]
+fn decay_row<S: SimdF32>(cj: &[f32; TILE], ci: f32, mrow: &mut [f32]) {
+    let c = S::splat(ci);
+    for v in 0..TILE / S::LANES {
+        // SAFETY: (v + 1)·LANES ≤ TILE = cj.len() = mrow.len().
+        unsafe {
+            let x = S::load(cj.as_ptr().add(v * S::LANES)).sub(c);
+            let e = S::select(x.is_nan(), S::splat(1.0), exp_nonpositive(x));
+            e.store(mrow.as_mut_ptr().add(v * S::LANES));
+        }
+    }
+}
+
 /// B = (X̄Vᵀ + ḡ1ᵀ) ⊙ M into `bm` (a function, not a closure: closures inside the
 /// `#[target_feature]` entry points would be compiled without the ISA).
 #[inline(always)]
@@ -204,7 +221,7 @@ fn build_b<S: SimdF32>(ch: &Chunk, rows: usize, dv: usize, g: &[f32], gbar: &[f3
     let dvp = ch.dvp;
     let _t = Span::start(Phase::BackwardSweep);
     vtt.fill(0.0);
-    transpose(rows, dv, &ch.vt, dvp, vtt, TILE);
+    transpose::<S>(rows, dv, &ch.vt, dvp, vtt, TILE);
     gemm::<S>(rows, dv, TILE, g, dvp, 1, vtt, TILE, bm, TILE, true);
     for i in 0..rows {
         for (b, &m) in bm[i * TILE..(i + 1) * TILE].iter_mut().zip(&ch.mask[i * TILE..(i + 1) * TILE]) {
@@ -333,6 +350,7 @@ impl Suffix {
     fn add_queries<S: SimdF32>(&mut self, p: &Plan, ch: &mut Chunk, rows: usize, c_ref: f32, g: &[f32], gbar: &[f32]) {
         let _t = Span::start(Phase::StateBuild);
         let mfp = p.mfp;
+        ch.tq.phi_beta = None;
         for ((row, &cj), &gb) in ch.tq.phi.chunks_exact_mut(mfp).zip(&ch.cj).zip(gbar).take(rows) {
             let u = decay::<S>(c_ref, cj);
             if u != 1.0 {
@@ -436,7 +454,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
             build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
             let t = Span::start(Phase::BackwardSweep);
             // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
-            transpose(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
+            transpose::<S>(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
             gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
             for i in 0..rows {
                 let row = &mut dphi[i * mfp..(i + 1) * mfp];
@@ -536,7 +554,7 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             let t = Span::start(Phase::BackwardSweep);
             let c_end = ch.cj[rows - 1];
             // dk' = w_j (V Pᵀ + 1 pᵀ) + Bᵀ Q'
-            transpose(mfp, dvp, &sfx.pm, dvp, &mut pm_t, mfp);
+            transpose::<S>(mfp, dvp, &sfx.pm, dvp, &mut pm_t, mfp);
             gemm::<S>(rows, io.dv, mfp, &ch.vt, dvp, 1, &pm_t, mfp, &mut dphi, mfp, true);
             // dv = w_j K' P + (Q'K'ᵀ ⊙ M)ᵀ X̄
             gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &sfx.pm, dvp, &mut dvo, dvp, true);

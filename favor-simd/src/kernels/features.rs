@@ -13,9 +13,9 @@
 //! The stabiliser of each row is passed in (`c`); see favor-core's `features` docs for the
 //! formulas, which these follow term by term. Padded columns are always written as zero.
 
-use super::gemm::{axpy, dot, gemm};
+use super::gemm::{axpy, dot, gemm, sum};
 use crate::isa::{SimdF32, pad};
-use crate::math::exp::{exp, exp1};
+use crate::math::exp::{exp_nonpositive, exp1};
 use favor_core::{Elementwise, FeatureMap};
 
 /// Which formula a plan evaluates.
@@ -202,6 +202,10 @@ pub(crate) struct Tile {
     /// Per-row log-scales, then stabilisers.
     pub c: Vec<f32>,
     pub phi: Vec<f32>,
+    /// Some(β) while `phi` holds exactly what [`Tile::features`] wrote (with ε part β) for the
+    /// current projections, so that the backward can reuse the exponentials instead of
+    /// recomputing them; whoever changes `phi` in place must reset it.
+    pub phi_beta: Option<f32>,
 }
 
 impl Tile {
@@ -214,6 +218,7 @@ impl Tile {
             h: vec![0.0; t],
             c: vec![0.0; t],
             phi: vec![0.0; t * p.mfp],
+            phi_beta: None,
         }
     }
 
@@ -221,6 +226,7 @@ impl Tile {
     #[inline(always)]
     pub(crate) fn project<S: SimdF32>(&mut self, p: &Plan, rows: usize) {
         let (dp, mp) = (p.dp, p.mp);
+        self.phi_beta = None;
         match p.kind {
             Kind::Generalized { projected: false, scale, .. } => {
                 for i in 0..rows * dp {
@@ -260,7 +266,9 @@ impl Tile {
     #[inline(always)]
     pub(crate) fn features<S: SimdF32>(&mut self, p: &Plan, rows: usize, with_beta: bool) {
         let (mp, mfp, m) = (p.mp, p.mfp, p.m);
-        let beta = S::splat(if with_beta { p.beta } else { 0.0 });
+        let beta_f = if with_beta { p.beta } else { 0.0 };
+        self.phi_beta = Some(beta_f);
+        let beta = S::splat(beta_f);
         let ratio = S::splat(p.ratio);
         for i in 0..rows {
             let a = &self.a[i * mp..(i + 1) * mp];
@@ -272,9 +280,13 @@ impl Tile {
                         // SAFETY: (v + 1)·LANES ≤ mp = a.len(), and phi has mfp ≥ 2·mp or mp.
                         unsafe {
                             let av = S::load(a.as_ptr().add(v * S::LANES));
-                            exp(av.add(shift)).mul_add(ratio, beta).store(phi.as_mut_ptr().add(v * S::LANES));
+                            exp_nonpositive(av.add(shift))
+                                .mul_add(ratio, beta)
+                                .store(phi.as_mut_ptr().add(v * S::LANES));
                             if p.kind == Kind::Hyperbolic {
-                                exp(shift.sub(av)).mul_add(ratio, beta).store(phi.as_mut_ptr().add(mp + v * S::LANES));
+                                exp_nonpositive(shift.sub(av))
+                                    .mul_add(ratio, beta)
+                                    .store(phi.as_mut_ptr().add(mp + v * S::LANES));
                             }
                         }
                     }
@@ -328,6 +340,7 @@ impl Tile {
     ) {
         let (mp, mfp, m, dp) = (p.mp, p.mfp, p.m, p.dp);
         let ratio = S::splat(p.ratio);
+        let phi_beta = self.phi_beta.map(S::splat);
         let mut dh = [0.0f32; 256];
         assert!(rows <= dh.len());
         for i in 0..rows {
@@ -338,30 +351,45 @@ impl Tile {
             match p.kind {
                 Kind::Positive | Kind::Hyperbolic => {
                     let hyper = p.kind == Kind::Hyperbolic;
+                    let phi = &self.phi[i * mfp..(i + 1) * mfp];
                     for v in 0..mp / S::LANES {
-                        // SAFETY: (v + 1)·LANES ≤ mp; g has mfp ≥ mp (2·mp for hyperbolic).
+                        // SAFETY: (v + 1)·LANES ≤ mp; g and phi have mfp ≥ mp (2·mp for
+                        // hyperbolic) floats.
                         unsafe {
-                            let av = S::load(a.as_ptr().add(v * S::LANES));
-                            let plus = S::load(g.as_ptr().add(v * S::LANES)).mul(ratio).mul(exp(av.add(shift)));
+                            let off = v * S::LANES;
+                            // ratio·e^{±a − h − c}: φ − β when φ is current, else recomputed.
+                            let (ep, em) = match phi_beta {
+                                Some(b) => (
+                                    S::load(phi.as_ptr().add(off)).sub(b),
+                                    if hyper { S::load(phi.as_ptr().add(mp + off)).sub(b) } else { b },
+                                ),
+                                None => {
+                                    let av = S::load(a.as_ptr().add(off));
+                                    (
+                                        exp_nonpositive(av.add(shift)).mul(ratio),
+                                        if hyper { exp_nonpositive(shift.sub(av)).mul(ratio) } else { ratio },
+                                    )
+                                }
+                            };
+                            let plus = S::load(g.as_ptr().add(off)).mul(ep);
                             let d = if hyper {
-                                let minus =
-                                    S::load(g.as_ptr().add(mp + v * S::LANES)).mul(ratio).mul(exp(shift.sub(av)));
+                                let minus = S::load(g.as_ptr().add(mp + off)).mul(em);
                                 // Store plus − minus; dh needs plus + minus: keep it in da2.
-                                plus.add(minus).store(da2.as_mut_ptr().add(i * mp + v * S::LANES));
+                                plus.add(minus).store(da2.as_mut_ptr().add(i * mp + off));
                                 plus.sub(minus)
                             } else {
                                 plus
                             };
-                            d.store(dai.as_mut_ptr().add(v * S::LANES));
+                            d.store(dai.as_mut_ptr().add(off));
                         }
                     }
                     dai[m..].fill(0.0);
                     dh[i] = if hyper {
                         let s = &mut da2[i * mp..(i + 1) * mp];
                         s[m..].fill(0.0);
-                        -s.iter().sum::<f32>()
+                        -sum::<S>(s)
                     } else {
-                        -dai.iter().sum::<f32>()
+                        -sum::<S>(dai)
                     };
                 }
                 Kind::Trigonometric => {

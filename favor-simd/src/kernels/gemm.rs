@@ -156,6 +156,18 @@ pub(crate) fn dot<S: SimdF32>(x: &[f32], y: &[f32]) -> f32 {
     acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_add()
 }
 
+/// Σ_t x[t] over a padded slice (length a multiple of LANES).
+#[inline(always)]
+pub(crate) fn sum<S: SimdF32>(x: &[f32]) -> f32 {
+    assert!(x.len().is_multiple_of(S::LANES));
+    let mut acc = [S::splat(0.0); 2];
+    for (v, c) in x.chunks_exact(S::LANES).enumerate() {
+        // SAFETY: each chunk holds exactly LANES floats.
+        acc[v % 2] = acc[v % 2].add(unsafe { S::load(c.as_ptr()) });
+    }
+    acc[0].add(acc[1]).reduce_add()
+}
+
 /// y[t] += alpha · x[t] over equal-length padded slices.
 #[inline(always)]
 pub(crate) fn axpy<S: SimdF32>(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -184,13 +196,43 @@ pub(crate) fn scale<S: SimdF32>(alpha: f32, y: &mut [f32]) {
     }
 }
 
-/// dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols.
+/// dst[c·ld_dst + r] = src[r·ld_src + c] for r < rows, c < cols: whole LANES × LANES blocks
+/// in registers ([`SimdF32::transpose_block`]), the ragged edges by scalars.
 #[inline(always)]
-pub(crate) fn transpose(rows: usize, cols: usize, src: &[f32], ld_src: usize, dst: &mut [f32], ld_dst: usize) {
+pub(crate) fn transpose<S: SimdF32>(
+    rows: usize,
+    cols: usize,
+    src: &[f32],
+    ld_src: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(ld_src >= cols && ld_dst >= rows, "transpose: stride shorter than a row");
+    assert!(src.len() >= (rows - 1) * ld_src + cols && dst.len() >= (cols - 1) * ld_dst + rows, "transpose: short");
+    let l = S::LANES;
+    let (rb, cb) = (rows / l * l, cols / l * l);
+    for r0 in (0..rb).step_by(l) {
+        for c0 in (0..cb).step_by(l) {
+            // SAFETY: r0 + l ≤ rows and c0 + l ≤ cols, so the source block lies within the
+            // checked extent of `src` and the destination block (rows c0.., columns r0..) within
+            // that of `dst`; `src` and `dst` are distinct slices.
+            unsafe {
+                S::transpose_block(
+                    src.as_ptr().add(r0 * ld_src + c0),
+                    ld_src,
+                    dst.as_mut_ptr().add(c0 * ld_dst + r0),
+                    ld_dst,
+                )
+            };
+        }
+    }
     for r in 0..rows {
-        let s = &src[r * ld_src..r * ld_src + cols];
-        for (c, &x) in s.iter().enumerate() {
-            dst[c * ld_dst + r] = x;
+        let cs = if r < rb { cb } else { 0 };
+        for c in cs..cols {
+            dst[c * ld_dst + r] = src[r * ld_src + c];
         }
     }
 }

@@ -1,9 +1,10 @@
 //! exp(x) for every ISA, written once.
 //!
 //! Range reduction x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in a high part exact in f32 and a
-//! low correction), the Cephes degree-6 minimax polynomial for e^r, and the scale 2^n applied as
-//! two factors 2^⌊n/2⌉·2^(n−⌊n/2⌉) so that results down in the subnormal range (x ≥ −104) are
-//! rounded once and correctly, and x up to ln(f32::MAX) does not overflow early.
+//! low correction), the Cephes degree-6 minimax polynomial for e^r, and the scale 2^n applied by
+//! `SimdF32::ldexp` (two factors 2^⌊n/2⌉·2^(n−⌊n/2⌉), or AVX-512's vscalefps) so that results down
+//! in the subnormal range (x ≥ −104) are rounded once and correctly, and x up to ln(f32::MAX)
+//! does not overflow early.
 //! Special cases: x > ln(f32::MAX) → +∞, x < −104 (below half the smallest subnormal) → 0,
 //! NaN → NaN. Tested error: ≤ 2 ulp against f64 (see `tests/exp.rs`).
 
@@ -20,6 +21,19 @@ const X_MIN: f32 = -104.0;
 /// e^x lane-wise.
 #[inline(always)]
 pub(crate) fn exp<S: SimdF32>(x: S) -> S {
+    exp_impl::<S, true>(x)
+}
+
+/// e^x lane-wise for x ≤ 0 (stabilised feature maps): skips the overflow select. Any x ≤ 0,
+/// −∞ and NaN included, gives the same result as [`exp`]; x > ln(f32::MAX) gives a finite
+/// value near f32::MAX instead of ∞.
+#[inline(always)]
+pub(crate) fn exp_nonpositive<S: SimdF32>(x: S) -> S {
+    exp_impl::<S, false>(x)
+}
+
+#[inline(always)]
+fn exp_impl<S: SimdF32, const OVERFLOW: bool>(x: S) -> S {
     let xc = x.max(S::splat(X_MIN)).min(S::splat(X_MAX));
     let n = xc.mul(S::splat(LOG2E)).round();
     let r = n.mul_add(S::splat(-LN2_HI), xc);
@@ -32,10 +46,8 @@ pub(crate) fn exp<S: SimdF32>(x: S) -> S {
     let p = p.mul_add(r, S::splat(1.666_666_5e-1));
     let p = p.mul_add(r, S::splat(0.5));
     let p = p.mul_add(r2, r).add(S::splat(1.0));
-    let n1 = n.mul(S::splat(0.5)).round();
-    let n2 = n.sub(n1);
-    let y = p.mul(n1.pow2i()).mul(n2.pow2i());
-    let y = S::select(x.gt(S::splat(X_MAX)), S::splat(f32::INFINITY), y);
+    let y = p.ldexp(n);
+    let y = if OVERFLOW { S::select(x.gt(S::splat(X_MAX)), S::splat(f32::INFINITY), y) } else { y };
     let y = S::select(x.lt(S::splat(X_MIN)), S::splat(0.0), y);
     S::select(x.is_nan(), x, y)
 }
