@@ -4,7 +4,8 @@
 #   2. every test of the workspace on x86_64 (favor-simd tests every ISA this CPU has), with the
 #      CUDA kernels compiled by nvcc from PyPI so that a kernel compile error fails the run
 #      (GPU tests skip with a printed reason where there is no GPU);
-#   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference;
+#   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference, and
+#      favor-bench's CUDA paths (curves, roofline, profile, run) on that emulator;
 #   4. the NEON/portable path on aarch64 under qemu;
 #   5. one pass of every criterion bench (`-- --test`) so benches cannot rot.
 # Any failure exits non-zero.
@@ -31,8 +32,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "tests (x86_64)"
 cargo test --workspace
 
-step "CUDA kernels on the CPU emulator (the real .cu sources, run against the f64 reference)"
-cargo test -p favor-cuda --features emulator --test cross_backend
+step "CUDA kernels on the CPU emulator (the real .cu sources, run against the f64 reference), and favor-bench's CUDA paths on it"
+# One invocation, so favor-cuda is built once with the emulator for both test targets.
+cargo test -p favor-cuda -p favor-bench --features favor-cuda/emulator,favor-bench/cuda-emulator \
+    --test cross_backend --test cuda
 
 step "tests (aarch64 NEON path, under qemu)"
 if bash scripts/setup-aarch64.sh; then

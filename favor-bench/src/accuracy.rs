@@ -88,7 +88,7 @@ fn map_of(name: &str, p: Projection, epsilon: f32) -> FeatureMap {
 /// Runs both experiments and writes CSV, JSON and plots; returns the points and files.
 pub fn run(cfg: &AccuracyConfig) -> Result<(Vec<MsePoint>, Vec<AnglePoint>, Vec<PathBuf>)> {
     std::fs::create_dir_all(&cfg.out_dir).context(cfg.out_dir.display())?;
-    let info = RunInfo::collect(vec![cfg.backend.name()]);
+    let info = RunInfo::collect_for(std::slice::from_ref(&cfg.backend));
     let mse = figure4(cfg)?;
     let angles = figure2(cfg)?;
     let files = write_outputs(cfg, &info, &mse, &angles)?;

@@ -1,13 +1,22 @@
 //! The backends this build can run, behind one object-safe interface.
 //!
 //! Every favor backend with host memory (`FavorBackend<Mem = Host>`) gets [`HostAttention`] by a
-//! blanket impl, so the subcommands are written once. To add a backend (e.g. CUDA through its host
-//! adapter), add its ids to [`available`] and a match arm to [`open`]: nothing else changes.
+//! blanket impl, so the subcommands are written once. To add a backend, add its ids to
+//! [`available`] and a match arm to [`open`]: nothing else changes.
+//!
+//! A backend with its own memory (the GPU) also answers [`HostAttention::resident`]: the timing
+//! subcommands then upload each point's inputs once and time the calls on device-resident
+//! tensors ([`ResidentAttention`]), so host↔device copies are not in the figures, and read the
+//! peak memory from the backend's own allocation tracking. `run` and `accuracy` use the host path
+//! (copies included), which every backend has.
 
 use favor_core::{
     AttentionShape, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, Inputs, ParamGrads, Problem,
     ReferenceBackend,
 };
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 use crate::error::{BenchError, Result};
 
@@ -34,6 +43,89 @@ pub trait HostAttention: Send + Sync {
         x: HostRef<'_>,
         phi: HostMut<'_>,
     ) -> favor_core::Result<()>;
+    /// The device-resident interface of a backend with its own memory (None for CPU backends).
+    fn resident(&self) -> Option<&dyn ResidentAttention> {
+        None
+    }
+}
+
+/// The device a resident backend runs on, for result files and `favor-bench backends`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Driver release and the CUDA version it supports, e.g. "580.65.06 (CUDA 13.0)".
+    pub driver: String,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, driver {}", self.name, self.driver)
+    }
+}
+
+/// One point's host inputs, copied to the device once by [`ResidentAttention::upload`].
+#[derive(Debug, Clone, Copy)]
+pub struct PointInputs<'a> {
+    /// Queries `[B, H, L, d]`.
+    pub q: HostRef<'a>,
+    /// Keys `[B, H, L, d]`.
+    pub k: HostRef<'a>,
+    /// Values `[B, H, L, d_v]`.
+    pub v: HostRef<'a>,
+    /// Output gradient `[B, H, L, d_v]`, for points that run the backward.
+    pub dout: Option<HostRef<'a>>,
+}
+
+/// A tensor of a resident point that can be copied back to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointTensor {
+    /// The attention output.
+    Out,
+    /// ∂ℒ/∂Q.
+    Dq,
+    /// ∂ℒ/∂K.
+    Dk,
+    /// ∂ℒ/∂V.
+    Dv,
+}
+
+/// A backend with device memory, timed without host↔device copies.
+pub trait ResidentAttention: Send + Sync {
+    /// The device and its driver.
+    fn device(&self) -> DeviceInfo;
+    /// Copies one point's inputs to the device and allocates its outputs (and gradients when
+    /// `dout` is given).
+    fn upload<'a>(&'a self, inputs: PointInputs<'_>) -> favor_core::Result<Box<dyn ResidentPoint + 'a>>;
+    /// Bytes the backend has allocated now.
+    fn memory_in_use(&self) -> usize;
+    /// Highest allocation since the last [`ResidentAttention::reset_peak_memory`].
+    fn peak_memory(&self) -> usize;
+    /// Restarts the peak at the current allocation.
+    fn reset_peak_memory(&self);
+    /// Device-to-device copy bandwidth over `bytes` (GB/s counting bytes read + written).
+    fn copy_gbs(&self, bytes: usize) -> std::result::Result<f64, String>;
+    /// The dense bf16 matrix-multiply rate (GFLOP/s) of an `n`×`n`×`n` product with fp32
+    /// accumulation from a vendor library, or why it was not measured.
+    fn matrix_gflops(&self, n: usize) -> std::result::Result<f64, String>;
+}
+
+/// One point's tensors on the device; every call waits for the device before returning, so a
+/// wall-clock timer around it measures the device work (and the launch overhead), no copies.
+pub trait ResidentPoint {
+    /// Attention forward into the point's output.
+    fn forward(&mut self, p: &Problem<'_>) -> favor_core::Result<()>;
+    /// Attention backward into the point's gradients (needs `dout` at upload).
+    fn backward(&mut self, p: &Problem<'_>) -> favor_core::Result<Option<ParamGrads>>;
+    /// The feature maps of Q (as queries) and K (in `key_role`), into a device scratch φ.
+    fn feature_maps(
+        &mut self,
+        map: &FeatureMap,
+        key_role: FeatureRole,
+        shape: AttentionShape,
+    ) -> favor_core::Result<()>;
+    /// Copies a result to the host.
+    fn download(&self, which: PointTensor, dst: HostMut<'_>) -> favor_core::Result<()>;
 }
 
 impl<B: FavorBackend<Mem = Host>> HostAttention for B {
@@ -94,10 +186,14 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-/// Ids of every backend this build can open on this machine, fastest first. "simd" is the SIMD
-/// backend at its best ISA; "simd:<isa>" forces one ISA.
+/// Ids of every backend this build can open on this machine, fastest first: "cuda" (device 0,
+/// when a GPU, its driver and the kernels are present), "simd" (the SIMD backend at its best
+/// ISA), "simd:<isa>" (one ISA forced), "reference". "cuda:<n>" opens device n.
 pub fn available() -> Vec<String> {
     let mut ids = Vec::new();
+    if cuda_status().is_ok() {
+        ids.push("cuda".to_string());
+    }
     ids.extend(simd::ids());
     ids.push("reference".to_string());
     ids
@@ -114,6 +210,9 @@ pub fn open(id: &str) -> Result<Backend> {
     let imp: Box<dyn HostAttention> = match id.as_str() {
         "reference" => Box::new(ReferenceBackend),
         s if s == "simd" || s.starts_with("simd:") => simd::open(s.strip_prefix("simd:"))?,
+        s if s == "cuda" || s.starts_with("cuda:") => open_cuda(s)?,
+        #[cfg(feature = "cuda-emulator")]
+        "cuda-emulated" => Box::new(cuda::CudaBench::emulated()),
         other => {
             return Err(BenchError(format!(
                 "unknown backend `{other}`; available here: {} (and \"best\")",
@@ -122,6 +221,47 @@ pub fn open(id: &str) -> Result<Backend> {
         }
     };
     Ok(Backend { id, imp })
+}
+
+/// Whether the CUDA backend opens on device 0 here: the device and driver, or why not. Probed
+/// once per process.
+pub fn cuda_status() -> std::result::Result<DeviceInfo, String> {
+    static PROBE: std::sync::OnceLock<std::result::Result<DeviceInfo, String>> = std::sync::OnceLock::new();
+    PROBE.get_or_init(probe_cuda).clone()
+}
+
+#[cfg(feature = "cuda")]
+fn probe_cuda() -> std::result::Result<DeviceInfo, String> {
+    match cuda::CudaBench::open(0) {
+        Ok(b) => Ok(b.device()),
+        Err(favor_core::FavorError::NotAvailable { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn probe_cuda() -> std::result::Result<DeviceInfo, String> {
+    Err("favor-bench was built without the `cuda` feature".into())
+}
+
+fn open_cuda(id: &str) -> Result<Box<dyn HostAttention>> {
+    let ordinal = match id.strip_prefix("cuda:") {
+        None => 0,
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| BenchError(format!("bad backend id `{id}`: expected \"cuda\" or \"cuda:<device number>\"")))?,
+    };
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Box::new(cuda::CudaBench::open(ordinal)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(BenchError(format!(
+            "backend `{id}`: favor-bench was built without the CUDA backend: rebuild with `--features cuda`"
+        )))
+    }
 }
 
 /// Opens a comma-separated list of backend ids.

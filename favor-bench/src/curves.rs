@@ -1,7 +1,8 @@
-//! `curves`: the paper's Figure 3 on CPU. Time and peak memory versus sequence length for FAVOR+
-//! (bidirectional and causal, on every backend given), exact softmax attention (gemm, scores
-//! materialised) and the identity "X (OPT)" line, forward and forward + backward, at the
-//! paper's "Small" (1 head, d = 64) and "Regular" (8 heads, d = 64) attention settings.
+//! `curves`: the paper's Figure 3 on CPU and GPU. Time and peak memory versus sequence length
+//! for FAVOR+ (bidirectional and causal, on every backend given), exact softmax attention (gemm,
+//! scores materialised) and the identity "X (OPT)" line, forward and forward + backward, at the
+//! paper's "Small" (1 head, d = 64) and "Regular" (8 heads, d = 64) attention settings. GPU
+//! backends are timed device-resident (see [`crate::workload::time_method`]).
 
 use std::path::{Path, PathBuf};
 
@@ -118,7 +119,7 @@ fn methods(backends: &[Backend], cfg: &CurvesConfig) -> Vec<Method> {
 /// returns the points and the files written.
 pub fn run(cfg: &CurvesConfig) -> Result<(Vec<Point>, Vec<PathBuf>)> {
     std::fs::create_dir_all(&cfg.out_dir).context(cfg.out_dir.display())?;
-    let mut info = RunInfo::collect(cfg.backends.iter().map(Backend::name).collect());
+    let mut info = RunInfo::collect_for(&cfg.backends);
     let cpu = crate::meta::CpuShare::start();
     let methods = methods(&cfg.backends, cfg);
     let total = cfg.settings.len() * cfg.passes.len() * methods.len() * cfg.lens.len();
@@ -175,10 +176,13 @@ pub fn run(cfg: &CurvesConfig) -> Result<(Vec<Point>, Vec<PathBuf>)> {
                         stopped.get_or_insert(why.clone());
                         point.result = Err(why);
                     } else {
-                        let seed = cfg.seed;
-                        let sample = measure::time_point(
-                            || Buffers::new(shape, pass, seed, 1.0),
-                            |buf| workload::run_once(method, &cfg.backends, &favor, buf),
+                        let sample = workload::time_method(
+                            method,
+                            &cfg.backends,
+                            &favor,
+                            shape,
+                            pass,
+                            cfg.seed,
                             cfg.repeats,
                             cfg.max_point_s,
                         );
@@ -373,7 +377,7 @@ fn figure(cfg: &CurvesConfig, info: &RunInfo, points: &[Point], setting: Setting
                 y_label: if what == "time" {
                     "seconds per call (median; band min-max)".into()
                 } else {
-                    "peak heap MiB".into()
+                    "peak MiB (heap; device memory for GPU lines)".into()
                 },
                 log_x: true,
                 log2_x: true,

@@ -47,8 +47,9 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct CurvesArgs {
-    /// Backends, comma-separated ("best", "simd", "simd:avx2", "reference", ...). Default: the
-    /// best backend, plus the reference at small L.
+    /// Backends, comma-separated ("best", "cuda", "cuda:1", "simd", "simd:avx2", "reference",
+    /// ...). Default: the best backend (and the SIMD backend when the best is the GPU), plus the
+    /// reference at small L.
     #[arg(long)]
     backends: Option<String>,
     /// Smallest L is 2^min_log2.
@@ -157,9 +158,12 @@ struct RooflineArgs {
     /// Random features.
     #[arg(long, default_value_t = 256)]
     m: usize,
-    /// Square size of the GEMM ceiling.
+    /// Square size of the CPU's f32 GEMM ceiling.
     #[arg(long, default_value_t = 2048)]
     gemm_size: usize,
+    /// Square size of a GPU's bf16 GEMM ceiling (cuBLAS, when installed).
+    #[arg(long, default_value_t = 8192)]
+    device_gemm_size: usize,
     /// MiB copied by the bandwidth probe.
     #[arg(long, default_value_t = 256)]
     stream_mib: usize,
@@ -182,7 +186,7 @@ struct RooflineArgs {
 
 #[derive(Args, Debug)]
 struct ProfileArgs {
-    /// Backend id.
+    /// Backend id: best, cuda, cuda:<n>, simd, simd:<isa> or reference.
     #[arg(long, default_value = "best")]
     backend: String,
     /// bidirectional or causal.
@@ -224,6 +228,10 @@ struct ProfileArgs {
     /// Print each iteration's time.
     #[arg(long)]
     verbose: bool,
+    /// Leave the per-phase timers off (the CPU backend's phase counters cost two clock reads per
+    /// tile-sized piece of work)
+    #[arg(long)]
+    no_phases: bool,
 }
 
 #[derive(Args, Debug)]
@@ -246,7 +254,7 @@ struct RunCmdArgs {
     /// Output gradient .npy (the output's shape): also runs the backward.
     #[arg(long)]
     dout: Option<PathBuf>,
-    /// Backend id.
+    /// Backend id: best, cuda, cuda:<n>, simd, simd:<isa> or reference.
     #[arg(long, default_value = "best")]
     backend: String,
     /// Feature map: positive, hyperbolic, trigonometric, relu, elu+1.
@@ -266,9 +274,19 @@ struct RunCmdArgs {
     out_dir: PathBuf,
 }
 
+/// The best backend, the best CPU backend too when the best is the GPU, and the reference.
 fn default_backends() -> String {
-    let best = backends::best_id();
-    if best == "reference" { best } else { format!("{best},reference") }
+    let ids = backends::available();
+    let mut chosen: Vec<&str> = ids.iter().take(1).map(String::as_str).collect();
+    if chosen.first() == Some(&"cuda")
+        && let Some(cpu) = ids.iter().find(|id| id.as_str() == "simd")
+    {
+        chosen.push(cpu);
+    }
+    if !chosen.contains(&"reference") {
+        chosen.push("reference");
+    }
+    chosen.join(",")
 }
 
 fn curves_cmd(a: CurvesArgs) -> Result<()> {
@@ -367,6 +385,7 @@ fn roofline_cmd(a: RooflineArgs) -> Result<()> {
         d: a.d,
         m: a.m,
         gemm_size: a.gemm_size,
+        device_gemm_size: a.device_gemm_size,
         stream_bytes: a.stream_mib << 20,
         repeats: a.repeats,
         backward: !a.no_backward,
@@ -400,6 +419,7 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
         iters: a.iters,
         warmup: a.warmup,
         verbose: a.verbose,
+        phases: !a.no_phases,
     };
     profile::run(&cfg)?;
     Ok(())
@@ -444,6 +464,10 @@ fn main() -> ExitCode {
             for id in backends::available() {
                 let name = backends::open(&id).map_or_else(|e| format!("unavailable: {e}"), |b| b.name());
                 println!("{id:<16} {name}");
+            }
+            match backends::cuda_status() {
+                Ok(dev) => println!("GPU (cuda):      {dev}"),
+                Err(why) => println!("GPU (cuda):      not available: {why}"),
             }
             Ok(())
         }

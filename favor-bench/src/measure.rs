@@ -1,8 +1,9 @@
-//! Timing of one point: warm-up, repeats under a time budget, median/min/max, heap peak.
+//! Timing of one point: warm-up, repeats under a time budget, median/min/max, memory peak.
 
 use std::time::Instant;
 
 use crate::alloc;
+use crate::backends::ResidentAttention;
 use crate::error::Result;
 
 /// Timing and memory of one point.
@@ -16,7 +17,8 @@ pub struct Sample {
     pub max: f64,
     /// Number of timed calls.
     pub repeats: usize,
-    /// Peak heap bytes during setup and all calls, above what was live before the setup.
+    /// Peak bytes (heap, or device memory for a resident backend) during setup and all calls,
+    /// above what was live before the setup.
     pub peak_bytes: usize,
 }
 
@@ -28,17 +30,65 @@ pub fn median(v: &[f64]) -> f64 {
     if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) }
 }
 
+/// Where a point's peak memory is read: the heap (counting allocator) for CPU backends, the
+/// backend's own allocation tracking for a device.
+pub trait MemoryMeter {
+    /// Restarts the peak; returns the bytes live now (the baseline of the point).
+    fn start(&self) -> usize;
+    /// The peak since [`MemoryMeter::start`].
+    fn peak(&self) -> usize;
+}
+
+/// The process heap, through the counting allocator.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Heap;
+
+impl MemoryMeter for Heap {
+    fn start(&self) -> usize {
+        alloc::reset_peak()
+    }
+    fn peak(&self) -> usize {
+        alloc::peak()
+    }
+}
+
+/// A device's memory, through its backend's allocation tracking.
+#[derive(Clone, Copy)]
+pub struct DeviceMemory<'a>(pub &'a dyn ResidentAttention);
+
+impl MemoryMeter for DeviceMemory<'_> {
+    fn start(&self) -> usize {
+        self.0.reset_peak_memory();
+        self.0.memory_in_use()
+    }
+    fn peak(&self) -> usize {
+        self.0.peak_memory()
+    }
+}
+
+/// [`time_point_in`] on the heap.
+pub fn time_point<S>(
+    setup: impl FnOnce() -> Result<S>,
+    call: impl FnMut(&mut S) -> Result<()>,
+    repeats: usize,
+    budget_s: f64,
+) -> Result<Sample> {
+    time_point_in(&Heap, setup, call, repeats, budget_s)
+}
+
 /// Sets up state with `setup`, then calls `call` on it: once as a warm-up (kept as a sample when
 /// it took longer than `budget_s / 4`, so slow points are not run twice for nothing), then until
 /// `repeats` samples or `budget_s` seconds of samples, whichever comes first (at least one).
-pub fn time_point<S>(
-    setup: impl FnOnce() -> S,
+/// The peak memory is read from `meter`, above what was live before the setup.
+pub fn time_point_in<S>(
+    meter: &dyn MemoryMeter,
+    setup: impl FnOnce() -> Result<S>,
     mut call: impl FnMut(&mut S) -> Result<()>,
     repeats: usize,
     budget_s: f64,
 ) -> Result<Sample> {
-    let base = alloc::reset_peak();
-    let mut state = setup();
+    let base = meter.start();
+    let mut state = setup()?;
     let mut times = Vec::with_capacity(repeats);
     let t = Instant::now();
     call(&mut state)?;
@@ -54,7 +104,7 @@ pub fn time_point<S>(
         spent += dt;
         times.push(dt);
     }
-    let peak_bytes = alloc::peak().saturating_sub(base);
+    let peak_bytes = meter.peak().saturating_sub(base);
     drop(state);
     Ok(Sample {
         median: median(&times),

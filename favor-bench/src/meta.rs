@@ -1,5 +1,7 @@
-//! What every result file records: machine, ISA, commit, date and the exact command line.
+//! What every result file records: machine, ISA, GPU and driver, commit, date and the exact
+//! command line.
 
+use crate::backends::Backend;
 use crate::records::{Json, JsonExt};
 
 /// Provenance of a result.
@@ -13,6 +15,8 @@ pub struct RunInfo {
     pub threads: usize,
     /// Backends (with their ISA) used by the run.
     pub backends: Vec<String>,
+    /// The devices of the run's GPU backends: name and driver.
+    pub gpus: Vec<String>,
     /// `git rev-parse HEAD`, or "unknown".
     pub commit: String,
     /// UTC date and time, ISO 8601.
@@ -31,11 +35,21 @@ impl RunInfo {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: rayon::current_num_threads(),
             backends,
+            gpus: Vec::new(),
             commit: git_commit(),
             date: utc_now(),
             command: command_line(),
             cpu_share: None,
         }
+    }
+
+    /// Collects the information for a run using `backends`, with the device and driver of each
+    /// backend that has its own (GPU) memory.
+    pub fn collect_for(backends: &[Backend]) -> Self {
+        let mut info = Self::collect(backends.iter().map(Backend::name).collect());
+        info.gpus = backends.iter().filter_map(|b| b.imp.resident()).map(|d| d.device().to_string()).collect();
+        info.gpus.dedup();
+        info
     }
 
     /// As `# key: value` comment lines for the top of a CSV file.
@@ -50,7 +64,8 @@ impl RunInfo {
 
     /// A one-line summary for plot captions.
     pub fn caption(&self) -> String {
-        format!("{} ({} threads), {} - {}", self.cpu, self.threads, self.backends.join(", "), self.date)
+        let gpus = if self.gpus.is_empty() { String::new() } else { format!("{}; ", self.gpus.join("; ")) };
+        format!("{gpus}{} ({} threads), {} - {}", self.cpu, self.threads, self.backends.join(", "), self.date)
     }
 
     fn pairs(&self) -> Vec<(&'static str, String)> {
@@ -63,6 +78,9 @@ impl RunInfo {
             ("date", self.date.clone()),
             ("command", self.command.clone()),
         ];
+        if !self.gpus.is_empty() {
+            v.insert(1, ("gpu", self.gpus.join("; ")));
+        }
         if let Some(s) = self.cpu_share {
             v.push(("cpu_share", format!("{s:.2}")));
         }

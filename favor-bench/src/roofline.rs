@@ -5,6 +5,11 @@
 //! 65536}, f32, bidirectional and causal, forward and forward + backward, the unfused
 //! φ-materialised FAVOR+ built from the same GEMM, and peak heap memory against the bytes of
 //! inputs + outputs (+ gradients).
+//!
+//! A GPU backend gets its own ceilings, measured on its device: device-to-device copy bandwidth
+//! and the bf16 matrix rate of cuBLAS (when libcublas is installed; otherwise the table says why
+//! it is not measured). Its kernels run device-resident (no host↔device copies in the timings)
+//! and their fractions refer to those ceilings; peak memory is then device memory.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,7 +17,7 @@ use std::time::Instant;
 use favor_core::{AttentionShape, Direction};
 use rayon::prelude::*;
 
-use crate::backends::Backend;
+use crate::backends::{Backend, ResidentAttention};
 use crate::baselines::{self, MatRef};
 use crate::error::{Context, Result};
 use crate::measure::{self, Sample};
@@ -35,8 +40,10 @@ pub struct RooflineConfig {
     pub d: usize,
     /// Random features.
     pub m: usize,
-    /// Square GEMM size for the ceiling.
+    /// Square GEMM size for the CPU ceiling.
     pub gemm_size: usize,
+    /// Square bf16 GEMM size for a GPU's matrix ceiling.
+    pub device_gemm_size: usize,
     /// Bytes copied by the bandwidth probe.
     pub stream_bytes: usize,
     /// Timed calls per point.
@@ -77,6 +84,11 @@ pub struct KernelPoint {
     pub flops: f64,
     /// Inputs + outputs (+ gradients) bytes.
     pub io_bytes: usize,
+    /// The matrix rate (GFLOP/s) this kernel is compared with: f32 GEMM on the CPU, bf16 cuBLAS
+    /// on a GPU (None when not measured).
+    pub gemm_ceiling: Option<f64>,
+    /// The copy bandwidth (GB/s) this kernel is compared with (None when not measured).
+    pub copy_ceiling: Option<f64>,
 }
 
 impl KernelPoint {
@@ -84,6 +96,53 @@ impl KernelPoint {
     pub fn gflops(&self) -> f64 {
         self.flops / self.sample.median / 1e9
     }
+
+    /// Inputs + outputs (+ gradients) GB/s: the rate a memory-bound kernel could at best reach.
+    pub fn io_gbs(&self) -> f64 {
+        self.io_bytes as f64 / self.sample.median / 1e9
+    }
+
+    /// Fraction of the matrix ceiling.
+    pub fn of_gemm(&self) -> Option<f64> {
+        self.gemm_ceiling.map(|c| self.gflops() / c)
+    }
+
+    /// Fraction of the copy ceiling.
+    pub fn of_copy(&self) -> Option<f64> {
+        self.copy_ceiling.map(|c| self.io_gbs() / c)
+    }
+}
+
+/// A GPU backend's ceilings, measured on its device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceCeilings {
+    /// The device and driver.
+    pub device: String,
+    /// Device-to-device copy GB/s (read + write), or why not measured.
+    pub copy_gbs: std::result::Result<f64, String>,
+    /// bf16 GEMM GFLOP/s (cuBLAS, fp32 accumulation), or why not measured.
+    pub matrix_gflops: std::result::Result<f64, String>,
+}
+
+/// Measures the ceilings of a resident (GPU) backend.
+pub fn device_ceilings(dev: &dyn ResidentAttention, gemm_size: usize, copy_bytes: usize) -> DeviceCeilings {
+    DeviceCeilings {
+        device: dev.device().to_string(),
+        copy_gbs: dev.copy_gbs(copy_bytes),
+        matrix_gflops: dev.matrix_gflops(gemm_size),
+    }
+}
+
+fn print_device_ceilings(d: &DeviceCeilings, gemm_size: usize, copy_bytes: usize) {
+    let copy = match &d.copy_gbs {
+        Ok(g) => format!("device copy {g:.1} GB/s (read+write, {})", measure::human_bytes(copy_bytes)),
+        Err(why) => format!("device copy not measured: {why}"),
+    };
+    let matrix = match &d.matrix_gflops {
+        Ok(g) => format!("bf16 GEMM {n}x{n}x{n} (cuBLAS, fp32 accumulation) {g:.1} GFLOP/s", n = gemm_size),
+        Err(why) => format!("bf16 matrix ceiling not measured: {why}"),
+    };
+    println!("ceilings of {}: {copy}; {matrix}", d.device);
 }
 
 /// GEMM GFLOP/s of an n×n×n f32 product, best of a few runs, with `par`.
@@ -136,7 +195,7 @@ pub fn ceilings(gemm_size: usize, stream_bytes: usize) -> Ceilings {
 /// Runs the benchmark, prints the table, writes `roofline.csv` and `roofline.json`.
 pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<PathBuf>)> {
     std::fs::create_dir_all(&cfg.out_dir).context(cfg.out_dir.display())?;
-    let mut info = RunInfo::collect(cfg.backends.iter().map(Backend::name).collect());
+    let mut info = RunInfo::collect_for(&cfg.backends);
     let cpu = crate::meta::CpuShare::start();
     eprintln!("measuring ceilings on {} rayon threads ...", rayon::current_num_threads());
     let c = ceilings(cfg.gemm_size, cfg.stream_bytes);
@@ -148,6 +207,23 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
         c.copy_gbs,
         n = cfg.gemm_size
     );
+    // Per backend: the ceilings its kernels are compared with.
+    let mut device = Vec::new();
+    let per_backend: Vec<(Option<f64>, Option<f64>)> = cfg
+        .backends
+        .iter()
+        .map(|b| match b.imp.resident() {
+            None => (Some(c.gemm_gflops), Some(c.copy_gbs)),
+            Some(dev) => {
+                eprintln!("measuring the ceilings of {} ...", dev.device());
+                let d = device_ceilings(dev, cfg.device_gemm_size, cfg.stream_bytes);
+                print_device_ceilings(&d, cfg.device_gemm_size, cfg.stream_bytes);
+                let r = (d.matrix_gflops.clone().ok(), d.copy_gbs.clone().ok());
+                device.push(d);
+                r
+            }
+        })
+        .collect();
     let favor = FavorConfig::positive(cfg.m, cfg.d, 1)?;
     let mut methods = Vec::new();
     for (b, backend) in cfg.backends.iter().enumerate() {
@@ -164,7 +240,7 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
     }
     println!(
         "{:<44} {:<17} {:>6} {:>10} {:>9} {:>8} {:>9} {:>10} {:>10} {:>6}",
-        "kernel", "pass", "L", "median", "GFLOP/s", "of GEMM", "GB/s min", "of copy", "peak heap", "/ io"
+        "kernel", "pass", "L", "median", "GFLOP/s", "of GEMM", "GB/s min", "of copy", "peak mem", "/ io"
     );
     let mut points = Vec::new();
     for &(method, is_ref) in &methods {
@@ -177,13 +253,14 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
                     continue;
                 }
                 let shape = AttentionShape::new(cfg.batch, cfg.heads, len, cfg.d);
-                let sample = measure::time_point(
-                    || Buffers::new(shape, pass, 7, 1.0),
-                    |buf| workload::run_once(method, &cfg.backends, &favor, buf),
-                    cfg.repeats,
-                    30.0,
-                )?;
+                let sample = workload::time_method(method, &cfg.backends, &favor, shape, pass, 7, cfg.repeats, 30.0)?;
+                let (gemm_ceiling, copy_ceiling) = match method {
+                    Method::Favor { backend, .. } => per_backend[backend],
+                    _ => (Some(c.gemm_gflops), Some(c.copy_gbs)),
+                };
                 let p = KernelPoint {
+                    gemm_ceiling,
+                    copy_ceiling,
                     method: method.label(&cfg.backends),
                     pass,
                     len,
@@ -191,17 +268,17 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
                     io_bytes: Buffers::io_bytes(shape, pass),
                     sample,
                 };
-                let gbs = p.io_bytes as f64 / p.sample.median / 1e9;
+                let percent = |f: Option<f64>| f.map_or_else(|| "n/a".to_string(), |f| format!("{:.1}%", 100.0 * f));
                 println!(
-                    "{:<44} {:<17} {:>6} {:>10} {:>9.1} {:>7.0}% {:>9.1} {:>9.1}% {:>10} {:>6.2}",
+                    "{:<44} {:<17} {:>6} {:>10} {:>9.1} {:>8} {:>9.1} {:>10} {:>10} {:>6.2}",
                     p.method,
                     pass.name(),
                     len,
                     measure::human_time(p.sample.median),
                     p.gflops(),
-                    100.0 * p.gflops() / c.gemm_gflops,
-                    gbs,
-                    100.0 * gbs / c.copy_gbs,
+                    percent(p.of_gemm()),
+                    p.io_gbs(),
+                    percent(p.of_copy()),
                     measure::human_bytes(p.sample.peak_bytes),
                     p.sample.peak_bytes as f64 / p.io_bytes as f64
                 );
@@ -213,14 +290,37 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
     if let Some(w) = cpu.warning() {
         eprintln!("{w}");
     }
-    let files = write_outputs(cfg, &info, &c, &points)?;
+    let files = write_outputs(cfg, &info, &c, &device, &points)?;
     Ok((c, points, files))
 }
 
-fn write_outputs(cfg: &RooflineConfig, info: &RunInfo, c: &Ceilings, points: &[KernelPoint]) -> Result<Vec<PathBuf>> {
+fn write_outputs(
+    cfg: &RooflineConfig,
+    info: &RunInfo,
+    c: &Ceilings,
+    device: &[DeviceCeilings],
+    points: &[KernelPoint],
+) -> Result<Vec<PathBuf>> {
+    let shown = |r: &std::result::Result<f64, String>| match r {
+        Ok(v) => format!("{v:.3}"),
+        Err(why) => format!("not measured ({why})"),
+    };
+    let device_lines: String = device
+        .iter()
+        .map(|d| {
+            format!(
+                "# device: {}, device_copy_gbs: {}, device_bf16_gemm_gflops: {} (size {})\n",
+                d.device,
+                shown(&d.copy_gbs),
+                shown(&d.matrix_gflops),
+                cfg.device_gemm_size
+            )
+        })
+        .collect();
     let comment = format!(
-        "{}# gemm_gflops: {:.3}, gemm_gflops_1thread: {:.3}, copy_gbs: {:.3}, gemm size: {}, batch: {}, heads: {}, d: {}, m: {}, dtype: f32\n\
-         # flops credited: favor forward 8*B*H*L*d*m (bidirectional and causal), forward+backward 24*B*H*L*d*m\n",
+        "{}{device_lines}# gemm_gflops: {:.3}, gemm_gflops_1thread: {:.3}, copy_gbs: {:.3}, gemm size: {}, batch: {}, heads: {}, d: {}, m: {}, dtype: f32\n\
+         # flops credited: favor forward 8*B*H*L*d*m (bidirectional and causal), forward+backward 24*B*H*L*d*m\n\
+         # fractions of GPU kernels refer to their device's ceilings (empty when not measured)\n",
         info.csv_comment(),
         c.gemm_gflops,
         c.gemm_gflops_1t,
@@ -249,22 +349,21 @@ fn write_outputs(cfg: &RooflineConfig, info: &RunInfo, c: &Ceilings, points: &[K
     ]);
     let mut jp = Vec::new();
     for p in points {
-        let gbs = p.io_bytes as f64 / p.sample.median / 1e9;
         let vals = [
-            p.sample.median,
-            p.sample.min,
-            p.sample.max,
-            p.sample.repeats as f64,
-            p.gflops(),
-            p.gflops() / c.gemm_gflops,
-            gbs,
-            gbs / c.copy_gbs,
-            p.sample.peak_bytes as f64,
-            p.io_bytes as f64,
-            p.sample.peak_bytes as f64 / p.io_bytes as f64,
+            Some(p.sample.median),
+            Some(p.sample.min),
+            Some(p.sample.max),
+            Some(p.sample.repeats as f64),
+            Some(p.gflops()),
+            p.of_gemm(),
+            Some(p.io_gbs()),
+            p.of_copy(),
+            Some(p.sample.peak_bytes as f64),
+            Some(p.io_bytes as f64),
+            Some(p.sample.peak_bytes as f64 / p.io_bytes as f64),
         ];
         let mut row = vec![p.method.clone(), p.pass.name().into(), p.len.to_string()];
-        row.extend(vals.iter().map(|v| format!("{v:.6e}")));
+        row.extend(vals.iter().map(|v| v.map_or(String::new(), |v| format!("{v:.6e}"))));
         csv.push(row);
         let names = [
             "median_s",
@@ -284,7 +383,7 @@ fn write_outputs(cfg: &RooflineConfig, info: &RunInfo, c: &Ceilings, points: &[K
             ("pass", Json::str(p.pass.name())),
             ("len", Json::num(p.len as f64)),
         ];
-        obj.extend(names.iter().zip(vals).map(|(n, v)| (*n, Json::num(v))));
+        obj.extend(names.iter().zip(vals).map(|(n, v)| (*n, Json::opt(v))));
         jp.push(Json::obj(obj));
     }
     let csv_path = cfg.out_dir.join("roofline.csv");
@@ -299,6 +398,26 @@ fn write_outputs(cfg: &RooflineConfig, info: &RunInfo, c: &Ceilings, points: &[K
                 ("gemm_size", Json::num(cfg.gemm_size as f64)),
                 ("copy_gbs", Json::num(c.copy_gbs)),
             ]),
+        ),
+        (
+            "device_ceilings",
+            Json::Array(
+                device
+                    .iter()
+                    .map(|d| {
+                        let val = |r: &std::result::Result<f64, String>| match r {
+                            Ok(v) => Json::num(*v),
+                            Err(why) => Json::str(format!("not measured: {why}")),
+                        };
+                        Json::obj(vec![
+                            ("device", Json::str(&d.device)),
+                            ("copy_gbs", val(&d.copy_gbs)),
+                            ("bf16_gemm_gflops", val(&d.matrix_gflops)),
+                            ("bf16_gemm_size", Json::num(cfg.device_gemm_size as f64)),
+                        ])
+                    })
+                    .collect(),
+            ),
         ),
         (
             "config",

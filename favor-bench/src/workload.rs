@@ -9,9 +9,10 @@ use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 
-use crate::backends::Backend;
+use crate::backends::{Backend, PointInputs, ResidentPoint};
 use crate::baselines::{self, GradsF32};
 use crate::error::Result;
+use crate::measure;
 
 /// `n` values drawn from N(0, scale²), reproducibly from `seed`.
 pub fn gaussian(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -189,8 +190,7 @@ pub fn run_once(method: Method, backends: &[Backend], cfg: &FavorConfig, buf: &m
     match method {
         Method::Favor { backend, direction } => {
             let b = &backends[backend].imp;
-            let options = AttentionOptions { direction, ..AttentionOptions::default() };
-            let p = Problem::new(s, &cfg.map).with_options(options);
+            let p = problem(cfg, s, direction);
             let inputs =
                 Inputs { q: HostRef::from(&buf.q), k: HostRef::from(&buf.k), v: HostRef::from(&buf.v), key_mask: None };
             b.forward(&p, inputs, (&mut buf.out).into())?;
@@ -230,6 +230,57 @@ pub fn run_once(method: Method, backends: &[Backend], cfg: &FavorConfig, buf: &m
     Ok(())
 }
 
+/// The problem `method` runs (FAVOR+ methods only).
+fn problem<'a>(cfg: &'a FavorConfig, shape: AttentionShape, direction: Direction) -> Problem<'a> {
+    Problem::new(shape, &cfg.map).with_options(AttentionOptions { direction, ..AttentionOptions::default() })
+}
+
+/// Times `method` at one point (Gaussian inputs from `seed`): FAVOR+ on a backend with device
+/// memory runs device-resident (inputs uploaded once in the untimed setup, no host↔device copies
+/// in the calls, peak from the backend's allocation tracking); everything else runs on host
+/// buffers with the heap peak.
+#[allow(clippy::too_many_arguments)]
+pub fn time_method(
+    method: Method,
+    backends: &[Backend],
+    cfg: &FavorConfig,
+    shape: AttentionShape,
+    pass: Pass,
+    seed: u64,
+    repeats: usize,
+    budget_s: f64,
+) -> Result<measure::Sample> {
+    if let Method::Favor { backend, direction } = method
+        && let Some(dev) = backends[backend].imp.resident()
+    {
+        let p = problem(cfg, shape, direction);
+        let setup = || {
+            let buf = Buffers::new(shape, pass, seed, 1.0);
+            let inputs = PointInputs {
+                q: HostRef::from(&buf.q),
+                k: HostRef::from(&buf.k),
+                v: HostRef::from(&buf.v),
+                dout: buf.grads.as_ref().map(|g| HostRef::from(&g.dout)),
+            };
+            Ok(dev.upload(inputs)?)
+        };
+        let call = |point: &mut Box<dyn ResidentPoint + '_>| {
+            point.forward(&p)?;
+            if pass == Pass::ForwardBackward {
+                point.backward(&p)?;
+            }
+            Ok(())
+        };
+        return measure::time_point_in(&measure::DeviceMemory(dev), setup, call, repeats, budget_s);
+    }
+    measure::time_point(
+        || Ok(Buffers::new(shape, pass, seed, 1.0)),
+        |buf| run_once(method, backends, cfg, buf),
+        repeats,
+        budget_s,
+    )
+}
+
 /// Predicted peak heap bytes of one measurement (inputs, outputs, gradients and the method's
 /// scratch), used to refuse points over the memory budget before allocating.
 pub fn predicted_bytes(method: Method, backends: &[Backend], s: AttentionShape, m: usize, pass: Pass) -> usize {
@@ -239,6 +290,10 @@ pub fn predicted_bytes(method: Method, backends: &[Backend], s: AttentionShape, 
         Method::Favor { backend, .. } if backends[backend].is_reference() => {
             // f64 copies of the inputs and gradients, plus per-head φ(Q), φ(K) in f64.
             3 * io + 4 * 8 * s.len * mf + (16 << 20)
+        }
+        // The CUDA kernels keep φ(Q), φ(K) and intermediates in fp32 scratch for a call.
+        Method::Favor { backend, .. } if backends[backend].imp.resident().is_some() => {
+            io + 3 * 4 * s.problems() * s.len * mf + (32 << 20)
         }
         // Fused kernels: O(threads × tile + B·H·m·d_v) beyond the buffers; allow 25 % + 32 MiB.
         Method::Favor { .. } => io + io / 4 + (32 << 20),

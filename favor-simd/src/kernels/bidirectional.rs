@@ -19,6 +19,7 @@ use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale};
 use super::{HeadIn, TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask};
+use crate::phases::{Phase, Span};
 use favor_core::{HostMut, HostRef};
 
 /// Sums over one key segment, relative to its own maximum `c`.
@@ -68,8 +69,10 @@ impl SimdTask for KeySegment<'_> {
             let rows = TILE.min(self.r1 - r);
             let kept: Vec<bool> = (0..rows).map(|i| io.keep(r + i)).collect();
             if kept.iter().any(|&k| k) {
+                let span = Span::start(Phase::Io);
                 load_rows(&io.k, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
                 load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
+                let span = span.next(Phase::FeatureMap);
                 t.project::<S>(p, rows);
                 let tile_max = (0..rows).filter(|&i| kept[i]).map(|i| t.c[i]).fold(f32::NEG_INFINITY, f32::max);
                 if tile_max > st.c {
@@ -82,6 +85,7 @@ impl SimdTask for KeySegment<'_> {
                 }
                 t.c[..rows].fill(st.c);
                 t.features::<S>(p, rows, false);
+                let span = span.next(Phase::StateBuild);
                 for (i, &k) in kept.iter().enumerate() {
                     if k {
                         axpy::<S>(1.0, &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut st.z);
@@ -92,6 +96,7 @@ impl SimdTask for KeySegment<'_> {
                     }
                 }
                 gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, &vt, dvp, &mut st.s, dvp, false);
+                span.end();
             }
             r += rows;
         }
@@ -173,15 +178,20 @@ impl SimdTask for QueryForward<'_, '_> {
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
+            let span = Span::start(Phase::Io);
             load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+            let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows, true);
+            let span = span.next(Phase::Apply);
             gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
                 *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
             }
             normalise::<S>(rows, &mut num, dvp, &den);
+            let span = span.next(Phase::Io);
             store_rows(&mut self.out, io.dv, r - self.r0, rows, &num, dvp);
+            span.end();
             r += rows;
         }
     }
@@ -252,15 +262,19 @@ impl SimdTask for QueryBackward<'_, '_> {
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
+            let span = Span::start(Phase::Io);
             load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
             load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows, true);
+            let span = span.next(Phase::Apply);
             gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
                 *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
             }
             normalise::<S>(rows, &mut num, dvp, &den);
+            let span = span.next(Phase::BackwardSweep);
             cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
             // dq' = x̄ KVᵀ + ḡ ksᵀ
             gemm::<S>(rows, io.dv, p.mfp, &g, dvp, 1, self.kvt, p.mfp, &mut dphi, p.mfp, true);
@@ -269,8 +283,11 @@ impl SimdTask for QueryBackward<'_, '_> {
                 axpy::<S>(gbar[i], &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut out.ds);
             }
             gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, &g, dvp, &mut out.dkv, dvp, false);
+            let span = span.next(Phase::FeatureBackward);
             t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, out.params.as_mut());
+            let span = span.next(Phase::Io);
             store_rows(&mut self.dq, io.d, r - self.r0, rows, &dx, p.dp);
+            span.end();
             r += rows;
         }
         out
@@ -309,11 +326,14 @@ impl SimdTask for KeyBackward<'_, '_> {
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
+            let span = Span::start(Phase::Io);
             load_rows(&io.k, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
             load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
+            let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.c[..rows].fill(self.c);
             t.features::<S>(p, rows, true);
+            let span = span.next(Phase::BackwardSweep);
             gemm::<S>(rows, io.dv, p.mfp, &vt, dvp, 1, self.dkvt, p.mfp, &mut dphi, p.mfp, true);
             for i in 0..rows {
                 if io.keep(r + i) {
@@ -324,12 +344,15 @@ impl SimdTask for KeyBackward<'_, '_> {
                 }
             }
             gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, self.dkv, dvp, &mut dvt, dvp, true);
+            let span = span.next(Phase::FeatureBackward);
             t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
             for i in (0..rows).filter(|&i| !io.keep(r + i)) {
                 dx[i * p.dp..(i + 1) * p.dp].fill(0.0);
             }
+            let span = span.next(Phase::Io);
             store_rows(&mut self.dk, io.d, r - self.r0, rows, &dx, p.dp);
             store_rows(&mut self.dv, io.dv, r - self.r0, rows, &dvt, dvp);
+            span.end();
             r += rows;
         }
         self.params

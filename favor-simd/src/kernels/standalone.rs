@@ -4,6 +4,7 @@
 use super::features::{ParamAcc, Plan, Tile};
 use super::{TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask};
+use crate::phases::{Phase, Span};
 use favor_core::{FeatureRole, HostMut, HostRef};
 
 /// Stabilisers of `rows` tokens for `role` given the tile's log-scales in `t.c`: `shared` is the
@@ -60,6 +61,7 @@ impl SimdTask for FeatureMapTask<'_, '_> {
         let mut r = 0;
         while r < self.len {
             let rows = TILE.min(self.len - r);
+            let _span = Span::start(Phase::FeatureMap);
             load_rows(&self.x, self.off, p.d, r, rows, &mut t.x, p.dp);
             t.project::<S>(p, rows);
             set_stabilisers(&mut t, rows, self.role, shared, &mut run);
@@ -103,6 +105,7 @@ impl SimdTask for FeatureBackwardTask<'_, '_> {
         let mut r = 0;
         while r < self.len {
             let rows = TILE.min(self.len - r);
+            let _span = Span::start(Phase::FeatureBackward);
             load_rows(&self.x, self.off, p.d, r, rows, &mut t.x, p.dp);
             for i in 0..rows {
                 self.dphi.read_f32(self.phi_off + (r + i) * p.mf, &mut ext);
