@@ -12,10 +12,16 @@
 //!
 //! Backward, two sweeps, never rebuilding a state by subtraction:
 //! * forward sweep (recomputes the states): with B = (X̄Vᵀ + ḡ1ᵀ) ⊙ M,
-//!   dQ' = exp(c_prev − c_i)(X̄Sᵀ + ḡzᵀ) + B K'; it stores R_i, ḡ_i and c_i (3 floats per token);
+//!   dQ' = exp(c_prev − c_i)(X̄Sᵀ + ḡzᵀ) + B K'; it leaves R_i, ḡ_i and c_i in a [`Stash`]
+//!   (the caller's dv or dk row of token i, not yet written);
 //! * reverse sweep with the decayed suffix sums P = Σ_{i later} exp(c_ref − c_i) q'_i x̄_iᵀ
 //!   (and p with ḡ): dK' = w_j(VPᵀ + 1pᵀ) + BᵀQ', dV = w_j K'P + (Q'K'ᵀ ⊙ M)ᵀX̄ with
 //!   w_j = exp(c_j − c_end).
+//!
+//! Split across the sequence, segment k's forward sweep starts from its incoming state (from the
+//! segment summaries, as in the forward) and also returns its own share of P relative to its
+//! incoming maximum; the backend chains those shares from the last segment back, so every
+//! segment's reverse sweep starts from the exact suffix sums of the queries after it.
 
 use super::bidirectional::{cotangents, guard, normalise};
 use super::features::{ParamAcc, Plan, Tile};
