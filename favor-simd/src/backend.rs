@@ -128,29 +128,42 @@ fn tasks(s: AttentionShape) -> Vec<(usize, usize, usize)> {
 impl SimdBackend {
     /// The causal segments of every head, (head, r0, r1) head-major, and the state entering
     /// each: a summary pass over every segment but the last (from an empty state, in parallel),
-    /// then an ordered combination per head (cheap: O(M·d_v) per segment).
+    /// then an ordered combination per head (cheap: O(M·d_v) per segment). The summaries keep
+    /// each key's running maximum in `scratch` (an output with `row_len` elements per token that
+    /// the caller writes only afterwards).
     fn causal_incoming(
         &self,
         plan: &Plan,
         s: AttentionShape,
         inputs: &Inputs<'_, Host>,
+        scratch: HostMut<'_>,
+        row_len: usize,
     ) -> (Vec<(usize, usize, usize)>, Vec<HeadState>) {
         let segs = causal_segments(s.problems(), s.len);
         let nseg = segs.len();
         let tasks: Vec<(usize, usize, usize)> =
             (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect();
-        let summaries: Vec<SegmentSummary> = tasks
+        let pieces = split_mut(scratch, &tasks.iter().map(|&(_, a, b)| (b - a) * row_len).collect::<Vec<_>>());
+        let mut summaries: Vec<SegmentSummary<'_>> = tasks
             .par_iter()
-            .filter(|&&(_, _, r1)| r1 < s.len)
-            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh), r0, r1 }))
+            .zip(pieces)
+            .filter(|&(&(_, _, r1), _)| r1 < s.len)
+            .map(|(&(bh, r0, r1), rows)| {
+                let c_local = Stash::new(Some(rows), row_len, r1 - r0);
+                self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh), r0, r1, c_local })
+            })
             .collect();
-        let incoming = (0..s.problems())
-            .into_par_iter()
-            .flat_map_iter(|bh| {
+        if nseg == 1 {
+            return (tasks, vec![HeadState::new(plan, s.dv); s.problems()]);
+        }
+        let incoming = summaries
+            .par_chunks_mut(nseg - 1)
+            .enumerate()
+            .flat_map_iter(|(bh, sums)| {
                 let io = head_in(s, inputs, bh);
                 let mut states = vec![HeadState::new(plan, s.dv)];
-                for (k, sum) in summaries[bh * (nseg - 1)..(bh + 1) * (nseg - 1)].iter().enumerate() {
-                    let next = combine_summary(plan, &io, segs[k].0, &states[k], sum);
+                for (k, sum) in sums.iter_mut().enumerate() {
+                    let next = combine_summary(plan, &io, segs[k].0, segs[k].1, &states[k], sum);
                     states.push(next);
                 }
                 states
@@ -249,7 +262,8 @@ impl FavorBackend for SimdBackend {
                 });
             }
             Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
+                let mut out = out;
+                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs, out.reborrow(), s.dv);
                 // Replay every segment from its incoming state.
                 let outs = split_mut(out, &tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect::<Vec<_>>());
                 tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((bh, r0, r1), out), mut state)| {
@@ -350,7 +364,8 @@ impl FavorBackend for SimdBackend {
                 qgrads.into_iter().filter_map(|g| g.params).chain(kparams.into_iter().flatten()).collect()
             }
             Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
+                let mut dq = dq;
+                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs, dq.reborrow(), s.d);
                 let nseg = tasks.len() / s.problems();
                 let place = StashPlace::choose(s.d, s.dv, dtype.size());
                 let (sizes_qk, sizes_v): (Vec<usize>, Vec<usize>) =
@@ -369,10 +384,7 @@ impl FavorBackend for SimdBackend {
                         .zip(incoming)
                         .zip(split_mut(dq.reborrow(), &sizes_qk).into_par_iter().zip(stash_rows))
                         .map(|((&(bh, r0, r1), state), (dq, rows))| {
-                            let stash = match rows {
-                                Some(t) => Stash::Rows { t, row_len },
-                                None => Stash::Side(vec![[0.0; 3]; r1 - r0]),
-                            };
+                            let stash = Stash::new(rows, row_len, r1 - r0);
                             self.token.run(BackwardForwardSweep {
                                 plan: &plan,
                                 io: head_in(s, &inputs, bh),

@@ -30,7 +30,7 @@ use super::{HeadIn, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
 use crate::math::exp::{decay, exp_nonpositive};
 use crate::phases::{Phase, Span};
-use favor_core::{HostMut, HostRef};
+use favor_core::{HostMut, HostRef, TensorHandle};
 
 /// Tokens per causal chunk. The intra-chunk products cost O(CHUNK) per token (about a quarter
 /// of the forward + backward work at 64) while the state products do not depend on it; 32 halves
@@ -276,11 +276,10 @@ impl SimdTask for CausalForward<'_, '_> {
     }
 }
 
-/// Per-token values the reverse sweep takes from the forward sweep: the guarded denominator
-/// R_i, ḡ_i and the running key maximum c_i (12 bytes). They are kept in the caller's dv (or
-/// dk) rows of the same token, which the reverse sweep reads before it overwrites them, so the
-/// backward needs no per-token memory of its own; only heads too narrow to hold 12 bytes per
-/// row (d and d_v ≤ 2 in f32, ≤ 5 in 16-bit types) use a side buffer.
+/// The backward's forward sweep leaves R_i, ḡ_i and the running key maximum c_i (12 bytes per
+/// token) for the reverse sweep in a [`Stash`]: the caller's dv rows of the same token, or its
+/// dk rows when dv rows are narrower, which the reverse sweep reads before it overwrites them;
+/// a side buffer only for heads too narrow for both (d and d_v ≤ 2 in f32, ≤ 5 in 16-bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StashPlace {
     Dv,
@@ -288,13 +287,11 @@ pub(crate) enum StashPlace {
     Side,
 }
 
-const STASH_BYTES: usize = 12;
-
 impl StashPlace {
     pub(crate) fn choose(d: usize, dv: usize, elem_size: usize) -> StashPlace {
-        if dv * elem_size >= STASH_BYTES {
+        if dv * elem_size >= 12 {
             StashPlace::Dv
-        } else if d * elem_size >= STASH_BYTES {
+        } else if d * elem_size >= 12 {
             StashPlace::Dk
         } else {
             StashPlace::Side
@@ -312,14 +309,23 @@ fn row_bytes<'t>(t: &'t mut HostMut<'_>, row_len: usize, row: usize) -> &'t mut 
     }
 }
 
-/// Where the stash of one segment lives: in rows of a gradient tensor, or a side buffer.
-pub(crate) enum Stash<'o> {
+/// N floats per token kept in rows of a caller's tensor that are not written yet (so the kernels
+/// need no per-token memory of their own), or, for rows narrower than 4·N bytes, in a side buffer.
+pub(crate) enum Stash<'o, const N: usize> {
     Rows { t: HostMut<'o>, row_len: usize },
-    Side(Vec<[f32; 3]>),
+    Side(Vec<[f32; N]>),
 }
 
-impl Stash<'_> {
-    fn put(&mut self, row: usize, vals: [f32; 3]) {
+impl<'o, const N: usize> Stash<'o, N> {
+    /// In `rows` (`n` rows of `row_len` elements) when they are wide enough, else a side buffer.
+    pub(crate) fn new(rows: Option<HostMut<'o>>, row_len: usize, n: usize) -> Self {
+        match rows {
+            Some(t) if row_len * t.dtype().size() >= 4 * N => Stash::Rows { t, row_len },
+            _ => Stash::Side(vec![[0.0; N]; n]),
+        }
+    }
+
+    fn put(&mut self, row: usize, vals: [f32; N]) {
         match self {
             Stash::Rows { t, row_len } => {
                 let b = row_bytes(t, *row_len, row);
@@ -331,7 +337,7 @@ impl Stash<'_> {
         }
     }
 
-    fn get(&mut self, row: usize) -> [f32; 3] {
+    fn get(&mut self, row: usize) -> [f32; N] {
         match self {
             Stash::Rows { t, row_len } => {
                 let b = row_bytes(t, *row_len, row);
@@ -398,6 +404,12 @@ impl Suffix {
     }
 }
 
+/// Entry `row` of a three-float stash kept in rows of `t`.
+fn stash_get(t: HostMut<'_>, row_len: usize, row: usize) -> [f32; 3] {
+    let mut st: Stash<'_, 3> = Stash::Rows { t, row_len };
+    st.get(row)
+}
+
 /// What a forward sweep of the causal backward returns.
 pub(crate) struct SweepOut {
     pub params: Option<ParamAcc>,
@@ -422,7 +434,7 @@ pub(crate) struct BackwardForwardSweep<'a, 'o> {
     pub state: HeadState,
     pub suffix: bool,
     pub dq: HostMut<'o>,
-    pub stash: Stash<'o>,
+    pub stash: Stash<'o, 3>,
     pub params: Option<ParamAcc>,
 }
 
@@ -514,8 +526,8 @@ impl BackwardReverseSweep<'_, '_> {
     /// Stash entry of segment row `row`.
     fn stashed(&mut self, row: usize) -> [f32; 3] {
         match self.place {
-            StashPlace::Dv => Stash::Rows { t: self.dv.reborrow(), row_len: self.io.dv }.get(row),
-            StashPlace::Dk => Stash::Rows { t: self.dk.reborrow(), row_len: self.io.d }.get(row),
+            StashPlace::Dv => stash_get(self.dv.reborrow(), self.io.dv, row),
+            StashPlace::Dk => stash_get(self.dk.reborrow(), self.io.d, row),
             StashPlace::Side => self.side.as_ref().map_or([0.0; 3], |v| v[row]),
         }
     }
@@ -611,37 +623,41 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
 /// part of the features (relative to the segment's own final maximum `state.c`) and the
 /// segment's running key maxima. The ε part depends on the incoming maximum and is added by
 /// [`combine_summary`].
-pub(crate) struct SegmentSummary {
+pub(crate) struct SegmentSummary<'o> {
     pub state: HeadState,
     /// Running key maximum of the segment alone, per row (−∞ before its first kept key).
-    pub c_local: Vec<f32>,
+    pub c_local: Stash<'o, 1>,
 }
 
 /// Summarises keys r0..r1 of one head (the first pass of the sequence-parallel causal forward).
-pub(crate) struct CausalSummary<'a> {
+/// The running maxima go to `c_local`, normally rows of an output the caller writes only after
+/// [`combine_summary`] has read them.
+pub(crate) struct CausalSummary<'a, 'o> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
     pub r0: usize,
     pub r1: usize,
+    pub c_local: Stash<'o, 1>,
 }
 
-impl SimdTask for CausalSummary<'_> {
-    type Output = SegmentSummary;
+impl<'o> SimdTask for CausalSummary<'_, 'o> {
+    type Output = SegmentSummary<'o>;
     #[inline(always)]
-    fn run<S: SimdF32>(self) -> SegmentSummary {
+    fn run<S: SimdF32>(mut self) -> SegmentSummary<'o> {
         let (p, io) = (self.plan, self.io);
         let mut ch = Chunk::new(p, io.dv);
         let mut st = HeadState::new(p, io.dv);
-        let mut c_local = Vec::with_capacity(self.r1 - self.r0);
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
             ch.prepare_keys::<S>(p, &io, r, rows, st.c, None, false);
-            c_local.extend_from_slice(&ch.cj[..rows]);
+            for (i, &c) in ch.cj[..rows].iter().enumerate() {
+                self.c_local.put(r - self.r0 + i, [c]);
+            }
             ch.advance::<S>(p, rows, &mut st);
             r += rows;
         }
-        SegmentSummary { state: st, c_local }
+        SegmentSummary { state: st, c_local: self.c_local }
     }
 }
 
@@ -651,8 +667,9 @@ pub(crate) fn combine_summary(
     p: &Plan,
     io: &HeadIn<'_>,
     r0: usize,
+    r1: usize,
     before: &HeadState,
-    seg: &SegmentSummary,
+    seg: &mut SegmentSummary<'_>,
 ) -> HeadState {
     let dvp = pad(io.dv);
     let c_out = before.c.max(seg.state.c);
@@ -667,8 +684,9 @@ pub(crate) fn combine_summary(
         let mut y = vec![0.0f32; dvp];
         let mut count = 0.0f32;
         let mut v = vec![0.0f32; io.dv];
-        for (j, &cl) in seg.c_local.iter().enumerate() {
+        for j in 0..r1 - r0 {
             if io.keep(r0 + j) {
+                let [cl] = seg.c_local.get(j);
                 let wj = w(before.c.max(cl));
                 io.v.read_f32(io.v_off + (r0 + j) * io.dv, &mut v);
                 for (a, &b) in y.iter_mut().zip(&v) {
