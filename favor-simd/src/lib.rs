@@ -56,15 +56,24 @@ pub mod testing {
 
     /// e^x of every element, on `isa`'s vector path (`None` if the CPU lacks it).
     pub fn exp_slice(isa: crate::Isa, xs: &mut [f32]) -> Option<()> {
-        struct Exp<'a>(&'a mut [f32]);
+        exp_task(isa, xs, false)
+    }
+
+    /// The exp variant for arguments ≤ 0 (stabilised feature maps), same contract.
+    pub fn exp_nonpositive_slice(isa: crate::Isa, xs: &mut [f32]) -> Option<()> {
+        exp_task(isa, xs, true)
+    }
+
+    fn exp_task(isa: crate::Isa, xs: &mut [f32], nonpositive: bool) -> Option<()> {
+        struct Exp<'a>(&'a mut [f32], bool);
         impl SimdTask for Exp<'_> {
             type Output = ();
             #[inline(always)]
             fn run<S: SimdF32>(self) {
-                crate::math::exp::exp_slice::<S>(self.0)
+                crate::math::exp::exp_slice::<S>(self.0, self.1)
             }
         }
-        IsaToken::new(isa).map(|t| t.run(Exp(xs)))
+        IsaToken::new(isa).map(|t| t.run(Exp(xs, nonpositive)))
     }
 
     /// GFLOP/s of the internal product C (rows × n) += A (rows × k) · B (k × n) on one thread,

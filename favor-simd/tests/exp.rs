@@ -47,3 +47,20 @@ fn exp_special_values() {
         );
     }
 }
+
+/// The variant the feature maps use for arguments ≤ 0 gives bitwise the same results as the
+/// general exp there, subnormal and underflowing results, −∞ and NaN included.
+#[test]
+fn exp_nonpositive_matches_exp_for_nonpositive_arguments() {
+    let mut xs: Vec<f32> = (0..200_000).map(|i| -(i as f32) * 1.1e-3).collect();
+    xs.extend([-0.0, -86.9, -87.5, -100.0, -103.9, -104.0, -104.1, -1e30, f32::NEG_INFINITY, f32::NAN]);
+    xs.extend((0..4000).map(|i| -87.0 - i as f32 * 4.5e-3));
+    for isa in Isa::available() {
+        let (mut a, mut b) = (xs.clone(), xs.clone());
+        favor_simd::testing::exp_slice(isa, &mut a).unwrap();
+        favor_simd::testing::exp_nonpositive_slice(isa, &mut b).unwrap();
+        for ((x, y), z) in a.iter().zip(&b).zip(&xs) {
+            assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{}: exp({z}) = {x} vs {y}", isa.name());
+        }
+    }
+}

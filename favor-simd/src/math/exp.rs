@@ -68,20 +68,22 @@ pub(crate) fn decay<S: SimdF32>(c_old: f32, c_new: f32) -> f32 {
     if c_old == c_new { 1.0 } else { exp1::<S>(c_old - c_new) }
 }
 
-/// Lane-wise e^x of a slice, in place (test and tool helper).
+/// Lane-wise e^x of a slice, in place (test and tool helper); [`exp_nonpositive`] when
+/// `nonpositive`.
 #[inline(always)]
-pub(crate) fn exp_slice<S: SimdF32>(xs: &mut [f32]) {
+pub(crate) fn exp_slice<S: SimdF32>(xs: &mut [f32], nonpositive: bool) {
+    let f = |x: S| if nonpositive { exp_nonpositive(x) } else { exp(x) };
     let mut chunks = xs.chunks_exact_mut(S::LANES);
     for c in &mut chunks {
         // SAFETY: each chunk holds exactly LANES floats.
-        unsafe { exp(S::load(c.as_ptr())).store(c.as_mut_ptr()) };
+        unsafe { f(S::load(c.as_ptr())).store(c.as_mut_ptr()) };
     }
     let rest = chunks.into_remainder();
     if !rest.is_empty() {
         let mut buf = [0.0f32; crate::isa::MAX_LANES];
         buf[..rest.len()].copy_from_slice(rest);
         // SAFETY: `buf` holds MAX_LANES ≥ LANES floats.
-        unsafe { exp(S::load(buf.as_ptr())).store(buf.as_mut_ptr()) };
+        unsafe { f(S::load(buf.as_ptr())).store(buf.as_mut_ptr()) };
         rest.copy_from_slice(&buf[..rest.len()]);
     }
 }
