@@ -1,12 +1,9 @@
 //! Single-thread rate of the internal product at the shapes the attention kernels use (a tuning
 //! aid, not a test): `cargo run --release -p favor-simd --example gemm_shapes`.
 
-use favor_simd::Isa;
-
 fn main() {
     let isa = favor_simd::best_isa();
     println!("isa {}", isa.name());
-    let _ = Isa::Portable;
     for (name, rows, k, n, at) in [
         ("Q'S (64x256 . 256x64)", 64, 256, 64, false),
         ("proj (64x64 . 64x256)", 64, 64, 256, false),

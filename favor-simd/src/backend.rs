@@ -285,7 +285,7 @@ impl FavorBackend for SimdBackend {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         check_backward(p, &dout, &grads, dtype)?;
-        let Grads { dq, dk, dv } = grads;
+        let Grads { mut dq, mut dk, mut dv } = grads;
         check_finite(&[("dout", dout)])?;
         let plan = Plan::new(p.map, s.d);
         let delta = p.denominator_guard();
@@ -364,13 +364,11 @@ impl FavorBackend for SimdBackend {
                 qgrads.into_iter().filter_map(|g| g.params).chain(kparams.into_iter().flatten()).collect()
             }
             Direction::Causal => {
-                let mut dq = dq;
                 let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs, dq.reborrow(), s.d);
                 let nseg = tasks.len() / s.problems();
                 let place = StashPlace::choose(s.d, s.dv, dtype.size());
                 let (sizes_qk, sizes_v): (Vec<usize>, Vec<usize>) =
                     tasks.iter().map(|&(_, a, b)| ((b - a) * s.d, (b - a) * s.dv)).unzip();
-                let (mut dq, mut dk, mut dv) = (dq, dk, dv);
                 // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
                 let mut sweeps: Vec<SweepOut> = {
                     let stash_rows: Vec<Option<HostMut<'_>>> = match place {
@@ -401,21 +399,19 @@ impl FavorBackend for SimdBackend {
                         })
                         .collect()
                 };
-                // The suffix sums entering each segment, chained from the last segment back.
-                let mut suffixes: Vec<Option<Suffix>> = vec![None; tasks.len()];
-                for bh in 0..s.problems() {
-                    let base = bh * nseg;
-                    let mut later = Suffix::new(&plan, s.dv);
-                    let mut c_later = None;
-                    for k in (0..nseg).rev() {
-                        if k + 1 < nseg {
-                            let next = &mut sweeps[base + k + 1];
-                            let seg = next.suffix.take().unwrap_or_else(|| Suffix::new(&plan, s.dv));
-                            later = Suffix::chain(later, next.c_in, c_later.unwrap_or(next.c_in), &seg);
-                            c_later = Some(next.c_in);
-                        }
-                        suffixes[base + k] = Some(later.clone());
+                // The suffix sums entering each segment from its end, chained from the last segment
+                // back: segment k − 1 gets segment k's share plus what entered segment k, moved
+                // from segment k's final maximum (segment k + 1's incoming one) to segment k's own.
+                let mut suffixes: Vec<Suffix> = Vec::with_capacity(tasks.len());
+                for head in sweeps.chunks_mut(nseg) {
+                    let mut chain = vec![Suffix::new(&plan, s.dv)];
+                    for k in (1..nseg).rev() {
+                        let share = head[k].suffix.take().unwrap_or_else(|| Suffix::new(&plan, s.dv));
+                        let c_end = head.get(k + 1).map_or(head[k].c_in, |h| h.c_in);
+                        let entering = chain.last().cloned().unwrap_or_else(|| Suffix::new(&plan, s.dv));
+                        chain.push(Suffix::chain(entering, head[k].c_in, c_end, &share));
                     }
+                    suffixes.extend(chain.into_iter().rev());
                 }
                 let mut params: Vec<ParamAcc> = sweeps.iter_mut().filter_map(|w| w.params.take()).collect();
                 // Sweep 2: dk and dv, last chunk first in every segment.
@@ -430,7 +426,7 @@ impl FavorBackend for SimdBackend {
                             dout,
                             r0,
                             r1,
-                            suffix: suffix.unwrap_or_else(|| Suffix::new(&plan, s.dv)),
+                            suffix,
                             place,
                             side: sweep.side,
                             dk,

@@ -289,9 +289,9 @@ pub(crate) enum StashPlace {
 
 impl StashPlace {
     pub(crate) fn choose(d: usize, dv: usize, elem_size: usize) -> StashPlace {
-        if dv * elem_size >= 12 {
+        if Stash::<3>::fits(dv, elem_size) {
             StashPlace::Dv
-        } else if d * elem_size >= 12 {
+        } else if Stash::<3>::fits(d, elem_size) {
             StashPlace::Dk
         } else {
             StashPlace::Side
@@ -317,10 +317,15 @@ pub(crate) enum Stash<'o, const N: usize> {
 }
 
 impl<'o, const N: usize> Stash<'o, N> {
+    /// Whether rows of `row_len` elements of `elem_size` bytes can hold N floats.
+    fn fits(row_len: usize, elem_size: usize) -> bool {
+        row_len * elem_size >= 4 * N
+    }
+
     /// In `rows` (`n` rows of `row_len` elements) when they are wide enough, else a side buffer.
     pub(crate) fn new(rows: Option<HostMut<'o>>, row_len: usize, n: usize) -> Self {
         match rows {
-            Some(t) if row_len * t.dtype().size() >= 4 * N => Stash::Rows { t, row_len },
+            Some(t) if Self::fits(row_len, t.dtype().size()) => Stash::Rows { t, row_len },
             _ => Stash::Side(vec![[0.0; N]; n]),
         }
     }

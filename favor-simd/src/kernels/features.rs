@@ -204,7 +204,8 @@ pub(crate) struct Tile {
     pub phi: Vec<f32>,
     /// Some(β) while `phi` holds exactly what [`Tile::features`] wrote (with ε part β) for the
     /// current projections, so that the backward can reuse the exponentials instead of
-    /// recomputing them; whoever changes `phi` in place must reset it.
+    /// recomputing them; whoever changes `phi` in place must reset it. Rows zeroed for padded
+    /// keys may keep it: the backward zeroes their dφ too, so they contribute nothing.
     pub phi_beta: Option<f32>,
 }
 
