@@ -14,9 +14,9 @@
 //! exp(c_j − c_i)·k'_j, a factor ≤ 1 that is applied to the prefix state when the maximum grows:
 //! S ← exp(c_old − c_new)·S. So the state never looks ahead, never overflows, and
 //! full attention, chunked prefill and the step-by-step decoder ([`CausalState`]) compute the same
-//! function. Mathematically query i sees, for the positive map,
-//! m^{-1/2}(exp(u_j − c_i) + ε·exp(c_j − c_i)): the main term of the unstabilised estimator and
-//! an ε floor that decays for keys older than the last jump of the maximum.
+//! function. Mathematically query i sees, for the positive map, exp(−c_i)·φ̂(k_j) with the
+//! unstabilised features φ̂ of [`crate::features`]: the common factor exp(−c_i) cancels, so the
+//! output does not depend on the stabilisers at all (ε included).
 //!
 //! # Denominators
 //! A denominator R with |R| ≤ δ (the guard) becomes R + 2δ. A denominator of exactly zero (a query
@@ -32,7 +32,8 @@
 //!   P_j = q'_j x̄_jᵀ + exp(c_j − c_{j+1})P_{j+1} (p likewise with ḡ) by a reverse sweep. No state
 //!   is rebuilt by subtraction, and memory is O(L·(d + d_v + M) + M·d_v).
 //!
-//! Then ∂ℒ/∂q and ∂ℒ/∂k go through the feature map's backward with stabilisers held constant.
+//! Then ∂ℒ/∂q and ∂ℒ/∂k go through the feature map's backward with stabilisers held constant,
+//! which is the exact gradient because the output does not depend on them.
 //! Rows whose denominator is hundreds of orders of magnitude below their features (extreme
 //! inputs only) are differentiated pair by pair so that no cotangent overflows (`at_risk`).
 

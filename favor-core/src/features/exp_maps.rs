@@ -1,15 +1,35 @@
 //! The exponential (softmax-kernel) maps in f64: positive, hyperbolic, trigonometric.
 //!
-//! Notation: x̃ = d^{-1/4}x, a_j = ω_jᵀx̃, h = ‖x̃‖²/2.
-//! * positive:    φ_j = m^{-1/2}(exp(a_j − h − c) + ε)
-//! * hyperbolic:  φ = (2m)^{-1/2}[exp(a − h − c) + ε, exp(−a − h − c) + ε]
+//! Notation: x̃ = d^{-1/4}x, a_j = ω_jᵀx̃, h = ‖x̃‖²/2, s the token's own log-scale.
+//! * positive:    φ_j = m^{-1/2}(exp(a_j − h − c) + ε·exp(s − c)), s = max_j a_j − h
+//! * hyperbolic:  φ = (2m)^{-1/2}[exp(±a − h − c) + ε·exp(s − c)], s = max_j |a_j| − h
 //! * trigonometric: φ = m^{-1/2}[cos a, sin a]·exp(h − c)
 //!
 //! Backward with c constant, writing ψ for the exp part of each feature and ḡ = ∂ℒ/∂φ:
-//! ∂ℒ/∂a and ∂ℒ/∂h follow per map, then ∂ℒ/∂x = d^{-1/4}(Wᵀ ∂ℒ/∂a + x̃ ∂ℒ/∂h).
+//! ∂ℒ/∂a and ∂ℒ/∂h follow per map (the ε floor through s), then
+//! ∂ℒ/∂x = d^{-1/4}(Wᵀ ∂ℒ/∂a + x̃ ∂ℒ/∂h).
 
 use super::data_normalizer;
 use crate::Projection;
+
+#[cfg(test)]
+thread_local! {
+    /// Test switch: drop the gradient through the ε floor (the stop-gradient backward favor had
+    /// before), so that the exactness tests can show they fail on such a backward.
+    pub(crate) static DROP_FLOOR_GRADIENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the backward includes ∂ℒ/∂s (always, outside the tests' deliberately broken variant).
+fn floor_gradient() -> bool {
+    #[cfg(test)]
+    {
+        !DROP_FLOOR_GRADIENT.get()
+    }
+    #[cfg(not(test))]
+    {
+        true
+    }
+}
 
 fn normalized(d: usize, x: &[f64]) -> Vec<f64> {
     let s = data_normalizer(d);
@@ -35,59 +55,91 @@ fn chain_to_x(p: &Projection, xt: &[f64], da: &[f64], dh: f64, dx: &mut [f64]) {
     }
 }
 
+/// The largest projection (or |projection| for the hyperbolic map) and its feature index,
+/// first one on ties: the token's own log-scale is s = a_{f*} − h (resp. |a_{f*}| − h).
+fn arg_max(a: &[f64], abs: bool) -> (usize, f64) {
+    let key = |v: f64| if abs { v.abs() } else { v };
+    a.iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if key(v) > bv { (i, key(v)) } else { (bi, bv) })
+}
+
 pub(super) fn positive_log_scale(p: &Projection, x: &[f64]) -> f64 {
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
-    project(p, &xt).into_iter().fold(f64::NEG_INFINITY, f64::max) - h
+    arg_max(&project(p, &xt), false).1 - h
 }
 
 pub(super) fn hyperbolic_log_scale(p: &Projection, x: &[f64]) -> f64 {
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
-    project(p, &xt).into_iter().map(f64::abs).fold(f64::NEG_INFINITY, f64::max) - h
+    arg_max(&project(p, &xt), true).1 - h
 }
 
+/// φ_f = ratio·(e^{a_f − h − c} + ε·e^{s − c}) with the token's own log-scale s.
 pub(super) fn positive(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut [f64]) {
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = (p.m() as f64).sqrt().recip();
-    for (o, a) in out.iter_mut().zip(project(p, &xt)) {
-        *o = ratio * ((a - h - c).exp() + eps as f64);
+    let a = project(p, &xt);
+    let floor = eps as f64 * (arg_max(&a, false).1 - h - c).exp();
+    for (o, a) in out.iter_mut().zip(a) {
+        *o = ratio * ((a - h - c).exp() + floor);
     }
 }
 
-pub(super) fn positive_backward(p: &Projection, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
+/// With ψ_f = ratio·e^{a_f − h − c}: ∂ℒ/∂a_f = ḡ_f ψ_f, ∂ℒ/∂h = −Σ_f ḡ_f ψ_f, and the ε floor
+/// ratio·ε·e^{s − c} adds ∂ℒ/∂s = ratio·ε·e^{s − c}·Σ_f ḡ_f to a_{f*} and subtracts it from h.
+pub(super) fn positive_backward(p: &Projection, eps: f32, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = (p.m() as f64).sqrt().recip();
-    let da: Vec<f64> = project(p, &xt).iter().zip(g).map(|(&a, &gj)| gj * ratio * (a - h - c).exp()).collect();
-    let dh = -da.iter().sum::<f64>();
+    let a = project(p, &xt);
+    let mut da: Vec<f64> = a.iter().zip(g).map(|(&a, &gj)| gj * ratio * (a - h - c).exp()).collect();
+    let mut dh = -da.iter().sum::<f64>();
+    let (star, amax) = arg_max(&a, false);
+    if floor_gradient() {
+        let ds = ratio * eps as f64 * (amax - h - c).exp() * g.iter().sum::<f64>();
+        da[star] += ds;
+        dh -= ds;
+    }
     chain_to_x(p, &xt, &da, dh, dx);
 }
 
+/// φ = (2m)^{-1/2}[e^{a − h − c} + ε·e^{s − c}, e^{−a − h − c} + ε·e^{s − c}].
 pub(super) fn hyperbolic(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut [f64]) {
     let m = p.m();
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = ((2 * m) as f64).sqrt().recip();
-    for (j, a) in project(p, &xt).into_iter().enumerate() {
-        out[j] = ratio * ((a - h - c).exp() + eps as f64);
-        out[m + j] = ratio * ((-a - h - c).exp() + eps as f64);
+    let a = project(p, &xt);
+    let floor = eps as f64 * (arg_max(&a, true).1 - h - c).exp();
+    for (j, a) in a.into_iter().enumerate() {
+        out[j] = ratio * ((a - h - c).exp() + floor);
+        out[m + j] = ratio * ((-a - h - c).exp() + floor);
     }
 }
 
-pub(super) fn hyperbolic_backward(p: &Projection, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
+/// As [`positive_backward`], with s = |a_{f*}| − h: ∂ℒ/∂s goes to a_{f*} with the sign of a_{f*}.
+pub(super) fn hyperbolic_backward(p: &Projection, eps: f32, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
     let m = p.m();
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = ((2 * m) as f64).sqrt().recip();
+    let a = project(p, &xt);
     let mut da = vec![0.0; m];
     let mut dh = 0.0;
-    for (j, a) in project(p, &xt).into_iter().enumerate() {
+    for (j, &a) in a.iter().enumerate() {
         let plus = g[j] * ratio * (a - h - c).exp();
         let minus = g[m + j] * ratio * (-a - h - c).exp();
         da[j] = plus - minus;
         dh -= plus + minus;
+    }
+    let (star, amax) = arg_max(&a, true);
+    if floor_gradient() {
+        let ds = ratio * eps as f64 * (amax - h - c).exp() * g.iter().sum::<f64>();
+        da[star] += a[star].signum() * ds;
+        dh -= ds;
     }
     chain_to_x(p, &xt, &da, dh, dx);
 }

@@ -2,8 +2,8 @@
 //!
 //! | map | φ(x) | M | default ε/κ |
 //! |---|---|---|---|
-//! | [`FeatureMap::Positive`] (FAVOR+) | m^{-1/2}(exp(Wx̃ − ‖x̃‖²/2 − c) + ε) | m | ε = 1e-6 |
-//! | [`FeatureMap::Hyperbolic`] | (2m)^{-1/2}[exp(Wx̃ − ‖x̃‖²/2 − c) + ε, exp(−Wx̃ − ‖x̃‖²/2 − c) + ε] | 2m | ε = 1e-6 |
+//! | [`FeatureMap::Positive`] (FAVOR+) | m^{-1/2}(exp(Wx̃ − ‖x̃‖²/2 − c) + ε·exp(s(x) − c)) | m | ε = 1e-6 |
+//! | [`FeatureMap::Hyperbolic`] | (2m)^{-1/2}[exp(±Wx̃ − ‖x̃‖²/2 − c) + ε·exp(s(x) − c)] | 2m | ε = 1e-6 |
 //! | [`FeatureMap::Trigonometric`] | m^{-1/2}[cos Wx̃, sin Wx̃]·exp(‖x̃‖²/2 − c) | 2m | — |
 //! | [`FeatureMap::Generalized`] | f(s·W x̂) + κ, or f(x̂) + κ without projection | m or d | κ = 1e-3 (ReLU), 0 (ELU+1) |
 //! | [`FeatureMap::Softplus`] (learned) | softplus(xWᵀ + b) | m | — |
@@ -12,27 +12,41 @@
 //! x̃ = d^{-1/4}x is the data normaliser (so that x̃ᵀỹ = xᵀy/√d); x̂ is x̃ when
 //! `normalize_data` is set and x otherwise.
 //!
-//! # Stabilisers
-//! The exponential maps (positive, hyperbolic, trigonometric) subtract a constant c before the
-//! exp. Constants that are shared by all features of a query row, or by all keys a query sees,
-//! cancel in the normalised attention output except through ε. Every token x has a *log-scale*
-//! s(x) ([`FeatureMap::log_scale`]): max_j(a_j − h) for positive features (the −‖x̃‖²/2 term is
+//! # Stabilisers, and what is computed
+//! Write a_j = ω_jᵀx̃ and h = ‖x̃‖²/2. Every token x has a *log-scale* s(x)
+//! ([`FeatureMap::log_scale`]): max_j(a_j − h) for positive features (the −‖x̃‖²/2 term is
 //! included so that large-norm tokens do not underflow), max_j|a_j| − h for hyperbolic, h for
-//! trigonometric. Then
-//! * a query uses its own log-scale, c = s(q) (per-token);
+//! trigonometric. The exponential maps are evaluated against a stabiliser c ≥ s(x):
+//! * a query uses its own log-scale, c = s(q) (per token);
 //! * bidirectional keys use c = max over the unpadded keys of one (batch, head);
 //! * causal keys use the *running* maximum c_j = max_{l≤j} s(k_l), never a future key. Key j's
 //!   features are computed against c_j and the prefix state is rescaled by exp(c_old − c_new) ≤ 1
-//!   whenever the maximum grows (see [`crate::attention`]). Full causal attention, chunked prefill
-//!   and step-by-step decoding therefore compute the same function, and every exp argument is ≤ 0.
+//!   whenever the maximum grows (see [`crate::attention`]).
 //!
-//! Gradients treat c as a constant (stop-gradient). With ε = 0 the output does not depend on c at
-//! all, so this is exact; with ε > 0 it drops a term of relative size ~ε.
+//! Every exp argument is therefore ≤ 0, and c enters φ only as the common factor exp(−c):
+//! φ(x; c) = exp(−c)·φ̂(x) with the *unstabilised* features
+//! φ̂_j(x) = m^{-1/2}(exp(a_j − h) + ε·exp(s(x))) = m^{-1/2}exp(s(x))·(exp(a_j − h − s(x)) + ε),
+//! i.e. ε is a floor relative to the token's own largest feature. A query's factor cancels in
+//! its normalised output, and all keys a query sees share one factor (in the causal case after
+//! the decay exp(c_j − c_i)), so **the attention output is a function of φ̂ alone: it does not
+//! depend on any shared stabiliser**, and full causal attention, chunked prefill, step-by-step
+//! decoding and bidirectional attention over a prefix all compute the same function.
+//!
+//! # Gradients
+//! The backward holds c constant — exact, since the output does not depend on it — and
+//! differentiates everything else, including the ε floor through the token's own log-scale:
+//! with s = a_{j*} − h (j* the arg-max, the first one on ties; for hyperbolic features
+//! s = |a_{j*}| − h), ∂ℒ/∂s = ratio·ε·exp(s − c)·Σ_j ∂ℒ/∂φ_j flows to a_{j*} (with the sign of
+//! a_{j*} for hyperbolic features) and to −h. s is not differentiable where the arg-max ties,
+//! like the max it is (a measure-zero set). A denominator guard δ > 0 that fires (|R| ≤ δ)
+//! breaks the scale invariance for that row; the backward then still holds c constant.
 
 mod exp_maps;
 mod generalized;
 mod learned;
 
+#[cfg(test)]
+pub(crate) use exp_maps::DROP_FLOOR_GRADIENT;
 pub use generalized::Elementwise;
 pub use learned::{GatedSoftplusParams, Linear};
 
@@ -282,7 +296,8 @@ impl FeatureMap {
         }
     }
 
-    /// Backward of [`FeatureMap::features`] with `c` held constant: adds ∂ℒ/∂x to `dx` and, for
+    /// Backward of [`FeatureMap::features`] with `c` held constant (the ε floor is differentiated
+    /// through the token's own log-scale, see the module docs): adds ∂ℒ/∂x to `dx` and, for
     /// learned maps, parameter gradients to `grads` (f64, laid out like [`ParamGrads`]).
     pub fn features_backward(
         &self,
@@ -293,8 +308,12 @@ impl FeatureMap {
         grads: Option<&mut ParamGradsF64>,
     ) {
         match self {
-            FeatureMap::Positive { projection, .. } => exp_maps::positive_backward(projection, x, c, dphi, dx),
-            FeatureMap::Hyperbolic { projection, .. } => exp_maps::hyperbolic_backward(projection, x, c, dphi, dx),
+            FeatureMap::Positive { projection, epsilon } => {
+                exp_maps::positive_backward(projection, *epsilon, x, c, dphi, dx)
+            }
+            FeatureMap::Hyperbolic { projection, epsilon } => {
+                exp_maps::hyperbolic_backward(projection, *epsilon, x, c, dphi, dx)
+            }
             FeatureMap::Trigonometric { projection } => exp_maps::trigonometric_backward(projection, x, c, dphi, dx),
             FeatureMap::Generalized { f, projection, normalize_data, scale, .. } => {
                 generalized::backward(*f, projection.as_ref(), *normalize_data, *scale, x, dphi, dx)

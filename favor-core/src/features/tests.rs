@@ -201,14 +201,19 @@ fn features_match_the_documented_formulas() {
         let row =
             |p: &Projection, j: usize, v: &[f64]| p.row(j).iter().zip(v).map(|(&w, &t)| w as f64 * t).sum::<f64>();
         let want: Vec<f64> = match &map {
+            // The ε floor scales with the token's own log-scale s = max_j a_j − h (|a_j| for
+            // hyperbolic): ε·e^{s − c}.
             FeatureMap::Positive { projection: p, epsilon } => {
-                (0..m).map(|j| ((row(p, j, &xt) - h - c).exp() + *epsilon as f64) / (m as f64).sqrt()).collect()
+                let s = (0..m).map(|j| row(p, j, &xt)).fold(f64::NEG_INFINITY, f64::max) - h;
+                let floor = *epsilon as f64 * (s - c).exp();
+                (0..m).map(|j| ((row(p, j, &xt) - h - c).exp() + floor) / (m as f64).sqrt()).collect()
             }
             FeatureMap::Hyperbolic { projection: p, epsilon } => {
-                let e = *epsilon as f64;
-                let s = (2.0 * m as f64).sqrt();
-                let plus = (0..m).map(|j| ((row(p, j, &xt) - h - c).exp() + e) / s);
-                let minus = (0..m).map(|j| ((-row(p, j, &xt) - h - c).exp() + e) / s);
+                let s = (0..m).map(|j| row(p, j, &xt).abs()).fold(f64::NEG_INFINITY, f64::max) - h;
+                let floor = *epsilon as f64 * (s - c).exp();
+                let r = (2.0 * m as f64).sqrt();
+                let plus = (0..m).map(|j| ((row(p, j, &xt) - h - c).exp() + floor) / r);
+                let minus = (0..m).map(|j| ((-row(p, j, &xt) - h - c).exp() + floor) / r);
                 plus.chain(minus).collect()
             }
             FeatureMap::Trigonometric { projection: p } => {
