@@ -1,7 +1,8 @@
 //! Bidirectional FAVOR attention in f64: out = D⁻¹Q'(K'ᵀV).
 
 use super::{
-    Head, HeadGrads, add_scaled_backward, at_risk, features_backward_rows, guard, query_features, row_cotangents,
+    Head, HeadGrads, add_scaled_backward, at_risk, features_backward_rows, guard, guard_fires, query_features,
+    row_cotangents,
 };
 use crate::FeatureMap;
 
@@ -27,6 +28,8 @@ struct Forward {
     ks: Vec<f64>,
     out: Vec<f64>,
     den: Vec<f64>,
+    /// Rows whose guard did not fire (scale-invariant queries).
+    invariant: Vec<bool>,
 }
 
 fn forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Forward {
@@ -46,9 +49,12 @@ fn forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Forward {
     }
     let mut out = vec![0.0; h.len * h.dv];
     let mut den = vec![0.0; h.len];
+    let mut invariant = vec![true; h.len];
     for i in 0..h.len {
         let q = &qf[i * mf..(i + 1) * mf];
-        let r = guard(q.iter().zip(&ks).map(|(a, b)| a * b).sum(), delta);
+        let raw: f64 = q.iter().zip(&ks).map(|(a, b)| a * b).sum();
+        invariant[i] = !guard_fires(raw, delta);
+        let r = guard(raw, delta);
         den[i] = r;
         if r != 0.0 {
             for e in 0..h.dv {
@@ -57,7 +63,7 @@ fn forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Forward {
             }
         }
     }
-    Forward { qf, qc, kf, kc, kv, ks, out, den }
+    Forward { qf, qc, kf, kc, kv, ks, out, den, invariant }
 }
 
 /// Output (L×d_v) of bidirectional attention with denominator guard `delta`.
@@ -98,8 +104,8 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
         }
     }
     let mut params = map.param_grads_f64();
-    let mut dq = features_backward_rows(map, h.q, h.d, &fw.qc, None, &dqf, &mut params);
-    let mut dk = features_backward_rows(map, h.k, h.d, &vec![fw.kc; h.len], h.mask, &dkf, &mut params);
+    let mut dq = features_backward_rows(map, h.q, h.d, &fw.qc, None, Some(&fw.invariant), &dqf, &mut params);
+    let mut dk = features_backward_rows(map, h.k, h.d, &vec![fw.kc; h.len], h.mask, None, &dkf, &mut params);
     for &i in &risky {
         let g = &dout[i * h.dv..(i + 1) * h.dv];
         let out = &fw.out[i * h.dv..(i + 1) * h.dv];
@@ -109,11 +115,12 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
         // dq_i = J_iᵀ(K'ᵀV·G_i − K'ᵀ1·⟨G_i, out_i⟩) / R_i.
         let y: Vec<f64> =
             (0..mf).map(|f| (0..h.dv).map(|e| fw.kv[f * h.dv + e] * g[e]).sum::<f64>() - fw.ks[f] * g_out).collect();
-        add_scaled_backward(map, h.q_row(i), fw.qc[i], &y, r, 1.0, &mut dq[i * h.d..(i + 1) * h.d], &mut params);
+        let dqi = &mut dq[i * h.d..(i + 1) * h.d];
+        add_scaled_backward(map, h.q_row(i), fw.qc[i], &y, r, 1.0, fw.invariant[i], dqi, &mut params);
         // dk_j += J_jᵀq'_i·(⟨G_i, v_j⟩ − ⟨G_i, out_i⟩)/R_i, dv_j += (q'_i·k'_j / R_i)·G_i.
         for j in (0..h.len).filter(|&j| h.keep(j)) {
             let t = g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum::<f64>() - g_out;
-            add_scaled_backward(map, h.k_row(j), fw.kc, q, r, t, &mut dk[j * h.d..(j + 1) * h.d], &mut params);
+            add_scaled_backward(map, h.k_row(j), fw.kc, q, r, t, false, &mut dk[j * h.d..(j + 1) * h.d], &mut params);
             let w = q.iter().zip(&fw.kf[j * mf..(j + 1) * mf]).map(|(a, b)| a * b).sum::<f64>() / r;
             for e in 0..h.dv {
                 dv[j * h.dv + e] += w * g[e];

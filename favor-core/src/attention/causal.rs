@@ -1,7 +1,8 @@
 //! Causal FAVOR attention in f64 by prefix sums with a running-maximum stabiliser.
 
 use super::{
-    Head, HeadGrads, add_scaled_backward, at_risk, decay, features_backward_rows, guard, query_features, row_cotangents,
+    Head, HeadGrads, add_scaled_backward, at_risk, decay, features_backward_rows, guard, guard_fires, query_features,
+    row_cotangents,
 };
 use crate::FeatureMap;
 
@@ -52,7 +53,7 @@ impl CausalState {
 
     /// Read out query i against the current state: (output row, guarded denominator).
     fn read(&self, qf: &[f64], delta: f64) -> (Vec<f64>, f64) {
-        let r = guard(qf.iter().zip(&self.z).map(|(a, b)| a * b).sum(), delta);
+        let r = guard(self.raw_denominator(qf), delta);
         let mut out = vec![0.0; self.dv];
         if r != 0.0 {
             for (e, o) in out.iter_mut().enumerate() {
@@ -60,6 +61,11 @@ impl CausalState {
             }
         }
         (out, r)
+    }
+
+    /// q'·z before the guard.
+    fn raw_denominator(&self, qf: &[f64]) -> f64 {
+        qf.iter().zip(&self.z).map(|(a, b)| a * b).sum()
     }
 
     /// Consume a chunk of tokens (`h.len` of them), writing their outputs: chunked prefill, and
@@ -95,6 +101,7 @@ pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64])
     let mut xbar = vec![0.0; h.len * h.dv];
     let mut gbar = vec![0.0; h.len];
     let mut dqf = vec![0.0; h.len * mf];
+    let mut invariant = vec![true; h.len];
     // Rows at risk (see `at_risk`): (i, R_i, out_i, y_i = S_i G_i − z_i⟨G_i, out_i⟩).
     let mut risky = Vec::new();
     for i in 0..h.len {
@@ -104,6 +111,7 @@ pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64])
         }
         kc[i] = state.c;
         let q = &qf[i * mf..(i + 1) * mf];
+        invariant[i] = !guard_fires(state.raw_denominator(q), delta);
         let (out, r) = state.read(q, delta);
         let g = &dout[i * h.dv..(i + 1) * h.dv];
         if at_risk(q, r) {
@@ -150,20 +158,22 @@ pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64])
         }
     }
     let mut params = map.param_grads_f64();
-    let mut dq = features_backward_rows(map, h.q, h.d, &qc, None, &dqf, &mut params);
-    let mut dk = features_backward_rows(map, h.k, h.d, &kc, h.mask, &dkf, &mut params);
+    let mut dq = features_backward_rows(map, h.q, h.d, &qc, None, Some(&invariant), &dqf, &mut params);
+    let mut dk = features_backward_rows(map, h.k, h.d, &kc, h.mask, None, &dkf, &mut params);
     for (i, r, out, y) in risky {
         let g = &dout[i * h.dv..(i + 1) * h.dv];
         let q = &qf[i * mf..(i + 1) * mf];
         let g_out: f64 = g.iter().zip(&out).map(|(a, b)| a * b).sum();
-        add_scaled_backward(map, h.q_row(i), qc[i], &y, r, 1.0, &mut dq[i * h.d..(i + 1) * h.d], &mut params);
+        let dqi = &mut dq[i * h.d..(i + 1) * h.d];
+        add_scaled_backward(map, h.q_row(i), qc[i], &y, r, 1.0, invariant[i], dqi, &mut params);
         // Key j ≤ i enters query i with weight exp(c_j − c_i), folded into the query features
         // before anything is divided by R_i (the decay may be what makes the product tiny).
         for j in (0..=i).filter(|&j| h.keep(j)) {
             let w_ij = decay(kc[j], kc[i]);
             let qw: Vec<f64> = q.iter().map(|&x| x * w_ij).collect();
             let t = g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum::<f64>() - g_out;
-            add_scaled_backward(map, h.k_row(j), kc[j], &qw, r, t, &mut dk[j * h.d..(j + 1) * h.d], &mut params);
+            let dkj = &mut dk[j * h.d..(j + 1) * h.d];
+            add_scaled_backward(map, h.k_row(j), kc[j], &qw, r, t, false, dkj, &mut params);
             let w = qw.iter().zip(&kf[j * mf..(j + 1) * mf]).map(|(a, b)| a * b).sum::<f64>() / r;
             for e in 0..h.dv {
                 dv[j * h.dv + e] += w * g[e];

@@ -108,7 +108,13 @@ pub(crate) fn query_features(map: &FeatureMap, h: &Head<'_>) -> (Vec<f64>, Vec<f
 
 /// The guarded denominator: |R| ≤ δ becomes R + 2δ.
 pub(crate) fn guard(r: f64, delta: f64) -> f64 {
-    if delta > 0.0 && r.abs() <= delta { r + 2.0 * delta } else { r }
+    if guard_fires(r, delta) { r + 2.0 * delta } else { r }
+}
+
+/// Whether the guard changes R. A row whose guard does not fire is invariant to the scale of
+/// its query features (its output is a ratio of two sums linear in them).
+pub(crate) fn guard_fires(r: f64, delta: f64) -> bool {
+    delta > 0.0 && r.abs() <= delta
 }
 
 /// exp(c_old − c_new), with 1 for equal values (also when both are −∞: no key seen yet).
@@ -142,6 +148,8 @@ pub(crate) fn at_risk(qf: &[f64], r: f64) -> bool {
 
 /// dx += (J_φ(x; c)ᵀ·dphi / divisor)·factor, and the parameter gradients likewise: the
 /// product with the features is formed before the division, so a tiny divisor cannot overflow.
+/// `invariant`: the token is a query whose output does not depend on its feature scale (see
+/// [`FeatureMap::features_backward_scale_invariant`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_scaled_backward(
     map: &FeatureMap,
@@ -150,12 +158,17 @@ pub(crate) fn add_scaled_backward(
     dphi: &[f64],
     divisor: f64,
     factor: f64,
+    invariant: bool,
     dx: &mut [f64],
     params: &mut Option<ParamGradsF64>,
 ) {
     let mut tmp = vec![0.0; x.len()];
     let mut tmp_params = params.as_ref().and_then(|_| map.param_grads_f64());
-    map.features_backward(x, c, dphi, &mut tmp, tmp_params.as_mut());
+    if invariant {
+        map.features_backward_scale_invariant(x, c, dphi, &mut tmp, tmp_params.as_mut());
+    } else {
+        map.features_backward(x, c, dphi, &mut tmp, tmp_params.as_mut());
+    }
     let add = |acc: &mut [f64], part: &[f64]| acc.iter_mut().zip(part).for_each(|(a, &p)| *a += p / divisor * factor);
     add(dx, &tmp);
     if let (Some(acc), Some(part)) = (params.as_mut(), tmp_params) {
@@ -169,13 +182,16 @@ pub(crate) fn add_scaled_backward(
     }
 }
 
-/// Backward through the feature map for every kept row of `x` (L×d) given per-row stabilisers.
+/// Backward through the feature map for every kept row of `x` (L×d) given per-row stabilisers;
+/// rows flagged in `invariant` (queries whose guard did not fire) take the scale-invariant form.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn features_backward_rows(
     map: &FeatureMap,
     x: &[f64],
     d: usize,
     c: &[f64],
     keep: Option<&[bool]>,
+    invariant: Option<&[bool]>,
     dphi: &[f64],
     params: &mut Option<ParamGradsF64>,
 ) -> Vec<f64> {
@@ -183,13 +199,12 @@ pub(crate) fn features_backward_rows(
     let mut dx = vec![0.0; x.len()];
     // Padded rows have no features and no gradient (their stabiliser may be undefined).
     for i in (0..c.len()).filter(|&i| keep.is_none_or(|k| k[i])) {
-        map.features_backward(
-            &x[i * d..(i + 1) * d],
-            c[i],
-            &dphi[i * mf..(i + 1) * mf],
-            &mut dx[i * d..(i + 1) * d],
-            params.as_mut(),
-        );
+        let (xi, gi, dxi) = (&x[i * d..(i + 1) * d], &dphi[i * mf..(i + 1) * mf], &mut dx[i * d..(i + 1) * d]);
+        if invariant.is_some_and(|v| v[i]) {
+            map.features_backward_scale_invariant(xi, c[i], gi, dxi, params.as_mut());
+        } else {
+            map.features_backward(xi, c[i], gi, dxi, params.as_mut());
+        }
     }
     dx
 }

@@ -7,7 +7,10 @@
 //!
 //! Backward with c constant, writing ψ for the exp part of each feature and ḡ = ∂ℒ/∂φ:
 //! ∂ℒ/∂a and ∂ℒ/∂h follow per map (the ε floor through s), then
-//! ∂ℒ/∂x = d^{-1/4}(Wᵀ ∂ℒ/∂a + x̃ ∂ℒ/∂h).
+//! ∂ℒ/∂x = d^{-1/4}(Wᵀ ∂ℒ/∂a + x̃ ∂ℒ/∂h). h scales every feature of the token by exp(−h), so for a
+//! token whose use is invariant to its own feature scale (a query) ∂ℒ/∂h is exactly zero: the
+//! `invariant` backward leaves it out instead of forming it as a sum that cancels (whose rounding
+//! residual, multiplied by x̃, would dominate the gradient of large-norm queries).
 
 use super::data_normalizer;
 use crate::Projection;
@@ -90,7 +93,15 @@ pub(super) fn positive(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut [f
 
 /// With ψ_f = ratio·e^{a_f − h − c}: ∂ℒ/∂a_f = ḡ_f ψ_f, ∂ℒ/∂h = −Σ_f ḡ_f ψ_f, and the ε floor
 /// ratio·ε·e^{s − c} adds ∂ℒ/∂s = ratio·ε·e^{s − c}·Σ_f ḡ_f to a_{f*} and subtracts it from h.
-pub(super) fn positive_backward(p: &Projection, eps: f32, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
+pub(super) fn positive_backward(
+    p: &Projection,
+    eps: f32,
+    x: &[f64],
+    c: f64,
+    g: &[f64],
+    invariant: bool,
+    dx: &mut [f64],
+) {
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = (p.m() as f64).sqrt().recip();
@@ -103,7 +114,7 @@ pub(super) fn positive_backward(p: &Projection, eps: f32, x: &[f64], c: f64, g: 
         da[star] += ds;
         dh -= ds;
     }
-    chain_to_x(p, &xt, &da, dh, dx);
+    chain_to_x(p, &xt, &da, if invariant { 0.0 } else { dh }, dx);
 }
 
 /// φ = (2m)^{-1/2}[e^{a − h − c} + ε·e^{s − c}, e^{−a − h − c} + ε·e^{s − c}].
@@ -121,7 +132,15 @@ pub(super) fn hyperbolic(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut 
 }
 
 /// As [`positive_backward`], with s = |a_{f*}| − h: ∂ℒ/∂s goes to a_{f*} with the sign of a_{f*}.
-pub(super) fn hyperbolic_backward(p: &Projection, eps: f32, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
+pub(super) fn hyperbolic_backward(
+    p: &Projection,
+    eps: f32,
+    x: &[f64],
+    c: f64,
+    g: &[f64],
+    invariant: bool,
+    dx: &mut [f64],
+) {
     let m = p.m();
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
@@ -141,7 +160,7 @@ pub(super) fn hyperbolic_backward(p: &Projection, eps: f32, x: &[f64], c: f64, g
         da[star] += a[star].signum() * ds;
         dh -= ds;
     }
-    chain_to_x(p, &xt, &da, dh, dx);
+    chain_to_x(p, &xt, &da, if invariant { 0.0 } else { dh }, dx);
 }
 
 pub(super) fn trigonometric(p: &Projection, x: &[f64], c: f64, out: &mut [f64]) {
@@ -155,7 +174,7 @@ pub(super) fn trigonometric(p: &Projection, x: &[f64], c: f64, out: &mut [f64]) 
     }
 }
 
-pub(super) fn trigonometric_backward(p: &Projection, x: &[f64], c: f64, g: &[f64], dx: &mut [f64]) {
+pub(super) fn trigonometric_backward(p: &Projection, x: &[f64], c: f64, g: &[f64], invariant: bool, dx: &mut [f64]) {
     let m = p.m();
     let xt = normalized(p.d(), x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
@@ -167,5 +186,5 @@ pub(super) fn trigonometric_backward(p: &Projection, x: &[f64], c: f64, g: &[f64
         da[j] = scale * (g[m + j] * co - g[j] * s);
         dh += scale * (g[j] * co + g[m + j] * s);
     }
-    chain_to_x(p, &xt, &da, dh, dx);
+    chain_to_x(p, &xt, &da, if invariant { 0.0 } else { dh }, dx);
 }

@@ -307,14 +307,45 @@ impl FeatureMap {
         dx: &mut [f64],
         grads: Option<&mut ParamGradsF64>,
     ) {
+        self.backward_impl(x, c, dphi, false, dx, grads)
+    }
+
+    /// [`FeatureMap::features_backward`] for a token whose use does not depend on the scale of
+    /// its own features — a query, whose features enter its output as a ratio (without a
+    /// denominator guard that fires). The gradient along that scale is then exactly zero, and
+    /// for the exponential maps the term of ∂ℒ/∂x that carries it (∂ℒ/∂h·x̃, a sum that cancels)
+    /// is left out rather than computed as rounding noise. Equal to the plain backward in exact
+    /// arithmetic; much more accurate for large-norm tokens.
+    pub fn features_backward_scale_invariant(
+        &self,
+        x: &[f64],
+        c: f64,
+        dphi: &[f64],
+        dx: &mut [f64],
+        grads: Option<&mut ParamGradsF64>,
+    ) {
+        self.backward_impl(x, c, dphi, true, dx, grads)
+    }
+
+    fn backward_impl(
+        &self,
+        x: &[f64],
+        c: f64,
+        dphi: &[f64],
+        invariant: bool,
+        dx: &mut [f64],
+        grads: Option<&mut ParamGradsF64>,
+    ) {
         match self {
             FeatureMap::Positive { projection, epsilon } => {
-                exp_maps::positive_backward(projection, *epsilon, x, c, dphi, dx)
+                exp_maps::positive_backward(projection, *epsilon, x, c, dphi, invariant, dx)
             }
             FeatureMap::Hyperbolic { projection, epsilon } => {
-                exp_maps::hyperbolic_backward(projection, *epsilon, x, c, dphi, dx)
+                exp_maps::hyperbolic_backward(projection, *epsilon, x, c, dphi, invariant, dx)
             }
-            FeatureMap::Trigonometric { projection } => exp_maps::trigonometric_backward(projection, x, c, dphi, dx),
+            FeatureMap::Trigonometric { projection } => {
+                exp_maps::trigonometric_backward(projection, x, c, dphi, invariant, dx)
+            }
             FeatureMap::Generalized { f, projection, normalize_data, scale, .. } => {
                 generalized::backward(*f, projection.as_ref(), *normalize_data, *scale, x, dphi, dx)
             }
