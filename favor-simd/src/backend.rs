@@ -9,8 +9,8 @@ use crate::kernels::bidirectional::{
     KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, combine,
 };
 use crate::kernels::causal::{
-    BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, HeadState, SegmentSummary, Stash,
-    StashPlace, Suffix, SweepOut, combine_summary,
+    BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, HeadState, Stash, StashPlace, Suffix,
+    SweepOut, combine_summary,
 };
 use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
@@ -128,42 +128,31 @@ fn tasks(s: AttentionShape) -> Vec<(usize, usize, usize)> {
 impl SimdBackend {
     /// The causal segments of every head, (head, r0, r1) head-major, and the state entering
     /// each: a summary pass over every segment but the last (from an empty state, in parallel),
-    /// then an ordered combination per head (cheap: O(M·d_v) per segment). The summaries keep
-    /// each key's running maximum in `scratch` (an output with `row_len` elements per token that
-    /// the caller writes only afterwards).
+    /// then an ordered combination per head (cheap: O(M·d_v) per segment).
     fn causal_incoming(
         &self,
         plan: &Plan,
         s: AttentionShape,
         inputs: &Inputs<'_, Host>,
-        scratch: HostMut<'_>,
-        row_len: usize,
     ) -> (Vec<(usize, usize, usize)>, Vec<HeadState>) {
         let segs = causal_segments(s.problems(), s.len);
         let nseg = segs.len();
         let tasks: Vec<(usize, usize, usize)> =
             (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect();
-        let pieces = split_mut(scratch, &tasks.iter().map(|&(_, a, b)| (b - a) * row_len).collect::<Vec<_>>());
-        let mut summaries: Vec<SegmentSummary<'_>> = tasks
-            .par_iter()
-            .zip(pieces)
-            .filter(|&(&(_, _, r1), _)| r1 < s.len)
-            .map(|(&(bh, r0, r1), rows)| {
-                let c_local = Stash::new(Some(rows), row_len, r1 - r0);
-                self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh), r0, r1, c_local })
-            })
-            .collect();
         if nseg == 1 {
             return (tasks, vec![HeadState::new(plan, s.dv); s.problems()]);
         }
+        let summaries: Vec<HeadState> = tasks
+            .par_iter()
+            .filter(|&&(_, _, r1)| r1 < s.len)
+            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh), r0, r1 }))
+            .collect();
         let incoming = summaries
-            .par_chunks_mut(nseg - 1)
-            .enumerate()
-            .flat_map_iter(|(bh, sums)| {
-                let io = head_in(s, inputs, bh);
+            .par_chunks(nseg - 1)
+            .flat_map_iter(|sums| {
                 let mut states = vec![HeadState::new(plan, s.dv)];
-                for (k, sum) in sums.iter_mut().enumerate() {
-                    let next = combine_summary(plan, &io, segs[k].0, segs[k].1, &states[k], sum);
+                for (k, sum) in sums.iter().enumerate() {
+                    let next = combine_summary(&states[k], sum);
                     states.push(next);
                 }
                 states
@@ -262,8 +251,7 @@ impl FavorBackend for SimdBackend {
                 });
             }
             Direction::Causal => {
-                let mut out = out;
-                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs, out.reborrow(), s.dv);
+                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
                 // Replay every segment from its incoming state.
                 let outs = split_mut(out, &tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect::<Vec<_>>());
                 tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((bh, r0, r1), out), mut state)| {
@@ -364,7 +352,7 @@ impl FavorBackend for SimdBackend {
                 qgrads.into_iter().filter_map(|g| g.params).chain(kparams.into_iter().flatten()).collect()
             }
             Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs, dq.reborrow(), s.d);
+                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
                 let nseg = tasks.len() / s.problems();
                 let place = StashPlace::choose(s.d, s.dv, dtype.size());
                 let (sizes_qk, sizes_v): (Vec<usize>, Vec<usize>) =

@@ -25,11 +25,10 @@
 //!
 //! ## Memory and threads
 //! φ(Q) and φ(K) exist only one tile (64 tokens) at a time. Extra memory is O(threads × tile +
-//! batch × heads × segments × M × d_v): per-token values are kept in rows of the caller's outputs
-//! that are written only later — the causal backward's R, ḡ and c in dv or dk rows, the causal
-//! segment summaries' running maxima in out or dq rows — with a side buffer only for heads too
-//! narrow to hold them (d_v and d ≤ 2 in f32, ≤ 5 in 16-bit types; one-element 16-bit rows). Work is split across (batch, head) and
-//! across sequence segments: bidirectional attention (forward and backward) uses at most
+//! batch × heads × segments × M × d_v): the causal backward's per-token R, ḡ and c (16 bytes) are
+//! kept in rows of the caller's dv or dk outputs that are written only later, with a side buffer
+//! only for heads too narrow to hold them (d_v and d ≤ 3 in f32, ≤ 7 in 16-bit types). Work is
+//! split across (batch, head) and across sequence segments: bidirectional attention (forward and backward) uses at most
 //! 8 segments per head; the causal forward and backward split a head into segments (a summary
 //! pass and an ordered combination give each segment its incoming state, and the backward chains
 //! the segments' suffix sums from the last back) when there are fewer than 8 (batch, head)

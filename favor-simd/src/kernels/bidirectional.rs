@@ -4,12 +4,11 @@
 //! **Keys, one pass.** The sequence is cut into segments (a function of the length only, so
 //! results do not depend on the thread count). A segment walks its key tiles once: project,
 //! take the tile's maximum log-scale, raise the segment's running maximum c_s (rescaling the
-//! partial sums by exp(c_old − c_s)), compute the exp part of φ against c_s and accumulate
-//! S_s = Σ e(k)vᵀ and z_s = Σ e(k). The ε part of φ, β = ε·ratio, does not scale with c, so it is
-//! summed apart: Σv and the key count. Segments are then combined in order:
-//! K'ᵀV = Σ_s exp(c_s − c)S_s + β·1(Σv)ᵀ with c = max_s c_s, the same value as with one global
-//! maximum. **Queries**: each tile computes φ(q) against its own log-scale and multiplies by the
-//! combined M × d_v state.
+//! partial sums by exp(c_old − c_s)), compute φ against c_s (its ε floor scales with c like the
+//! rest, see favor-core's `features`) and accumulate S_s = Σ φ(k)vᵀ and z_s = Σ φ(k). Segments
+//! are then combined in order: K'ᵀV = Σ_s exp(c_s − c)S_s with c = max_s c_s, the same value as
+//! with one global maximum. **Queries**: each tile computes φ(q) against its own log-scale and
+//! multiplies by the combined M × d_v state.
 //!
 //! Backward: with x̄ = G/R and ḡ = −⟨G, out⟩/R, query tiles give dq' = x̄(K'ᵀV)ᵀ + ḡ(K'ᵀ1)ᵀ and
 //! per-segment partials of dKV = Σ q'x̄ᵀ and ds = Σ q'ḡ (summed in segment order); key tiles then
@@ -24,21 +23,18 @@ use favor_core::{HostMut, HostRef};
 
 /// Sums over one key segment, relative to its own maximum `c`.
 pub(crate) struct KeyStats {
-    pub c: f32,
-    /// Σ e(k) vᵀ, mfp × dvp.
+    pub c: f64,
+    /// Σ φ(k) vᵀ, mfp × dvp.
     pub s: Vec<f32>,
-    /// Σ e(k), mfp.
+    /// Σ φ(k), mfp.
     pub z: Vec<f32>,
-    /// Σ v over kept keys, dvp.
-    pub vsum: Vec<f32>,
-    pub count: f32,
 }
 
 /// The combined key state of one head: K'ᵀV (mfp × dvp), K'ᵀ1 (mfp) and the key stabiliser.
 pub(crate) struct KeyState {
     pub kv: Vec<f32>,
     pub ks: Vec<f32>,
-    pub c: f32,
+    pub c: f64,
 }
 
 /// Summarises keys r0..r1 of one head.
@@ -55,13 +51,7 @@ impl SimdTask for KeySegment<'_> {
     fn run<S: SimdF32>(self) -> KeyStats {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
-        let mut st = KeyStats {
-            c: f32::NEG_INFINITY,
-            s: vec![0.0; p.mfp * dvp],
-            z: vec![0.0; p.mfp],
-            vsum: vec![0.0; dvp],
-            count: 0.0,
-        };
+        let mut st = KeyStats { c: f64::NEG_INFINITY, s: vec![0.0; p.mfp * dvp], z: vec![0.0; p.mfp] };
         let mut t = Tile::new(p, TILE);
         let mut vt = vec![0.0; TILE * dvp];
         let mut r = self.r0;
@@ -74,9 +64,9 @@ impl SimdTask for KeySegment<'_> {
                 load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
                 let span = span.next(Phase::FeatureMap);
                 t.project::<S>(p, rows);
-                let tile_max = (0..rows).filter(|&i| kept[i]).map(|i| t.c[i]).fold(f32::NEG_INFINITY, f32::max);
+                let tile_max = (0..rows).filter(|&i| kept[i]).map(|i| t.s[i]).fold(f64::NEG_INFINITY, f64::max);
                 if tile_max > st.c {
-                    if st.c > f32::NEG_INFINITY {
+                    if st.c > f64::NEG_INFINITY {
                         let f = crate::math::exp::decay::<S>(st.c, tile_max);
                         scale::<S>(f, &mut st.s);
                         scale::<S>(f, &mut st.z);
@@ -84,13 +74,11 @@ impl SimdTask for KeySegment<'_> {
                     st.c = tile_max;
                 }
                 t.c[..rows].fill(st.c);
-                t.features::<S>(p, rows, false);
+                t.features::<S>(p, rows);
                 let span = span.next(Phase::StateBuild);
                 for (i, &k) in kept.iter().enumerate() {
                     if k {
                         axpy::<S>(1.0, &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut st.z);
-                        axpy::<S>(1.0, &vt[i * dvp..(i + 1) * dvp], &mut st.vsum);
-                        st.count += 1.0;
                     } else {
                         t.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
                     }
@@ -107,30 +95,16 @@ impl SimdTask for KeySegment<'_> {
 /// Combines segment summaries (in order) into the key state of one head.
 pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats]) -> KeyState {
     let dvp = crate::isa::pad(dv);
-    let c = parts.iter().map(|s| s.c).fold(f32::NEG_INFINITY, f32::max);
+    let c = parts.iter().map(|s| s.c).fold(f64::NEG_INFINITY, f64::max);
     let mut kv = vec![0.0f32; p.mfp * dvp];
     let mut ks = vec![0.0f32; p.mfp];
-    let mut vsum = vec![0.0f32; dvp];
-    let mut count = 0.0f32;
     for part in parts {
-        let f = if part.c == c { 1.0 } else { (part.c - c).exp() };
+        let f = if part.c == c { 1.0 } else { (part.c - c).exp() as f32 };
         for (x, &y) in kv.iter_mut().zip(&part.s) {
             *x += f * y;
         }
         for (x, &y) in ks.iter_mut().zip(&part.z) {
             *x += f * y;
-        }
-        for (x, &y) in vsum.iter_mut().zip(&part.vsum) {
-            *x += y;
-        }
-        count += part.count;
-    }
-    if p.beta != 0.0 {
-        for f in (0..p.mfp).filter(|&f| p.is_real(f)) {
-            for (x, &y) in kv[f * dvp..(f + 1) * dvp].iter_mut().zip(&vsum) {
-                *x += p.beta * y;
-            }
-            ks[f] += p.beta * count;
         }
     }
     KeyState { kv, ks, c }
@@ -139,7 +113,13 @@ pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats]) -> KeyState {
 /// The guarded denominator (favor-core's rule): |R| ≤ δ becomes R + 2δ.
 #[inline(always)]
 pub(crate) fn guard(r: f32, delta: f32) -> f32 {
-    if delta > 0.0 && r.abs() <= delta { r + 2.0 * delta } else { r }
+    if guard_fires(r, delta) { r + 2.0 * delta } else { r }
+}
+
+/// Whether the guard changes R; a query row whose guard does not fire is scale-invariant.
+#[inline(always)]
+pub(crate) fn guard_fires(r: f32, delta: f32) -> bool {
+    delta > 0.0 && r.abs() <= delta
 }
 
 /// Divides numerator rows by their denominators (zero rows for a zero denominator).
@@ -182,7 +162,7 @@ impl SimdTask for QueryForward<'_, '_> {
             load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
-            t.features::<S>(p, rows, true);
+            t.features::<S>(p, rows);
             let span = span.next(Phase::Apply);
             gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
@@ -267,11 +247,13 @@ impl SimdTask for QueryBackward<'_, '_> {
             load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
-            t.features::<S>(p, rows, true);
+            t.features::<S>(p, rows);
             let span = span.next(Phase::Apply);
             gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
-                *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
+                let raw = dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks);
+                t.scale_free[i] = !guard_fires(raw, self.delta);
+                *dn = guard(raw, self.delta);
             }
             normalise::<S>(rows, &mut num, dvp, &den);
             let span = span.next(Phase::BackwardSweep);
@@ -298,7 +280,7 @@ impl SimdTask for QueryBackward<'_, '_> {
 pub(crate) struct KeyBackward<'a, 'o> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
-    pub c: f32,
+    pub c: f64,
     /// dKV (mfp × dvp) and its transpose (dvp × mfp), ds (mfp).
     pub dkv: &'a [f32],
     pub dkvt: &'a [f32],
@@ -332,7 +314,7 @@ impl SimdTask for KeyBackward<'_, '_> {
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.c[..rows].fill(self.c);
-            t.features::<S>(p, rows, true);
+            t.features::<S>(p, rows);
             let span = span.next(Phase::BackwardSweep);
             gemm::<S>(rows, io.dv, p.mfp, &vt, dvp, 1, self.dkvt, p.mfp, &mut dphi, p.mfp, true);
             for i in 0..rows {

@@ -23,7 +23,7 @@
 //! incoming maximum; the backend chains those shares from the last segment back, so every
 //! segment's reverse sweep starts from the exact suffix sums of the queries after it.
 
-use super::bidirectional::{cotangents, guard, normalise};
+use super::bidirectional::{cotangents, guard, guard_fires, normalise};
 use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
 use super::{HeadIn, load_rows, store_rows};
@@ -45,13 +45,13 @@ pub struct HeadState {
     pub(crate) s: Vec<f32>,
     /// z, mfp.
     pub(crate) z: Vec<f32>,
-    /// Running key maximum (−∞ before the first key).
-    pub(crate) c: f32,
+    /// Running key maximum (−∞ before the first key), in f64 like every stabiliser.
+    pub(crate) c: f64,
 }
 
 impl HeadState {
     pub(crate) fn new(p: &Plan, dv: usize) -> Self {
-        HeadState { s: vec![0.0; p.mfp * pad(dv)], z: vec![0.0; p.mfp], c: f32::NEG_INFINITY }
+        HeadState { s: vec![0.0; p.mfp * pad(dv)], z: vec![0.0; p.mfp], c: f64::NEG_INFINITY }
     }
 }
 
@@ -67,7 +67,7 @@ struct Chunk {
     /// (Q'K'ᵀ) ⊙ M, CHUNK × CHUNK.
     att: Vec<f32>,
     /// Running key maxima of the chunk.
-    cj: [f32; CHUNK],
+    cj: [f64; CHUNK],
     kept: [bool; CHUNK],
     dvp: usize,
 }
@@ -97,15 +97,15 @@ impl Chunk {
         io: &HeadIn<'_>,
         r: usize,
         rows: usize,
-        c_run: f32,
-        given: Option<&[f32]>,
-    ) -> f32 {
-        self.prepare_keys::<S>(p, io, r, rows, c_run, given, true);
+        c_run: f64,
+        given: Option<&[f64]>,
+    ) -> f64 {
+        self.prepare_keys::<S>(p, io, r, rows, c_run, given);
         let t = Span::start(Phase::Io);
         load_rows(&io.q, io.qk_off, io.d, r, rows, &mut self.tq.x, p.dp);
         let t = t.next(Phase::FeatureMap);
         self.tq.project::<S>(p, rows);
-        self.tq.features::<S>(p, rows, true);
+        self.tq.features::<S>(p, rows);
         let t = t.next(Phase::Apply);
         self.phikt.fill(0.0);
         transpose::<S>(rows, p.mfp, &self.tk.phi, p.mfp, &mut self.phikt, CHUNK);
@@ -132,9 +132,7 @@ impl Chunk {
     }
 
     /// Loads keys and values of rows r..r+rows and computes φ(K) against the running maxima
-    /// (continuing from `c_run`, or `given`); padded keys get zero rows. `with_beta` as in
-    /// [`Tile::features`].
-    #[allow(clippy::too_many_arguments)]
+    /// (continuing from `c_run`, or `given`); padded keys get zero rows.
     #[inline(always)]
     fn prepare_keys<S: SimdF32>(
         &mut self,
@@ -142,9 +140,8 @@ impl Chunk {
         io: &HeadIn<'_>,
         r: usize,
         rows: usize,
-        c_run: f32,
-        given: Option<&[f32]>,
-        with_beta: bool,
+        c_run: f64,
+        given: Option<&[f64]>,
     ) {
         let dvp = self.dvp;
         let t = Span::start(Phase::Io);
@@ -155,8 +152,8 @@ impl Chunk {
         let mut c = c_run;
         for i in 0..rows {
             self.kept[i] = io.keep(r + i);
-            if self.kept[i] && self.tk.c[i] > c {
-                c = self.tk.c[i];
+            if self.kept[i] && self.tk.s[i] > c {
+                c = self.tk.s[i];
             }
             self.cj[i] = match given {
                 Some(g) => g[i],
@@ -164,16 +161,25 @@ impl Chunk {
             };
         }
         self.tk.c[..rows].copy_from_slice(&self.cj[..rows]);
-        self.tk.features::<S>(p, rows, with_beta);
+        self.tk.features::<S>(p, rows);
         for i in (0..rows).filter(|&i| !self.kept[i]) {
             self.tk.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
         }
         t.end();
     }
 
-    /// num (rows × dvp) and den of the chunk given the incoming state.
+    /// num (rows × dvp) and den of the chunk given the incoming state; marks the query rows
+    /// whose guard did not fire as scale-free.
     #[inline(always)]
-    fn outputs<S: SimdF32>(&self, p: &Plan, rows: usize, st: &HeadState, delta: f32, num: &mut [f32], den: &mut [f32]) {
+    fn outputs<S: SimdF32>(
+        &mut self,
+        p: &Plan,
+        rows: usize,
+        st: &HeadState,
+        delta: f32,
+        num: &mut [f32],
+        den: &mut [f32],
+    ) {
         let dvp = self.dvp;
         let _t = Span::start(Phase::Apply);
         gemm::<S>(rows, p.mfp, dvp, &self.tq.phi, p.mfp, 1, &st.s, dvp, num, dvp, true);
@@ -182,7 +188,9 @@ impl Chunk {
             let qi = &self.tq.phi[i * p.mfp..(i + 1) * p.mfp];
             scale::<S>(w, &mut num[i * dvp..(i + 1) * dvp]);
             let intra = sum::<S>(&self.att[i * CHUNK..(i + 1) * CHUNK]);
-            den[i] = guard(intra + w * dot::<S>(qi, &st.z), delta);
+            let raw = intra + w * dot::<S>(qi, &st.z);
+            self.tq.scale_free[i] = !guard_fires(raw, delta);
+            den[i] = guard(raw, delta);
         }
         gemm::<S>(rows, rows, dvp, &self.att, CHUNK, 1, &self.vt, dvp, num, dvp, false);
     }
@@ -191,7 +199,7 @@ impl Chunk {
     #[inline(always)]
     fn advance<S: SimdF32>(&mut self, p: &Plan, rows: usize, st: &mut HeadState) {
         let _t = Span::start(Phase::StateBuild);
-        self.tk.phi_beta = None;
+        self.tk.phi_current = false;
         let c_end = self.cj[rows - 1];
         let f = decay::<S>(st.c, c_end);
         if f != 1.0 {
@@ -212,14 +220,18 @@ impl Chunk {
 }
 
 /// m_j = exp(c_j − c_i) for every column of a mask row (1 where c_j = c_i, −∞ included); the
-/// caller zeroes j > i. Arguments are ≤ 0 for j ≤ i because the maxima are running.
+/// caller zeroes j > i. Arguments are ≤ 0 for j ≤ i because the maxima are running; the
+/// differences are taken in f64 (the maxima are), the exponentials in f32 vectors.
 #[inline(always)]
-fn decay_row<S: SimdF32>(cj: &[f32; CHUNK], ci: f32, mrow: &mut [f32]) {
-    let c = S::splat(ci);
+fn decay_row<S: SimdF32>(cj: &[f64; CHUNK], ci: f64, mrow: &mut [f32]) {
+    let mut diff = [0.0f32; CHUNK];
+    for (d, &c) in diff.iter_mut().zip(cj) {
+        *d = (c - ci) as f32;
+    }
     for v in 0..CHUNK / S::LANES {
-        // SAFETY: (v + 1)·LANES ≤ CHUNK = cj.len() = mrow.len().
+        // SAFETY: (v + 1)·LANES ≤ CHUNK = diff.len() = mrow.len().
         unsafe {
-            let x = S::load(cj.as_ptr().add(v * S::LANES)).sub(c);
+            let x = S::load(diff.as_ptr().add(v * S::LANES));
             let e = S::select(x.is_nan(), S::splat(1.0), exp_nonpositive(x));
             e.store(mrow.as_mut_ptr().add(v * S::LANES));
         }
@@ -276,10 +288,10 @@ impl SimdTask for CausalForward<'_, '_> {
     }
 }
 
-/// The backward's forward sweep leaves R_i, ḡ_i and the running key maximum c_i (12 bytes per
-/// token) for the reverse sweep in a [`Stash`]: the caller's dv rows of the same token, or its
-/// dk rows when dv rows are narrower, which the reverse sweep reads before it overwrites them;
-/// a side buffer only for heads too narrow for both (d and d_v ≤ 2 in f32, ≤ 5 in 16-bit).
+/// The backward's forward sweep leaves R_i, ḡ_i and the running key maximum c_i (16 bytes per
+/// token, c in f64) for the reverse sweep in a [`Stash`]: the caller's dv rows of the same token,
+/// or its dk rows when dv rows are narrower, which the reverse sweep reads before it overwrites
+/// them; a side buffer only for heads too narrow for both (d and d_v ≤ 3 in f32, ≤ 7 in 16-bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StashPlace {
     Dv,
@@ -289,13 +301,43 @@ pub(crate) enum StashPlace {
 
 impl StashPlace {
     pub(crate) fn choose(d: usize, dv: usize, elem_size: usize) -> StashPlace {
-        if Stash::<3>::fits(dv, elem_size) {
+        if Stash::fits(dv, elem_size) {
             StashPlace::Dv
-        } else if Stash::<3>::fits(d, elem_size) {
+        } else if Stash::fits(d, elem_size) {
             StashPlace::Dk
         } else {
             StashPlace::Side
         }
+    }
+}
+
+/// What the causal backward's forward sweep leaves per token for the reverse sweep.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct StashEntry {
+    /// The guarded denominator R_i.
+    pub den: f32,
+    /// ḡ_i = −⟨G_i, out_i⟩ / R_i.
+    pub gbar: f32,
+    /// The running key maximum c_i.
+    pub c: f64,
+}
+
+impl StashEntry {
+    const BYTES: usize = 16;
+
+    fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.den.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.gbar.to_ne_bytes());
+        b[8..].copy_from_slice(&self.c.to_ne_bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> StashEntry {
+        let f4 = |o: usize| f32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&b[8..16]);
+        StashEntry { den: f4(0), gbar: f4(4), c: f64::from_ne_bytes(c) }
     }
 }
 
@@ -309,45 +351,40 @@ fn row_bytes<'t>(t: &'t mut HostMut<'_>, row_len: usize, row: usize) -> &'t mut 
     }
 }
 
-/// N floats per token kept in rows of a caller's tensor that are not written yet (so the kernels
-/// need no per-token memory of their own), or, for rows narrower than 4·N bytes, in a side buffer.
-pub(crate) enum Stash<'o, const N: usize> {
+/// One [`StashEntry`] per token kept in rows of a caller's tensor that are not written yet (so
+/// the kernels need no per-token memory of their own), or, for rows narrower than 16 bytes, in a
+/// side buffer.
+pub(crate) enum Stash<'o> {
     Rows { t: HostMut<'o>, row_len: usize },
-    Side(Vec<[f32; N]>),
+    Side(Vec<StashEntry>),
 }
 
-impl<'o, const N: usize> Stash<'o, N> {
-    /// Whether rows of `row_len` elements of `elem_size` bytes can hold N floats.
+impl<'o> Stash<'o> {
+    /// Whether rows of `row_len` elements of `elem_size` bytes can hold an entry.
     fn fits(row_len: usize, elem_size: usize) -> bool {
-        row_len * elem_size >= 4 * N
+        row_len * elem_size >= StashEntry::BYTES
     }
 
     /// In `rows` (`n` rows of `row_len` elements) when they are wide enough, else a side buffer.
     pub(crate) fn new(rows: Option<HostMut<'o>>, row_len: usize, n: usize) -> Self {
         match rows {
             Some(t) if Self::fits(row_len, t.dtype().size()) => Stash::Rows { t, row_len },
-            _ => Stash::Side(vec![[0.0; N]; n]),
+            _ => Stash::Side(vec![StashEntry::default(); n]),
         }
     }
 
-    fn put(&mut self, row: usize, vals: [f32; N]) {
+    fn put(&mut self, row: usize, e: StashEntry) {
         match self {
             Stash::Rows { t, row_len } => {
-                let b = row_bytes(t, *row_len, row);
-                for (k, v) in vals.iter().enumerate() {
-                    b[4 * k..4 * k + 4].copy_from_slice(&v.to_ne_bytes());
-                }
+                row_bytes(t, *row_len, row)[..StashEntry::BYTES].copy_from_slice(&e.to_bytes())
             }
-            Stash::Side(v) => v[row] = vals,
+            Stash::Side(v) => v[row] = e,
         }
     }
 
-    fn get(&mut self, row: usize) -> [f32; N] {
+    fn get(&mut self, row: usize) -> StashEntry {
         match self {
-            Stash::Rows { t, row_len } => {
-                let b = row_bytes(t, *row_len, row);
-                std::array::from_fn(|k| f32::from_ne_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]))
-            }
+            Stash::Rows { t, row_len } => StashEntry::from_bytes(row_bytes(t, *row_len, row)),
             Stash::Side(v) => v[row],
         }
     }
@@ -370,10 +407,10 @@ impl Suffix {
     /// Adds the queries of a chunk, weighted by exp(c_ref − c_i): consumes φ(Q) (rescaled in
     /// place) and needs x̄ in `g`.
     #[inline(always)]
-    fn add_queries<S: SimdF32>(&mut self, p: &Plan, ch: &mut Chunk, rows: usize, c_ref: f32, g: &[f32], gbar: &[f32]) {
+    fn add_queries<S: SimdF32>(&mut self, p: &Plan, ch: &mut Chunk, rows: usize, c_ref: f64, g: &[f32], gbar: &[f32]) {
         let _t = Span::start(Phase::StateBuild);
         let mfp = p.mfp;
-        ch.tq.phi_beta = None;
+        ch.tq.phi_current = false;
         for ((row, &cj), &gb) in ch.tq.phi.chunks_exact_mut(mfp).zip(&ch.cj).zip(gbar).take(rows) {
             let u = decay::<S>(c_ref, cj);
             if u != 1.0 {
@@ -386,7 +423,7 @@ impl Suffix {
 
     /// Re-references to `c_new` ≤ the current reference.
     #[inline(always)]
-    fn rescale<S: SimdF32>(&mut self, c_new: f32, c_old: f32) {
+    fn rescale<S: SimdF32>(&mut self, c_new: f64, c_old: f64) {
         let f = decay::<S>(c_new, c_old);
         if f != 1.0 {
             scale::<S>(f, &mut self.pm);
@@ -397,8 +434,8 @@ impl Suffix {
     /// The suffix entering the segment before: `later` (relative to the end of the segment it
     /// enters, `c_later`) re-referenced to `c_here` and plus `seg`, the next segment's own
     /// contribution (already relative to `c_here`).
-    pub(crate) fn chain(mut later: Suffix, c_here: f32, c_later: f32, seg: &Suffix) -> Suffix {
-        let f = if c_here == c_later { 1.0 } else { (c_here - c_later).exp() };
+    pub(crate) fn chain(mut later: Suffix, c_here: f64, c_later: f64, seg: &Suffix) -> Suffix {
+        let f = if c_here == c_later { 1.0 } else { (c_here - c_later).exp() as f32 };
         for (a, &b) in later.pm.iter_mut().zip(&seg.pm) {
             *a = f * *a + b;
         }
@@ -409,9 +446,9 @@ impl Suffix {
     }
 }
 
-/// Entry `row` of a three-float stash kept in rows of `t`.
-fn stash_get(t: HostMut<'_>, row_len: usize, row: usize) -> [f32; 3] {
-    let mut st: Stash<'_, 3> = Stash::Rows { t, row_len };
+/// Entry `row` of a stash kept in rows of `t`.
+fn stash_get(t: HostMut<'_>, row_len: usize, row: usize) -> StashEntry {
+    let mut st = Stash::Rows { t, row_len };
     st.get(row)
 }
 
@@ -419,11 +456,11 @@ fn stash_get(t: HostMut<'_>, row_len: usize, row: usize) -> [f32; 3] {
 pub(crate) struct SweepOut {
     pub params: Option<ParamAcc>,
     /// The running key maximum entering the segment (the reference of `suffix`).
-    pub c_in: f32,
+    pub c_in: f64,
     /// The segment's own suffix sums relative to its incoming maximum (when asked for).
     pub suffix: Option<Suffix>,
     /// The stash, when it could not live in the gradient rows.
-    pub side: Option<Vec<[f32; 3]>>,
+    pub side: Option<Vec<StashEntry>>,
 }
 
 /// Causal backward, first sweep over rows r0..r1 of one head from the incoming `state`:
@@ -439,7 +476,7 @@ pub(crate) struct BackwardForwardSweep<'a, 'o> {
     pub state: HeadState,
     pub suffix: bool,
     pub dq: HostMut<'o>,
-    pub stash: Stash<'o, 3>,
+    pub stash: Stash<'o>,
     pub params: Option<ParamAcc>,
 }
 
@@ -477,7 +514,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
             let t = t.next(Phase::BackwardSweep);
             cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
             for i in 0..rows {
-                self.stash.put(r - self.r0 + i, [den[i], gbar[i], ch.cj[i]]);
+                self.stash.put(r - self.r0 + i, StashEntry { den: den[i], gbar: gbar[i], c: ch.cj[i] });
             }
             t.end();
             build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
@@ -521,7 +558,7 @@ pub(crate) struct BackwardReverseSweep<'a, 'o> {
     pub r1: usize,
     pub suffix: Suffix,
     pub place: StashPlace,
-    pub side: Option<Vec<[f32; 3]>>,
+    pub side: Option<Vec<StashEntry>>,
     pub dk: HostMut<'o>,
     pub dv: HostMut<'o>,
     pub params: Option<ParamAcc>,
@@ -529,11 +566,11 @@ pub(crate) struct BackwardReverseSweep<'a, 'o> {
 
 impl BackwardReverseSweep<'_, '_> {
     /// Stash entry of segment row `row`.
-    fn stashed(&mut self, row: usize) -> [f32; 3] {
+    fn stashed(&mut self, row: usize) -> StashEntry {
         match self.place {
             StashPlace::Dv => stash_get(self.dv.reborrow(), self.io.dv, row),
             StashPlace::Dk => stash_get(self.dk.reborrow(), self.io.d, row),
-            StashPlace::Side => self.side.as_ref().map_or([0.0; 3], |v| v[row]),
+            StashPlace::Side => self.side.as_ref().map_or(StashEntry::default(), |v| v[row]),
         }
     }
 }
@@ -549,7 +586,7 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
         let mut g = vec![0.0; CHUNK * dvp];
         let mut gbar = [0.0f32; CHUNK];
         let mut den = [0.0f32; CHUNK];
-        let mut cj = [0.0f32; CHUNK];
+        let mut cj = [0.0f64; CHUNK];
         let mut bm = vec![0.0; CHUNK * CHUNK];
         let mut vtt = vec![0.0; dvp * CHUNK];
         let mut pm_t = vec![0.0f32; dvp * mfp];
@@ -564,7 +601,8 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             let r = self.r0 + ci * CHUNK;
             let rows = CHUNK.min(self.r1 - r);
             for i in 0..rows {
-                [den[i], gbar[i], cj[i]] = self.stashed(r - self.r0 + i);
+                let e = self.stashed(r - self.r0 + i);
+                (den[i], gbar[i], cj[i]) = (e.den, e.gbar, e.c);
             }
             ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
             let t = Span::start(Phase::Io);
@@ -607,7 +645,7 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             }
             // The previous row's stash must be read before this chunk's rows are overwritten
             // (it lies in the chunk before, which is still intact).
-            let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1)[2]) } else { None };
+            let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1).c) } else { None };
             let t = t.next(Phase::Io);
             store_rows(&mut self.dk, io.d, r - self.r0, rows, &dx, p.dp);
             store_rows(&mut self.dv, io.dv, r - self.r0, rows, &dvo, dvp);
@@ -624,88 +662,43 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
     }
 }
 
-/// What keys r0..r1 of one head add to a causal state, computed from an empty state: the exp
-/// part of the features (relative to the segment's own final maximum `state.c`) and the
-/// segment's running key maxima. The ε part depends on the incoming maximum and is added by
-/// [`combine_summary`].
-pub(crate) struct SegmentSummary<'o> {
-    pub state: HeadState,
-    /// Running key maximum of the segment alone, per row (−∞ before its first kept key).
-    pub c_local: Stash<'o, 1>,
-}
-
-/// Summarises keys r0..r1 of one head (the first pass of the sequence-parallel causal forward).
-/// The running maxima go to `c_local`, normally rows of an output the caller writes only after
-/// [`combine_summary`] has read them.
-pub(crate) struct CausalSummary<'a, 'o> {
+/// What keys r0..r1 of one head add to a causal state, computed from an empty state: φ(K)ᵀV and
+/// φ(K)ᵀ1 relative to the segment's own final running maximum `c` (the first pass of the
+/// sequence-parallel causal forward). Exact: the features scale with the stabiliser as a whole,
+/// ε floor included, so only a rescale is needed to continue from another state.
+pub(crate) struct CausalSummary<'a> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
     pub r0: usize,
     pub r1: usize,
-    pub c_local: Stash<'o, 1>,
 }
 
-impl<'o> SimdTask for CausalSummary<'_, 'o> {
-    type Output = SegmentSummary<'o>;
+impl SimdTask for CausalSummary<'_> {
+    type Output = HeadState;
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) -> SegmentSummary<'o> {
+    fn run<S: SimdF32>(self) -> HeadState {
         let (p, io) = (self.plan, self.io);
         let mut ch = Chunk::new(p, io.dv);
         let mut st = HeadState::new(p, io.dv);
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
-            ch.prepare_keys::<S>(p, &io, r, rows, st.c, None, false);
-            for (i, &c) in ch.cj[..rows].iter().enumerate() {
-                self.c_local.put(r - self.r0 + i, [c]);
-            }
+            ch.prepare_keys::<S>(p, &io, r, rows, st.c, None);
             ch.advance::<S>(p, rows, &mut st);
             r += rows;
         }
-        SegmentSummary { state: st, c_local: self.c_local }
+        st
     }
 }
 
-/// The state after segment r0..r1 given the state before it: exact, including the ε part
-/// β·Σ_j exp(max(c_in, c_j) − c_out) v_j of each key, whose weight depends on the incoming maximum.
-pub(crate) fn combine_summary(
-    p: &Plan,
-    io: &HeadIn<'_>,
-    r0: usize,
-    r1: usize,
-    before: &HeadState,
-    seg: &mut SegmentSummary<'_>,
-) -> HeadState {
-    let dvp = pad(io.dv);
-    let c_out = before.c.max(seg.state.c);
-    let w = |a: f32| if a == c_out { 1.0 } else { (a - c_out).exp() };
-    let (fa, fb) = (w(before.c), w(seg.state.c));
-    let mut out = HeadState {
-        s: before.s.iter().zip(&seg.state.s).map(|(&a, &b)| fa * a + fb * b).collect(),
-        z: before.z.iter().zip(&seg.state.z).map(|(&a, &b)| fa * a + fb * b).collect(),
+/// The state after a segment given the state before it and the segment's summary.
+pub(crate) fn combine_summary(before: &HeadState, seg: &HeadState) -> HeadState {
+    let c_out = before.c.max(seg.c);
+    let w = |a: f64| if a == c_out { 1.0 } else { (a - c_out).exp() as f32 };
+    let (fa, fb) = (w(before.c), w(seg.c));
+    HeadState {
+        s: before.s.iter().zip(&seg.s).map(|(&a, &b)| fa * a + fb * b).collect(),
+        z: before.z.iter().zip(&seg.z).map(|(&a, &b)| fa * a + fb * b).collect(),
         c: c_out,
-    };
-    if p.beta != 0.0 {
-        let mut y = vec![0.0f32; dvp];
-        let mut count = 0.0f32;
-        let mut v = vec![0.0f32; io.dv];
-        for j in 0..r1 - r0 {
-            if io.keep(r0 + j) {
-                let [cl] = seg.c_local.get(j);
-                let wj = w(before.c.max(cl));
-                io.v.read_f32(io.v_off + (r0 + j) * io.dv, &mut v);
-                for (a, &b) in y.iter_mut().zip(&v) {
-                    *a += wj * b;
-                }
-                count += wj;
-            }
-        }
-        for f in (0..p.mfp).filter(|&f| p.is_real(f)) {
-            for (a, &b) in out.s[f * dvp..(f + 1) * dvp].iter_mut().zip(&y) {
-                *a += p.beta * b;
-            }
-            out.z[f] += p.beta * count;
-        }
     }
-    out
 }

@@ -12,11 +12,36 @@
 //!
 //! The stabiliser of each row is passed in (`c`); see favor-core's `features` docs for the
 //! formulas, which these follow term by term. Padded columns are always written as zero.
+//!
+//! # Large, tiny and ordinary rows
+//! Per-row scalars that decide which features are kept are formed in f64: h = ‖x̃‖²/2 (from the
+//! f32 inputs, exactly widened), the log-scale s and the stabiliser c. A query's shift is its own
+//! largest projection (h cancels and is never formed); a key's is h + c rounded *up* to f32 and
+//! at least the row's largest projection, so every exp argument a − shift is ≤ 0 by
+//! construction, and it is accurate however large h is.
+//!
+//! Rows the f32 path cannot carry — an input entry beyond [`WIDE_INPUT`] (the projection or
+//! the gradient could overflow), or, for the maps without a built-in stabiliser (ReLU, ELU+1,
+//! softplus, learned), largest feature outside [`FEATURE_LO`]..[`FEATURE_HI`] — are *wide*:
+//! their features and gradients are computed in f64 by favor-core's per-token map, exactly like
+//! the reference. The generic maps then get a log-scale too, s = ln(max φ), and their features
+//! are stored as φ·e^{s − c} like the exponential maps', so that huge or tiny (subnormal)
+//! features neither overflow nor lose their precision. Ordinary rows never take that path.
 
-use super::gemm::{axpy, dot, gemm, sum};
+use super::gemm::{axpy, gemm, sum};
 use crate::isa::{SimdF32, pad};
-use crate::math::exp::{exp_nonpositive, exp1};
+use crate::math::exp::exp_nonpositive;
 use favor_core::{Elementwise, FeatureMap};
+
+/// Rows with an input entry beyond this magnitude (2^24) are computed in f64 (see the module
+/// docs): below it the projection, its gradient and every product stay far from f32's range.
+pub(crate) const WIDE_INPUT: f32 = 16_777_216.0;
+/// The generic maps keep a row in f32 while its largest feature is 0 or in
+/// [FEATURE_LO, FEATURE_HI] = [2^-24, 2^24]: sums over keys, products with queries and their
+/// cotangents then stay inside f32's range with a wide margin.
+pub(crate) const FEATURE_LO: f32 = 1.0 / 16_777_216.0;
+/// See [`FEATURE_LO`].
+pub(crate) const FEATURE_HI: f32 = 16_777_216.0;
 
 /// Which formula a plan evaluates.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,12 +76,14 @@ pub(crate) struct Plan {
     ws_gate: Vec<f32>,
     /// Bias of the learned softplus map (mp).
     bias: Option<Vec<f32>>,
-    /// h = hcoef·‖x‖² (= ‖x̃‖²/2).
-    hcoef: f32,
+    /// h = hcoef·‖x‖² (= ‖x̃‖²/2), in f64.
+    hcoef: f64,
     /// m^{-1/2} or (2m)^{-1/2}.
     ratio: f32,
-    /// The ε part of every feature, ratio·ε (0 for maps without ε).
-    pub beta: f32,
+    /// ratio·ε: the ε floor of a token at its own log-scale (0 for maps without ε).
+    beta: f64,
+    /// The map itself, for the wide rows (favor-core's f64 per-token functions).
+    map: FeatureMap,
 }
 
 fn transposed(m: usize, d: usize, w: &[f32], s: f32, mp: usize, dp: usize) -> (Vec<f32>, Vec<f32>) {
@@ -77,7 +104,7 @@ impl Plan {
     pub(crate) fn new(map: &FeatureMap, d: usize) -> Plan {
         let dp = pad(d);
         let nrm = (d as f64).powf(-0.25);
-        let hcoef = ((d as f64).powf(-0.5) / 2.0) as f32;
+        let hcoef = (d as f64).powf(-0.5) / 2.0;
         let mut plan = Plan {
             kind: Kind::Softplus,
             d,
@@ -94,18 +121,19 @@ impl Plan {
             hcoef,
             ratio: 1.0,
             beta: 0.0,
+            map: map.clone(),
         };
         let (m, w, s): (usize, &[f32], f64) = match map {
             FeatureMap::Positive { projection, epsilon } => {
                 plan.kind = Kind::Positive;
                 plan.ratio = (1.0 / (projection.m() as f64).sqrt()) as f32;
-                plan.beta = (*epsilon as f64 / (projection.m() as f64).sqrt()) as f32;
+                plan.beta = *epsilon as f64 / (projection.m() as f64).sqrt();
                 (projection.m(), projection.matrix(), nrm)
             }
             FeatureMap::Hyperbolic { projection, epsilon } => {
                 plan.kind = Kind::Hyperbolic;
                 plan.ratio = (1.0 / (2.0 * projection.m() as f64).sqrt()) as f32;
-                plan.beta = (*epsilon as f64 / (2.0 * projection.m() as f64).sqrt()) as f32;
+                plan.beta = *epsilon as f64 / (2.0 * projection.m() as f64).sqrt();
                 (projection.m(), projection.matrix(), nrm)
             }
             FeatureMap::Trigonometric { projection } => {
@@ -172,11 +200,6 @@ impl Plan {
         if self.split() && j >= self.m { self.mp + j - self.m } else { j }
     }
 
-    /// True when internal column `f` holds a real feature (not padding).
-    pub(crate) fn is_real(&self, f: usize) -> bool {
-        if self.split() { f % self.mp < self.m } else { f < self.mf }
-    }
-
     /// Copies an internal feature row to the public layout (`out` has `mf` entries).
     pub(crate) fn to_external(&self, row: &[f32], out: &mut [f32]) {
         for (j, o) in out.iter_mut().enumerate() {
@@ -198,15 +221,44 @@ pub(crate) struct Tile {
     pub x: Vec<f32>,
     pub a: Vec<f32>,
     pub a2: Vec<f32>,
-    pub h: Vec<f32>,
-    /// Per-row log-scales, then stabilisers.
-    pub c: Vec<f32>,
+    /// h = ‖x̃‖²/2 of each row, in f64 (exponential maps).
+    h: Vec<f64>,
+    /// Each row's largest projection (|projection| for hyperbolic features), exactly as in `a`.
+    amax: Vec<f32>,
+    /// Each row's own log-scale s (module docs of favor-core's `features`).
+    pub s: Vec<f64>,
+    /// Each row's stabiliser c ≥ s. [`Tile::project`] sets c = s (a query's); callers set the
+    /// keys' before [`Tile::features`].
+    pub c: Vec<f64>,
+    /// Rows computed in f64 (module docs).
+    wide: Vec<bool>,
+    /// Rows whose use does not depend on the scale of their own features: queries whose
+    /// denominator guard did not fire. Their backward leaves out ∂ℒ/∂h, which is exactly zero
+    /// (favor-core's `features_backward_scale_invariant`). Cleared by [`Tile::project`].
+    pub scale_free: Vec<bool>,
     pub phi: Vec<f32>,
-    /// Some(β) while `phi` holds exactly what [`Tile::features`] wrote (with ε part β) for the
-    /// current projections, so that the backward can reuse the exponentials instead of
-    /// recomputing them; whoever changes `phi` in place must reset it. Rows zeroed for padded
-    /// keys may keep it: the backward zeroes their dφ too, so they contribute nothing.
-    pub phi_beta: Option<f32>,
+    /// True while `phi` holds exactly what [`Tile::features`] wrote for the current projections
+    /// and stabilisers, so that the backward can reuse the exponentials instead of recomputing
+    /// them; whoever changes `phi` in place must clear it. Rows zeroed for padded keys may keep
+    /// it: the backward zeroes their dφ too, so they contribute nothing.
+    pub phi_current: bool,
+    /// f64 scratch of the wide rows (allocated on first use).
+    wide_buf: Vec<f64>,
+}
+
+/// The exp shift and ε floor of one row of an exponential map.
+#[derive(Clone, Copy)]
+struct RowExp {
+    /// −T with T ≥ every projection of the row: exp(a − T) ≤ 1.
+    neg_shift: f32,
+    /// ratio·ε·e^{s − c}.
+    floor: f32,
+}
+
+/// The smallest f32 ≥ x (x finite or +∞).
+fn round_up(x: f64) -> f32 {
+    let f = x as f32;
+    if (f as f64) < x { f.next_up() } else { f }
 }
 
 impl Tile {
@@ -217,17 +269,23 @@ impl Tile {
             a: vec![0.0; t * p.mp],
             a2: if gated { vec![0.0; t * p.mp] } else { Vec::new() },
             h: vec![0.0; t],
+            amax: vec![0.0; t],
+            s: vec![0.0; t],
             c: vec![0.0; t],
+            wide: vec![false; t],
+            scale_free: vec![false; t],
             phi: vec![0.0; t * p.mfp],
-            phi_beta: None,
+            phi_current: false,
+            wide_buf: Vec::new(),
         }
     }
 
-    /// Projections a (and the gate's), h, and the log-scales into `c` for `rows` tokens in `x`.
+    /// Projections a (and the gate's), h, and the log-scales `s` (copied into `c`) for `rows`
+    /// tokens in `x`; decides which rows are wide.
     #[inline(always)]
     pub(crate) fn project<S: SimdF32>(&mut self, p: &Plan, rows: usize) {
         let (dp, mp) = (p.dp, p.mp);
-        self.phi_beta = None;
+        self.phi_current = false;
         match p.kind {
             Kind::Generalized { projected: false, scale, .. } => {
                 for i in 0..rows * dp {
@@ -246,54 +304,132 @@ impl Tile {
         if matches!(p.kind, Kind::GatedSoftplus) {
             gemm::<S>(rows, p.d, mp, &self.x, dp, 1, &p.wt_gate, mp, &mut self.a2, mp, true);
         }
-        if p.is_stabilised() {
-            for i in 0..rows {
-                let xr = &self.x[i * dp..(i + 1) * dp];
-                self.h[i] = p.hcoef * dot::<S>(xr, xr);
-                let ar = &self.a[i * mp..i * mp + p.m];
-                self.c[i] = match p.kind {
-                    Kind::Positive => row_max::<S>(ar, false) - self.h[i],
-                    Kind::Hyperbolic => row_max::<S>(ar, true) - self.h[i],
-                    _ => self.h[i],
-                };
+        for i in 0..rows {
+            let xr = &self.x[i * dp..i * dp + p.d];
+            self.wide[i] = row_max::<S>(xr, true) > WIDE_INPUT;
+            self.scale_free[i] = false;
+            self.s[i] = match p.kind {
+                Kind::Positive | Kind::Hyperbolic | Kind::Trigonometric => {
+                    self.h[i] = p.hcoef * xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+                    self.amax[i] = row_max::<S>(&self.a[i * mp..i * mp + p.m], p.kind == Kind::Hyperbolic);
+                    match p.kind {
+                        Kind::Trigonometric => self.h[i],
+                        _ => self.amax[i] as f64 - self.h[i],
+                    }
+                }
+                _ => {
+                    let top = self.generic_max(p, i);
+                    if !(top == 0.0 || (FEATURE_LO..=FEATURE_HI).contains(&top)) {
+                        self.wide[i] = true;
+                    }
+                    0.0
+                }
+            };
+            if self.wide[i] {
+                self.s[i] = self.wide_log_scale(p, i);
             }
-        } else {
-            self.c[..rows].fill(0.0);
+            self.c[i] = self.s[i];
         }
     }
 
-    /// φ of `rows` tokens against the stabilisers in `c`, into `phi`. Without `with_beta` the
-    /// constant ε part (`Plan::beta`) is left out.
+    /// The largest feature of row `i` of a generic map (its f32 value; +∞ or NaN when the
+    /// projection overflowed). The maps are monotone in their projection except the gated one.
     #[inline(always)]
-    pub(crate) fn features<S: SimdF32>(&mut self, p: &Plan, rows: usize, with_beta: bool) {
+    fn generic_max(&self, p: &Plan, i: usize) -> f32 {
+        let a = &self.a[i * p.mp..i * p.mp + p.m];
+        let top = a.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let bad = |x: f32| if x.is_nan() { f32::INFINITY } else { x };
+        match p.kind {
+            Kind::Generalized { f, kappa, .. } => bad(apply(f, top) + kappa),
+            Kind::Softplus => bad(softplus(top)),
+            Kind::GatedSoftplus => {
+                let g = &self.a2[i * p.mp..i * p.mp + p.m];
+                a.iter().zip(g).fold(0.0f32, |m, (&y, &z)| m.max(bad(softplus(y) * sigmoid(z))))
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Row `i` of `x` widened to f64, in `wide_buf[..d]`.
+    fn widen_row(&mut self, p: &Plan, i: usize) {
+        let need = p.d + 2 * p.mf.max(p.d);
+        if self.wide_buf.len() < need {
+            self.wide_buf.resize(need, 0.0);
+        }
+        for t in 0..p.d {
+            self.wide_buf[t] = self.x[i * p.dp + t] as f64;
+        }
+    }
+
+    /// The log-scale of a wide row: favor-core's for the exponential maps, ln(max φ) (0 for a
+    /// row of zeros) for the generic maps.
+    fn wide_log_scale(&mut self, p: &Plan, i: usize) -> f64 {
+        self.widen_row(p, i);
+        let (x, rest) = self.wide_buf.split_at_mut(p.d);
+        if p.is_stabilised() {
+            return p.map.log_scale(x);
+        }
+        let phi = &mut rest[..p.mf];
+        p.map.features(x, 0.0, phi);
+        let top = phi.iter().fold(0.0f64, |m, &v| m.max(v));
+        if top > 0.0 { top.ln() } else { 0.0 }
+    }
+
+    /// Shift and floor of row `i` of an exponential map against its stabiliser.
+    #[inline(always)]
+    fn row_exp(&self, p: &Plan, i: usize) -> RowExp {
+        let (s, c) = (self.s[i], self.c[i]);
+        let amax = self.amax[i];
+        // A query (c = s) is shifted by its own largest projection: h cancels.
+        let shift = if c == s { amax } else { round_up((self.h[i] + c).max(amax as f64)) };
+        RowExp { neg_shift: -shift, floor: (p.beta * (s - c).min(0.0).exp()) as f32 }
+    }
+
+    /// e^{s − c} for the generic maps and ratio·e^{h − c} for trigonometric features.
+    #[inline(always)]
+    fn row_factor(&self, p: &Plan, i: usize) -> f32 {
+        match p.kind {
+            Kind::Trigonometric => (p.ratio as f64 * (self.h[i] - self.c[i]).min(0.0).exp()) as f32,
+            _ if self.s[i] == self.c[i] => 1.0,
+            _ => (self.s[i] - self.c[i]).min(0.0).exp() as f32,
+        }
+    }
+
+    /// φ of `rows` tokens against the stabilisers in `c`, into `phi`.
+    #[inline(always)]
+    pub(crate) fn features<S: SimdF32>(&mut self, p: &Plan, rows: usize) {
         let (mp, mfp, m) = (p.mp, p.mfp, p.m);
-        let beta_f = if with_beta { p.beta } else { 0.0 };
-        self.phi_beta = Some(beta_f);
-        let beta = S::splat(beta_f);
         let ratio = S::splat(p.ratio);
         for i in 0..rows {
+            if self.wide[i] {
+                self.wide_features(p, i);
+                continue;
+            }
+            let (e, sc) = match p.kind {
+                Kind::Positive | Kind::Hyperbolic => (self.row_exp(p, i), 1.0),
+                _ => (RowExp { neg_shift: 0.0, floor: 0.0 }, self.row_factor(p, i)),
+            };
             let a = &self.a[i * mp..(i + 1) * mp];
             let phi = &mut self.phi[i * mfp..(i + 1) * mfp];
-            let shift = S::splat(-self.h[i] - self.c[i]);
             match p.kind {
                 Kind::Positive | Kind::Hyperbolic => {
+                    let (shift, floor) = (S::splat(e.neg_shift), S::splat(e.floor));
                     for v in 0..mp / S::LANES {
                         // SAFETY: (v + 1)·LANES ≤ mp = a.len(), and phi has mfp ≥ 2·mp or mp.
                         unsafe {
                             let av = S::load(a.as_ptr().add(v * S::LANES));
                             exp_nonpositive(av.add(shift))
-                                .mul_add(ratio, beta)
+                                .mul_add(ratio, floor)
                                 .store(phi.as_mut_ptr().add(v * S::LANES));
                             if p.kind == Kind::Hyperbolic {
                                 exp_nonpositive(shift.sub(av))
-                                    .mul_add(ratio, beta)
+                                    .mul_add(ratio, floor)
                                     .store(phi.as_mut_ptr().add(mp + v * S::LANES));
                             }
                         }
                     }
                 }
                 Kind::Trigonometric => {
-                    let sc = p.ratio * exp1::<S>(self.h[i] - self.c[i]);
                     for j in 0..m {
                         let (s, co) = a[j].sin_cos();
                         phi[j] = sc * co;
@@ -302,18 +438,18 @@ impl Tile {
                 }
                 Kind::Generalized { f, kappa, .. } => {
                     for j in 0..m {
-                        phi[j] = apply(f, a[j]) + kappa;
+                        phi[j] = (apply(f, a[j]) + kappa) * sc;
                     }
                 }
                 Kind::Softplus => {
                     for j in 0..m {
-                        phi[j] = softplus(a[j]);
+                        phi[j] = softplus(a[j]) * sc;
                     }
                 }
                 Kind::GatedSoftplus => {
                     let g = &self.a2[i * mp..(i + 1) * mp];
                     for j in 0..m {
-                        phi[j] = softplus(a[j]) * sigmoid(g[j]);
+                        phi[j] = softplus(a[j]) * sigmoid(g[j]) * sc;
                     }
                 }
             }
@@ -322,55 +458,81 @@ impl Tile {
                 phi[mp + m..].fill(0.0);
             }
         }
+        self.phi_current = true;
+    }
+
+    /// φ of wide row `i` in f64 by favor-core, rounded into `phi`.
+    fn wide_features(&mut self, p: &Plan, i: usize) {
+        self.widen_row(p, i);
+        let (x, rest) = self.wide_buf.split_at_mut(p.d);
+        let out = &mut rest[..p.mf];
+        p.map.features(x, self.c[i], out);
+        // Exponential maps evaluate against c themselves; the generic ones return φ.
+        let sc = if p.is_stabilised() { 1.0 } else { (self.s[i] - self.c[i]).min(0.0).exp() };
+        let phi = &mut self.phi[i * p.mfp..(i + 1) * p.mfp];
+        phi.fill(0.0);
+        for (j, &v) in out.iter().enumerate() {
+            phi[p.internal_col(j)] = (v * sc) as f32;
+        }
     }
 
     /// dx (rows × dp, overwritten) from dφ (rows × mfp, internal layout) with the stabilisers in
-    /// `c` held constant; adds parameter gradients to `acc`. Needs `project` to have run on the
-    /// same tokens. `da`, `da2` are rows × mp scratch.
+    /// `c` held constant, the ε floor differentiated through each row's own log-scale; adds
+    /// parameter gradients to `acc`. Needs `project` to have run on the same tokens. `da`, `da2`
+    /// are rows × mp scratch.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn features_backward<S: SimdF32>(
-        &self,
+        &mut self,
         p: &Plan,
         rows: usize,
         dphi: &[f32],
         da: &mut [f32],
         da2: &mut [f32],
         dx: &mut [f32],
-        acc: Option<&mut ParamAcc>,
+        mut acc: Option<&mut ParamAcc>,
     ) {
         let (mp, mfp, m, dp) = (p.mp, p.mfp, p.m, p.dp);
         let ratio = S::splat(p.ratio);
-        let phi_beta = self.phi_beta.map(S::splat);
         let mut dh = [0.0f32; 256];
         assert!(rows <= dh.len());
         for i in 0..rows {
             let a = &self.a[i * mp..(i + 1) * mp];
             let g = &dphi[i * mfp..(i + 1) * mfp];
             let dai = &mut da[i * mp..(i + 1) * mp];
-            let shift = S::splat(-self.h[i] - self.c[i]);
+            if self.wide[i] {
+                // Handled in f64 below; nothing from this row in the f32 products.
+                dai.fill(0.0);
+                if matches!(p.kind, Kind::GatedSoftplus | Kind::Hyperbolic) {
+                    da2[i * mp..(i + 1) * mp].fill(0.0);
+                }
+                dh[i] = 0.0;
+                continue;
+            }
             match p.kind {
                 Kind::Positive | Kind::Hyperbolic => {
                     let hyper = p.kind == Kind::Hyperbolic;
+                    let e = self.row_exp(p, i);
+                    let (shift, floor) = (S::splat(e.neg_shift), S::splat(e.floor));
+                    let reuse = self.phi_current;
                     let phi = &self.phi[i * mfp..(i + 1) * mfp];
                     for v in 0..mp / S::LANES {
                         // SAFETY: (v + 1)·LANES ≤ mp; g and phi have mfp ≥ mp (2·mp for
                         // hyperbolic) floats.
                         unsafe {
                             let off = v * S::LANES;
-                            // ratio·e^{±a − h − c}: φ − β when φ is current, else recomputed.
-                            let (ep, em) = match phi_beta {
-                                Some(b) => (
-                                    S::load(phi.as_ptr().add(off)).sub(b),
-                                    if hyper { S::load(phi.as_ptr().add(mp + off)).sub(b) } else { b },
-                                ),
-                                None => {
-                                    let av = S::load(a.as_ptr().add(off));
-                                    (
-                                        exp_nonpositive(av.add(shift)).mul(ratio),
-                                        if hyper { exp_nonpositive(shift.sub(av)).mul(ratio) } else { ratio },
-                                    )
-                                }
+                            // ratio·e^{±a − T}: φ − floor when φ is current, else recomputed.
+                            let (ep, em) = if reuse {
+                                (
+                                    S::load(phi.as_ptr().add(off)).sub(floor),
+                                    if hyper { S::load(phi.as_ptr().add(mp + off)).sub(floor) } else { floor },
+                                )
+                            } else {
+                                let av = S::load(a.as_ptr().add(off));
+                                (
+                                    exp_nonpositive(av.add(shift)).mul(ratio),
+                                    if hyper { exp_nonpositive(shift.sub(av)).mul(ratio) } else { ratio },
+                                )
                             };
                             let plus = S::load(g.as_ptr().add(off)).mul(ep);
                             let d = if hyper {
@@ -392,9 +554,21 @@ impl Tile {
                     } else {
                         -sum::<S>(dai)
                     };
+                    // The ε floor ratio·ε·e^{s − c}: ∂ℒ/∂s to the arg-max projection and to −h.
+                    if e.floor != 0.0 {
+                        let gsum =
+                            if hyper { sum::<S>(&g[..mp]) + sum::<S>(&g[mp..2 * mp]) } else { sum::<S>(&g[..mp]) };
+                        let ds = e.floor * gsum;
+                        let amax = self.amax[i];
+                        let key = |x: f32| if hyper { x.abs() } else { x };
+                        if let Some(star) = a[..m].iter().position(|&x| key(x) == amax) {
+                            dai[star] += if a[star] < 0.0 { -ds } else { ds };
+                        }
+                        dh[i] -= ds;
+                    }
                 }
                 Kind::Trigonometric => {
-                    let sc = p.ratio * exp1::<S>(self.h[i] - self.c[i]);
+                    let sc = self.row_factor(p, i);
                     let mut s_dh = 0.0;
                     for j in 0..m {
                         let (s, co) = a[j].sin_cos();
@@ -405,28 +579,34 @@ impl Tile {
                     dh[i] = sc * s_dh;
                 }
                 Kind::Generalized { f, .. } => {
+                    let sc = self.row_factor(p, i);
                     for j in 0..m {
-                        dai[j] = g[j] * derivative(f, a[j]);
+                        dai[j] = g[j] * derivative(f, a[j]) * sc;
                     }
                     dai[m..].fill(0.0);
                 }
                 Kind::Softplus => {
+                    let sc = self.row_factor(p, i);
                     for j in 0..m {
-                        dai[j] = g[j] * sigmoid(a[j]);
+                        dai[j] = g[j] * sigmoid(a[j]) * sc;
                     }
                     dai[m..].fill(0.0);
                 }
                 Kind::GatedSoftplus => {
+                    let sc = self.row_factor(p, i);
                     let yg = &self.a2[i * mp..(i + 1) * mp];
                     let dgi = &mut da2[i * mp..(i + 1) * mp];
                     for j in 0..m {
                         let sg = sigmoid(yg[j]);
-                        dai[j] = g[j] * sg * sigmoid(a[j]);
-                        dgi[j] = g[j] * softplus(a[j]) * sg * (1.0 - sg);
+                        dai[j] = g[j] * sg * sigmoid(a[j]) * sc;
+                        dgi[j] = g[j] * softplus(a[j]) * sg * (1.0 - sg) * sc;
                     }
                     dai[m..].fill(0.0);
                     dgi[m..].fill(0.0);
                 }
+            }
+            if self.scale_free[i] {
+                dh[i] = 0.0;
             }
         }
         match p.kind {
@@ -441,11 +621,11 @@ impl Tile {
             gemm::<S>(rows, m, dp, da2, mp, 1, &p.ws_gate, dp, dx, dp, false);
         }
         if p.is_stabilised() {
-            for i in 0..rows {
-                axpy::<S>(2.0 * p.hcoef * dh[i], &self.x[i * dp..(i + 1) * dp], &mut dx[i * dp..(i + 1) * dp]);
+            for i in (0..rows).filter(|&i| dh[i] != 0.0) {
+                axpy::<S>((2.0 * p.hcoef) as f32 * dh[i], &self.x[i * dp..(i + 1) * dp], &mut dx[i * dp..(i + 1) * dp]);
             }
         }
-        if let Some(acc) = acc {
+        if let Some(acc) = acc.as_deref_mut() {
             // dW += daᵀ x (m × dp), db += Σ da, dW_g += da2ᵀ x.
             gemm::<S>(m, rows, dp, da, 1, mp, &self.x, dp, &mut acc.w, dp, false);
             if let Some(b) = acc.bias.as_mut() {
@@ -459,7 +639,64 @@ impl Tile {
                 gemm::<S>(m, rows, dp, da2, 1, mp, &self.x, dp, wg, dp, false);
             }
         }
+        for i in 0..rows {
+            if !self.wide[i] {
+                continue;
+            }
+            self.wide_backward(p, i, &dphi[i * mfp..(i + 1) * mfp], &mut dx[i * dp..(i + 1) * dp], acc.as_deref_mut());
+        }
     }
+
+    /// dx of wide row `i` (overwritten) and its parameter gradients, in f64 by favor-core.
+    fn wide_backward(&mut self, p: &Plan, i: usize, g: &[f32], dx: &mut [f32], acc: Option<&mut ParamAcc>) {
+        self.widen_row(p, i);
+        let (x, rest) = self.wide_buf.split_at_mut(p.d);
+        let (dphi, rest) = rest.split_at_mut(p.mf.max(p.d));
+        let dx64 = &mut rest[..p.d];
+        // The generic maps' stored features carry e^{s − c}; so does their cotangent.
+        let sc = if p.is_stabilised() { 1.0 } else { (self.s[i] - self.c[i]).min(0.0).exp() };
+        for j in 0..p.mf {
+            dphi[j] = g[p.internal_col(j)] as f64 * sc;
+        }
+        dx64.fill(0.0);
+        let mut grads = acc.as_ref().and_then(|_| p.map.param_grads_f64());
+        let (dphi, c) = (&dphi[..p.mf], self.c[i]);
+        if self.scale_free[i] {
+            p.map.features_backward_scale_invariant(x, c, dphi, dx64, grads.as_mut());
+        } else {
+            p.map.features_backward(x, c, dphi, dx64, grads.as_mut());
+        }
+        dx.fill(0.0);
+        for (o, &v) in dx.iter_mut().zip(dx64.iter()) {
+            *o = saturate(v);
+        }
+        if let (Some(acc), Some(gr)) = (acc, grads) {
+            let (m, d, dp) = (p.m, p.d, p.dp);
+            for j in 0..m {
+                for t in 0..d {
+                    acc.w[j * dp + t] += saturate(gr.w[j * d + t]);
+                }
+            }
+            if let (Some(b), Some(gb)) = (acc.bias.as_mut(), gr.bias.as_ref()) {
+                for (o, &v) in b.iter_mut().zip(gb) {
+                    *o += saturate(v);
+                }
+            }
+            if let (Some(wg), Some(gw)) = (acc.w_gate.as_mut(), gr.w_gate.as_ref()) {
+                for j in 0..m {
+                    for t in 0..d {
+                        wg[j * dp + t] += saturate(gw[j * d + t]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// x rounded to f32, beyond f32's range the largest finite value of its sign.
+#[inline(always)]
+pub(crate) fn saturate(x: f64) -> f32 {
+    x.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32
 }
 
 /// Max of a row (of |a| when `abs`), over exactly the real columns.

@@ -7,16 +7,16 @@ use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
 use favor_core::{FeatureRole, HostMut, HostRef};
 
-/// Stabilisers of `rows` tokens for `role` given the tile's log-scales in `t.c`: `shared` is the
+/// Stabilisers of `rows` tokens for `role` given the tile's log-scales in `t.s`: `shared` is the
 /// head-wide maximum (keys) and `run` the running maximum (causal keys).
 #[inline(always)]
-fn set_stabilisers(t: &mut Tile, rows: usize, role: FeatureRole, shared: f32, run: &mut f32) {
+fn set_stabilisers(t: &mut Tile, rows: usize, role: FeatureRole, shared: f64, run: &mut f64) {
     for i in 0..rows {
         t.c[i] = match role {
-            FeatureRole::Query => t.c[i],
+            FeatureRole::Query => t.s[i],
             FeatureRole::Key => shared,
             FeatureRole::CausalKey => {
-                *run = run.max(t.c[i]);
+                *run = run.max(t.s[i]);
                 *run
             }
         };
@@ -25,14 +25,14 @@ fn set_stabilisers(t: &mut Tile, rows: usize, role: FeatureRole, shared: f32, ru
 
 /// Maximum log-scale over all tokens of one head (one extra projection pass; keys only).
 #[inline(always)]
-fn head_max<S: SimdF32>(p: &Plan, x: &HostRef<'_>, off: usize, len: usize, t: &mut Tile) -> f32 {
-    let mut c = f32::NEG_INFINITY;
+fn head_max<S: SimdF32>(p: &Plan, x: &HostRef<'_>, off: usize, len: usize, t: &mut Tile) -> f64 {
+    let mut c = f64::NEG_INFINITY;
     let mut r = 0;
     while r < len {
         let rows = TILE.min(len - r);
         load_rows(x, off, p.d, r, rows, &mut t.x, p.dp);
         t.project::<S>(p, rows);
-        c = t.c[..rows].iter().copied().fold(c, f32::max);
+        c = t.s[..rows].iter().copied().fold(c, f64::max);
         r += rows;
     }
     c
@@ -56,7 +56,7 @@ impl SimdTask for FeatureMapTask<'_, '_> {
         let mut t = Tile::new(p, TILE);
         let shared =
             if self.role == FeatureRole::Key { head_max::<S>(p, &self.x, self.off, self.len, &mut t) } else { 0.0 };
-        let mut run = f32::NEG_INFINITY;
+        let mut run = f64::NEG_INFINITY;
         let mut ext = vec![0.0; TILE * p.mf];
         let mut r = 0;
         while r < self.len {
@@ -65,7 +65,7 @@ impl SimdTask for FeatureMapTask<'_, '_> {
             load_rows(&self.x, self.off, p.d, r, rows, &mut t.x, p.dp);
             t.project::<S>(p, rows);
             set_stabilisers(&mut t, rows, self.role, shared, &mut run);
-            t.features::<S>(p, rows, true);
+            t.features::<S>(p, rows);
             for i in 0..rows {
                 p.to_external(&t.phi[i * p.mfp..(i + 1) * p.mfp], &mut ext[i * p.mf..(i + 1) * p.mf]);
             }
@@ -96,7 +96,7 @@ impl SimdTask for FeatureBackwardTask<'_, '_> {
         let mut t = Tile::new(p, TILE);
         let shared =
             if self.role == FeatureRole::Key { head_max::<S>(p, &self.x, self.off, self.len, &mut t) } else { 0.0 };
-        let mut run = f32::NEG_INFINITY;
+        let mut run = f64::NEG_INFINITY;
         let mut ext = vec![0.0; p.mf];
         let mut dphi = vec![0.0; TILE * p.mfp];
         let mut da = vec![0.0; TILE * p.mp];

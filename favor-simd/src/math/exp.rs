@@ -62,10 +62,12 @@ pub(crate) fn exp1<S: SimdF32>(x: f32) -> f32 {
 }
 
 /// exp(c_old − c_new): the decay of a state kept relative to c_old when the stabiliser becomes
-/// c_new ≥ c_old. Exactly 1 for equal values, including −∞ = −∞ (nothing seen yet).
+/// c_new ≥ c_old. Exactly 1 for equal values, including −∞ = −∞ (nothing seen yet). The
+/// stabilisers are f64 (they carry ‖x̃‖²/2, which f32 would round by far more than 1 for large
+/// inputs); their difference is what gets exponentiated.
 #[inline(always)]
-pub(crate) fn decay<S: SimdF32>(c_old: f32, c_new: f32) -> f32 {
-    if c_old == c_new { 1.0 } else { exp1::<S>(c_old - c_new) }
+pub(crate) fn decay<S: SimdF32>(c_old: f64, c_new: f64) -> f32 {
+    if c_old == c_new { 1.0 } else { exp1::<S>((c_old - c_new) as f32) }
 }
 
 /// Lane-wise e^x of a slice, in place (test and tool helper); [`exp_nonpositive`] when
