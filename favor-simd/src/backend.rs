@@ -12,10 +12,11 @@ use crate::kernels::causal::{
     BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, HeadState, Stash, StashPlace, Suffix,
     SweepOut, combine_summary,
 };
-use crate::kernels::features::{ParamAcc, Plan, reduce_params};
+use crate::kernels::features::{ParamAcc, Plan, reduce_params, saturate};
 use crate::kernels::gemm::transpose;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
 use crate::kernels::{HeadIn, TILE};
+use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
     check_backward, check_finite, check_output, check_tensor, validate_feature_call, validate_host_inputs,
 };
@@ -24,6 +25,7 @@ use favor_core::{
     Inputs, ParamGrads, Problem, Result, TensorHandle,
 };
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The CPU SIMD backend. Cheap to create and to clone; uses the global rayon pool (or the pool
 /// it is called from, e.g. inside `ThreadPool::install`).
@@ -105,9 +107,11 @@ fn split_mut<'a>(t: HostMut<'a>, sizes: &[usize]) -> Vec<HostMut<'a>> {
     }
 }
 
-fn head_in<'a>(s: AttentionShape, inputs: &Inputs<'a, Host>, bh: usize) -> HeadIn<'a> {
+/// Head `bh` of the inputs; `risk` holds one at-risk flag per head (empty: not tracked).
+fn head_in<'a: 'r, 'r>(s: AttentionShape, inputs: &Inputs<'a, Host>, bh: usize, risk: &'r [AtomicBool]) -> HeadIn<'r> {
     let b = bh / s.heads;
     HeadIn {
+        risk: risk.get(bh),
         q: inputs.q,
         k: inputs.k,
         v: inputs.v,
@@ -145,7 +149,7 @@ impl SimdBackend {
         let summaries: Vec<HeadState> = tasks
             .par_iter()
             .filter(|&&(_, _, r1)| r1 < s.len)
-            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh), r0, r1 }))
+            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh, &[]), r0, r1 }))
             .collect();
         let incoming = summaries
             .par_chunks(nseg - 1)
@@ -166,10 +170,58 @@ impl SimdBackend {
         let nseg = segments(s.len).len();
         let stats: Vec<KeyStats> = tasks(s)
             .into_par_iter()
-            .map(|(bh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(s, inputs, bh), r0, r1 }))
+            .map(|(bh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(s, inputs, bh, &[]), r0, r1 }))
             .collect();
         stats.par_chunks(nseg).map(|parts| combine(plan, s.dv, parts)).collect()
     }
+}
+
+/// One at-risk flag per (batch, head).
+fn risk_flags(s: AttentionShape) -> Vec<AtomicBool> {
+    (0..s.problems()).map(|_| AtomicBool::new(false)).collect()
+}
+
+/// The heads with a row at risk, which are recomputed by favor-core's f64 attention.
+fn flagged(risk: &[AtomicBool]) -> Vec<usize> {
+    risk.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).map(|(bh, _)| bh).collect()
+}
+
+/// One (batch, head) of the inputs (and of ∂ℒ/∂out) widened to f64.
+struct F64Head<'a> {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    dout: Option<Vec<f64>>,
+    mask: Option<&'a [bool]>,
+}
+
+impl F64Head<'_> {
+    fn head(&self, s: AttentionShape) -> Head<'_> {
+        Head { len: s.len, d: s.d, dv: s.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask }
+    }
+}
+
+fn f64_head<'a>(s: AttentionShape, inputs: &Inputs<'a, Host>, dout: Option<HostRef<'_>>, bh: usize) -> F64Head<'a> {
+    let widen = |t: &HostRef<'_>, off: usize, n: usize| {
+        let mut v = vec![0.0f32; n];
+        t.read_f32(off, &mut v);
+        v.into_iter().map(f64::from).collect::<Vec<f64>>()
+    };
+    let (qk, vn) = (s.len * s.d, s.len * s.dv);
+    let b = bh / s.heads;
+    F64Head {
+        q: widen(&inputs.q, bh * qk, qk),
+        k: widen(&inputs.k, bh * qk, qk),
+        v: widen(&inputs.v, bh * vn, vn),
+        dout: dout.map(|g| widen(&g, bh * vn, vn)),
+        mask: inputs.key_mask.map(|m| &m[b * s.len..(b + 1) * s.len]),
+    }
+}
+
+/// Writes f64 values, beyond f32's range as the largest finite value of their sign.
+fn write_saturated(t: &mut HostMut<'_>, off: usize, vals: &[f64]) {
+    let v: Vec<f32> = vals.iter().map(|&x| saturate(x)).collect();
+    t.write_f32(off, &v);
 }
 
 impl FavorBackend for SimdBackend {
@@ -233,32 +285,43 @@ impl FavorBackend for SimdBackend {
         Ok(reduce_params(&plan, &parts))
     }
 
-    fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
+    fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
         check_output(p, &out, dtype)?;
         let plan = Plan::new(p.map, s.d);
         let delta = p.denominator_guard();
+        let risk = risk_flags(s);
         match p.options.direction {
             Direction::Bidirectional => {
                 let keys = self.key_states(&plan, s, &inputs);
                 let tasks = tasks(s);
                 let sizes: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
-                let outs = split_mut(out, &sizes);
+                let outs = split_mut(out.reborrow(), &sizes);
                 tasks.into_par_iter().zip(outs).for_each(|((bh, r0, r1), out)| {
-                    let io = head_in(s, &inputs, bh);
+                    let io = head_in(s, &inputs, bh, &risk);
                     self.token.run(QueryForward { plan: &plan, io, keys: &keys[bh], delta, r0, r1, out })
                 });
             }
             Direction::Causal => {
                 let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
                 // Replay every segment from its incoming state.
-                let outs = split_mut(out, &tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect::<Vec<_>>());
+                let outs =
+                    split_mut(out.reborrow(), &tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect::<Vec<_>>());
                 tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((bh, r0, r1), out), mut state)| {
-                    let io = head_in(s, &inputs, bh);
+                    let io = head_in(s, &inputs, bh, &risk);
                     self.token.run(CausalForward { plan: &plan, io, r0, r1, state: &mut state, delta, out })
                 });
             }
+        }
+        for bh in flagged(&risk) {
+            let f = f64_head(s, &inputs, None, bh);
+            let h = f.head(s);
+            let o = match p.options.direction {
+                Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &h),
+                Direction::Causal => causal_forward(p.map, delta as f64, &h),
+            };
+            write_saturated(&mut out, bh * s.len * s.dv, &o);
         }
         Ok(())
     }
@@ -278,7 +341,9 @@ impl FavorBackend for SimdBackend {
         let plan = Plan::new(p.map, s.d);
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
-        let params: Vec<ParamAcc> = match p.options.direction {
+        let risk = risk_flags(s);
+        // Parameter-gradient partials, each with its head (those of recomputed heads are dropped).
+        let params: Vec<(usize, ParamAcc)> = match p.options.direction {
             Direction::Bidirectional => {
                 let keys = self.key_states(&plan, s, &inputs);
                 let kvt: Vec<Vec<f32>> = keys
@@ -291,14 +356,14 @@ impl FavorBackend for SimdBackend {
                     .collect();
                 let tasks = tasks(s);
                 let nseg = segments(s.len).len();
-                let dqs = split_mut(dq, &tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect::<Vec<_>>());
+                let dqs = split_mut(dq.reborrow(), &tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect::<Vec<_>>());
                 let qgrads: Vec<_> = tasks
                     .par_iter()
                     .zip(dqs)
                     .map(|(&(bh, r0, r1), dq)| {
                         self.token.run(QueryBackward {
                             plan: &plan,
-                            io: head_in(s, &inputs, bh),
+                            io: head_in(s, &inputs, bh, &risk),
                             dout,
                             keys: &keys[bh],
                             kvt: &kvt[bh],
@@ -327,8 +392,8 @@ impl FavorBackend for SimdBackend {
                     .collect();
                 let sizes_k: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect();
                 let sizes_v: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
-                let dks = split_mut(dk, &sizes_k);
-                let dvs = split_mut(dv, &sizes_v);
+                let dks = split_mut(dk.reborrow(), &sizes_k);
+                let dvs = split_mut(dv.reborrow(), &sizes_v);
                 let kparams: Vec<Option<ParamAcc>> = tasks
                     .par_iter()
                     .zip(dks.into_par_iter().zip(dvs))
@@ -336,7 +401,7 @@ impl FavorBackend for SimdBackend {
                         let (dkv, dkvt, ds) = &sums[bh];
                         self.token.run(KeyBackward {
                             plan: &plan,
-                            io: head_in(s, &inputs, bh),
+                            io: head_in(s, &inputs, bh, &risk),
                             c: keys[bh].c,
                             dkv,
                             dkvt,
@@ -349,7 +414,9 @@ impl FavorBackend for SimdBackend {
                         })
                     })
                     .collect();
-                qgrads.into_iter().filter_map(|g| g.params).chain(kparams.into_iter().flatten()).collect()
+                let heads = || tasks.iter().map(|t| t.0);
+                let qparams = heads().zip(qgrads).filter_map(|(bh, g)| g.params.map(|a| (bh, a)));
+                qparams.chain(heads().zip(kparams).filter_map(|(bh, a)| a.map(|a| (bh, a)))).collect()
             }
             Direction::Causal => {
                 let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
@@ -373,7 +440,7 @@ impl FavorBackend for SimdBackend {
                             let stash = Stash::new(rows, row_len, r1 - r0);
                             self.token.run(BackwardForwardSweep {
                                 plan: &plan,
-                                io: head_in(s, &inputs, bh),
+                                io: head_in(s, &inputs, bh, &risk),
                                 dout,
                                 delta,
                                 r0,
@@ -401,16 +468,20 @@ impl FavorBackend for SimdBackend {
                     }
                     suffixes.extend(chain.into_iter().rev());
                 }
-                let mut params: Vec<ParamAcc> = sweeps.iter_mut().filter_map(|w| w.params.take()).collect();
+                let mut params: Vec<(usize, ParamAcc)> = tasks
+                    .iter()
+                    .zip(sweeps.iter_mut())
+                    .filter_map(|(t, w)| w.params.take().map(|a| (t.0, a)))
+                    .collect();
                 // Sweep 2: dk and dv, last chunk first in every segment.
                 let kparams: Vec<Option<ParamAcc>> = tasks
                     .par_iter()
                     .zip(sweeps.into_par_iter().zip(suffixes))
-                    .zip(split_mut(dk, &sizes_qk).into_par_iter().zip(split_mut(dv, &sizes_v)))
+                    .zip(split_mut(dk.reborrow(), &sizes_qk).into_par_iter().zip(split_mut(dv.reborrow(), &sizes_v)))
                     .map(|((&(bh, r0, r1), (sweep, suffix)), (dk, dv))| {
                         self.token.run(BackwardReverseSweep {
                             plan: &plan,
-                            io: head_in(s, &inputs, bh),
+                            io: head_in(s, &inputs, bh, &risk),
                             dout,
                             r0,
                             r1,
@@ -423,10 +494,25 @@ impl FavorBackend for SimdBackend {
                         })
                     })
                     .collect();
-                params.extend(kparams.into_iter().flatten());
+                params.extend(tasks.iter().zip(kparams).filter_map(|(t, a)| a.map(|a| (t.0, a))));
                 params
             }
         };
+        let redo = flagged(&risk);
+        let mut params: Vec<ParamAcc> = params.into_iter().filter(|(bh, _)| !redo.contains(bh)).map(|x| x.1).collect();
+        for &bh in &redo {
+            let f = f64_head(s, &inputs, Some(dout), bh);
+            let h = f.head(s);
+            let g = f.dout.as_deref().unwrap_or_default();
+            let r = match p.options.direction {
+                Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
+                Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
+            };
+            write_saturated(&mut dq, bh * s.len * s.d, &r.dq);
+            write_saturated(&mut dk, bh * s.len * s.d, &r.dk);
+            write_saturated(&mut dv, bh * s.len * s.dv, &r.dv);
+            params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
+        }
         Ok(reduce_params(&plan, &params))
     }
 
@@ -453,7 +539,9 @@ impl FavorBackend for SimdBackend {
         let delta = p.denominator_guard();
         let outs = split_mut(out, &vec![s.len * s.dv; s.problems()]);
         state.heads.par_iter_mut().zip(outs).enumerate().for_each(|(bh, (state, out))| {
-            let io = head_in(s, &inputs, bh);
+            // Decoding has no history to recompute from: rows at risk keep their f32 result
+            // (divided in f64, finite).
+            let io = head_in(s, &inputs, bh, &[]);
             self.token.run(CausalForward { plan: &plan, io, r0: 0, r1: s.len, state, delta, out })
         });
         Ok(())

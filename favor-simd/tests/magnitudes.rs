@@ -1,13 +1,17 @@
-//! Inputs of every magnitude: query and key entries scaled by 10^k, k = 0 … 38 (capped at the
-//! storage type's range), every feature map, ISA, dtype and direction.
+//! Inputs of every magnitude: query and key entries scaled by 10^k, k = 0 … 37 (capped at the
+//! storage type's range), every feature map, ISA, dtype and direction. Outputs and gradients must
+//! be finite at every scale and agree with the f64 reference up to 1e3; the measured errors are
+//! printed (`--nocapture`) for every scale.
 
 mod common;
 use common::*;
-use favor_core::{AttentionOptions, AttentionShape, DType, Direction, FavorBackend, HostTensor, Problem, ReferenceBackend};
+use favor_core::{
+    AttentionOptions, AttentionShape, DType, Direction, FavorBackend, FeatureMap, HostTensor, Problem, ReferenceBackend,
+};
 
 fn scaled(t: &HostTensor, s: f64) -> HostTensor {
-    let dt = t.dtype();
-    HostTensor::from_f32(dt, &t.to_f32_vec().iter().map(|&x| (x as f64 * s) as f32).collect::<Vec<_>>())
+    let x: Vec<f32> = t.to_f32_vec().iter().map(|&x| (x as f64 * s) as f32).collect();
+    HostTensor::from_f32(t.dtype(), &x)
 }
 
 /// The largest power of ten whose scaled N(0, 0.5²) inputs stay inside the dtype's range.
@@ -18,43 +22,80 @@ fn max_exponent(dtype: DType) -> i32 {
     }
 }
 
+/// Scales up to 1e3 must agree with the reference within the unit-scale tolerance.
+const AGREE_UP_TO: i32 = 3;
+
+/// ‖a − b‖ / max(‖b‖, √n·floor): relative error, with a floor for gradients whose exact value
+/// vanishes.
+fn rel_err(a: &[f64], b: &[f64], floor: f64) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let den = b.iter().map(|y| y * y).sum::<f64>().sqrt().max((b.len() as f64).sqrt() * floor);
+    if den == 0.0 { num } else { num / den }
+}
+
 #[test]
-fn every_input_scale_gives_finite_results() {
+fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
     let shape = AttentionShape::new(1, 2, 70, 8).with_dv(5);
     let mut report = Vec::new();
     for backend in backends() {
         for map in all_maps(8, 16, 5) {
+            let trig = matches!(map, FeatureMap::Trigonometric { .. });
             for dtype in DType::ALL {
                 for direction in [Direction::Bidirectional, Direction::Causal] {
-                    let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
+                    let opts = AttentionOptions { direction, ..Default::default() };
+                    let p = Problem::new(shape, &map).with_options(opts);
                     let base = Case::new(shape, dtype, true, 2);
-                    let mut worst = Vec::new();
+                    let mut errors = Vec::new();
                     for k in 0..=max_exponent(dtype) {
                         let s = 10f64.powi(k);
-                        let case = Case { q: scaled(&base.q, s), k: scaled(&base.k, s), ..Case::new(shape, dtype, true, 2) };
-                        let what = format!("{} {} {dtype} {direction:?} 1e{k}", backend.name(), map.name());
+                        let case =
+                            Case { q: scaled(&base.q, s), k: scaled(&base.k, s), ..Case::new(shape, dtype, true, 2) };
+                        let what = format!("{} {} {dtype} {direction:?} scale 1e{k}", backend.name(), map.name());
                         let ours = case.forward(&backend, &p);
-                        assert!(ours.iter().all(|x| x.is_finite()), "{what}: non-finite output");
                         let (dq, dk, dv, pg) = case.backward(&backend, &p);
                         let pv = params_vec(&pg);
-                        for (n, g) in [("dq", &dq), ("dk", &dk), ("dv", &dv), ("params", &pv)] {
-                            assert!(g.iter().all(|x| x.is_finite()), "{what}: non-finite {n}");
+                        for (name, g) in [("out", &ours), ("dq", &dq), ("dk", &dk), ("dv", &dv), ("params", &pv)] {
+                            if let Some(i) = g.iter().position(|x| !x.is_finite()) {
+                                panic!("{what}: non-finite {name}[{i}] = {}", g[i]);
+                            }
                         }
+                        // The reference reads the same (rounded) stored inputs.
                         let reference = case.forward(&ReferenceBackend, &p);
                         let (rq, rk, rv, rpg) = case.backward(&ReferenceBackend, &p);
+                        // dk of a saturated attention: the exact gradient vanishes (one key takes
+                        // all the weight) while f32 keeps the rounding of out ≈ v_l, amplified by
+                        // ‖k̃‖ through ∂h/∂k = k̃. Its error is measured against that natural
+                        // scale, max|k̃| (the other gradients need no such floor).
+                        let kmax = case.k.to_f64_vec().iter().fold(0.0f64, |a, &x| a.max(x.abs())) / 8f64.powf(0.25);
                         let e = [
-                            rel_fro(&ours, &reference),
-                            rel_fro(&dq, &rq),
-                            rel_fro(&dk, &rk),
-                            rel_fro(&dv, &rv),
-                            rel_fro(&pv, &params_vec(&rpg)),
+                            ("out", rel_err(&ours, &reference, 0.0)),
+                            ("dq", rel_err(&dq, &rq, 1.0)),
+                            ("dk", rel_err(&dk, &rk, kmax.max(1.0))),
+                            ("dv", rel_err(&dv, &rv, 1.0)),
+                            ("params", rel_err(&pv, &params_vec(&rpg), 1.0)),
                         ];
-                        worst.push(format!("1e{k}: {}", e.iter().map(|x| format!("{x:.0e}")).collect::<Vec<_>>().join("/")));
+                        // Trigonometric features are sign-indefinite: beyond unit scale their
+                        // denominators cancel and the error grows with the condition number;
+                        // README's accuracy section gives the measured figures.
+                        let checked = if trig { k == 0 } else { k <= AGREE_UP_TO };
+                        if checked {
+                            let tol = tolerance(dtype);
+                            for (name, err) in e {
+                                assert!(err <= tol, "{what}: {name} rel. error {err:.2e} > {tol:.0e}");
+                            }
+                        }
+                        let e: Vec<String> = e.iter().map(|(_, x)| format!("{x:.0e}")).collect();
+                        errors.push(format!("1e{k}: {}", e.join("/")));
                     }
-                    report.push(format!("{} {} {dtype} {direction:?}: {}", backend.name(), map.name(), worst.join(" ")));
+                    report.push(format!(
+                        "{} {} {dtype} {direction:?}: {}",
+                        backend.name(),
+                        map.name(),
+                        errors.join(" ")
+                    ));
                 }
             }
         }
     }
-    println!("{}", report.join("\n"));
+    println!("errors out/dq/dk/dv/params per scale:\n{}", report.join("\n"));
 }

@@ -14,7 +14,7 @@
 //! per-segment partials of dKV = Σ q'x̄ᵀ and ds = Σ q'ḡ (summed in segment order); key tiles then
 //! recompute φ(k) and give dk' = V dKVᵀ + 1dsᵀ and dv = K' dKV.
 
-use super::features::{ParamAcc, Plan, Tile};
+use super::features::{ParamAcc, Plan, Tile, saturate};
 use super::gemm::{axpy, dot, gemm, scale};
 use super::{HeadIn, TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask};
@@ -122,13 +122,34 @@ pub(crate) fn guard_fires(r: f32, delta: f32) -> bool {
     delta > 0.0 && r.abs() <= delta
 }
 
-/// Divides numerator rows by their denominators (zero rows for a zero denominator).
+/// Denominators below 2^-40 (zero included, for a query that sees kept keys) are *at risk*:
+/// their cotangents G/R could leave f32's range, and R itself may have lost its precision to
+/// underflow, while the true gradient is finite (favor-core's reference differentiates such rows
+/// pair by pair in f64). The f32 kernels flag them and the backend recomputes the head with the
+/// reference; only extreme inputs get there (ε = 0 with features that do not overlap, ReLU
+/// features without κ, trigonometric features without a guard). Above it, with features ≤ 2^24
+/// and cotangents ≤ 2^24, every product of the backward stays far inside f32's range.
+pub(crate) const RISK_DEN: f32 = 1.0 / 1_099_511_627_776.0;
+
+/// Whether a row with denominator `den` is at risk; `sees_keys`: the query sees a kept key
+/// (otherwise R = 0 is exact and its output row is zero by definition).
+#[inline(always)]
+pub(crate) fn at_risk(den: f32, sees_keys: bool) -> bool {
+    sees_keys && den.abs() < RISK_DEN
+}
+
+/// Divides numerator rows by their denominators (zero rows for a zero denominator); rows at
+/// risk are divided in f64, element by element, so that a tiny R does not overflow 1/R.
 #[inline(always)]
 pub(crate) fn normalise<S: SimdF32>(rows: usize, num: &mut [f32], ld: usize, den: &[f32]) {
     for i in 0..rows {
         let row = &mut num[i * ld..(i + 1) * ld];
         if den[i] == 0.0 {
             row.fill(0.0);
+        } else if den[i].abs() < RISK_DEN {
+            for x in row.iter_mut() {
+                *x = saturate(*x as f64 / den[i] as f64);
+            }
         } else {
             scale::<S>(1.0 / den[i], row);
         }
@@ -165,8 +186,12 @@ impl SimdTask for QueryForward<'_, '_> {
             t.features::<S>(p, rows);
             let span = span.next(Phase::Apply);
             gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
+            let sees_keys = self.keys.c > f64::NEG_INFINITY;
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
                 *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
+                if at_risk(*dn, sees_keys) {
+                    io.flag_risk();
+                }
             }
             normalise::<S>(rows, &mut num, dvp, &den);
             let span = span.next(Phase::Io);
@@ -177,7 +202,8 @@ impl SimdTask for QueryForward<'_, '_> {
     }
 }
 
-/// Row cotangents x̄ = G/R (in place over `g`) and ḡ = −⟨G, out⟩/R; zero for R = 0.
+/// Row cotangents x̄ = G/R (in place over `g`) and ḡ = −⟨G, out⟩/R; zero for R = 0 and for
+/// rows at risk (whose head is recomputed in f64).
 #[inline(always)]
 pub(crate) fn cotangents<S: SimdF32>(
     rows: usize,
@@ -189,7 +215,7 @@ pub(crate) fn cotangents<S: SimdF32>(
 ) {
     for i in 0..rows {
         let gi = &mut g[i * ld..(i + 1) * ld];
-        if den[i] == 0.0 {
+        if den[i].abs() < RISK_DEN {
             gi.fill(0.0);
             gbar[i] = 0.0;
         } else {
@@ -254,6 +280,9 @@ impl SimdTask for QueryBackward<'_, '_> {
                 let raw = dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks);
                 t.scale_free[i] = !guard_fires(raw, self.delta);
                 *dn = guard(raw, self.delta);
+                if at_risk(*dn, self.keys.c > f64::NEG_INFINITY) {
+                    io.flag_risk();
+                }
             }
             normalise::<S>(rows, &mut num, dvp, &den);
             let span = span.next(Phase::BackwardSweep);

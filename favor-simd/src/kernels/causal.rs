@@ -23,7 +23,7 @@
 //! incoming maximum; the backend chains those shares from the last segment back, so every
 //! segment's reverse sweep starts from the exact suffix sums of the queries after it.
 
-use super::bidirectional::{cotangents, guard, guard_fires, normalise};
+use super::bidirectional::{RISK_DEN, at_risk, cotangents, guard, guard_fires, normalise};
 use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
 use super::{HeadIn, load_rows, store_rows};
@@ -171,9 +171,11 @@ impl Chunk {
     /// num (rows × dvp) and den of the chunk given the incoming state; marks the query rows
     /// whose guard did not fire as scale-free.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn outputs<S: SimdF32>(
         &mut self,
         p: &Plan,
+        io: &HeadIn<'_>,
         rows: usize,
         st: &HeadState,
         delta: f32,
@@ -191,6 +193,9 @@ impl Chunk {
             let raw = intra + w * dot::<S>(qi, &st.z);
             self.tq.scale_free[i] = !guard_fires(raw, delta);
             den[i] = guard(raw, delta);
+            if at_risk(den[i], self.cj[i] > f64::NEG_INFINITY) {
+                io.flag_risk();
+            }
         }
         gemm::<S>(rows, rows, dvp, &self.att, CHUNK, 1, &self.vt, dvp, num, dvp, false);
     }
@@ -279,7 +284,7 @@ impl SimdTask for CausalForward<'_, '_> {
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
             ch.prepare::<S>(p, &io, r, rows, self.state.c, None);
-            ch.outputs::<S>(p, rows, self.state, self.delta, &mut num, &mut den);
+            ch.outputs::<S>(p, &io, rows, self.state, self.delta, &mut num, &mut den);
             normalise::<S>(rows, &mut num, dvp, &den);
             store_rows(&mut self.out, io.dv, r - self.r0, rows, &num, dvp);
             ch.advance::<S>(p, rows, self.state);
@@ -506,7 +511,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
             ch.prepare::<S>(p, &io, r, rows, st.c, None);
-            ch.outputs::<S>(p, rows, &st, self.delta, &mut num, &mut den);
+            ch.outputs::<S>(p, &io, rows, &st, self.delta, &mut num, &mut den);
             let t = Span::start(Phase::Apply);
             normalise::<S>(rows, &mut num, dvp, &den);
             let t = t.next(Phase::Io);
@@ -610,7 +615,8 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             let t = t.next(Phase::BackwardSweep);
             for i in 0..rows {
                 let gi = &mut g[i * dvp..(i + 1) * dvp];
-                if den[i] == 0.0 {
+                // As in `cotangents`: rows at risk (their head is recomputed) contribute nothing.
+                if den[i].abs() < RISK_DEN {
                     gi.fill(0.0);
                 } else {
                     scale::<S>(1.0 / den[i], gi);

@@ -24,9 +24,10 @@
 //! the gradient could overflow), or, for the maps without a built-in stabiliser (ReLU, ELU+1,
 //! softplus, learned), largest feature outside [`FEATURE_LO`]..[`FEATURE_HI`] — are *wide*:
 //! their features and gradients are computed in f64 by favor-core's per-token map, exactly like
-//! the reference. The generic maps then get a log-scale too, s = ln(max φ), and their features
-//! are stored as φ·e^{s − c} like the exponential maps', so that huge or tiny (subnormal)
-//! features neither overflow nor lose their precision. Ordinary rows never take that path.
+//! the reference. The generic maps then get a log-scale too, s = ln(max φ) (0 for the other
+//! rows), and every row's features are stored as φ·e^{−c} like the exponential maps', so that
+//! huge or tiny (subnormal) features neither overflow nor lose their precision. The factor
+//! cancels like any stabiliser. Ordinary rows never take that path.
 
 use super::gemm::{axpy, gemm, sum};
 use crate::isa::{SimdF32, pad};
@@ -385,7 +386,8 @@ impl Tile {
         RowExp { neg_shift: -shift, floor: (p.beta * (s - c).min(0.0).exp()) as f32 }
     }
 
-    /// e^{s − c} for the generic maps and ratio·e^{h − c} for trigonometric features.
+    /// e^{s − c} (= e^{−c}: s = 0 on the f32 path) for the generic maps and ratio·e^{h − c} for
+    /// trigonometric features.
     #[inline(always)]
     fn row_factor(&self, p: &Plan, i: usize) -> f32 {
         match p.kind {
@@ -467,8 +469,9 @@ impl Tile {
         let (x, rest) = self.wide_buf.split_at_mut(p.d);
         let out = &mut rest[..p.mf];
         p.map.features(x, self.c[i], out);
-        // Exponential maps evaluate against c themselves; the generic ones return φ.
-        let sc = if p.is_stabilised() { 1.0 } else { (self.s[i] - self.c[i]).min(0.0).exp() };
+        // Exponential maps evaluate against c themselves; the generic ones return φ, stored as
+        // φ·e^{−c} (for a query, c = s = ln max φ: its largest feature becomes 1).
+        let sc = if p.is_stabilised() { 1.0 } else { (-self.c[i]).exp() };
         let phi = &mut self.phi[i * p.mfp..(i + 1) * p.mfp];
         phi.fill(0.0);
         for (j, &v) in out.iter().enumerate() {
@@ -653,8 +656,8 @@ impl Tile {
         let (x, rest) = self.wide_buf.split_at_mut(p.d);
         let (dphi, rest) = rest.split_at_mut(p.mf.max(p.d));
         let dx64 = &mut rest[..p.d];
-        // The generic maps' stored features carry e^{s − c}; so does their cotangent.
-        let sc = if p.is_stabilised() { 1.0 } else { (self.s[i] - self.c[i]).min(0.0).exp() };
+        // The generic maps' stored features are φ·e^{−c}; so ∂ℒ/∂φ = e^{−c}·∂ℒ/∂(stored).
+        let sc = if p.is_stabilised() { 1.0 } else { (-self.c[i]).exp() };
         for j in 0..p.mf {
             dphi[j] = g[p.internal_col(j)] as f64 * sc;
         }
@@ -739,6 +742,33 @@ impl ParamAcc {
                 Some(ParamAcc { w: vec![0.0; p.mp * p.dp], bias: None, w_gate: Some(vec![0.0; p.mp * p.dp]) })
             }
             _ => None,
+        }
+    }
+}
+
+impl ParamAcc {
+    /// The padded accumulator holding f64 parameter gradients (of a head recomputed in f64).
+    pub(crate) fn from_f64(p: &Plan, g: &favor_core::features::ParamGradsF64) -> ParamAcc {
+        let (m, d, dp) = (p.m, p.d, p.dp);
+        let pad_w = |w: &[f64]| {
+            let mut out = vec![0.0f32; p.mp * dp];
+            for j in 0..m {
+                for t in 0..d {
+                    out[j * dp + t] = saturate(w[j * d + t]);
+                }
+            }
+            out
+        };
+        ParamAcc {
+            w: pad_w(&g.w),
+            bias: g.bias.as_ref().map(|b| {
+                let mut out = vec![0.0f32; p.mp];
+                for (o, &x) in out.iter_mut().zip(b) {
+                    *o = saturate(x);
+                }
+                out
+            }),
+            w_gate: g.w_gate.as_deref().map(pad_w),
         }
     }
 }

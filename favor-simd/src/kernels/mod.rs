@@ -12,6 +12,7 @@ pub(crate) mod gemm;
 pub(crate) mod standalone;
 
 use favor_core::{HostMut, HostRef};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Tokens per tile (and per causal chunk). 64 rows keep a φ tile (64 × 256 floats = 64 KiB)
 /// and the 64 × 64 intra-chunk matrices in L2 next to the M × d_v state, while the products
@@ -32,12 +33,23 @@ pub(crate) struct HeadIn<'a> {
     pub mask: Option<&'a [bool]>,
     pub d: usize,
     pub dv: usize,
+    /// Set when a row of this head is at risk (see [`bidirectional::at_risk`]): the backend then
+    /// recomputes the head in f64.
+    pub risk: Option<&'a AtomicBool>,
 }
 
 impl HeadIn<'_> {
     #[inline(always)]
     pub(crate) fn keep(&self, j: usize) -> bool {
         self.mask.is_none_or(|m| m[j])
+    }
+
+    /// Records that a row of this head is at risk.
+    #[inline(always)]
+    pub(crate) fn flag_risk(&self) {
+        if let Some(r) = self.risk {
+            r.store(true, Ordering::Relaxed);
+        }
     }
 }
 
