@@ -162,11 +162,6 @@ fn heads(x: &[f32], s: AttentionShape, w: usize) -> impl Iterator<Item = &[f32]>
     x.chunks_exact(s.len * w).take(s.problems())
 }
 
-/// Bytes of scratch the softmax baseline allocates: one L×L score matrix (two with backward).
-pub fn softmax_scratch_bytes(len: usize, backward: bool) -> usize {
-    len * len * 4 * if backward { 2 } else { 1 }
-}
-
 /// Exact softmax attention out = softmax(QKᵀ/√d)·V, scores materialised per head.
 pub fn softmax_forward(s: AttentionShape, causal: bool, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     let (l, d, dv) = (s.len, s.d, s.dv);
@@ -255,12 +250,6 @@ pub fn identity_backward(dout: &[f32], grads: GradsF32<'_>) {
     identity_forward(dout, grads.dv);
     grads.dq.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
     grads.dk.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
-}
-
-/// Bytes of scratch of [`unfused_favor_forward`]: φ(Q), φ(K) (L×m each), K'ᵀV, K'ᵀ1 and the
-/// per-key stabilisers of one head.
-pub fn unfused_scratch_bytes(len: usize, m: usize, dv: usize) -> usize {
-    4 * (2 * len * m + m * dv + m + len)
 }
 
 /// Rows per parallel task of the row passes: a few tasks per thread, each long enough to

@@ -103,7 +103,7 @@ fn process_cpu_time() -> Option<f64> {
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call, which is all
     // clock_gettime needs; the clock id is a constant the platform defines.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
 }
 
 #[cfg(not(unix))]

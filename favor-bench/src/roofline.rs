@@ -237,7 +237,8 @@ fn check(cfg: &RooflineConfig) -> Result<()> {
             for &len in cfg.lens.iter().filter(|&&l| method.supports(pass) && !(is_ref && l > cfg.reference_max_len)) {
                 let shape = AttentionShape::new(cfg.batch, cfg.heads, len, cfg.d);
                 let need = workload::predicted_bytes(method, &cfg.backends, shape, cfg.m, pass);
-                // Device backends hold their buffers in device memory; the host keeps the inputs.
+                // For a device backend this bounds the host copies of its inputs (its scratch is
+                // on the device, which reports its own allocation failures).
                 check_available(
                     format!(
                         "roofline: {} {} at L = {len} (batch {}, heads {}, d {}, m {})",

@@ -235,12 +235,15 @@ pub fn run(a: &RunArgs) -> Result<RunReport> {
     Ok(RunReport { shape, backend: backend.name(), files })
 }
 
+/// Writes one whole file at the given path.
+pub type FileWriter<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
+
 /// A file to be written by [`write_all_or_nothing`]: its name in the folder and what writes it.
 pub struct Pending<'a> {
     /// File name inside the folder.
     pub name: &'a str,
     /// Writes the whole file at the given (temporary) path.
-    pub write: Box<dyn Fn(&Path) -> Result<()> + 'a>,
+    pub write: FileWriter<'a>,
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> BenchError {

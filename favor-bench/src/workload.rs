@@ -314,6 +314,7 @@ pub fn predicted_bytes(method: Method, backends: &[Backend], s: AttentionShape, 
         }
         // Fused kernels: O(threads × tile + B·H·m·d_v) beyond the buffers; allow 25 % + 32 MiB.
         Method::Favor { .. } => io.saturating_add(io / 4).saturating_add(32 << 20),
+        // The scratch of baselines::unfused_favor_forward.
         Method::UnfusedFavor => {
             // φ(Q), φ(K) (L×m each), K'ᵀV, K'ᵀ1 and per-key stabilisers of one head.
             io.saturating_add(prod(&[4, 2, l, m]).saturating_add(prod(&[4, m, s.dv + 1])).saturating_add(prod(&[4, l])))
