@@ -118,6 +118,19 @@ fn methods(backends: &[Backend], cfg: &CurvesConfig) -> Vec<Method> {
 /// Runs the sweep, writes `curves.csv`, `curves.json` and the plots into `cfg.out_dir`, and
 /// returns the points and the files written.
 pub fn run(cfg: &CurvesConfig) -> Result<(Vec<Point>, Vec<PathBuf>)> {
+    // Each of these would give a table with no measurement in it and exit as if it had worked.
+    if cfg.lens.is_empty() || cfg.settings.is_empty() || cfg.passes.is_empty() || methods(&cfg.backends, cfg).is_empty()
+    {
+        crate::bail!("curves: nothing to measure (no lengths, settings, passes or methods)");
+    }
+    if cfg.repeats == 0 || !(cfg.max_point_s.is_finite() && cfg.max_point_s > 0.0) || cfg.memory_budget == 0 {
+        crate::bail!(
+            "curves: repeats ({}), the per-call budget ({} s) and the memory budget ({} bytes) must be above 0",
+            cfg.repeats,
+            cfg.max_point_s,
+            cfg.memory_budget
+        );
+    }
     std::fs::create_dir_all(&cfg.out_dir).context(cfg.out_dir.display())?;
     let mut info = RunInfo::collect_for(&cfg.backends);
     let cpu = crate::meta::CpuShare::start();
@@ -216,7 +229,7 @@ pub fn run(cfg: &CurvesConfig) -> Result<(Vec<Point>, Vec<PathBuf>)> {
         }
     }
     bar.finish_and_clear();
-    info.cpu_share = Some(cpu.share());
+    info.cpu_share = cpu.share();
     if let Some(w) = cpu.warning() {
         eprintln!("{w}");
     }

@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod error;
+pub mod limits;
 pub mod meta;
 pub mod plot;
 pub mod records;

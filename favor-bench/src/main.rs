@@ -22,8 +22,9 @@ static ALLOC: favor_bench::alloc::CountingAlloc = favor_bench::alloc::CountingAl
 #[derive(Parser, Debug)]
 #[command(name = "favor-bench", version, about, long_about = None)]
 struct Cli {
-    /// Threads of the rayon pool every backend and baseline runs on (default: all CPUs).
-    #[arg(long, global = true)]
+    /// Threads of the rayon pool every backend and baseline runs on (default: all CPUs; at most
+    /// 2 × the CPUs, and at least 256 are always allowed).
+    #[arg(long, global = true, value_parser = parse_threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -52,14 +53,14 @@ struct CurvesArgs {
     /// reference at small L.
     #[arg(long)]
     backends: Option<String>,
-    /// Smallest L is 2^min_log2.
-    #[arg(long, default_value_t = 9)]
+    /// Smallest L is 2^min_log2 (0 ... 30).
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(0..=MAX_LOG2))]
     min_log2: u32,
-    /// Largest L is 2^max_log2 (default 15; 16 with --full).
-    #[arg(long)]
+    /// Largest L is 2^max_log2 (default 15; 16 with --full; at most 30).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=MAX_LOG2))]
     max_log2: Option<u32>,
     /// Explicit comma-separated lengths (overrides the log2 range).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = positive)]
     lens: Option<Vec<usize>>,
     /// The whole range L = 2^9 ... 2^16 with a 60 s per-call budget.
     #[arg(long)]
@@ -71,24 +72,24 @@ struct CurvesArgs {
     #[arg(long, value_delimiter = ',', default_value = "forward,forward+backward")]
     passes: Vec<String>,
     /// Batch size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     batch: usize,
     /// Random features m.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     m: usize,
     /// Timed calls per point (at most; fewer when the point budget runs out).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     repeats: usize,
     /// Per-call time budget in seconds: a method stops before a point predicted to be slower
     /// (default 2; 60 with --full).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
     max_point_s: Option<f64>,
     /// Heap budget in GiB: points predicted to need more are refused (default: min(16, 60 % of
     /// available memory)).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
     memory_budget_gib: Option<f64>,
     /// Largest L timed on the f64 reference backend.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = positive)]
     reference_max_len: usize,
     /// Leave out exact softmax attention.
     #[arg(long)]
@@ -113,25 +114,25 @@ struct AccuracyArgs {
     #[arg(long)]
     full: bool,
     /// Sequence length (default 1024; 4096 with --full).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     len: Option<usize>,
     /// Head dimension.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     d: usize,
     /// Standard deviation of the Gaussian Q and K entries.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f32, allow_negative_numbers = true)]
     sigma: f32,
     /// Seeds per point (default 5; 15 with --full).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     seeds: Option<usize>,
     /// Random features m, comma-separated (default 16,32,64,128,256).
-    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256", value_parser = positive)]
     ms: Vec<usize>,
     /// Angles in the MSE-ratio panel (default 24; 48 with --full).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     angles: Option<usize>,
     /// Projection draws per angle (default 1000; 4000 with --full).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     draws: Option<usize>,
     /// Output folder.
     #[arg(long, default_value = "results")]
@@ -144,31 +145,31 @@ struct RooflineArgs {
     #[arg(long, default_value = "best")]
     backends: String,
     /// Sequence lengths.
-    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536")]
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536", value_parser = positive)]
     lens: Vec<usize>,
     /// Batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     batch: usize,
     /// Heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     heads: usize,
     /// d = d_v.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     d: usize,
     /// Random features.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     m: usize,
     /// Square size of the CPU's f32 GEMM ceiling.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = positive)]
     gemm_size: usize,
     /// Square size of a GPU's bf16 GEMM ceiling (cuBLAS, when installed).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 8192, value_parser = positive)]
     device_gemm_size: usize,
     /// MiB copied by the bandwidth probe.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     stream_mib: usize,
     /// Timed calls per point.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     repeats: usize,
     /// Forward only.
     #[arg(long)]
@@ -177,7 +178,7 @@ struct RooflineArgs {
     #[arg(long)]
     no_unfused: bool,
     /// Largest L timed on the reference backend.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = positive)]
     reference_max_len: usize,
     /// Output folder.
     #[arg(long, default_value = "results")]
@@ -196,22 +197,22 @@ struct ProfileArgs {
     #[arg(long, default_value = "forward")]
     pass: String,
     /// Batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     batch: usize,
     /// Heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     heads: usize,
     /// Sequence length.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
     len: usize,
     /// Query/key head dimension.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     d: usize,
     /// Value head dimension (default d).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     dv: Option<usize>,
     /// Random features.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     m: usize,
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
@@ -220,7 +221,7 @@ struct ProfileArgs {
     #[arg(long, default_value = "positive")]
     map: String,
     /// Timed iterations.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = positive)]
     iters: usize,
     /// Warm-up iterations.
     #[arg(long, default_value_t = 2)]
@@ -264,7 +265,7 @@ struct RunCmdArgs {
     #[arg(long, default_value = "bidirectional")]
     direction: String,
     /// Random features when W is not given.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     m: usize,
     /// Seed of the drawn W.
     #[arg(long, default_value_t = 0)]
@@ -272,6 +273,49 @@ struct RunCmdArgs {
     /// Folder for out.npy (and dq.npy, dk.npy, dv.npy, w.npy).
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
+}
+
+/// Largest log2 of a curves length: 2^30 tokens is far beyond any memory budget already, and
+/// larger shifts would overflow.
+const MAX_LOG2: i64 = 30;
+
+/// A count that must be at least 1 (lengths, sizes, repeats, seeds, ...).
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|e| format!("`{s}` is not a whole number: {e}"))?;
+    if n == 0 { Err("must be at least 1".into()) } else { Ok(n) }
+}
+
+/// A finite number above 0 (budgets in seconds or GiB).
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if x.is_finite() && x > 0.0 { Ok(x) } else { Err(format!("must be a finite number above 0, got {x}")) }
+}
+
+fn positive_f32(s: &str) -> std::result::Result<f32, String> {
+    let x = positive_f64(s)?;
+    if x <= f32::MAX as f64 && x as f32 > 0.0 {
+        Ok(x as f32)
+    } else {
+        Err(format!("must be a finite float32 above 0, got {x}"))
+    }
+}
+
+/// Most rayon threads accepted: twice the CPUs (oversubscription beyond that only measures the
+/// scheduler), never less than 256. Far larger counts make the pool's startup hang.
+fn max_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cpus).max(256)
+}
+
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|e| format!("`{s}` is not a whole number: {e}"))?;
+    let cap = max_threads();
+    if (1..=cap).contains(&n) {
+        Ok(n)
+    } else {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Err(format!("{n} threads is outside 1..={cap} (the cap is the larger of 256 and 2 × the {cpus} CPUs here)"))
+    }
 }
 
 /// The best backend, the best CPU backend too when the best is the GPU, and the reference.
@@ -291,7 +335,20 @@ fn default_backends() -> String {
 
 fn curves_cmd(a: CurvesArgs) -> Result<()> {
     let max_log2 = a.max_log2.unwrap_or(if a.full { 16 } else { 15 });
-    let lens = a.lens.unwrap_or_else(|| (a.min_log2..=max_log2).map(|k| 1usize << k).collect());
+    let mut lens = match a.lens {
+        Some(lens) if lens.is_empty() => return Err(BenchError("--lens is empty: give at least one length".into())),
+        Some(lens) => lens,
+        None if a.min_log2 > max_log2 => {
+            return Err(BenchError(format!(
+                "--min-log2 {} is above --max-log2 {max_log2}: the length range is empty",
+                a.min_log2
+            )));
+        }
+        None => (a.min_log2..=max_log2).map(|k| 1usize << k).collect(),
+    };
+    // The sweep predicts each point from the previous one: ascending, each length once.
+    lens.sort_unstable();
+    lens.dedup();
     let settings = a
         .settings
         .iter()
@@ -309,7 +366,7 @@ fn curves_cmd(a: CurvesArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let cfg = CurvesConfig {
-        backends: backends::open_list(&a.backends.unwrap_or_else(default_backends))?,
+        backends: open_some(&a.backends.unwrap_or_else(default_backends))?,
         lens,
         settings,
         passes,
@@ -338,6 +395,18 @@ fn curves_cmd(a: CurvesArgs) -> Result<()> {
     let (_, files) = curves::run(&cfg)?;
     print_files(&files);
     Ok(())
+}
+
+/// Opens a comma-separated list of backends, at least one.
+fn open_some(ids: &str) -> Result<Vec<backends::Backend>> {
+    let list = backends::open_list(ids)?;
+    if list.is_empty() {
+        return Err(BenchError(format!(
+            "--backends `{ids}` names no backend; give at least one of: {} (or \"best\")",
+            backends::available().join(", ")
+        )));
+    }
+    Ok(list)
 }
 
 fn print_files(files: &[PathBuf]) {
@@ -377,8 +446,11 @@ fn accuracy_cmd(a: AccuracyArgs) -> Result<()> {
 }
 
 fn roofline_cmd(a: RooflineArgs) -> Result<()> {
+    let stream_bytes = a.stream_mib.checked_mul(1 << 20).ok_or_else(|| {
+        BenchError(format!("--stream-mib {}: more bytes than this machine can address", a.stream_mib))
+    })?;
     let cfg = RooflineConfig {
-        backends: backends::open_list(&a.backends)?,
+        backends: open_some(&a.backends)?,
         lens: a.lens,
         batch: a.batch,
         heads: a.heads,
@@ -386,7 +458,7 @@ fn roofline_cmd(a: RooflineArgs) -> Result<()> {
         m: a.m,
         gemm_size: a.gemm_size,
         device_gemm_size: a.device_gemm_size,
-        stream_bytes: a.stream_mib << 20,
+        stream_bytes,
         repeats: a.repeats,
         backward: !a.no_backward,
         unfused: !a.no_unfused,

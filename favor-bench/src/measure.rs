@@ -22,12 +22,16 @@ pub struct Sample {
     pub peak_bytes: usize,
 }
 
-/// Median of a non-empty list.
+/// Median of a list (NaN for an empty one: there is no sample to report).
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) }
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
 }
 
 /// Where a point's peak memory is read: the heap (counting allocator) for CPU backends, the
@@ -91,7 +95,7 @@ pub fn time_point_in<S>(
     let mut state = setup()?;
     let mut times = Vec::with_capacity(repeats);
     let t = Instant::now();
-    call(&mut state)?;
+    crate::meta::timed(|| call(&mut state))?;
     let first = t.elapsed().as_secs_f64();
     if first > budget_s / 4.0 {
         times.push(first);
@@ -99,7 +103,7 @@ pub fn time_point_in<S>(
     let mut spent = first;
     while times.len() < repeats.max(1) && (times.is_empty() || spent < budget_s) {
         let t = Instant::now();
-        call(&mut state)?;
+        crate::meta::timed(|| call(&mut state))?;
         let dt = t.elapsed().as_secs_f64();
         spent += dt;
         times.push(dt);

@@ -1,6 +1,8 @@
 //! What every result file records: machine, ISA, GPU and driver, commit, date and the exact
 //! command line.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::backends::Backend;
 use crate::records::{Json, JsonExt};
 
@@ -88,45 +90,80 @@ impl RunInfo {
     }
 }
 
-/// CPU seconds (user + system) this process has used, from /proc/self/stat (Linux; 0 elsewhere).
+/// CPU seconds (user + system, all threads) this process has used, at nanosecond resolution
+/// (`CLOCK_PROCESS_CPUTIME_ID`; 0 where the clock is missing). The tick counts of
+/// /proc/self/stat (10 ms) are too coarse for a short measurement.
 pub fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // The kernel reports clock ticks of USER_HZ = 100 on every mainstream Linux configuration.
-    (ticks(11) + ticks(12)) / 100.0
+    process_cpu_time().unwrap_or(0.0)
 }
 
-/// Watches how much CPU the process gets: on a shared or oversubscribed machine the share drops
-/// below 1 and timings are disturbed by other load.
+#[cfg(unix)]
+fn process_cpu_time() -> Option<f64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call, which is all
+    // clock_gettime needs; the clock id is a constant the platform defines.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+}
+
+#[cfg(not(unix))]
+fn process_cpu_time() -> Option<f64> {
+    None
+}
+
+/// Wall and CPU nanoseconds spent inside timed regions so far ([`timed`]), process-wide.
+static TIMED_WALL_NS: AtomicU64 = AtomicU64::new(0);
+static TIMED_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f` as a timed region: its wall time and the process CPU time used meanwhile are added
+/// to the totals [`CpuShare`] reads, so that setup, plotting and single-threaded probes between
+/// measurements do not count.
+pub fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let (wall, cpu) = (std::time::Instant::now(), process_cpu_seconds());
+    let out = f();
+    let dw = wall.elapsed().as_secs_f64();
+    let dc = (process_cpu_seconds() - cpu).max(0.0);
+    TIMED_WALL_NS.fetch_add((dw * 1e9) as u64, Ordering::Relaxed);
+    TIMED_CPU_NS.fetch_add((dc * 1e9) as u64, Ordering::Relaxed);
+    out
+}
+
+fn timed_totals() -> (u64, u64) {
+    (TIMED_WALL_NS.load(Ordering::Relaxed), TIMED_CPU_NS.load(Ordering::Relaxed))
+}
+
+/// Watches how much CPU the process gets while it measures: on a shared or oversubscribed
+/// machine the share drops below 1 and timings are disturbed by other load.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuShare {
-    wall: std::time::Instant,
-    cpu: f64,
+    wall_ns: u64,
+    cpu_ns: u64,
 }
 
 impl CpuShare {
     /// Starts watching.
     pub fn start() -> Self {
-        Self { wall: std::time::Instant::now(), cpu: process_cpu_seconds() }
+        let (wall_ns, cpu_ns) = timed_totals();
+        Self { wall_ns, cpu_ns }
     }
 
-    /// CPU seconds used since the start over (wall seconds × rayon threads); about 1 when the
-    /// process had its threads' CPUs to itself and kept them busy.
-    pub fn share(&self) -> f64 {
-        let wall = self.wall.elapsed().as_secs_f64();
-        (process_cpu_seconds() - self.cpu) / (wall * rayon::current_num_threads() as f64).max(1e-9)
+    /// CPU time used over (wall time × rayon threads), both summed over the timed regions run
+    /// since the start; about 1 when the process had its threads' CPUs to itself and kept them
+    /// busy. `None` when nothing was timed.
+    pub fn share(&self) -> Option<f64> {
+        let (wall, cpu) = timed_totals();
+        let wall = wall.saturating_sub(self.wall_ns) as f64;
+        let cpu = cpu.saturating_sub(self.cpu_ns) as f64;
+        (wall > 0.0).then(|| cpu / (wall * rayon::current_num_threads() as f64))
     }
 
     /// A warning line when the share is low.
     pub fn warning(&self) -> Option<String> {
-        let s = self.share();
+        let s = self.share()?;
         (s < 0.75).then(|| {
             format!(
-                "warning: the process used only {:.0}% of its {} threads' CPU time: other load on this machine \
-                 (or idle waiting) disturbs these timings",
+                "warning: the process used only {:.0}% of its {} threads' CPU time while timing: other load on \
+                 this machine (or idle waiting) disturbs these timings",
                 100.0 * s,
                 rayon::current_num_threads()
             )

@@ -49,6 +49,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(err(path, "not a .npy file (it does not start with the \\x93NUMPY magic string)"));
     }
+    if let Some(shape) = overflowing_shape(bytes) {
+        return Err(err(path, format!("corrupt header: shape {shape:?} has more elements than a usize can count")));
+    }
     let mut cursor = Cursor::new(bytes);
     let header = npyz::NpyHeader::from_reader(&mut cursor).map_err(|e| err(path, format!("bad .npy header: {e}")))?;
     let data_start = cursor.position() as usize;
@@ -68,7 +71,6 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray> {
         }
     };
     let shape: Vec<usize> = header.shape().iter().map(|&s| s as usize).collect();
-    let count: usize = shape.iter().product();
     let item = match &descr[1..] {
         "f4" => 4,
         "f2" => 2,
@@ -81,7 +83,16 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray> {
             ));
         }
     };
-    let need = count * item;
+    // Checked: a header may claim any shape, and a wrapped product could pass the length check.
+    let need = match crate::limits::bytes_of(&shape, item).and_then(|b| usize::try_from(b).ok()) {
+        Some(n) => n,
+        None => {
+            return Err(err(
+                path,
+                format!("corrupt header: shape {shape:?} of '{descr}' has more data bytes than a usize can count"),
+            ));
+        }
+    };
     let have = bytes.len() - data_start;
     if have < need {
         return Err(err(
@@ -104,6 +115,23 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray> {
         _ => NpyData::Bool(body[data_start..].iter().map(|&b| b != 0).collect()),
     };
     Ok(NpyArray { shape, data, descr })
+}
+
+/// The header's shape when its element count overflows u64. npyz multiplies the dimensions
+/// without a check (wrapping, or panicking in a build with overflow checks), so such a header
+/// is caught here first; a malformed header is left to npyz to report.
+fn overflowing_shape(bytes: &[u8]) -> Option<Vec<u64>> {
+    let (len, start): (usize, usize) = match bytes.get(6)? {
+        1 => (u16::from_le_bytes([*bytes.get(8)?, *bytes.get(9)?]) as usize, 10),
+        _ => (u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize, 12),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start.checked_add(len)?)?).ok()?;
+    let after = &header[header.find("'shape'")? + 7..];
+    let tuple = &after[after.find('(')? + 1..];
+    let tuple = &tuple[..tuple.find(')')?];
+    let dims: Vec<u64> =
+        tuple.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse().ok()).collect::<Option<_>>()?;
+    dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).is_none().then_some(dims)
 }
 
 impl NpyArray {

@@ -136,9 +136,31 @@ impl PhaseCounters {
     }
 }
 
+/// Checks, before allocating, that the buffers of the run fit: Q, K, V, the output gradient, the
+/// output, three gradients, the feature buffer (up to 2m features) and the drawn projection.
+fn check_sizes(cfg: &ProfileConfig) -> Result<()> {
+    use crate::limits::{bytes_of, total};
+    let s = cfg.shape;
+    let elem = if cfg.dtype == DType::F32 { 4 } else { 2 };
+    let (b, h, l) = (s.batch, s.heads, s.len);
+    let mf = cfg.m.saturating_mul(2).max(s.d);
+    let need = total(&[
+        bytes_of(&[4, b, h, l, s.d], elem),
+        bytes_of(&[4, b, h, l, s.dv], elem),
+        bytes_of(&[b, h, l, mf], elem),
+        bytes_of(&[cfg.m, s.d], 12),
+    ]);
+    crate::limits::check_available(format!("profile: the buffers of shape {s:?} with m = {}", cfg.m), need)?;
+    Ok(())
+}
+
 /// Runs the kernel and prints per-iteration and per-phase times.
 pub fn run(cfg: &ProfileConfig) -> Result<ProfileReport> {
     let s = cfg.shape;
+    if cfg.iters == 0 {
+        crate::bail!("profile: at least one timed iteration is needed (iters = 0)");
+    }
+    check_sizes(cfg)?;
     let proj = Projection::draw(ProjectionConfig::new(cfg.m, s.d, 1))?;
     let map = workload::make_map(&cfg.map, proj)?;
     let t = |n, seed| HostTensor::from_f32(cfg.dtype, &workload::gaussian(n, seed, 1.0));

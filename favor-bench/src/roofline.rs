@@ -192,8 +192,74 @@ pub fn ceilings(gemm_size: usize, stream_bytes: usize) -> Ceilings {
     }
 }
 
+/// The methods (with whether each is the reference backend) and passes of a run.
+fn plan(cfg: &RooflineConfig) -> (Vec<(Method, bool)>, Vec<Pass>) {
+    let mut methods = Vec::new();
+    for (b, backend) in cfg.backends.iter().enumerate() {
+        for direction in [Direction::Bidirectional, Direction::Causal] {
+            methods.push((Method::Favor { backend: b, direction }, backend.is_reference()));
+        }
+    }
+    if cfg.unfused {
+        methods.push((Method::UnfusedFavor, false));
+    }
+    let mut passes = vec![Pass::Forward];
+    if cfg.backward {
+        passes.push(Pass::ForwardBackward);
+    }
+    (methods, passes)
+}
+
+/// Checks the configuration before anything is allocated: at least one length and repeat, and
+/// every buffer (the ceilings' probes, every point's inputs, outputs and scratch) within the
+/// memory available.
+fn check(cfg: &RooflineConfig) -> Result<()> {
+    use crate::limits::{bytes_of, check_available};
+    if cfg.lens.is_empty() || cfg.repeats == 0 || cfg.gemm_size == 0 || cfg.stream_bytes == 0 {
+        crate::bail!(
+            "roofline: lengths, repeats, the GEMM size and the copy size must all be at least 1 \
+             (got {} lengths, {} repeats, GEMM size {}, copy {} bytes)",
+            cfg.lens.len(),
+            cfg.repeats,
+            cfg.gemm_size,
+            cfg.stream_bytes
+        );
+    }
+    let n = cfg.gemm_size;
+    check_available(format!("roofline: the {n}x{n} f32 GEMM probe (three matrices)"), bytes_of(&[3, n, n], 4))?;
+    check_available(
+        format!("roofline: the copy probe of {} (source and destination)", measure::human_bytes(cfg.stream_bytes)),
+        bytes_of(&[2, cfg.stream_bytes], 1),
+    )?;
+    let (methods, passes) = plan(cfg);
+    for &(method, is_ref) in &methods {
+        for &pass in &passes {
+            for &len in cfg.lens.iter().filter(|&&l| method.supports(pass) && !(is_ref && l > cfg.reference_max_len)) {
+                let shape = AttentionShape::new(cfg.batch, cfg.heads, len, cfg.d);
+                let need = workload::predicted_bytes(method, &cfg.backends, shape, cfg.m, pass);
+                // For a device backend this bounds the host copies of its inputs (its scratch is
+                // on the device, which reports its own allocation failures).
+                check_available(
+                    format!(
+                        "roofline: {} {} at L = {len} (batch {}, heads {}, d {}, m {})",
+                        method.label(&cfg.backends),
+                        pass.name(),
+                        cfg.batch,
+                        cfg.heads,
+                        cfg.d,
+                        cfg.m
+                    ),
+                    (need < usize::MAX).then_some(need as u128),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the benchmark, prints the table, writes `roofline.csv` and `roofline.json`.
 pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<PathBuf>)> {
+    check(cfg)?;
     std::fs::create_dir_all(&cfg.out_dir).context(cfg.out_dir.display())?;
     let mut info = RunInfo::collect_for(&cfg.backends);
     let cpu = crate::meta::CpuShare::start();
@@ -225,19 +291,7 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
         })
         .collect();
     let favor = FavorConfig::positive(cfg.m, cfg.d, 1)?;
-    let mut methods = Vec::new();
-    for (b, backend) in cfg.backends.iter().enumerate() {
-        for direction in [Direction::Bidirectional, Direction::Causal] {
-            methods.push((Method::Favor { backend: b, direction }, backend.is_reference()));
-        }
-    }
-    if cfg.unfused {
-        methods.push((Method::UnfusedFavor, false));
-    }
-    let mut passes = vec![Pass::Forward];
-    if cfg.backward {
-        passes.push(Pass::ForwardBackward);
-    }
+    let (methods, passes) = plan(cfg);
     println!(
         "{:<44} {:<17} {:>6} {:>10} {:>9} {:>8} {:>9} {:>10} {:>10} {:>6}",
         "kernel", "pass", "L", "median", "GFLOP/s", "of GEMM", "GB/s min", "of copy", "peak mem", "/ io"
@@ -286,7 +340,7 @@ pub fn run(cfg: &RooflineConfig) -> Result<(Ceilings, Vec<KernelPoint>, Vec<Path
             }
         }
     }
-    info.cpu_share = Some(cpu.share());
+    info.cpu_share = cpu.share();
     if let Some(w) = cpu.warning() {
         eprintln!("{w}");
     }

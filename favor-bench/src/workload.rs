@@ -157,13 +157,10 @@ impl Buffers {
         }
     }
 
-    /// Bytes of inputs and outputs (and gradients): the floor of any implementation.
+    /// Bytes of inputs and outputs (and gradients): the floor of any implementation (saturating
+    /// at `usize::MAX` for shapes no machine could hold).
     pub fn io_bytes(shape: AttentionShape, pass: Pass) -> usize {
-        let fwd = 4 * (2 * shape.qk_len() + 2 * shape.v_len());
-        match pass {
-            Pass::Forward => fwd,
-            Pass::ForwardBackward => 2 * fwd,
-        }
+        sat(io_bytes_wide(shape, pass))
     }
 }
 
@@ -281,26 +278,53 @@ pub fn time_method(
     )
 }
 
+fn sat(x: u128) -> usize {
+    usize::try_from(x).unwrap_or(usize::MAX)
+}
+
+/// Product of `dims` in u128, saturating (four factors from usize cannot always fit).
+fn prod(dims: &[usize]) -> u128 {
+    dims.iter().fold(1u128, |acc, &d| acc.saturating_mul(d as u128))
+}
+
+fn io_bytes_wide(s: AttentionShape, pass: Pass) -> u128 {
+    let (b, h, l) = (s.batch, s.heads, s.len);
+    let fwd = prod(&[4, 2, b, h, l, s.d]).saturating_add(prod(&[4, 2, b, h, l, s.dv]));
+    match pass {
+        Pass::Forward => fwd,
+        Pass::ForwardBackward => fwd.saturating_mul(2),
+    }
+}
+
 /// Predicted peak heap bytes of one measurement (inputs, outputs, gradients and the method's
-/// scratch), used to refuse points over the memory budget before allocating.
+/// scratch), used to refuse points over the memory budget before allocating. Computed without
+/// overflow: a shape too large for any machine predicts `usize::MAX`.
 pub fn predicted_bytes(method: Method, backends: &[Backend], s: AttentionShape, m: usize, pass: Pass) -> usize {
-    let io = Buffers::io_bytes(s, pass);
+    let io = io_bytes_wide(s, pass);
     let mf = m; // positive features
-    match method {
+    let (bh, l) = (s.batch.saturating_mul(s.heads), s.len);
+    sat(match method {
         Method::Favor { backend, .. } if backends[backend].is_reference() => {
             // f64 copies of the inputs and gradients, plus per-head φ(Q), φ(K) in f64.
-            3 * io + 4 * 8 * s.len * mf + (16 << 20)
+            io.saturating_mul(3).saturating_add(prod(&[4, 8, l, mf])).saturating_add(16 << 20)
         }
         // The CUDA kernels keep φ(Q), φ(K) and intermediates in fp32 scratch for a call.
         Method::Favor { backend, .. } if backends[backend].imp.resident().is_some() => {
-            io + 3 * 4 * s.problems() * s.len * mf + (32 << 20)
+            io.saturating_add(prod(&[3, 4, bh, l, mf])).saturating_add(32 << 20)
         }
         // Fused kernels: O(threads × tile + B·H·m·d_v) beyond the buffers; allow 25 % + 32 MiB.
-        Method::Favor { .. } => io + io / 4 + (32 << 20),
-        Method::UnfusedFavor => io + baselines::unfused_scratch_bytes(s.len, m, s.dv),
-        Method::Softmax => io + baselines::softmax_scratch_bytes(s.len, pass == Pass::ForwardBackward),
+        Method::Favor { .. } => io.saturating_add(io / 4).saturating_add(32 << 20),
+        // The scratch of baselines::unfused_favor_forward.
+        Method::UnfusedFavor => {
+            // φ(Q), φ(K) (L×m each), K'ᵀV, K'ᵀ1 and per-key stabilisers of one head.
+            io.saturating_add(prod(&[4, 2, l, m]).saturating_add(prod(&[4, m, s.dv + 1])).saturating_add(prod(&[4, l])))
+        }
+        Method::Softmax => {
+            let scores = prod(&[4, l, l]);
+            io.saturating_add(if pass == Pass::ForwardBackward { scores.saturating_mul(2) } else { scores })
+        }
         Method::Identity => io,
-    }
+    })
 }
 
 /// Feature-map names accepted on the command line.
