@@ -30,7 +30,7 @@ pub mod testing;
 pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
 pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle};
 pub use error::{FavorError, Result};
-pub use features::{Elementwise, FeatureMap, FeatureRole, GatedSoftplusParams, Linear, ParamGrads};
+pub use features::{Elementwise, FeatureMap, FeatureRole, GatedSoftplusParams, Linear, PARAM_LIMIT, ParamGrads};
 pub use projection::{Projection, ProjectionConfig, ProjectionKind, RowNorms};
 pub use reference::{ReferenceBackend, ReferenceState};
 pub use shape::{AttentionOptions, AttentionShape, Direction};

@@ -99,3 +99,36 @@ fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
     }
     println!("errors out/dq/dk/dv/params per scale:\n{}", report.join("\n"));
 }
+
+#[test]
+fn parameters_at_their_limit_give_finite_results() {
+    use favor_core::{Elementwise, PARAM_LIMIT, Projection, ProjectionConfig};
+    let shape = AttentionShape::new(1, 1, 40, 8).with_dv(3);
+    let proj = || Some(Projection::draw(ProjectionConfig::new(16, 8, 4)).unwrap());
+    let generalized =
+        |f, scale, kappa| FeatureMap::Generalized { f, projection: proj(), normalize_data: true, scale, kappa };
+    let maps = [
+        FeatureMap::Positive { projection: proj().unwrap(), epsilon: PARAM_LIMIT },
+        FeatureMap::Hyperbolic { projection: proj().unwrap(), epsilon: PARAM_LIMIT },
+        generalized(Elementwise::Relu, PARAM_LIMIT, PARAM_LIMIT),
+        generalized(Elementwise::EluPlusOne, -PARAM_LIMIT, 0.0),
+        generalized(Elementwise::Softplus, PARAM_LIMIT, 0.0),
+    ];
+    for backend in backends() {
+        for map in &maps {
+            for direction in [Direction::Bidirectional, Direction::Causal] {
+                let p = Problem::new(shape, map).with_options(AttentionOptions { direction, ..Default::default() });
+                for s in [1.0, 1e37] {
+                    let base = Case::new(shape, DType::F32, true, 6);
+                    let case = Case { q: scaled(&base.q, s), k: scaled(&base.k, s), ..base };
+                    let what = format!("{} {} {direction:?} scale {s:e}", backend.name(), map.name());
+                    let out = case.forward(&backend, &p);
+                    let (dq, dk, dv, _) = case.backward(&backend, &p);
+                    for (name, g) in [("out", &out), ("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+                        assert!(g.iter().all(|x| x.is_finite()), "{what}: non-finite {name}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -40,6 +40,7 @@ impl Linear {
         if let Some(i) = self.w.iter().position(|x| !x.is_finite()) {
             return Err(FavorError::NonFinite { arg: name, index: i, value: self.w[i] });
         }
+        super::check_entries(name, &self.w)?;
         if let Some(b) = &self.bias {
             if b.len() != self.m {
                 return Err(FavorError::shape("bias", self.m, b.len()));
@@ -47,6 +48,7 @@ impl Linear {
             if let Some(i) = b.iter().position(|x| !x.is_finite()) {
                 return Err(FavorError::NonFinite { arg: "bias", index: i, value: b[i] });
             }
+            super::check_entries("bias", b)?;
         }
         Ok(())
     }

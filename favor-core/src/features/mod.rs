@@ -124,6 +124,18 @@ pub const DEFAULT_EPSILON: f32 = 1e-6;
 pub const DEFAULT_RELU_KAPPA: f32 = 1e-3;
 /// Default denominator guard of trigonometric features (JAX `numerical_stabilizer`).
 pub const DEFAULT_TRIG_GUARD: f32 = 1e-6;
+/// Largest magnitude accepted for a map parameter (ε, κ, scale, projection, weight and bias
+/// entries). Far beyond any trained or drawn value, and small enough that a parameter times an
+/// input of f32's range stays inside f64's, where the f32 kernels evaluate extreme rows.
+pub const PARAM_LIMIT: f32 = 1e6;
+
+/// Rejects an entry of a parameter tensor beyond [`PARAM_LIMIT`] in magnitude.
+pub(crate) fn check_entries(name: &'static str, w: &[f32]) -> Result<()> {
+    match w.iter().position(|x| !(x.abs() <= PARAM_LIMIT)) {
+        Some(i) => Err(FavorError::param(name, format!("entry {i} is {}, beyond ±{PARAM_LIMIT:e}", w[i]))),
+        None => Ok(()),
+    }
+}
 
 impl FeatureMap {
     /// FAVOR+ positive features with ε = 1e-6.
@@ -225,7 +237,8 @@ impl FeatureMap {
         }
     }
 
-    /// Checks the map against the input dimension `d` and its own parameters.
+    /// Checks the map against the input dimension `d` and its own parameters: ε, κ, |scale| and
+    /// every projection, weight and bias entry must lie within [`PARAM_LIMIT`].
     pub fn validate(&self, d: usize) -> Result<()> {
         if let Some(want) = self.input_dim()
             && want != d
@@ -233,12 +246,22 @@ impl FeatureMap {
             return Err(FavorError::shape("d", format!("{want} (the feature map's input dimension)"), d));
         }
         let check_eps = |name: &'static str, e: f32| {
-            if !(e.is_finite() && e >= 0.0) {
-                Err(FavorError::param(name, format!("must be finite and ≥ 0, got {e}")))
+            if !(e.is_finite() && (0.0..=PARAM_LIMIT).contains(&e)) {
+                Err(FavorError::param(name, format!("must lie in [0, {PARAM_LIMIT:e}], got {e}")))
             } else {
                 Ok(())
             }
         };
+        let projection = match self {
+            FeatureMap::Positive { projection, .. }
+            | FeatureMap::Hyperbolic { projection, .. }
+            | FeatureMap::Trigonometric { projection } => Some(projection),
+            FeatureMap::Generalized { projection, .. } => projection.as_ref(),
+            FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => None,
+        };
+        if let Some(p) = projection {
+            check_entries("projection", p.matrix())?;
+        }
         match self {
             FeatureMap::Positive { epsilon, .. } | FeatureMap::Hyperbolic { epsilon, .. } => {
                 check_eps("epsilon", *epsilon)
@@ -246,8 +269,11 @@ impl FeatureMap {
             FeatureMap::Trigonometric { .. } => Ok(()),
             FeatureMap::Generalized { scale, kappa, .. } => {
                 check_eps("kappa", *kappa)?;
-                if !scale.is_finite() {
-                    return Err(FavorError::param("scale", format!("must be finite, got {scale}")));
+                if !(scale.is_finite() && scale.abs() <= PARAM_LIMIT) {
+                    return Err(FavorError::param(
+                        "scale",
+                        format!("must lie in [-{PARAM_LIMIT:e}, {PARAM_LIMIT:e}], got {scale}"),
+                    ));
                 }
                 Ok(())
             }

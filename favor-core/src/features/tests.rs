@@ -399,3 +399,61 @@ fn features_are_finite_at_extreme_magnitudes() {
         }
     }
 }
+
+#[test]
+fn parameters_beyond_the_limit_are_rejected_with_their_name() {
+    let proj = || Projection::draw(ProjectionConfig::new(4, 3, 1)).unwrap();
+    let relu = |scale: f32, kappa: f32| FeatureMap::Generalized {
+        f: Elementwise::Relu,
+        projection: Some(proj()),
+        normalize_data: true,
+        scale,
+        kappa,
+    };
+    let elu = |scale: f32| FeatureMap::Generalized {
+        f: Elementwise::EluPlusOne,
+        projection: None,
+        normalize_data: false,
+        scale,
+        kappa: 0.0,
+    };
+    // Built field by field: `Linear::new` already refuses such weights.
+    let learned = |w: f32, b: f32| FeatureMap::Softplus(Linear { m: 2, d: 3, w: vec![w; 6], bias: Some(vec![b; 2]) });
+    let huge = Projection::from_matrix(2, 3, vec![0.5, 1e30, 0.0, 1.0, 1.0, 1.0]);
+    let bad = [
+        (FeatureMap::Positive { projection: proj(), epsilon: 1e38 }, "epsilon"),
+        (FeatureMap::Hyperbolic { projection: proj(), epsilon: 3e38 }, "epsilon"),
+        (relu(1.0, 1e38), "kappa"),
+        (relu(1e38, 0.0), "scale"),
+        (elu(-1e38), "scale"),
+        (learned(1e30, 0.0), "w"),
+        (learned(0.1, -1e30), "bias"),
+    ];
+    // Projections are checked where they are made (or by the map that uses them).
+    let projection_rejected = match huge {
+        Err(FavorError::InvalidParameter { name: "projection", .. }) => true,
+        Ok(p) => {
+            matches!(FeatureMap::positive(p).validate(3), Err(FavorError::InvalidParameter { name: "projection", .. }))
+        }
+        Err(_) => false,
+    };
+    assert!(projection_rejected);
+    for (map, want) in bad {
+        match map.validate(3) {
+            Err(FavorError::InvalidParameter { name, reason }) => {
+                assert_eq!(name, want, "{reason}");
+                assert!(reason.contains("1e6"), "the message states the range: {reason}");
+            }
+            other => panic!("{} with an out-of-range {want}: {other:?}", map.name()),
+        }
+    }
+    let at_limit = [
+        FeatureMap::Positive { projection: proj(), epsilon: PARAM_LIMIT },
+        relu(-PARAM_LIMIT, PARAM_LIMIT),
+        elu(PARAM_LIMIT),
+        learned(PARAM_LIMIT, -PARAM_LIMIT),
+    ];
+    for map in at_limit {
+        map.validate(3).unwrap();
+    }
+}
