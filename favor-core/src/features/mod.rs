@@ -131,7 +131,8 @@ pub const PARAM_LIMIT: f32 = 1e6;
 
 /// Rejects an entry of a parameter tensor beyond [`PARAM_LIMIT`] in magnitude.
 pub(crate) fn check_entries(name: &'static str, w: &[f32]) -> Result<()> {
-    match w.iter().position(|x| !(x.abs() <= PARAM_LIMIT)) {
+    // NaN counts as out of range (validation rejects it earlier with its own error).
+    match w.iter().position(|x| x.is_nan() || x.abs() > PARAM_LIMIT) {
         Some(i) => Err(FavorError::param(name, format!("entry {i} is {}, beyond ±{PARAM_LIMIT:e}", w[i]))),
         None => Ok(()),
     }
