@@ -6,14 +6,82 @@
 #      (GPU tests skip with a printed reason where there is no GPU);
 #   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference, and
 #      favor-bench's CUDA paths (curves, roofline, profile, run) on that emulator;
-#   4. the NEON/portable path on aarch64 under qemu;
+#   4. favor-core and favor-simd on aarch64 under qemu (favor-simd's NEON and portable ISAs);
 #   5. one pass of every criterion bench (`-- --test`) so benches cannot rot.
-# Any failure exits non-zero.
+# Any failure exits non-zero. Each step's duration is printed as it ends, and a summary table
+# (step, status, duration) at the end, also when a step fails.
+#
+# Where the aarch64 cross toolchain or qemu cannot be installed, the aarch64 step is skipped with
+# a message locally, but fails the run under CI (CI=true or CI=1, which .ci/run sets), so a CI
+# run can never pass without having run those tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-step() { printf '\n==> %s\n' "$*"; }
+is_ci() {
+    case "${CI:-}" in
+    [Tt][Rr][Uu][Ee] | 1) return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
+fmt_secs() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+# Step bookkeeping: `step LABEL` ends the running step (status "ok" unless `skip_step` marked it)
+# and starts the next one; the EXIT trap ends the last one, as FAILED if the script is exiting
+# non-zero, and prints the table.
+labels=()
+statuses=()
+durations=()
+cur_label=""
+cur_status=""
+cur_start=0
+run_start=$SECONDS
+
+end_step() {
+    [ -n "$cur_label" ] || return 0
+    local d=$((SECONDS - cur_start))
+    labels+=("$cur_label")
+    statuses+=("$1")
+    durations+=("$d")
+    printf -- '--- %s: %s in %s\n' "$cur_label" "$1" "$(fmt_secs "$d")"
+    cur_label=""
+}
+
+step() {
+    end_step "${cur_status:-ok}"
+    cur_label="$1"
+    cur_status=""
+    cur_start=$SECONDS
+    printf '\n==> %s\n' "$1"
+}
+
+skip_step() {
+    echo "SKIPPED $cur_label: $*"
+    cur_status="SKIPPED"
+}
+
+summary() {
+    local rc=$?
+    if [ "$rc" -eq 0 ]; then end_step "${cur_status:-ok}"; else end_step "FAILED (exit $rc)"; fi
+    printf '\n==> summary\n'
+    printf '%-44s %-16s %9s\n' "step" "status" "duration"
+    local i
+    for i in "${!labels[@]}"; do
+        printf '%-44s %-16s %9s\n' "${labels[$i]}" "${statuses[$i]}" "$(fmt_secs "${durations[$i]}")"
+    done
+    printf '%-44s %-16s %9s\n' "total" "" "$(fmt_secs $((SECONDS - run_start)))"
+    if [ "$rc" -eq 0 ]; then
+        echo "all checks passed"
+    else
+        echo "checks FAILED (exit $rc)"
+    fi
+    exit "$rc"
+}
+trap summary EXIT
+
+step "test script self-test"
+bash scripts/test-script-selftest.sh
 
 step "toolchain components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
@@ -32,21 +100,24 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "tests (x86_64)"
 cargo test --workspace
 
-step "CUDA kernels on the CPU emulator (the real .cu sources, run against the f64 reference), and favor-bench's CUDA paths on it"
 # One invocation, so favor-cuda is built once with the emulator for both test targets.
+step "CUDA kernels on the CPU emulator"
+echo "(the real .cu sources against the f64 reference, and favor-bench's CUDA paths on them)"
 cargo test -p favor-cuda -p favor-bench --features favor-cuda/emulator,favor-bench/cuda-emulator \
     --test cross_backend --test cuda
 
-step "tests (aarch64 NEON path, under qemu)"
+step "tests (aarch64, under qemu)"
 if bash scripts/setup-aarch64.sh; then
     export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
     export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
     cargo test --target aarch64-unknown-linux-gnu -p favor-core -p favor-simd
+elif is_ci; then
+    echo "ERROR: the aarch64 target or qemu could not be installed (see above); under CI" \
+        "(CI=$CI) the aarch64 tests may not be skipped" >&2
+    exit 1
 else
-    echo "SKIPPED aarch64 tests: the aarch64 target or qemu could not be installed (see above)"
+    skip_step "the aarch64 target or qemu could not be installed (see above); this fails under CI"
 fi
 
 step "criterion benches, one pass each"
 cargo bench -p favor-bench -- --test
-
-step "all checks passed"

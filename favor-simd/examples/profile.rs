@@ -1,4 +1,5 @@
-//! Times the favor-simd kernels on the benchmark shape of issue 3 (not a test):
+//! Times the favor-simd kernels on the shape of the CPU roofline benchmark (`favor-bench roofline`,
+//! BENCHMARKS.md; not a test):
 //! positive features, B = 1, H = 8, d = d_v = 64, m = 256, f32, every ISA.
 //!
 //! `cargo run --release -p favor-simd --example profile -- [L] [reps] [isa] [case]`

@@ -124,4 +124,43 @@ impl SimdF32 for Avx512 {
         // SAFETY: avx512f is present (module invariant).
         unsafe { _mm512_reduce_max_ps(self.0) }
     }
+    #[inline(always)]
+    fn ldexp(self, n: Self) -> Self {
+        // vscalefps computes self · 2^⌊n⌋ with a single rounding for any n, so it meets the
+        // trait contract without splitting the scale in two.
+        // SAFETY: avx512f is present (module invariant).
+        Avx512(unsafe { _mm512_scalef_ps(self.0, n.0) })
+    }
+    #[inline(always)]
+    unsafe fn transpose_block(src: *const f32, ld_src: usize, dst: *mut f32, ld_dst: usize) {
+        // SAFETY: the caller guarantees 16 readable rows of 16 floats at src and 16 writable
+        // rows at dst (trait contract); avx512f is present (module invariant).
+        unsafe {
+            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ld_src)));
+            // 32-bit interleave of row pairs within 128-bit lanes.
+            let a: [__m512; 16] = std::array::from_fn(|i| {
+                let (x, y) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 { _mm512_unpacklo_ps(x, y) } else { _mm512_unpackhi_ps(x, y) }
+            });
+            // b[4h + c] holds, in 128-bit lane l, column 4l + c of rows 4h..4h+3 (a 4 × 4
+            // transpose inside each lane, as in the AVX2 version).
+            let b: [__m512; 16] = std::array::from_fn(|i| {
+                let (h, c) = (i / 4, i % 4);
+                let (x, y) = (a[4 * h + c / 2], a[4 * h + 2 + c / 2]);
+                if c % 2 == 0 { _mm512_shuffle_ps::<0x44>(x, y) } else { _mm512_shuffle_ps::<0xEE>(x, y) }
+            });
+            // Gather lane l of b[c], b[4 + c], b[8 + c], b[12 + c] into output row 4l + c: first
+            // lanes {0, 1} and {2, 3} of row-group pairs, then even and odd lanes of those.
+            for c in 0..4 {
+                let lo01 = _mm512_shuffle_f32x4::<0x44>(b[c], b[4 + c]);
+                let hi01 = _mm512_shuffle_f32x4::<0xEE>(b[c], b[4 + c]);
+                let lo23 = _mm512_shuffle_f32x4::<0x44>(b[8 + c], b[12 + c]);
+                let hi23 = _mm512_shuffle_f32x4::<0xEE>(b[8 + c], b[12 + c]);
+                _mm512_storeu_ps(dst.add(c * ld_dst), _mm512_shuffle_f32x4::<0x88>(lo01, lo23));
+                _mm512_storeu_ps(dst.add((4 + c) * ld_dst), _mm512_shuffle_f32x4::<0xDD>(lo01, lo23));
+                _mm512_storeu_ps(dst.add((8 + c) * ld_dst), _mm512_shuffle_f32x4::<0x88>(hi01, hi23));
+                _mm512_storeu_ps(dst.add((12 + c) * ld_dst), _mm512_shuffle_f32x4::<0xDD>(hi01, hi23));
+            }
+        }
+    }
 }

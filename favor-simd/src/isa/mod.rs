@@ -19,6 +19,9 @@ use std::sync::OnceLock;
 /// every kernel can use whole vectors.
 pub(crate) const MAX_LANES: usize = 16;
 
+#[cfg(test)]
+mod tests;
+
 /// A SIMD vector of f32 lanes. Implementations for `std::arch` types may only be used after the
 /// CPU was checked for the instruction set (see [`IsaToken`]); the crate only instantiates them
 /// inside the `#[target_feature]` entry points of [`IsaToken::run`].
@@ -63,9 +66,15 @@ pub(crate) trait SimdF32: Copy + Send + Sync + 'static {
     fn reduce_add(self) -> f32;
     fn reduce_max(self) -> f32;
 
-    /// self · 2^n for lanes of `n` holding integers in [−254, 254]: exact, and rounded once
-    /// when the result is subnormal. The default multiplies by two powers 2^⌊n/2⌉·2^(n−⌊n/2⌉)
-    /// so that neither factor leaves the normal range; AVX-512 has one instruction for it.
+    /// self · 2^n for lanes of `n` holding integers in [−252, 254], rounded once (so exact
+    /// unless the result is subnormal or overflows) provided self · 2^h is normal or zero,
+    /// where h is n/2 rounded to nearest even. That holds for every such n when 1 ≤ |self| < 2,
+    /// and for exp's use (|self| in [0.7, 1.5), n ≥ −150).
+    ///
+    /// The default multiplies by 2^h and then by 2^(n−h): both exponents lie in [−126, 127],
+    /// [`SimdF32::pow2i`]'s range, which is what bounds n below by −252 (n = −253 would need
+    /// 2^−127). It rounds twice when self · 2^h is already subnormal. AVX-512 overrides it with
+    /// vscalefps, which rounds once for any n and self.
     #[inline(always)]
     fn ldexp(self, n: Self) -> Self {
         let n1 = n.mul(Self::splat(0.5)).round();
@@ -74,7 +83,8 @@ pub(crate) trait SimdF32: Copy + Send + Sync + 'static {
 
     /// Transposes the LANES × LANES block at `src` (row stride `ld_src`) into `dst` (row stride
     /// `ld_dst`): dst[c·ld_dst + r] = src[r·ld_src + c]. The default moves scalars through a
-    /// register-sized buffer; the x86 ISAs use in-register shuffles.
+    /// register-sized buffer; AVX2 (8 × 8) and AVX-512 (16 × 16) transpose in registers with
+    /// unpack and shuffle instructions.
     ///
     /// # Safety
     /// Rows r < LANES of `src` must be valid for reading LANES floats at src + r·ld_src, and
