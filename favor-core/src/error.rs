@@ -35,6 +35,25 @@ pub enum FavorError {
         /// Name of the size.
         arg: &'static str,
     },
+    /// An element count formed from the caller's sizes overflows `usize` (or exceeds what one
+    /// allocation may request).
+    #[error("argument `{arg}`: {dims} elements overflow the address space")]
+    SizeOverflow {
+        /// Name of the tensor or buffer.
+        arg: &'static str,
+        /// The sizes whose product overflows, as `a×b×…`.
+        dims: String,
+    },
+    /// A buffer of a caller-chosen size could not be allocated.
+    #[error("argument `{arg}`: cannot allocate {elements} elements ({bytes} bytes)")]
+    OutOfMemory {
+        /// Name of the tensor or buffer.
+        arg: &'static str,
+        /// Elements requested.
+        elements: usize,
+        /// Bytes requested (saturated at `usize::MAX`).
+        bytes: usize,
+    },
     /// A parameter value outside its valid range (negative ε, non-finite scale, ...).
     #[error("parameter `{name}`: {reason}")]
     InvalidParameter {

@@ -26,6 +26,7 @@ mod shape;
 /// Test utilities shared with other crates' tests (the `testing` feature).
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod validate;
 
 pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
 pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle};
