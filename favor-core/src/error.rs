@@ -54,6 +54,16 @@ pub enum FavorError {
         /// Bytes requested (saturated at `usize::MAX`).
         bytes: usize,
     },
+    /// An element range past the end of a tensor view.
+    #[error("elements {start}..{start}+{count} are out of range of a tensor of {len} elements")]
+    OutOfRange {
+        /// First element of the range.
+        start: usize,
+        /// Elements in the range.
+        count: usize,
+        /// Elements of the tensor.
+        len: usize,
+    },
     /// A parameter value outside its valid range (negative ε, non-finite scale, ...).
     #[error("parameter `{name}`: {reason}")]
     InvalidParameter {

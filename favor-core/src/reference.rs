@@ -98,7 +98,7 @@ impl FavorBackend for ReferenceBackend {
             for i in 0..l {
                 map.features(&rows[i * d..(i + 1) * d], c[i], &mut out[i * mf..(i + 1) * mf]);
             }
-            phi.write_f64(bh * l * mf, &out);
+            phi.write_f64(bh * l * mf, &out)?;
         }
         Ok(())
     }
@@ -132,7 +132,7 @@ impl FavorBackend for ReferenceBackend {
                     params.as_mut(),
                 );
             }
-            dx.write_f64(bh * l * d, &out);
+            dx.write_f64(bh * l * d, &out)?;
         }
         Ok(params.map(|p| p.to_f32()))
     }
@@ -149,7 +149,7 @@ impl FavorBackend for ReferenceBackend {
                 Direction::Bidirectional => bidirectional_forward(p.map, delta, &h),
                 Direction::Causal => causal_forward(p.map, delta, &h),
             };
-            out.write_f64(bh * s.len * s.dv, &o);
+            out.write_f64(bh * s.len * s.dv, &o)?;
         }
         Ok(())
     }
@@ -177,9 +177,9 @@ impl FavorBackend for ReferenceBackend {
                 Direction::Bidirectional => bidirectional_backward(p.map, delta, &h, gh),
                 Direction::Causal => causal_backward(p.map, delta, &h, gh),
             };
-            dq.write_f64(bh * s.len * s.d, &q);
-            dk.write_f64(bh * s.len * s.d, &k);
-            dv.write_f64(bh * s.len * s.dv, &v);
+            dq.write_f64(bh * s.len * s.d, &q)?;
+            dk.write_f64(bh * s.len * s.d, &k)?;
+            dv.write_f64(bh * s.len * s.dv, &v)?;
             add_params(&mut params, part);
         }
         Ok(params.map(|p| p.to_f32()))
@@ -218,7 +218,7 @@ impl FavorBackend for ReferenceBackend {
         for (bh, head_state) in state.heads.iter_mut().enumerate() {
             let h = w.head(s, inputs.key_mask, bh);
             let o = head_state.advance(p.map, delta, &h);
-            out.write_f64(bh * s.len * s.dv, &o);
+            out.write_f64(bh * s.len * s.dv, &o)?;
         }
         Ok(())
     }
@@ -259,7 +259,7 @@ pub fn softmax_attention(
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);
         let o = attention::softmax::softmax_forward(&h, direction == Direction::Causal);
-        out.write_f64(bh * shape.len * shape.dv, &o);
+        out.write_f64(bh * shape.len * shape.dv, &o)?;
     }
     Ok(())
 }
@@ -284,9 +284,9 @@ pub fn softmax_attention_backward(
         let h = w.head(shape, inputs.key_mask, bh);
         let gh = &g[bh * shape.len * shape.dv..(bh + 1) * shape.len * shape.dv];
         let r = attention::softmax::softmax_backward(&h, direction == Direction::Causal, gh);
-        dq.write_f64(bh * shape.len * shape.d, &r.dq);
-        dk.write_f64(bh * shape.len * shape.d, &r.dk);
-        dv.write_f64(bh * shape.len * shape.dv, &r.dv);
+        dq.write_f64(bh * shape.len * shape.d, &r.dq)?;
+        dk.write_f64(bh * shape.len * shape.d, &r.dk)?;
+        dv.write_f64(bh * shape.len * shape.dv, &r.dv)?;
     }
     Ok(())
 }
