@@ -64,6 +64,17 @@ pub enum FavorError {
         /// Elements of the tensor.
         len: usize,
     },
+    /// A decoding state made for another problem (other shape, feature map or parameters).
+    #[error("decoding state made for another problem: {field} is {expected} in the problem but {actual} in the state")]
+    StateMismatch {
+        /// What differs: "batch", "heads", "d", "d_v", "feature map", "features",
+        /// "projection seed", "projection W (fingerprint)" or "map parameters (fingerprint)".
+        field: &'static str,
+        /// The problem's value.
+        expected: String,
+        /// The state's value.
+        actual: String,
+    },
     /// A parameter value outside its valid range (negative ε, non-finite scale, ...).
     #[error("parameter `{name}`: {reason}")]
     InvalidParameter {

@@ -15,6 +15,7 @@
 //! Randomness comes from `Xoshiro256++` seeded with the user's seed, so the same seed gives the
 //! same matrix on every run and platform. Nothing is seeded from data.
 
+use crate::decode_state::Fingerprint;
 use crate::validate::{checked_len, try_with_capacity, try_zeroed};
 use crate::{FavorError, Result};
 use rand_distr::{Distribution, StandardNormal};
@@ -76,6 +77,8 @@ pub struct Projection {
     d: usize,
     w: Vec<f32>,
     config: Option<ProjectionConfig>,
+    /// Fingerprint of (m, d, W), computed once: decoding states compare it on every call.
+    fingerprint: u64,
 }
 
 impl Projection {
@@ -93,7 +96,7 @@ impl Projection {
             ProjectionKind::Iid => iid_gaussian(n, config.seed)?,
             ProjectionKind::Orthogonal => block_orthogonal(config.m, config.d, config.norms, config.seed)?,
         };
-        Ok(Self { m: config.m, d: config.d, w, config: Some(config) })
+        Ok(Self::new(config.m, config.d, w, Some(config)))
     }
 
     /// A fixed, user-supplied matrix (row-major m×d), e.g. a learned one or one from another
@@ -112,7 +115,15 @@ impl Projection {
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
             return Err(FavorError::NonFinite { arg: "w", index: i, value: w[i] });
         }
-        Ok(Self { m, d, w, config: None })
+        Ok(Self::new(m, d, w, None))
+    }
+
+    fn new(m: usize, d: usize, w: Vec<f32>, config: Option<ProjectionConfig>) -> Self {
+        let mut h = Fingerprint::new();
+        h.word(m as u64);
+        h.word(d as u64);
+        h.f32s(&w);
+        Self { m, d, w, config, fingerprint: h.finish() }
     }
 
     /// Draw a fresh matrix with the same configuration and a new seed. A fixed matrix (from
@@ -143,6 +154,12 @@ impl Projection {
     /// Row `j` (ω_j).
     pub fn row(&self, j: usize) -> &[f32] {
         &self.w[j * self.d..(j + 1) * self.d]
+    }
+
+    /// A 64-bit fingerprint of the sizes and the f32 bits of W (not cryptographic): equal
+    /// matrices have equal fingerprints, and matrices that differ in one entry never share one.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The configuration it was drawn from (`None` for a fixed matrix).

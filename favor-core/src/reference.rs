@@ -9,9 +9,10 @@ use crate::backend::{
     validate_host_inputs,
 };
 use crate::features::ParamGradsF64;
+use crate::validate::try_with_capacity;
 use crate::{
-    AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
-    TensorHandle,
+    AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
+    StateSignature, TensorHandle,
 };
 
 /// The f64 reference backend.
@@ -21,7 +22,7 @@ pub struct ReferenceBackend;
 /// Decoding state of the reference backend: one [`CausalState`] per (batch, head).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReferenceState {
-    shape: AttentionShape,
+    made_for: StateSignature,
     heads: Vec<CausalState>,
 }
 
@@ -186,11 +187,12 @@ impl FavorBackend for ReferenceBackend {
     }
 
     fn new_state(&self, p: &Problem<'_>) -> Result<ReferenceState> {
-        // The chunk length is irrelevant to the state; validate with len = 1.
-        let shape = AttentionShape { len: 1, ..p.shape };
-        Problem { shape, ..*p }.validate()?;
+        let made_for = StateSignature::new(p)?;
         let mf = p.features();
-        Ok(ReferenceState { shape, heads: vec![CausalState::new(mf, shape.dv); shape.problems()] })
+        let shape = made_for.shape();
+        let mut heads = try_with_capacity("state", shape.problems())?;
+        heads.resize(shape.problems(), CausalState::new(mf, shape.dv));
+        Ok(ReferenceState { made_for, heads })
     }
 
     fn decode(
@@ -202,16 +204,7 @@ impl FavorBackend for ReferenceBackend {
     ) -> Result<()> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
-        let st = state.shape;
-        if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv)
-            || state.heads.first().is_some_and(|h| h.mf != p.features())
-        {
-            return Err(FavorError::shape(
-                "state",
-                format!("a state for batch {}, heads {}, d {}, d_v {}", s.batch, s.heads, s.d, s.dv),
-                format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
-            ));
-        }
+        state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
