@@ -6,6 +6,7 @@
 //! without a round trip through host memory. Every backend also offers the host path: CPU
 //! backends natively, GPU backends through a host adapter that copies.
 
+use crate::validate::checked_len;
 use crate::{
     AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
     TensorHandle,
@@ -240,8 +241,9 @@ pub fn validate_feature_call(
     AttentionShape { dv: shape.d, ..shape }.validate()?;
     map.validate(shape.d)?;
     let mf = map.feature_dim(shape.d);
+    let features_len = checked_len(features_arg, &[shape.batch, shape.heads, shape.len, mf])?;
     check_tensor("x", x, shape.qk_len(), x.dtype(), QK_DIMS)?;
-    check_tensor(features_arg, features, shape.problems() * shape.len * mf, x.dtype(), "[batch, heads, len, M]")?;
+    check_tensor(features_arg, features, features_len, x.dtype(), "[batch, heads, len, M]")?;
     Ok(mf)
 }
 

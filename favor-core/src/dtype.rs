@@ -3,6 +3,7 @@
 //! Tensors are row-major and contiguous. Storage may be f32, f16 or bf16; every backend
 //! computes and accumulates in f32 (the reference in f64) and rounds once on the way out.
 
+use crate::{FavorError, Result};
 use half::{bf16, f16};
 use std::fmt;
 
@@ -197,37 +198,53 @@ impl<'a, T: Element> From<&'a mut Vec<T>> for HostMut<'a> {
     }
 }
 
+/// `start..start + count` when it lies within a tensor of `len` elements.
+fn range_in(start: usize, count: usize, len: usize) -> Result<std::ops::Range<usize>> {
+    match start.checked_add(count) {
+        Some(end) if end <= len => Ok(start..end),
+        _ => Err(FavorError::OutOfRange { start, count, len }),
+    }
+}
+
 impl<'a> HostRef<'a> {
-    /// Element `i` widened to f32.
+    /// Element `i` widened to f32, `None` past the end.
     #[inline]
-    pub fn get(&self, i: usize) -> f32 {
+    pub fn get(&self, i: usize) -> Option<f32> {
         match self {
-            HostRef::F32(s) => s[i],
-            HostRef::F16(s) => s[i].to_f32(),
-            HostRef::Bf16(s) => s[i].to_f32(),
+            HostRef::F32(s) => s.get(i).copied(),
+            HostRef::F16(s) => s.get(i).map(|x| x.to_f32()),
+            HostRef::Bf16(s) => s.get(i).map(|x| x.to_f32()),
         }
     }
 
-    /// Copy `range` widened to f32 into `dst` (which must have the range's length).
-    pub fn read_f32(&self, start: usize, dst: &mut [f32]) {
-        let end = start + dst.len();
+    /// Copy elements `start..start + dst.len()` widened to f32 into `dst`;
+    /// [`FavorError::OutOfRange`] (and `dst` untouched) when they are not all in the tensor.
+    pub fn read_f32(&self, start: usize, dst: &mut [f32]) -> Result<()> {
+        let r = range_in(start, dst.len(), self.len())?;
         match self {
-            HostRef::F32(s) => dst.copy_from_slice(&s[start..end]),
-            HostRef::F16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[start..end], dst),
-            HostRef::Bf16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[start..end], dst),
+            HostRef::F32(s) => dst.copy_from_slice(&s[r]),
+            HostRef::F16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[r], dst),
+            HostRef::Bf16(s) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[r], dst),
         }
+        Ok(())
     }
 
     /// The whole tensor widened to f64.
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        (0..self.len()).map(|i| self.get(i) as f64).collect()
+        match self {
+            HostRef::F32(s) => s.iter().map(|&x| x as f64).collect(),
+            HostRef::F16(s) => s.iter().map(|x| x.to_f64()).collect(),
+            HostRef::Bf16(s) => s.iter().map(|x| x.to_f64()).collect(),
+        }
     }
 
     /// The whole tensor widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        let mut v = vec![0.0; self.len()];
-        self.read_f32(0, &mut v);
-        v
+        match self {
+            HostRef::F32(s) => s.to_vec(),
+            HostRef::F16(s) => half::slice::HalfFloatSliceExt::to_f32_vec(*s),
+            HostRef::Bf16(s) => half::slice::HalfFloatSliceExt::to_f32_vec(*s),
+        }
     }
 
     /// The first non-finite element, if any: `(flat index, value)`.
@@ -241,20 +258,28 @@ impl<'a> HostRef<'a> {
 }
 
 impl<'a> HostMut<'a> {
-    /// Round `src` into elements `start..start + src.len()`.
-    pub fn write_f32(&mut self, start: usize, src: &[f32]) {
-        let end = start + src.len();
+    /// Round `src` into elements `start..start + src.len()`; [`FavorError::OutOfRange`] (and
+    /// nothing written) when they are not all in the tensor.
+    pub fn write_f32(&mut self, start: usize, src: &[f32]) -> Result<()> {
+        let r = range_in(start, src.len(), self.len())?;
         match self {
-            HostMut::F32(s) => s[start..end].copy_from_slice(src),
-            HostMut::F16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[start..end], src),
-            HostMut::Bf16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[start..end], src),
+            HostMut::F32(s) => s[r].copy_from_slice(src),
+            HostMut::F16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[r], src),
+            HostMut::Bf16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[r], src),
         }
+        Ok(())
     }
 
-    /// Round f64 values into elements `start..start + src.len()` (through f32).
-    pub fn write_f64(&mut self, start: usize, src: &[f64]) {
-        let tmp: Vec<f32> = src.iter().map(|&x| x as f32).collect();
-        self.write_f32(start, &tmp);
+    /// Round f64 values into elements `start..start + src.len()` (through f32); fails like
+    /// [`HostMut::write_f32`].
+    pub fn write_f64(&mut self, start: usize, src: &[f64]) -> Result<()> {
+        let r = range_in(start, src.len(), self.len())?;
+        match self {
+            HostMut::F32(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = x as f32),
+            HostMut::F16(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = f16::from_f32(x as f32)),
+            HostMut::Bf16(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = bf16::from_f32(x as f32)),
+        }
+        Ok(())
     }
 
     /// Reborrow as a read-only view.

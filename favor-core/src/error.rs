@@ -35,6 +35,46 @@ pub enum FavorError {
         /// Name of the size.
         arg: &'static str,
     },
+    /// An element count formed from the caller's sizes overflows `usize` (or exceeds what one
+    /// allocation may request).
+    #[error("argument `{arg}`: {dims} elements overflow the address space")]
+    SizeOverflow {
+        /// Name of the tensor or buffer.
+        arg: &'static str,
+        /// The sizes whose product overflows, as `a×b×…`.
+        dims: String,
+    },
+    /// A buffer of a caller-chosen size could not be allocated.
+    #[error("argument `{arg}`: cannot allocate {elements} elements ({bytes} bytes)")]
+    OutOfMemory {
+        /// Name of the tensor or buffer.
+        arg: &'static str,
+        /// Elements requested.
+        elements: usize,
+        /// Bytes requested (saturated at `usize::MAX`).
+        bytes: usize,
+    },
+    /// An element range past the end of a tensor view.
+    #[error("elements {start}..{start}+{count} are out of range of a tensor of {len} elements")]
+    OutOfRange {
+        /// First element of the range.
+        start: usize,
+        /// Elements in the range.
+        count: usize,
+        /// Elements of the tensor.
+        len: usize,
+    },
+    /// A decoding state made for another problem (other shape, feature map or parameters).
+    #[error("decoding state made for another problem: {field} is {expected} in the problem but {actual} in the state")]
+    StateMismatch {
+        /// What differs: "batch", "heads", "d", "d_v", "feature map", "features",
+        /// "projection seed", "projection W (fingerprint)" or "map parameters (fingerprint)".
+        field: &'static str,
+        /// The problem's value.
+        expected: String,
+        /// The state's value.
+        actual: String,
+    },
     /// A parameter value outside its valid range (negative ε, non-finite scale, ...).
     #[error("parameter `{name}`: {reason}")]
     InvalidParameter {

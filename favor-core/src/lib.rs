@@ -17,6 +17,7 @@
 
 pub mod attention;
 pub mod backend;
+mod decode_state;
 mod dtype;
 mod error;
 pub mod features;
@@ -26,8 +27,10 @@ mod shape;
 /// Test utilities shared with other crates' tests (the `testing` feature).
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod validate;
 
 pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
+pub use decode_state::StateSignature;
 pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle};
 pub use error::{FavorError, Result};
 pub use features::{Elementwise, FeatureMap, FeatureRole, GatedSoftplusParams, Linear, PARAM_LIMIT, ParamGrads};

@@ -15,6 +15,8 @@
 //! Randomness comes from `Xoshiro256++` seeded with the user's seed, so the same seed gives the
 //! same matrix on every run and platform. Nothing is seeded from data.
 
+use crate::decode_state::Fingerprint;
+use crate::validate::{checked_len, try_with_capacity, try_zeroed};
 use crate::{FavorError, Result};
 use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -75,10 +77,13 @@ pub struct Projection {
     d: usize,
     w: Vec<f32>,
     config: Option<ProjectionConfig>,
+    /// Fingerprint of (m, d, W), computed once: decoding states compare it on every call.
+    fingerprint: u64,
 }
 
 impl Projection {
-    /// Draw a matrix as configured.
+    /// Draw a matrix as configured. Sizes whose element count overflows, or whose buffers cannot
+    /// be allocated, are errors ([`FavorError::SizeOverflow`], [`FavorError::OutOfMemory`]).
     pub fn draw(config: ProjectionConfig) -> Result<Self> {
         if config.m == 0 {
             return Err(FavorError::ZeroSize { arg: "m" });
@@ -86,11 +91,12 @@ impl Projection {
         if config.d == 0 {
             return Err(FavorError::ZeroSize { arg: "d" });
         }
+        let n = checked_len("w", &[config.m, config.d])?;
         let w = match config.kind {
-            ProjectionKind::Iid => iid_gaussian(config.m, config.d, config.seed),
-            ProjectionKind::Orthogonal => block_orthogonal(config.m, config.d, config.norms, config.seed),
+            ProjectionKind::Iid => iid_gaussian(n, config.seed)?,
+            ProjectionKind::Orthogonal => block_orthogonal(config.m, config.d, config.norms, config.seed)?,
         };
-        Ok(Self { m: config.m, d: config.d, w: w.into_iter().map(|x| x as f32).collect(), config: Some(config) })
+        Ok(Self::new(config.m, config.d, w, Some(config)))
     }
 
     /// A fixed, user-supplied matrix (row-major m×d), e.g. a learned one or one from another
@@ -102,13 +108,22 @@ impl Projection {
         if d == 0 {
             return Err(FavorError::ZeroSize { arg: "d" });
         }
-        if w.len() != m * d {
-            return Err(FavorError::shape("w", format!("{m}×{d} = {} elements", m * d), w.len()));
+        let n = checked_len("w", &[m, d])?;
+        if w.len() != n {
+            return Err(FavorError::shape("w", format!("{m}×{d} = {n} elements"), w.len()));
         }
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
             return Err(FavorError::NonFinite { arg: "w", index: i, value: w[i] });
         }
-        Ok(Self { m, d, w, config: None })
+        Ok(Self::new(m, d, w, None))
+    }
+
+    fn new(m: usize, d: usize, w: Vec<f32>, config: Option<ProjectionConfig>) -> Self {
+        let mut h = Fingerprint::new();
+        h.word(m as u64);
+        h.word(d as u64);
+        h.f32s(&w);
+        Self { m, d, w, config, fingerprint: h.finish() }
     }
 
     /// Draw a fresh matrix with the same configuration and a new seed. A fixed matrix (from
@@ -141,6 +156,12 @@ impl Projection {
         &self.w[j * self.d..(j + 1) * self.d]
     }
 
+    /// A 64-bit fingerprint of the sizes and the f32 bits of W (not cryptographic): equal
+    /// matrices have equal fingerprints, and matrices that differ in one entry never share one.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
     /// The configuration it was drawn from (`None` for a fixed matrix).
     pub fn config(&self) -> Option<ProjectionConfig> {
         self.config
@@ -151,21 +172,32 @@ fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)
 }
 
-fn iid_gaussian(m: usize, d: usize, seed: u64) -> Vec<f64> {
+/// `n` iid N(0, 1) entries, drawn in f64 and rounded once.
+fn iid_gaussian(n: usize, seed: u64) -> Result<Vec<f32>> {
     let mut r = rng(seed);
-    (0..m * d).map(|_| StandardNormal.sample(&mut r)).collect()
+    let mut w = try_with_capacity("w", n)?;
+    w.extend((0..n).map(|_| {
+        let x: f64 = StandardNormal.sample(&mut r);
+        x as f32
+    }));
+    Ok(w)
 }
 
-/// Stacked Haar-orthogonal d×d blocks, truncated to m rows, with the requested row norms.
-fn block_orthogonal(m: usize, d: usize, norms: RowNorms, seed: u64) -> Vec<f64> {
+/// Stacked Haar-orthogonal d×d blocks, truncated to m rows, with the requested row norms;
+/// computed in f64 and rounded once.
+fn block_orthogonal(m: usize, d: usize, norms: RowNorms, seed: u64) -> Result<Vec<f32>> {
+    let n = checked_len("w", &[m, d])?;
+    // One d×d block is drawn even when m < d, so d×d must fit as well.
+    let mut g = try_zeroed::<f64>("w", checked_len("w", &[d, d])?)?;
+    let mut w = try_with_capacity::<f64>("w", n)?;
     let mut r = rng(seed);
-    let mut w = Vec::with_capacity(m * d);
-    while w.len() < m * d {
-        let g: Vec<f64> = (0..d * d).map(|_| StandardNormal.sample(&mut r)).collect();
-        let q = haar_orthogonal_rows(&g, d);
-        let rows = ((m * d - w.len()) / d).min(d);
-        w.extend_from_slice(&q[..rows * d]);
+    while w.len() < n {
+        g.iter_mut().for_each(|x| *x = StandardNormal.sample(&mut r));
+        haar_orthogonal_rows(&mut g, d);
+        let rows = ((n - w.len()) / d).min(d);
+        w.extend_from_slice(&g[..rows * d]);
     }
+    drop(g);
     // Norms come from the same stream after all blocks, so changing the norm rule never
     // changes the directions.
     for row in w.chunks_exact_mut(d) {
@@ -178,15 +210,16 @@ fn block_orthogonal(m: usize, d: usize, norms: RowNorms, seed: u64) -> Vec<f64> 
         };
         row.iter_mut().for_each(|x| *x *= scale);
     }
-    w
+    let mut out = try_with_capacity("w", n)?;
+    out.extend(w.iter().map(|&x| x as f32));
+    Ok(out)
 }
 
-/// Orthonormal rows spanning the rows of the square matrix `g` (row-major d×d), by modified
-/// Gram–Schmidt applied twice per vector ("twice is enough"), which keeps the rows orthogonal to
-/// machine precision. Gram–Schmidt on the rows of G equals QR of Gᵀ with a positive diagonal of
-/// R, so the result is already sign-corrected: Haar distributed (Mezzadri 2006).
-pub(crate) fn haar_orthogonal_rows(g: &[f64], d: usize) -> Vec<f64> {
-    let mut q = g.to_vec();
+/// Replaces the rows of the square matrix `q` (row-major d×d) by orthonormal rows spanning
+/// them, by modified Gram–Schmidt applied twice per vector ("twice is enough"), which keeps the
+/// rows orthogonal to machine precision. Gram–Schmidt on the rows of a matrix equals QR of its
+/// transpose with a positive diagonal of R, so the result is already sign-corrected: Haar distributed (Mezzadri 2006).
+fn haar_orthogonal_rows(q: &mut [f64], d: usize) {
     for i in 0..d {
         for _pass in 0..2 {
             for j in 0..i {
@@ -204,7 +237,6 @@ pub(crate) fn haar_orthogonal_rows(g: &[f64], d: usize) -> Vec<f64> {
             q[i * d + t] /= norm;
         }
     }
-    q
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@ use crate::backend::{
     validate_host_inputs,
 };
 use crate::features::ParamGradsF64;
+use crate::validate::try_with_capacity;
 use crate::{
-    AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
-    TensorHandle,
+    AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
+    StateSignature, TensorHandle,
 };
 
 /// The f64 reference backend.
@@ -21,7 +22,7 @@ pub struct ReferenceBackend;
 /// Decoding state of the reference backend: one [`CausalState`] per (batch, head).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReferenceState {
-    shape: AttentionShape,
+    made_for: StateSignature,
     heads: Vec<CausalState>,
 }
 
@@ -98,7 +99,7 @@ impl FavorBackend for ReferenceBackend {
             for i in 0..l {
                 map.features(&rows[i * d..(i + 1) * d], c[i], &mut out[i * mf..(i + 1) * mf]);
             }
-            phi.write_f64(bh * l * mf, &out);
+            phi.write_f64(bh * l * mf, &out)?;
         }
         Ok(())
     }
@@ -132,7 +133,7 @@ impl FavorBackend for ReferenceBackend {
                     params.as_mut(),
                 );
             }
-            dx.write_f64(bh * l * d, &out);
+            dx.write_f64(bh * l * d, &out)?;
         }
         Ok(params.map(|p| p.to_f32()))
     }
@@ -149,7 +150,7 @@ impl FavorBackend for ReferenceBackend {
                 Direction::Bidirectional => bidirectional_forward(p.map, delta, &h),
                 Direction::Causal => causal_forward(p.map, delta, &h),
             };
-            out.write_f64(bh * s.len * s.dv, &o);
+            out.write_f64(bh * s.len * s.dv, &o)?;
         }
         Ok(())
     }
@@ -177,20 +178,21 @@ impl FavorBackend for ReferenceBackend {
                 Direction::Bidirectional => bidirectional_backward(p.map, delta, &h, gh),
                 Direction::Causal => causal_backward(p.map, delta, &h, gh),
             };
-            dq.write_f64(bh * s.len * s.d, &q);
-            dk.write_f64(bh * s.len * s.d, &k);
-            dv.write_f64(bh * s.len * s.dv, &v);
+            dq.write_f64(bh * s.len * s.d, &q)?;
+            dk.write_f64(bh * s.len * s.d, &k)?;
+            dv.write_f64(bh * s.len * s.dv, &v)?;
             add_params(&mut params, part);
         }
         Ok(params.map(|p| p.to_f32()))
     }
 
     fn new_state(&self, p: &Problem<'_>) -> Result<ReferenceState> {
-        // The chunk length is irrelevant to the state; validate with len = 1.
-        let shape = AttentionShape { len: 1, ..p.shape };
-        Problem { shape, ..*p }.validate()?;
+        let made_for = StateSignature::new(p)?;
         let mf = p.features();
-        Ok(ReferenceState { shape, heads: vec![CausalState::new(mf, shape.dv); shape.problems()] })
+        let shape = made_for.shape();
+        let mut heads = try_with_capacity("state", shape.problems())?;
+        heads.resize(shape.problems(), CausalState::new(mf, shape.dv));
+        Ok(ReferenceState { made_for, heads })
     }
 
     fn decode(
@@ -202,23 +204,14 @@ impl FavorBackend for ReferenceBackend {
     ) -> Result<()> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
-        let st = state.shape;
-        if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv)
-            || state.heads.first().is_some_and(|h| h.mf != p.features())
-        {
-            return Err(FavorError::shape(
-                "state",
-                format!("a state for batch {}, heads {}, d {}, d_v {}", s.batch, s.heads, s.d, s.dv),
-                format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
-            ));
-        }
+        state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
         for (bh, head_state) in state.heads.iter_mut().enumerate() {
             let h = w.head(s, inputs.key_mask, bh);
             let o = head_state.advance(p.map, delta, &h);
-            out.write_f64(bh * s.len * s.dv, &o);
+            out.write_f64(bh * s.len * s.dv, &o)?;
         }
         Ok(())
     }
@@ -259,7 +252,7 @@ pub fn softmax_attention(
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);
         let o = attention::softmax::softmax_forward(&h, direction == Direction::Causal);
-        out.write_f64(bh * shape.len * shape.dv, &o);
+        out.write_f64(bh * shape.len * shape.dv, &o)?;
     }
     Ok(())
 }
@@ -284,9 +277,9 @@ pub fn softmax_attention_backward(
         let h = w.head(shape, inputs.key_mask, bh);
         let gh = &g[bh * shape.len * shape.dv..(bh + 1) * shape.len * shape.dv];
         let r = attention::softmax::softmax_backward(&h, direction == Direction::Causal, gh);
-        dq.write_f64(bh * shape.len * shape.d, &r.dq);
-        dk.write_f64(bh * shape.len * shape.d, &r.dk);
-        dv.write_f64(bh * shape.len * shape.dv, &r.dv);
+        dq.write_f64(bh * shape.len * shape.d, &r.dq)?;
+        dk.write_f64(bh * shape.len * shape.d, &r.dk)?;
+        dv.write_f64(bh * shape.len * shape.dv, &r.dv)?;
     }
     Ok(())
 }

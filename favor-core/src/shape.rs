@@ -3,6 +3,7 @@
 //! Layout: Q and K are `[batch, heads, len, d]`, V and the output `[batch, heads, len, d_v]`,
 //! row-major and contiguous. The optional key padding mask is `[batch, len]` (true = keep).
 
+use crate::validate::checked_len;
 use crate::{FavorError, Result};
 
 /// Sizes of one attention call.
@@ -31,27 +32,45 @@ impl AttentionShape {
         Self { dv, ..self }
     }
 
-    /// Independent (batch, head) problems.
+    /// Independent (batch, head) problems; saturates at `usize::MAX` (see
+    /// [`AttentionShape::validate`]).
     pub fn problems(&self) -> usize {
-        self.batch * self.heads
+        self.batch.saturating_mul(self.heads)
     }
 
-    /// Elements of Q (and K).
+    /// Elements of Q (and K). Saturates at `usize::MAX`, a length no tensor has, when the
+    /// product overflows; [`AttentionShape::checked_qk_len`] reports that as an error.
     pub fn qk_len(&self) -> usize {
-        self.batch * self.heads * self.len * self.d
+        self.checked_qk_len().unwrap_or(usize::MAX)
     }
 
-    /// Elements of V (and of the output).
+    /// Elements of V (and of the output); saturates like [`AttentionShape::qk_len`].
     pub fn v_len(&self) -> usize {
-        self.batch * self.heads * self.len * self.dv
+        self.checked_v_len().unwrap_or(usize::MAX)
     }
 
-    /// Elements of the key padding mask.
+    /// Elements of the key padding mask; saturates like [`AttentionShape::qk_len`].
     pub fn mask_len(&self) -> usize {
-        self.batch * self.len
+        self.checked_mask_len().unwrap_or(usize::MAX)
     }
 
-    /// Rejects zero sizes and sizes whose element counts overflow `usize`.
+    /// Elements of Q (and K), or [`FavorError::SizeOverflow`].
+    pub fn checked_qk_len(&self) -> Result<usize> {
+        checked_len("q", &[self.batch, self.heads, self.len, self.d])
+    }
+
+    /// Elements of V (and of the output), or [`FavorError::SizeOverflow`].
+    pub fn checked_v_len(&self) -> Result<usize> {
+        checked_len("v", &[self.batch, self.heads, self.len, self.dv])
+    }
+
+    /// Elements of the key padding mask, or [`FavorError::SizeOverflow`].
+    pub fn checked_mask_len(&self) -> Result<usize> {
+        checked_len("key_mask", &[self.batch, self.len])
+    }
+
+    /// Rejects zero sizes and sizes whose element counts overflow ([`FavorError::SizeOverflow`]).
+    /// After it succeeds the element counts above are exact.
     pub fn validate(&self) -> Result<()> {
         for (arg, v) in
             [("batch", self.batch), ("heads", self.heads), ("len", self.len), ("d", self.d), ("dv", self.dv)]
@@ -60,11 +79,8 @@ impl AttentionShape {
                 return Err(FavorError::ZeroSize { arg });
             }
         }
-        let bhl = self.batch.checked_mul(self.heads).and_then(|x| x.checked_mul(self.len));
-        let ok = bhl.and_then(|x| x.checked_mul(self.d.max(self.dv))).and_then(|x| x.checked_mul(4)).is_some();
-        if !ok {
-            return Err(FavorError::shape("shape", "element counts that fit in memory", format!("{self:?}")));
-        }
+        self.checked_qk_len()?;
+        self.checked_v_len()?;
         Ok(())
     }
 }

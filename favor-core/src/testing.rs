@@ -6,7 +6,10 @@
 //! Everything is deterministic: the RNG is `Xoshiro256++` seeded by the caller.
 
 use crate::features::ParamGradsF64;
-use crate::{Elementwise, FeatureMap, GatedSoftplusParams, Linear, Projection, ProjectionConfig};
+use crate::{
+    AttentionShape, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, Inputs, Linear,
+    Problem, Projection, ProjectionConfig,
+};
 use rand_distr::{Distribution, StandardNormal, StandardUniform};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
@@ -277,4 +280,121 @@ pub fn min_abs_preactivation(map: &FeatureMap, x: &[f64], d: usize) -> f64 {
         }
     }
     min
+}
+
+/// One decoding-state case: a state made for (`state_shape`, `state_map`) continued with
+/// (`call_shape`, `call_map`). `field` is what the check must name, `None` when it must accept.
+pub struct StateCase {
+    /// The field [`crate::FavorError::StateMismatch`] must name, or `None` for a match.
+    pub field: Option<&'static str>,
+    /// Shape the state is made for.
+    pub state_shape: AttentionShape,
+    /// Map the state is made for.
+    pub state_map: FeatureMap,
+    /// Shape of the decode call.
+    pub call_shape: AttentionShape,
+    /// Map of the decode call.
+    pub call_map: FeatureMap,
+}
+
+/// States made for another problem (other batch, heads, d, d_v, feature count, seed, map kind
+/// with the same feature count, W, ε, learned weights) and states that match (the same map,
+/// one redrawn from the same config, another chunk length).
+pub fn state_cases() -> Vec<StateCase> {
+    let (d, dv) = (8, 5);
+    let shape = AttentionShape::new(2, 3, 2, d).with_dv(dv);
+    let draw = |m: usize, d: usize, seed: u64| Projection::draw(ProjectionConfig::new(m, d, seed)).expect("valid");
+    let base = FeatureMap::positive(draw(12, d, 1));
+    let fixed = |bump: f32| {
+        let mut w = draw(12, d, 9).matrix().to_vec();
+        w[5] += bump;
+        FeatureMap::positive(Projection::from_matrix(12, d, w).expect("valid"))
+    };
+    let iid = FeatureMap::positive(Projection::draw(ProjectionConfig::new(12, d, 1).iid()).expect("valid"));
+    let case = |field, state_shape, state_map: &FeatureMap, call_shape, call_map: &FeatureMap| StateCase {
+        field,
+        state_shape,
+        state_map: state_map.clone(),
+        call_shape,
+        call_map: call_map.clone(),
+    };
+    let b = &base;
+    vec![
+        case(None, shape, b, shape, b),
+        case(None, shape, b, AttentionShape { len: 1, ..shape }, &FeatureMap::positive(draw(12, d, 1))),
+        case(None, shape, &fixed(0.0), shape, &fixed(0.0)),
+        case(None, shape, &learned_softplus(12, d, 3, true), shape, &learned_softplus(12, d, 3, true)),
+        case(Some("batch"), AttentionShape { batch: 1, ..shape }, b, shape, b),
+        case(Some("heads"), AttentionShape { heads: 1, ..shape }, b, shape, b),
+        case(Some("d"), AttentionShape { d: 4, ..shape }, &FeatureMap::positive(draw(12, 4, 1)), shape, b),
+        case(Some("d_v"), shape.with_dv(3), b, shape, b),
+        case(Some("features"), shape, &FeatureMap::positive(draw(16, d, 1)), shape, b),
+        case(Some("projection seed"), shape, &FeatureMap::positive(draw(12, d, 2)), shape, b),
+        // Other map kinds with the same feature count (12, and 16 both ways).
+        case(Some("feature map"), shape, &FeatureMap::hyperbolic(draw(6, d, 1)), shape, b),
+        case(Some("feature map"), shape, &FeatureMap::trigonometric(draw(6, d, 1)), shape, b),
+        case(
+            Some("feature map"),
+            shape,
+            &FeatureMap::positive(draw(16, d, 1)),
+            shape,
+            &FeatureMap::hyperbolic(draw(8, d, 1)),
+        ),
+        case(
+            Some("feature map"),
+            shape,
+            &FeatureMap::hyperbolic(draw(8, d, 1)),
+            shape,
+            &FeatureMap::positive(draw(16, d, 1)),
+        ),
+        case(Some("projection W (fingerprint)"), shape, &iid, shape, b),
+        case(Some("projection W (fingerprint)"), shape, &fixed(0.5), shape, &fixed(0.0)),
+        case(Some("map parameters (fingerprint)"), shape, &with_epsilon(b, 1e-3), shape, b),
+        case(
+            Some("map parameters (fingerprint)"),
+            shape,
+            &learned_softplus(12, d, 3, true),
+            shape,
+            &learned_softplus(12, d, 4, true),
+        ),
+    ]
+}
+
+/// Runs every [`state_cases`] case on `backend`: mismatches must be
+/// [`crate::FavorError::StateMismatch`] naming the case's field, with distinct expected and
+/// actual values both in the message, and must leave the state usable for its own problem;
+/// matches must decode. Cases whose map the backend does not support are skipped. Returns the
+/// errors, in case order, so that backends can be compared.
+pub fn assert_states_checked<B: FavorBackend<Mem = Host>>(backend: &B) -> Vec<(usize, FavorError)> {
+    let decode = |state: &mut B::State, s: AttentionShape, map: &FeatureMap| {
+        let p = Problem::new(s, map);
+        let q = random_tensor(1, s.qk_len(), 0.5);
+        let v = random_tensor(2, s.v_len(), 1.0);
+        let mut out = vec![0.0f32; s.v_len()];
+        let inputs = Inputs { q: (&q).into(), k: (&q).into(), v: (&v).into(), key_mask: None };
+        backend.decode(&p, state, inputs, (&mut out).into())
+    };
+    let mut errors = Vec::new();
+    for (i, c) in state_cases().into_iter().enumerate() {
+        let what = format!("{} case {i} ({:?})", backend.name(), c.field);
+        let mut state = match backend.new_state(&Problem::new(c.state_shape, &c.state_map)) {
+            Err(FavorError::Unsupported(_)) => continue,
+            r => r.unwrap_or_else(|e| panic!("{what}: new_state: {e}")),
+        };
+        let r = decode(&mut state, c.call_shape, &c.call_map);
+        match (c.field, r) {
+            (None, r) => assert_eq!(r, Ok(()), "{what}"),
+            (Some(want), Err(e @ FavorError::StateMismatch { .. })) => {
+                let FavorError::StateMismatch { field, expected, actual } = &e else { unreachable!() };
+                assert_eq!(*field, want, "{what}: {e}");
+                assert_ne!(expected, actual, "{what}: {e}");
+                let msg = e.to_string();
+                assert!(msg.contains(expected.as_str()) && msg.contains(actual.as_str()), "{what}: {msg}");
+                assert_eq!(decode(&mut state, c.state_shape, &c.state_map), Ok(()), "{what}: state still usable");
+                errors.push((i, e));
+            }
+            (Some(want), r) => panic!("{what}: expected a state mismatch on `{want}`, got {r:?}"),
+        }
+    }
+    errors
 }

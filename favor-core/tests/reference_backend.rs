@@ -575,7 +575,10 @@ fn bad_input_gives_typed_errors_never_a_panic() {
     assert_eq!(shape_arg(backend.forward(&p3, good, (&mut out).into()).unwrap_err()), "d");
     // Element counts that overflow.
     let huge = AttentionShape::new(usize::MAX / 2, 4, 4, 4);
-    assert_eq!(shape_arg(backend.forward(&Problem::new(huge, &map), good, (&mut out).into()).unwrap_err()), "shape");
+    assert!(matches!(
+        backend.forward(&Problem::new(huge, &map), good, (&mut out).into()),
+        Err(FavorError::SizeOverflow { arg: "q", .. })
+    ));
 
     // Invalid parameters.
     let param_name = |e: FavorError| match e {
@@ -694,7 +697,10 @@ fn bad_input_gives_typed_errors_never_a_panic() {
     // Decoding with a state made for another problem.
     let other = AttentionShape::new(1, 1, 3, 4).with_dv(2);
     let mut st = backend.new_state(&Problem::new(other, &map)).unwrap();
-    assert_eq!(shape_arg(backend.decode(&p, &mut st, good, (&mut out).into()).unwrap_err()), "state");
+    assert!(matches!(
+        backend.decode(&p, &mut st, good, (&mut out).into()),
+        Err(FavorError::StateMismatch { field: "batch", .. })
+    ));
     let mut st = backend.new_state(&p).unwrap();
     assert_eq!(shape_arg(backend.decode(&p, &mut st, good, (&mut wrong_out).into()).unwrap_err()), "out");
     assert!(backend.decode(&p, &mut st, good, (&mut out).into()).is_ok());

@@ -240,8 +240,7 @@ impl CudaBackend {
 /// running key maximum c, per (batch, head), both fp32.
 #[derive(Debug)]
 pub struct CudaState {
-    pub(crate) shape: AttentionShape,
-    pub(crate) features: usize,
+    pub(crate) made_for: favor_core::StateSignature,
     pub(crate) s: Scratch<f32>,
     pub(crate) c: Scratch<f32>,
     pub(crate) tokens: usize,

@@ -348,14 +348,14 @@ impl CudaBackend {
     }
 
     pub(crate) fn new_state_device(&self, p: &Problem<'_>) -> Result<CudaState> {
-        let shape = AttentionShape { len: 1, ..p.shape };
-        Problem { shape, ..*p }.validate()?;
+        let made_for = favor_core::StateSignature::new(p)?;
+        let shape = made_for.shape();
         let map = self.map_args(p.map, shape.d)?;
         self.check_sizes(shape, &map.args)?;
         let mf = map.args.features();
         let s = self.scratch(shape.problems() * mf * (shape.dv + 1))?;
         let c = self.scratch_from(&vec![f32::NEG_INFINITY; shape.problems()])?;
-        Ok(CudaState { shape, features: mf, s, c, tokens: 0 })
+        Ok(CudaState { made_for, s, c, tokens: 0 })
     }
 
     pub(crate) fn decode_device(
@@ -367,14 +367,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
         let s = p.shape;
-        let st = state.shape;
-        if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv) || state.features != p.features() {
-            return Err(FavorError::Shape {
-                arg: "state",
-                expected: format!("a state for batch {}, heads {}, d {}, d_v {}", s.batch, s.heads, s.d, s.dv),
-                actual: format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
-            });
-        }
+        state.made_for.check(p)?;
         check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
         let att = self.attention(p, &x, Some(state))?;

@@ -65,8 +65,7 @@ impl SimdBackend {
 /// Decoding state: one [`HeadState`] per (batch, head), batch-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimdState {
-    shape: AttentionShape,
-    mfp: usize,
+    made_for: favor_core::StateSignature,
     heads: Vec<HeadState>,
 }
 
@@ -517,24 +516,16 @@ impl FavorBackend for SimdBackend {
     }
 
     fn new_state(&self, p: &Problem<'_>) -> Result<SimdState> {
-        let shape = AttentionShape { len: 1, ..p.shape };
-        Problem { shape, ..*p }.validate()?;
-        let plan = Plan::new(p.map, shape.d);
-        Ok(SimdState { shape, mfp: plan.mfp, heads: vec![HeadState::new(&plan, shape.dv); shape.problems()] })
+        let made_for = favor_core::StateSignature::new(p)?;
+        let (plan, shape) = (Plan::new(p.map, p.shape.d), made_for.shape());
+        Ok(SimdState { made_for, heads: vec![HeadState::new(&plan, shape.dv); shape.problems()] })
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
-        let st = state.shape;
+        state.made_for.check(p)?;
         let plan = Plan::new(p.map, s.d);
-        if (st.batch, st.heads, st.d, st.dv) != (s.batch, s.heads, s.d, s.dv) || state.mfp != plan.mfp {
-            return Err(FavorError::Shape {
-                arg: "state",
-                expected: format!("a state for batch {}, heads {}, d {}, d_v {}", s.batch, s.heads, s.d, s.dv),
-                actual: format!("one for batch {}, heads {}, d {}, d_v {}", st.batch, st.heads, st.d, st.dv),
-            });
-        }
         check_output(p, &out, dtype)?;
         let delta = p.denominator_guard();
         let outs = split_mut(out, &vec![s.len * s.dv; s.problems()]);

@@ -146,7 +146,7 @@ fn bad_inputs_give_typed_errors() {
     let mut state = backend.new_state(&Problem::new(AttentionShape::new(2, 1, 1, 4), &map)).unwrap();
     assert!(matches!(
         backend.decode(&p, &mut state, mk(&q, &q), (&mut out[..]).into()),
-        Err(FavorError::Shape { arg: "state", .. })
+        Err(FavorError::StateMismatch { field: "batch", .. })
     ));
 }
 

@@ -34,7 +34,7 @@ impl Linear {
         if self.d == 0 {
             return Err(FavorError::ZeroSize { arg: "d" });
         }
-        if self.w.len() != self.m * self.d {
+        if self.w.len() != crate::validate::checked_len(name, &[self.m, self.d])? {
             return Err(FavorError::shape(name, format!("{}×{} elements", self.m, self.d), self.w.len()));
         }
         if let Some(i) = self.w.iter().position(|x| !x.is_finite()) {

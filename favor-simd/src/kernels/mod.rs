@@ -65,7 +65,8 @@ pub(crate) fn load_rows(
     ld: usize,
 ) {
     for i in 0..rows {
-        src.read_f32(base + (r0 + i) * row_len, &mut dst[i * ld..i * ld + row_len]);
+        src.read_f32(base + (r0 + i) * row_len, &mut dst[i * ld..i * ld + row_len])
+            .expect("rows lie within the tensors validated against the shape");
     }
 }
 
@@ -73,6 +74,7 @@ pub(crate) fn load_rows(
 #[inline(always)]
 pub(crate) fn store_rows(dst: &mut HostMut<'_>, row_len: usize, r0: usize, rows: usize, src: &[f32], ld: usize) {
     for i in 0..rows {
-        dst.write_f32((r0 + i) * row_len, &src[i * ld..i * ld + row_len]);
+        dst.write_f32((r0 + i) * row_len, &src[i * ld..i * ld + row_len])
+            .expect("rows lie within the tensors validated against the shape");
     }
 }

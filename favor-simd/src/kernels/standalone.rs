@@ -108,7 +108,9 @@ impl SimdTask for FeatureBackwardTask<'_, '_> {
             let _span = Span::start(Phase::FeatureBackward);
             load_rows(&self.x, self.off, p.d, r, rows, &mut t.x, p.dp);
             for i in 0..rows {
-                self.dphi.read_f32(self.phi_off + (r + i) * p.mf, &mut ext);
+                self.dphi
+                    .read_f32(self.phi_off + (r + i) * p.mf, &mut ext)
+                    .expect("rows lie within the tensors validated against the shape");
                 p.to_internal(&ext, &mut dphi[i * p.mfp..(i + 1) * p.mfp]);
             }
             t.project::<S>(p, rows);

@@ -1,0 +1,155 @@
+//! What a decoding state was made for, and the one check every backend runs before it
+//! continues a state.
+//!
+//! A state holds sums over φ(k)·vᵀ of the tokens seen so far, so it only means something for the
+//! problem it was made for: the same (batch, heads, d, d_v), the same feature map kind and
+//! feature count, and the same map parameters (projection W, ε, κ, learned weights). A state
+//! records a [`StateSignature`] of that problem; [`StateSignature::check`] compares it with the
+//! problem of a decode call and names the first field that differs.
+//!
+//! The storage dtype of the tokens is not part of it: states accumulate in the backend's own
+//! precision, so a prefill in f32 may be continued by decoding in bf16.
+
+use crate::validate::checked_len;
+use crate::{AttentionShape, FavorError, FeatureMap, Problem, Projection, Result};
+
+/// The problem a decoding state was made for. Made by [`StateSignature::new`] in each backend's
+/// `new_state`, checked by [`StateSignature::check`] in each backend's `decode`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StateSignature {
+    batch: usize,
+    heads: usize,
+    d: usize,
+    dv: usize,
+    map: &'static str,
+    features: usize,
+    seed: Option<u64>,
+    projection: Option<u64>,
+    params: u64,
+}
+
+impl StateSignature {
+    /// Validates `problem` for a new state (its `len` is ignored) and records what the state is
+    /// made for. The state's size, batch·heads·M·(d_v + 1) values, must not overflow.
+    pub fn new(problem: &Problem<'_>) -> Result<Self> {
+        let shape = AttentionShape { len: 1, ..problem.shape };
+        Problem { shape, ..*problem }.validate()?;
+        let features = problem.features();
+        let dv1 = shape.dv.checked_add(1).ok_or_else(|| FavorError::SizeOverflow {
+            arg: "state",
+            dims: format!("{}×{}×{features}×({}+1)", shape.batch, shape.heads, shape.dv),
+        })?;
+        checked_len("state", &[shape.batch, shape.heads, features, dv1])?;
+        Ok(Self::of(shape, problem.map))
+    }
+
+    fn of(s: AttentionShape, map: &FeatureMap) -> Self {
+        let projection = map_projection(map);
+        Self {
+            batch: s.batch,
+            heads: s.heads,
+            d: s.d,
+            dv: s.dv,
+            map: map.name(),
+            features: map.feature_dim(s.d),
+            seed: projection.and_then(|p| p.config()).map(|c| c.seed),
+            projection: projection.map(Projection::fingerprint),
+            params: params_fingerprint(map),
+        }
+    }
+
+    /// The shape the state was made for, with `len = 1`.
+    pub fn shape(&self) -> AttentionShape {
+        AttentionShape::new(self.batch, self.heads, 1, self.d).with_dv(self.dv)
+    }
+
+    /// Ok when a state made for `self` may continue with `problem` (any `len`);
+    /// otherwise [`FavorError::StateMismatch`] naming the first field that differs, with the
+    /// problem's value as `expected` and the state's as `actual`.
+    pub fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        let want = Self::of(problem.shape, problem.map);
+        let hex = |x: Option<u64>| x.map_or_else(|| "none".to_string(), |x| format!("{x:016x}"));
+        let fields: [(&'static str, String, String); 9] = [
+            ("batch", want.batch.to_string(), self.batch.to_string()),
+            ("heads", want.heads.to_string(), self.heads.to_string()),
+            ("d", want.d.to_string(), self.d.to_string()),
+            ("d_v", want.dv.to_string(), self.dv.to_string()),
+            ("feature map", want.map.to_string(), self.map.to_string()),
+            ("features", want.features.to_string(), self.features.to_string()),
+            ("projection seed", opt(want.seed), opt(self.seed)),
+            ("projection W (fingerprint)", hex(want.projection), hex(self.projection)),
+            ("map parameters (fingerprint)", hex(Some(want.params)), hex(Some(self.params))),
+        ];
+        match fields.into_iter().find(|(_, e, a)| e != a) {
+            Some((field, expected, actual)) => Err(FavorError::StateMismatch { field, expected, actual }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn opt(x: Option<u64>) -> String {
+    x.map_or_else(|| "none (a fixed matrix)".to_string(), |x| x.to_string())
+}
+
+fn map_projection(map: &FeatureMap) -> Option<&Projection> {
+    match map {
+        FeatureMap::Positive { projection, .. }
+        | FeatureMap::Hyperbolic { projection, .. }
+        | FeatureMap::Trigonometric { projection } => Some(projection),
+        FeatureMap::Generalized { projection, .. } => projection.as_ref(),
+        FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => None,
+    }
+}
+
+/// Fingerprint of every parameter of `map` other than its projection (already fingerprinted
+/// when the projection is made).
+fn params_fingerprint(map: &FeatureMap) -> u64 {
+    let mut h = Fingerprint::new();
+    match map {
+        FeatureMap::Positive { epsilon, .. } | FeatureMap::Hyperbolic { epsilon, .. } => h.f32s(&[*epsilon]),
+        FeatureMap::Trigonometric { .. } => {}
+        FeatureMap::Generalized { f, normalize_data, scale, kappa, .. } => {
+            h.word(*f as u64);
+            h.word(*normalize_data as u64);
+            h.f32s(&[*scale, *kappa]);
+        }
+        FeatureMap::Softplus(l) => {
+            h.f32s(&l.w);
+            h.f32s(l.bias.as_deref().unwrap_or(&[]));
+            h.word(l.bias.is_some() as u64);
+        }
+        FeatureMap::GatedSoftplus(g) => {
+            h.f32s(&g.filter.w);
+            h.f32s(&g.gate.w);
+        }
+    }
+    h.finish()
+}
+
+/// A 64-bit fingerprint of f32 bit patterns (not cryptographic: it tells apart parameters
+/// that differ by accident). Each step is a bijection of the running value for a fixed input, so
+/// two sequences of equal length that differ in one element never collide.
+pub(crate) struct Fingerprint(u64);
+
+impl Fingerprint {
+    pub(crate) fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub(crate) fn word(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(23);
+    }
+
+    pub(crate) fn f32s(&mut self, xs: &[f32]) {
+        self.word(xs.len() as u64);
+        xs.iter().for_each(|x| self.word(x.to_bits() as u64));
+    }
+
+    /// The value, mixed so that nearby inputs print differently.
+    pub(crate) fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
