@@ -6,8 +6,12 @@
 //! program needs only the NVIDIA driver (r580+, CUDA 13.0), no toolkit.
 //!
 //! * [`CudaBackend`] implements [`favor_core::FavorBackend`] on device memory ([`CudaMem`]):
-//!   pass your own buffers ([`DeviceRef::from_slice`], [`DeviceRef::from_raw`], ...) and your
-//!   own stream ([`CudaBackend::with_stream`]); calls enqueue work and do not synchronise.
+//!   tensors allocated by a backend ([`DeviceTensor`], safe on any backend of the same context:
+//!   a call on another stream joins the tensor's stream before and after its work), your own
+//!   buffers (`unsafe` [`DeviceRef::from_slice`], [`DeviceRef::from_raw`], ...: the backend
+//!   enqueues asynchronously and does not update cudarc's per-buffer events, so ordering other
+//!   streams and keeping the memory alive is the caller's contract) and your own stream
+//!   ([`CudaBackend::with_stream`]); calls enqueue work and do not synchronise.
 //! * [`CudaHost`] is the same backend on host tensors (copies in and out, timed separately).
 //! * [`CudaBackend::new`] returns [`favor_core::FavorError::NotAvailable`], never panics, when
 //!   the crate was built without nvcc, when there is no driver (checked before cudarc is asked
