@@ -138,7 +138,9 @@ mod tests {
         let mut addrs = bufs.to_vec();
         let mut params: Vec<*mut c_void> = addrs.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
         // SAFETY: the test kernels take only pointers, one per buffer, and each buffer holds an
-        // element per block (or per thread for the inputs), as the callers size them.
+        // element per block (or per thread for the inputs), as the callers size them. The real
+        // kernels get no arguments only in launches that are rejected before the kernel runs
+        // (the launcher checks the shape, bounds and shared memory first).
         unsafe { launch(name, c, &mut params) }
     }
 
