@@ -71,19 +71,33 @@ FAVOR_EDGE_KERNELS(bf16, __nv_bfloat16)
 
 // G1[r] = [G[r]/R, −<G[r], out[r]>/R] with out = N/R, R = guard(O1[r, dv]); zero when R == 0
 // (the output row is defined as zero there and has zero gradient). One warp per row.
+//
+// The dot product is reduced over the lanes that exist: a block whose size is not a multiple of
+// 32 ends in a partial warp, whose missing lanes must be neither named in the shuffle mask nor
+// read. Lanes add the partner `off` above them only when it exists (a tree towards lane 0, the
+// only lane that uses the sum), so every lane reads only live lanes' registers; the columns
+// are strided by the live lane count so a partial warp still covers the whole row.
 extern "C" __global__ void favor_cotangent_f32(const float* __restrict__ g, const float* __restrict__ o1, i64 rows,
                                                int dv, float delta, float* __restrict__ g1) {
     const int lane = threadIdx.x & 31;
-    const i64 warps = (i64)gridDim.x * (blockDim.x / 32);
-    for (i64 r = blockIdx.x * (i64)(blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int warp_base = (int)(threadIdx.x & ~31u);
+    const int live = min(32, (int)blockDim.x - warp_base);
+    const unsigned mask = live == 32 ? 0xffffffffu : (1u << live) - 1u;
+    const i64 warps = (i64)gridDim.x * ((blockDim.x + 31) / 32);
+    for (i64 r = blockIdx.x * (i64)((blockDim.x + 31) / 32) + threadIdx.x / 32; r < rows; r += warps) {
         const float den = guard(o1[r * (dv + 1) + dv], delta);
         float dot = 0.0f;
-        for (int e = lane; e < dv; e += 32) {
+        for (int e = lane; e < dv; e += live) {
             const float out = den == 0.0f ? 0.0f : o1[r * (dv + 1) + e] / den;
             dot += g[r * dv + e] * out;
         }
-        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        for (int e = lane; e < dv; e += 32) g1[r * (dv + 1) + e] = den == 0.0f ? 0.0f : g[r * dv + e] / den;
+        for (int off = 16; off > 0; off >>= 1) {
+            // Lanes off..31 of this step hand down; a source beyond `live` does not exist.
+            const int src = lane + off < live ? lane + off : lane;
+            const float other = __shfl_sync(mask, dot, src);
+            if (lane + off < live) dot += other;
+        }
+        for (int e = lane; e < dv; e += live) g1[r * (dv + 1) + e] = den == 0.0f ? 0.0f : g[r * dv + e] / den;
         if (lane == 0) g1[r * (dv + 1) + dv] = den == 0.0f ? 0.0f : -dot / den;
     }
 }

@@ -1,10 +1,15 @@
 // A CPU emulator of the small CUDA subset the favor kernels use, for testing them on machines
 // without a GPU (favor-cuda feature `emulator`). One OS thread per CUDA thread of a block;
-// blocks run one after another; __syncthreads is a barrier, __shfl_xor_sync a per-warp
-// exchange. It checks that every thread of a block passes the same number of __syncthreads
-// (a divergent barrier is a bug on a GPU too) and fills dynamic shared memory with NaN before
-// each block, so a read of shared memory that no thread wrote shows up in the results.
-// Not a race detector: compute-sanitizer racecheck on a GPU is.
+// blocks run one after another, in a seeded random order (FAVOR_EMU_SEED); __syncthreads is a
+// barrier, the warp shuffles a per-warp exchange. It rejects what a GPU rejects at launch: more
+// threads than the kernel's __launch_bounds__, or dynamic + static shared memory above the 48 KB
+// available without opt-in. It checks that every thread of a block passes the same number of
+// __syncthreads (a divergent barrier is a bug on a GPU too) and that a shuffle names and reads
+// only lanes that exist and are in its mask, and it fills dynamic and static shared memory with
+// NaN before each block, so a read of shared memory that no thread of the block wrote shows up
+// in the results.
+// Not a race detector: compute-sanitizer racecheck on a GPU is. Every live lane of a warp must
+// take part in a shuffle (as in the kernels), otherwise the emulated warp waits forever.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -14,8 +19,12 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+// The bounds are read from the sources by favor-cuda/build.rs (emu_kernels.inc) and enforced at
+// launch.
 #define __launch_bounds__(x)
-#define __shared__ static
+// Every static __shared__ variable lives in one section, which the launcher fills with NaN
+// before each block (the linker provides __start_/__stop_ symbols for it).
+#define __shared__ __attribute__((section("favor_emu_shared"))) static
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -26,6 +35,7 @@ extern dim3 blockDim;
 extern dim3 gridDim;
 
 void __syncthreads();
+float __shfl_sync(unsigned mask, float v, int src_lane);
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 float* favor_emu_dynamic_smem();
 #define FAVOR_DYNAMIC_SMEM(name) float* name = favor_emu_dynamic_smem()

@@ -75,12 +75,20 @@ impl CudaBackend {
                 (version % 1000) / 10
             )));
         }
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| not_available(format!("cannot open CUDA device {ordinal}: {e}")))?;
-        // SAFETY: this context object is ours; all favor work goes to one stream and kernels get
-        // raw pointers, so cudarc's cross-stream event tracking would only add overhead.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let open =
+            || CudaContext::new(ordinal).map_err(|e| not_available(format!("cannot open CUDA device {ordinal}: {e}")));
+        // Two handles on the device's primary context: `ctx` is handed out (context()) and keeps
+        // cudarc's event tracking, which makes cudarc's safe API sound across streams; `own`
+        // is never handed out and allocates the backend's buffers without per-buffer events
+        // (two event creations per scratch buffer otherwise). The backend orders its streams
+        // itself (StreamJoin).
+        let ctx = open()?;
+        let own = open()?;
+        // SAFETY: `own` is private to this backend. Every buffer it allocates lives in a
+        // DeviceTensor, Scratch or CudaState, whose only uses are kernel launches and copies on a
+        // backend's stream, joined with the buffer's home stream when the two differ.
+        unsafe { own.disable_event_tracking() };
+        let stream = own.default_stream();
         let kernels = Kernels::load(&ctx)?;
         let device_name = ctx.name().map_err(driver_err)?;
         Ok(Self {
@@ -122,6 +130,30 @@ impl CudaBackend {
             device_name: self.device_name.clone(),
             driver_version: self.driver_version,
         })
+    }
+
+    /// Orders this backend's stream after the home streams of the buffers a call uses (those
+    /// that differ from it), and those streams after the call's work when finished or dropped.
+    pub(crate) fn join<'a>(&'a self, homes: &[Option<&'a CudaStream>]) -> Result<StreamJoin<'a>> {
+        let mut join = StreamJoin { own: None, homes: Vec::new() };
+        let stream = match &self.exec {
+            Exec::Cuda { stream, .. } => stream,
+            #[cfg(feature = "emulator")]
+            Exec::Emulator => return Ok(join),
+        };
+        join.own = Some(stream);
+        for home in homes.iter().flatten() {
+            // Checked first: every context's legacy default stream is the same null handle.
+            if home.context().cu_ctx() != stream.context().cu_ctx() {
+                return Err(FavorError::Unsupported("a device buffer of another CUDA context".into()));
+            }
+            if home.cu_stream() == stream.cu_stream() || join.homes.iter().any(|h| h.cu_stream() == home.cu_stream()) {
+                continue;
+            }
+            stream.join(home).map_err(driver_err)?;
+            join.homes.push(home);
+        }
+        Ok(join)
     }
 
     /// The context (`None` only for the test emulator).
@@ -178,8 +210,10 @@ impl CudaBackend {
     fn buf_to_host<T: DeviceRepr + bytemuck::Pod>(&self, buf: &Buf<T>, dst: &mut [T]) -> Result<()> {
         match (buf, &self.exec) {
             (Buf::Device(b), Exec::Cuda { stream, .. }) => {
+                let join = self.join(&[Some(b.stream())])?;
                 stream.memcpy_dtoh(b, dst).map_err(driver_err)?;
-                stream.synchronize().map_err(driver_err)
+                stream.synchronize().map_err(driver_err)?;
+                join.finish()
             }
             #[cfg(feature = "emulator")]
             (Buf::Host(h), Exec::Emulator) => {
@@ -236,6 +270,40 @@ impl CudaBackend {
     }
 }
 
+/// The stream ordering of one call (see [`CudaBackend::join`]): on [`StreamJoin::finish`], or
+/// on drop when a call fails part way, every joined home stream waits for the backend's stream,
+/// so freeing or reusing a buffer there is ordered after the kernels that used it.
+pub(crate) struct StreamJoin<'a> {
+    own: Option<&'a CudaStream>,
+    homes: Vec<&'a CudaStream>,
+}
+
+impl StreamJoin<'_> {
+    pub(crate) fn finish(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        if let Some(own) = self.own {
+            for home in self.homes.drain(..) {
+                if let Err(e) = home.join(own) {
+                    // Nothing is known about the ordering any more: wait for the work instead.
+                    let _ = own.synchronize();
+                    result = Err(driver_err(e));
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for StreamJoin<'_> {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
 /// Recurrent decoding state on the device: S (M × (d_v + 1), the last column is z) and the
 /// running key maximum c, per (batch, head), both fp32.
 #[derive(Debug)]
@@ -278,7 +346,9 @@ impl FavorBackend for CudaBackend {
         x: DeviceRef<'_>,
         phi: DeviceMut<'_>,
     ) -> Result<()> {
-        self.feature_map_device(map, role, shape, x, phi)
+        let join = self.join(&[x.home(), phi.home()])?;
+        self.feature_map_device(map, role, shape, x, phi)?;
+        join.finish()
     }
 
     fn feature_map_backward(
@@ -290,11 +360,16 @@ impl FavorBackend for CudaBackend {
         dphi: DeviceRef<'_>,
         dx: DeviceMut<'_>,
     ) -> Result<Option<ParamGrads>> {
-        self.feature_map_backward_device(map, role, shape, x, dphi, dx)
+        let join = self.join(&[x.home(), dphi.home(), dx.home()])?;
+        let params = self.feature_map_backward_device(map, role, shape, x, dphi, dx)?;
+        join.finish()?;
+        Ok(params)
     }
 
     fn forward(&self, problem: &Problem<'_>, inputs: Inputs<'_, CudaMem>, out: DeviceMut<'_>) -> Result<()> {
-        self.forward_device(problem, inputs, out)
+        let join = self.join(&[inputs.q.home(), inputs.k.home(), inputs.v.home(), out.home()])?;
+        self.forward_device(problem, inputs, out)?;
+        join.finish()
     }
 
     fn backward(
@@ -304,7 +379,11 @@ impl FavorBackend for CudaBackend {
         dout: DeviceRef<'_>,
         grads: Grads<'_, CudaMem>,
     ) -> Result<Option<ParamGrads>> {
-        self.backward_device(problem, inputs, dout, grads)
+        let homes = [inputs.q.home(), inputs.k.home(), inputs.v.home(), dout.home()];
+        let join = self.join(&[&homes[..], &[grads.dq.home(), grads.dk.home(), grads.dv.home()]].concat())?;
+        let params = self.backward_device(problem, inputs, dout, grads)?;
+        join.finish()?;
+        Ok(params)
     }
 
     fn new_state(&self, problem: &Problem<'_>) -> Result<CudaState> {
@@ -318,7 +397,11 @@ impl FavorBackend for CudaBackend {
         inputs: Inputs<'_, CudaMem>,
         out: DeviceMut<'_>,
     ) -> Result<()> {
-        self.decode_device(problem, state, inputs, out)
+        let homes = [inputs.q.home(), inputs.k.home(), inputs.v.home(), out.home()];
+        let (st_s, st_c) = (state.s.buf.home().cloned(), state.c.buf.home().cloned());
+        let join = self.join(&[&homes[..], &[st_s.as_deref(), st_c.as_deref()]].concat())?;
+        self.decode_device(problem, state, inputs, out)?;
+        join.finish()
     }
 
     fn synchronize(&self) -> Result<()> {

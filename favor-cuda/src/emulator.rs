@@ -40,7 +40,14 @@ pub(crate) unsafe fn launch(name: &str, cfg: LaunchConfig, params: &mut [*mut c_
         0 => Ok(()),
         1 => Err(fail(format!("unknown kernel {name}"))),
         2 => Err(fail(format!("{name}: unsupported block shape {block:?}"))),
-        _ => Err(fail(format!("{name}: threads of a block passed different numbers of __syncthreads"))),
+        3 => Err(fail(format!("{name}: threads of a block passed different numbers of __syncthreads"))),
+        4 => Err(fail(format!("{name}: a warp shuffle named or read a lane outside the block or its mask"))),
+        5 => Err(fail(format!("{name}: {} threads per block exceed the kernel's __launch_bounds__", block[0]))),
+        6 => Err(fail(format!(
+            "{name}: {} bytes of dynamic shared memory plus the kernel's static shared memory exceed 48 KB",
+            cfg.shared_mem_bytes
+        ))),
+        _ => Err(fail(format!("{name}: unknown emulator result {rc}"))),
     }
 }
 
@@ -121,6 +128,139 @@ impl<T> Drop for HostBuf<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(blocks: u32, threads: u32, smem: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+    }
+
+    /// Launches a kernel whose arguments are all buffer addresses.
+    fn run_on(name: &str, c: LaunchConfig, bufs: &[u64]) -> Result<()> {
+        let mut addrs = bufs.to_vec();
+        let mut params: Vec<*mut c_void> = addrs.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+        // SAFETY: the test kernels take only pointers, one per buffer, and each buffer holds an
+        // element per block (or per thread for the inputs), as the callers size them. The real
+        // kernels get no arguments only in launches that are rejected before the kernel runs
+        // (the launcher checks the shape, bounds and shared memory first).
+        unsafe { launch(name, c, &mut params) }
+    }
+
+    fn message(r: Result<()>) -> String {
+        match r {
+            Err(FavorError::Backend { reason, .. }) => reason,
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn static_shared_memory_is_poisoned_before_every_block() {
+        let out = HostBuf::from_slice(&[0.0f32; 6]);
+        run_on("favor_emu_test_static_smem", cfg(6, 32, 0), &[out.addr()]).expect("launch");
+        let mut got = [0.0f32; 6];
+        out.copy_to(&mut got);
+        // Without poisoning the blocks after the first would read the 1.0 a previous one left.
+        assert!(got.iter().all(|x| x.is_nan()), "{got:?}");
+    }
+
+    #[test]
+    fn blocks_run_in_a_seeded_random_order() {
+        let order = || {
+            let out = HostBuf::from_slice(&[u32::MAX; 64]);
+            let counter = HostBuf::from_slice(&[0u32]);
+            run_on("favor_emu_test_block_order", cfg(64, 32, 0), &[out.addr(), counter.addr()]).expect("launch");
+            let mut got = [0u32; 64];
+            out.copy_to(&mut got);
+            got
+        };
+        let first = order();
+        let mut sorted = first;
+        sorted.sort_unstable();
+        assert_eq!(sorted.to_vec(), (0..64).collect::<Vec<u32>>(), "every block runs once");
+        assert_ne!(first, sorted, "blocks ran in index order");
+        assert_eq!(first, order(), "the same launch runs in the same order");
+    }
+
+    #[test]
+    fn launch_bounds_are_enforced() {
+        let out = HostBuf::from_slice(&[0.0f32; 2]);
+        run_on("favor_emu_test_bounded", cfg(2, 64, 0), &[out.addr()]).expect("within the bound");
+        let e = message(run_on("favor_emu_test_bounded", cfg(2, 96, 0), &[out.addr()]));
+        assert!(e.contains("__launch_bounds__"), "{e}");
+        // A real kernel: the causal scan is bounded to 256 threads.
+        let e = message(run_on("favor_causal_scan_f32", cfg(1, 512, 0), &[]));
+        assert!(e.contains("__launch_bounds__"), "{e}");
+    }
+
+    #[test]
+    fn shared_memory_limit_counts_static_and_dynamic() {
+        let out = HostBuf::from_slice(&[0.0f32; 1]);
+        run_on("favor_emu_test_big_static", cfg(1, 64, 16 * 1024), &[out.addr()]).expect("32 + 16 KB fit");
+        let e = message(run_on("favor_emu_test_big_static", cfg(1, 64, 16 * 1024 + 4), &[out.addr()]));
+        assert!(e.contains("exceed 48 KB"), "{e}");
+        // Real kernels: the stabiliser's static arrays plus 48 KB of dynamic memory, and a
+        // dynamic request above the limit alone.
+        let e = message(run_on("favor_stabiliser_f32", cfg(1, 256, 48 * 1024), &[]));
+        assert!(e.contains("exceed 48 KB"), "{e}");
+        let e = message(run_on("favor_features_f32", cfg(1, 128, 48 * 1024 + 4), &[]));
+        assert!(e.contains("exceed 48 KB"), "{e}");
+    }
+
+    #[test]
+    fn shuffle_past_the_end_of_a_partial_warp_is_caught() {
+        // 48 threads: the second warp has 16 lanes, and the xor butterfly reads lanes 16..31.
+        let x = HostBuf::from_slice(&[1.0f32; 48]);
+        let out = HostBuf::from_slice(&[0.0f32; 2]);
+        let e = message(run_on("favor_emu_test_xor_reduce", cfg(1, 48, 0), &[x.addr(), out.addr()]));
+        assert!(e.contains("shuffle"), "{e}");
+        // Whole warps are fine.
+        let x = HostBuf::from_slice(&[1.0f32; 64]);
+        run_on("favor_emu_test_xor_reduce", cfg(1, 64, 0), &[x.addr(), out.addr()]).expect("whole warps");
+        let mut got = [0.0f32; 2];
+        out.copy_to(&mut got);
+        assert_eq!(got, [32.0, 32.0]);
+    }
+
+    #[test]
+    fn cotangent_is_exact_on_partial_warps() {
+        // favor_cotangent_f32 with blocks that end in a partial warp (and several rows per
+        // warp): before its reduction used live-lane masks it read lanes past the block.
+        let (rows, dv) = (7usize, 45usize);
+        let g: Vec<f32> = (0..rows * dv).map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0).collect();
+        let o1: Vec<f32> = (0..rows * (dv + 1)).map(|i| ((i * 104_729) % 31) as f32 / 13.0 + 0.5).collect();
+        for threads in [48u32, 80, 33, 1] {
+            let (gb, ob) = (HostBuf::from_slice(&g), HostBuf::from_slice(&o1));
+            let g1 = HostBuf::from_slice(&vec![0.0f32; rows * (dv + 1)]);
+            let (mut rows_i, mut dv_i, mut delta) = (rows as i64, dv as i32, 0.0f32);
+            let (mut gp, mut op, mut g1p) = (gb.addr(), ob.addr(), g1.addr());
+            let mut params: Vec<*mut c_void> = vec![
+                &mut gp as *mut u64 as *mut c_void,
+                &mut op as *mut u64 as *mut c_void,
+                &mut rows_i as *mut i64 as *mut c_void,
+                &mut dv_i as *mut i32 as *mut c_void,
+                &mut delta as *mut f32 as *mut c_void,
+                &mut g1p as *mut u64 as *mut c_void,
+            ];
+            // SAFETY: (const float* g [rows·dv], const float* o1 [rows·(dv+1)], i64 rows, int dv,
+            // float delta, float* g1 [rows·(dv+1)]), all buffers of those sizes.
+            unsafe { launch("favor_cotangent_f32", cfg(2, threads, 0), &mut params) }
+                .unwrap_or_else(|e| panic!("{threads} threads: {e}"));
+            let mut got = vec![0.0f32; rows * (dv + 1)];
+            g1.copy_to(&mut got);
+            for r in 0..rows {
+                let den = o1[r * (dv + 1) + dv] as f64;
+                let dot: f64 = (0..dv).map(|e| g[r * dv + e] as f64 * (o1[r * (dv + 1) + e] as f64 / den)).sum();
+                let want = -dot / den;
+                let have = got[r * (dv + 1) + dv] as f64;
+                assert!(
+                    (have - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{threads} threads row {r}: {have} vs {want}"
+                );
+                for e in 0..dv {
+                    let w = g[r * dv + e] as f64 / den;
+                    assert!((got[r * (dv + 1) + e] as f64 - w).abs() <= 1e-6 * w.abs().max(1.0));
+                }
+            }
+        }
+    }
 
     #[test]
     #[should_panic(expected = "wrote outside a buffer of 5 elements")]

@@ -406,10 +406,11 @@ impl Exec {
         let (rows_i, dv_i) = (rows as i64, int(dv, "dv")?);
         let mut b = self.builder("favor_cotangent_f32");
         b.arg(&g).arg(&o1).arg(&rows_i).arg(&dv_i).arg(&delta).arg(&g1);
-        // One warp per row, 8 warps per block (the kernel's shuffles need whole warps).
+        // One warp per row, 8 warps per block (the kernel also handles a partial last warp).
         let cfg = grid_1d(rows * 32, 256);
         // SAFETY: (const float* g [rows·dv], const float* o1 [rows·(dv+1)], i64 rows, int dv,
-        // float delta, float* g1 [rows·(dv+1)]); sizes checked above; block size is a multiple of 32.
+        // float delta, float* g1 [rows·(dv+1)]); sizes checked above; the kernel strides rows by
+        // the block's warps and columns by the warp's live lanes.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }

@@ -6,8 +6,12 @@
 //! program needs only the NVIDIA driver (r580+, CUDA 13.0), no toolkit.
 //!
 //! * [`CudaBackend`] implements [`favor_core::FavorBackend`] on device memory ([`CudaMem`]):
-//!   pass your own buffers ([`DeviceRef::from_slice`], [`DeviceRef::from_raw`], ...) and your
-//!   own stream ([`CudaBackend::with_stream`]); calls enqueue work and do not synchronise.
+//!   tensors allocated by a backend ([`DeviceTensor`], safe on any backend of the same context:
+//!   a call on another stream joins the tensor's stream before and after its work), your own
+//!   buffers (`unsafe` [`DeviceRef::from_slice`], [`DeviceRef::from_raw`], ...: the backend
+//!   enqueues asynchronously and does not update cudarc's per-buffer events, so ordering other
+//!   streams and keeping the memory alive is the caller's contract) and your own stream
+//!   ([`CudaBackend::with_stream`]); calls enqueue work and do not synchronise.
 //! * [`CudaHost`] is the same backend on host tensors (copies in and out, timed separately).
 //! * [`CudaBackend::new`] returns [`favor_core::FavorError::NotAvailable`], never panics, when
 //!   the crate was built without nvcc, when there is no driver (checked before cudarc is asked
@@ -41,11 +45,13 @@
 //! ## Testing without a GPU
 //! `cargo test -p favor-cuda --features emulator` also runs the cross-backend tests on a CPU
 //! emulator of the same kernel sources (`cuda/emu`: one OS thread per CUDA thread, barriers for
-//! `__syncthreads`, NaN-filled shared memory, a check that every thread of a block passes the
-//! same barriers, and NaN guard zones around every buffer, so a read past a tail poisons the
-//! results and a write past it fails the test). It validates the kernels' arithmetic, indexing,
-//! tails, argument lists and barrier placement against the f64 reference (about 9 minutes on
-//! 2 cores). It cannot see GPU-only faults (races that happen to serialise, accesses far beyond
+//! `__syncthreads`, blocks in a seeded random order (`FAVOR_EMU_SEED`), dynamic and static
+//! shared memory filled with NaN before every block, a check that every thread of a block passes
+//! the same barriers and that warp shuffles read only lanes that exist, launches rejected above a
+//! kernel's `__launch_bounds__` or the 48 KB of shared memory, and NaN guard zones around every
+//! buffer, so a read past a tail poisons the results and a write past it fails the test). It
+//! validates the kernels' arithmetic, indexing, tails, argument lists and barrier placement
+//! against the f64 reference, up to L = 2100 (three reduction segments) at d = 64, m = 256. It cannot see GPU-only faults (races that happen to serialise, accesses far beyond
 //! a buffer, driver behaviour): that is what the GPU run below is for.
 //!
 //! ## Validating on a GPU machine without Rust

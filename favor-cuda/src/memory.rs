@@ -22,8 +22,11 @@ pub(crate) struct DevPtr {
 
 /// Device memory: tensors are [`DeviceRef`] / [`DeviceMut`] handles on device buffers.
 ///
-/// Work is enqueued on the backend's stream without synchronising; buffers written on another
-/// stream must be ordered before the call by the caller (events), as with any CUDA library.
+/// Work is enqueued on the backend's stream without synchronising. A handle knows its buffer's
+/// home stream (where it was allocated and is freed); when that is not the backend's stream, the
+/// call orders its work after the home stream's earlier work and the home stream after its own
+/// work. Handles from raw pointers or cudarc buffers (`unsafe` constructors) leave any other
+/// stream to the caller, as with any CUDA library.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CudaMem;
 
@@ -33,43 +36,79 @@ impl MemorySpace for CudaMem {
 }
 
 /// Read-only device tensor handle: pointer, element count and dtype, borrowed for `'a`.
+///
+/// `home` is the stream of the buffer's owner (a [`DeviceTensor`] or a cudarc buffer): a
+/// backend on another stream orders its work after what was enqueued there before the call,
+/// and the home stream after the backend's work, so the owner may drop (free, stream-ordered)
+/// or reuse the buffer as soon as the call returns.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceRef<'a> {
     ptr: u64,
     len: usize,
     dtype: DType,
+    home: Option<&'a CudaStream>,
     _borrow: PhantomData<&'a ()>,
 }
 
-/// Writable device tensor handle, borrowed mutably for `'a`.
+/// Writable device tensor handle, borrowed mutably for `'a` (see [`DeviceRef`] for `home`).
 #[derive(Debug)]
 pub struct DeviceMut<'a> {
     ptr: u64,
     len: usize,
     dtype: DType,
+    home: Option<&'a CudaStream>,
     _borrow: PhantomData<&'a mut ()>,
 }
 
 impl<'a> DeviceRef<'a> {
-    /// A handle on a whole cudarc buffer.
-    pub fn from_slice<T: CudaElement>(s: &'a CudaSlice<T>) -> Self {
+    /// A handle on a whole cudarc buffer, used on the buffer's own stream.
+    ///
+    /// The backend orders its work after earlier work on `s.stream()` and `s.stream()` after
+    /// its work (stream joins), so dropping `s` right after the call is fine. It does not update
+    /// cudarc's per-buffer events and the backend enqueues asynchronously, so other streams are
+    /// the caller's to order, hence `unsafe` (a safe call does not compile):
+    ///
+    /// ```compile_fail
+    /// # fn f(s: &cudarc::driver::CudaSlice<f32>) {
+    /// let handle = favor_cuda::DeviceRef::from_slice(s); // error: unsafe function
+    /// # }
+    /// ```
+    ///
+    /// # Safety
+    /// `s` must belong to the backend's CUDA context. Until the backend's stream has finished
+    /// the work of every call that uses the handle (an event recorded on it, or
+    /// [`favor_core::FavorBackend::synchronize`]), no stream other than `s.stream()` and the
+    /// backend's may write the buffer, and writes made on such other streams before the call
+    /// must be ordered before it by the caller (events).
+    pub unsafe fn from_slice<T: CudaElement>(s: &'a CudaSlice<T>) -> Self {
         let (ptr, _sync) = s.device_ptr(s.stream());
-        Self { ptr, len: s.len(), dtype: T::DTYPE, _borrow: PhantomData }
+        Self { ptr, len: s.len(), dtype: T::DTYPE, home: Some(s.stream()), _borrow: PhantomData }
     }
 
-    /// A handle on a cudarc view; `stream` is the stream the view's buffer is used on.
-    pub fn from_view<T: CudaElement>(v: &'a CudaView<'_, T>, stream: &CudaStream) -> Self {
+    /// A handle on a cudarc view; `stream` is the stream the view's buffer is used (and freed) on.
+    ///
+    /// ```compile_fail
+    /// # fn f(v: &cudarc::driver::CudaView<'_, f32>, st: &cudarc::driver::CudaStream) {
+    /// let handle = favor_cuda::DeviceRef::from_view(v, st); // error: unsafe function
+    /// # }
+    /// ```
+    ///
+    /// # Safety
+    /// As [`DeviceRef::from_slice`], with `stream` in place of the buffer's own stream: it must
+    /// be the stream the buffer is freed on.
+    pub unsafe fn from_view<T: CudaElement>(v: &'a CudaView<'_, T>, stream: &'a CudaStream) -> Self {
         let (ptr, _sync) = v.device_ptr(stream);
-        Self { ptr, len: v.len(), dtype: T::DTYPE, _borrow: PhantomData }
+        Self { ptr, len: v.len(), dtype: T::DTYPE, home: Some(stream), _borrow: PhantomData }
     }
 
     /// A handle on memory the caller manages (an engine's own buffers).
     ///
     /// # Safety
     /// `ptr` must point to at least `len` elements of `dtype` in device memory of the backend's
-    /// context, readable by the backend's stream for as long as the handle is used.
+    /// context, readable by the backend's stream, and stay allocated and unwritten by other
+    /// streams until the backend's stream has finished the work of every call using the handle.
     pub unsafe fn from_raw(ptr: sys::CUdeviceptr, len: usize, dtype: DType) -> Self {
-        Self { ptr, len, dtype, _borrow: PhantomData }
+        Self { ptr, len, dtype, home: None, _borrow: PhantomData }
     }
 
     /// The raw device address.
@@ -80,37 +119,66 @@ impl<'a> DeviceRef<'a> {
     pub(crate) fn raw(&self) -> DevPtr {
         DevPtr { ptr: self.ptr, len: self.len }
     }
+
+    pub(crate) fn home(&self) -> Option<&'a CudaStream> {
+        self.home
+    }
 }
 
 impl<'a> DeviceMut<'a> {
-    /// A handle on a whole cudarc buffer.
-    pub fn from_slice<T: CudaElement>(s: &'a mut CudaSlice<T>) -> Self {
+    /// A handle on a whole cudarc buffer, used on the buffer's own stream.
+    ///
+    /// ```compile_fail
+    /// # fn f(s: &mut cudarc::driver::CudaSlice<f32>) {
+    /// let handle = favor_cuda::DeviceMut::from_slice(s); // error: unsafe function
+    /// # }
+    /// ```
+    ///
+    /// # Safety
+    /// As [`DeviceRef::from_slice`]; in addition no stream other than `s.stream()` and the
+    /// backend's may read the buffer until the backend's work on it has finished.
+    pub unsafe fn from_slice<T: CudaElement>(s: &'a mut CudaSlice<T>) -> Self {
         let len = s.len();
-        let stream = s.stream().clone();
-        let (ptr, _sync) = s.device_ptr_mut(&stream);
-        Self { ptr, len, dtype: T::DTYPE, _borrow: PhantomData }
+        let ptr = {
+            let stream = s.stream().clone();
+            s.device_ptr_mut(&stream).0
+        };
+        // The mutable borrow is done with; the handle keeps `s` (and its stream) borrowed for 'a.
+        let s: &'a CudaSlice<T> = s;
+        let home: &'a CudaStream = s.stream();
+        Self { ptr, len, dtype: T::DTYPE, home: Some(home), _borrow: PhantomData }
     }
 
-    /// A handle on a mutable cudarc view; `stream` is the stream the buffer is used on.
-    pub fn from_view<T: CudaElement>(v: &'a mut CudaViewMut<'_, T>, stream: &CudaStream) -> Self {
+    /// A handle on a mutable cudarc view; `stream` is the stream the buffer is used (and freed) on.
+    ///
+    /// ```compile_fail
+    /// # fn f(v: &mut cudarc::driver::CudaViewMut<'_, f32>, st: &cudarc::driver::CudaStream) {
+    /// let handle = favor_cuda::DeviceMut::from_view(v, st); // error: unsafe function
+    /// # }
+    /// ```
+    ///
+    /// # Safety
+    /// As [`DeviceMut::from_slice`], with `stream` in place of the buffer's own stream.
+    pub unsafe fn from_view<T: CudaElement>(v: &'a mut CudaViewMut<'_, T>, stream: &'a CudaStream) -> Self {
         let len = v.len();
         let (ptr, _sync) = v.device_ptr_mut(stream);
-        Self { ptr, len, dtype: T::DTYPE, _borrow: PhantomData }
+        Self { ptr, len, dtype: T::DTYPE, home: Some(stream), _borrow: PhantomData }
     }
 
     /// A handle on memory the caller manages.
     ///
     /// # Safety
     /// `ptr` must point to at least `len` elements of `dtype` in device memory of the backend's
-    /// context, readable and writable by the backend's stream, and not accessed by anyone else
-    /// while the handle is used.
+    /// context, readable and writable by the backend's stream, stay allocated, and not be
+    /// accessed by any other stream until the backend's stream has finished the work of every
+    /// call using the handle.
     pub unsafe fn from_raw(ptr: sys::CUdeviceptr, len: usize, dtype: DType) -> Self {
-        Self { ptr, len, dtype, _borrow: PhantomData }
+        Self { ptr, len, dtype, home: None, _borrow: PhantomData }
     }
 
     /// Read-only reborrow.
     pub fn as_ref(&self) -> DeviceRef<'_> {
-        DeviceRef { ptr: self.ptr, len: self.len, dtype: self.dtype, _borrow: PhantomData }
+        DeviceRef { ptr: self.ptr, len: self.len, dtype: self.dtype, home: self.home, _borrow: PhantomData }
     }
 
     /// The raw device address.
@@ -120,6 +188,10 @@ impl<'a> DeviceMut<'a> {
 
     pub(crate) fn raw(&self) -> DevPtr {
         DevPtr { ptr: self.ptr, len: self.len }
+    }
+
+    pub(crate) fn home(&self) -> Option<&'a CudaStream> {
+        self.home
     }
 }
 
@@ -217,6 +289,15 @@ impl<T: DeviceRepr> Buf<T> {
             Buf::Host(h) => DevPtr { ptr: h.addr(), len: h.len() },
         }
     }
+
+    /// The stream the buffer was allocated on and is freed on (`None` in emulation).
+    pub(crate) fn home(&self) -> Option<&Arc<CudaStream>> {
+        match self {
+            Buf::Device(s) => Some(s.stream()),
+            #[cfg(feature = "emulator")]
+            Buf::Host(_) => None,
+        }
+    }
 }
 
 /// A counted buffer used inside one call (freed stream-ordered when dropped).
@@ -288,15 +369,25 @@ impl DeviceTensor {
         }
     }
 
+    fn home(&self) -> Option<&CudaStream> {
+        match &self.data {
+            TensorData::F32(b) => b.home(),
+            TensorData::F16(b) => b.home(),
+            TensorData::Bf16(b) => b.home(),
+        }
+        .map(|s| &**s)
+    }
+
     /// Read-only handle.
     pub fn as_ref(&self) -> DeviceRef<'_> {
         let p = self.raw();
-        DeviceRef { ptr: p.ptr, len: p.len, dtype: self.dtype(), _borrow: PhantomData }
+        DeviceRef { ptr: p.ptr, len: p.len, dtype: self.dtype(), home: self.home(), _borrow: PhantomData }
     }
 
     /// Writable handle.
     pub fn as_mut(&mut self) -> DeviceMut<'_> {
         let p = self.raw();
-        DeviceMut { ptr: p.ptr, len: p.len, dtype: self.dtype(), _borrow: PhantomData }
+        let (dtype, home) = (self.dtype(), self.home());
+        DeviceMut { ptr: p.ptr, len: p.len, dtype, home, _borrow: PhantomData }
     }
 }
