@@ -257,15 +257,43 @@ impl<'a> HostRef<'a> {
     }
 }
 
+// Storage policy: a finite value beyond the storage type's range is stored as the largest finite
+// value of its sign (saturation), never as ±∞; outputs and gradients stay finite for every
+// finite input. NaN (which validated inputs never produce) stays NaN.
+const F16_MAX: f32 = 65504.0;
+const BF16_MAX: f32 = 3.389_531_4e38;
+
+/// f64 → f32, saturating at ±f32::MAX.
+fn saturate_f32(x: f64) -> f32 {
+    x.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32
+}
+
+/// Rounds `src` into 16-bit `dst`, saturating at ±`max` (in chunks, to keep the vectorised
+/// conversion of `half`).
+fn convert_saturating<T>(dst: &mut [T], src: &[f32], max: f32)
+where
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    let mut buf = [0.0f32; 256];
+    for (d, s) in dst.chunks_mut(buf.len()).zip(src.chunks(buf.len())) {
+        let b = &mut buf[..s.len()];
+        for (o, &x) in b.iter_mut().zip(s) {
+            *o = x.clamp(-max, max);
+        }
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(d, b);
+    }
+}
+
 impl<'a> HostMut<'a> {
-    /// Round `src` into elements `start..start + src.len()`; [`FavorError::OutOfRange`] (and
+    /// Round `src` into elements `start..start + src.len()` (beyond a 16-bit type's range: its
+    /// largest finite value of that sign); [`FavorError::OutOfRange`] (and
     /// nothing written) when they are not all in the tensor.
     pub fn write_f32(&mut self, start: usize, src: &[f32]) -> Result<()> {
         let r = range_in(start, src.len(), self.len())?;
         match self {
             HostMut::F32(s) => s[r].copy_from_slice(src),
-            HostMut::F16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[r], src),
-            HostMut::Bf16(s) => half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut s[r], src),
+            HostMut::F16(s) => convert_saturating(&mut s[r], src, f16::MAX.to_f32()),
+            HostMut::Bf16(s) => convert_saturating(&mut s[r], src, bf16::MAX.to_f32()),
         }
         Ok(())
     }
@@ -275,9 +303,15 @@ impl<'a> HostMut<'a> {
     pub fn write_f64(&mut self, start: usize, src: &[f64]) -> Result<()> {
         let r = range_in(start, src.len(), self.len())?;
         match self {
-            HostMut::F32(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = x as f32),
-            HostMut::F16(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = f16::from_f32(x as f32)),
-            HostMut::Bf16(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = bf16::from_f32(x as f32)),
+            HostMut::F32(s) => s[r].iter_mut().zip(src).for_each(|(d, &x)| *d = saturate_f32(x)),
+            HostMut::F16(s) => s[r]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &x)| *d = f16::from_f32(saturate_f32(x).clamp(-F16_MAX, F16_MAX))),
+            HostMut::Bf16(s) => s[r]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &x)| *d = bf16::from_f32(saturate_f32(x).clamp(-BF16_MAX, BF16_MAX))),
         }
         Ok(())
     }
@@ -358,5 +392,32 @@ impl HostTensor {
     /// Element type.
     pub fn dtype(&self) -> DType {
         self.view().dtype()
+    }
+}
+
+#[cfg(test)]
+mod saturation_tests {
+    use super::*;
+
+    #[test]
+    fn values_beyond_the_storage_range_saturate() {
+        let src = [1e5f32, -1e5, 65504.0, 3.4e38, -3.4e38, 1.5];
+        let mut h = vec![f16::ZERO; src.len()];
+        HostMut::F16(&mut h).write_f32(0, &src).unwrap();
+        let want = [65504.0, -65504.0, 65504.0, 65504.0, -65504.0, 1.5];
+        assert_eq!(h.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), want);
+        let mut b = vec![bf16::ZERO; src.len()];
+        HostMut::Bf16(&mut b).write_f32(0, &src).unwrap();
+        assert!(b.iter().all(|x| x.is_finite()));
+        assert_eq!(b[3], bf16::MAX);
+        assert_eq!(b[4], -bf16::MAX);
+        let wide = [1e300f64, -1e300, 1e5, 2.0];
+        let mut f = vec![0.0f32; 4];
+        HostMut::F32(&mut f).write_f64(0, &wide).unwrap();
+        assert_eq!(f, [f32::MAX, -f32::MAX, 1e5, 2.0]);
+        HostMut::F16(&mut h[..4]).write_f64(0, &wide).unwrap();
+        assert_eq!(h[..4].iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [65504.0, -65504.0, 65504.0, 2.0]);
+        HostMut::Bf16(&mut b[..4]).write_f64(0, &wide).unwrap();
+        assert_eq!((b[0], b[1]), (bf16::MAX, -bf16::MAX));
     }
 }

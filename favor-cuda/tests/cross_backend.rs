@@ -112,11 +112,24 @@ const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (1, 1, 1500, 16, 8, 32),
 ];
 
+/// The positive map as the CUDA kernels compute it today. Their ε floor is still added after the
+/// shared key stabiliser (ε·e^0 instead of favor-core's per-token ε·e^{s − c}), so with ε > 0 they
+/// compute a different (stabiliser-dependent) estimator; the comparison with the reference uses
+/// ε = 0, where both definitions agree.
+fn positive(projection: Projection) -> FeatureMap {
+    FeatureMap::Positive { projection, epsilon: 0.0 }
+}
+
+/// The hyperbolic map at ε = 0, for the same reason as [`positive`].
+fn hyperbolic(projection: Projection) -> FeatureMap {
+    FeatureMap::Hyperbolic { projection, epsilon: 0.0 }
+}
+
 fn maps(d: usize, m: usize, seed: u64) -> Vec<FeatureMap> {
     let proj = || Projection::draw(ProjectionConfig::new(m, d, seed)).expect("projection");
     vec![
-        FeatureMap::positive(proj()),
-        FeatureMap::hyperbolic(proj()),
+        positive(proj()),
+        hyperbolic(proj()),
         FeatureMap::trigonometric(proj()),
         FeatureMap::relu(Some(proj())),
         FeatureMap::relu(None),
@@ -327,7 +340,7 @@ fn feature_maps_match_reference() {
 fn errors_are_typed() {
     for (cuda, _) in backends("errors_are_typed") {
         let shape = AttentionShape::new(1, 2, 9, 8);
-        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(16, 8, 1)).expect("projection"));
+        let map = positive(Projection::draw(ProjectionConfig::new(16, 8, 1)).expect("projection"));
         let p = Problem::new(shape, &map);
         let q = HostTensor::from_f32(DType::F32, &randn(shape.qk_len(), 1.0, 1));
         let mut bad = randn(shape.v_len(), 1.0, 2);
@@ -358,7 +371,7 @@ fn device_buffers_and_large_values() {
     for (cuda, _) in backends("device_buffers_and_large_values") {
         let dev = cuda.device();
         let shape = AttentionShape::new(2, 2, 70, 16).with_dv(24);
-        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(48, 16, 3)).expect("projection"));
+        let map = positive(Projection::draw(ProjectionConfig::new(48, 16, 3)).expect("projection"));
         for direction in [Direction::Bidirectional, Direction::Causal] {
             let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
             // Large-magnitude tokens: the stabilisers must keep everything finite.
@@ -385,7 +398,7 @@ fn decode_state_matches_reference() {
     for (cuda, _) in backends("decode_state_matches_reference") {
         let s = AttentionShape::new(2, 1, 41, 6).with_dv(5);
         let c = case(3, &(2, 1, 41, 6, 5, 11));
-        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(11, 6, 9)).expect("projection"));
+        let map = positive(Projection::draw(ProjectionConfig::new(11, 6, 9)).expect("projection"));
         let full = Problem::new(s, &map).with_options(AttentionOptions::causal());
         let mut rs = ReferenceBackend.new_state(&full).expect("reference state");
         let mut cs = cuda.new_state(&full).expect("cuda state");
@@ -434,7 +447,7 @@ fn buffers_of_other_streams_are_ordered() {
     let ctx = dev.context().expect("a GPU backend has a context").clone();
     let other = dev.with_stream(ctx.new_stream().expect("stream")).expect("with_stream");
     let shape = AttentionShape::new(1, 2, 300, 16).with_dv(8);
-    let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(32, 16, 4)).expect("projection"));
+    let map = positive(Projection::draw(ProjectionConfig::new(32, 16, 4)).expect("projection"));
     let p = Problem::new(shape, &map);
     let (q, k, v) = (randn(shape.qk_len(), 0.8, 1), randn(shape.qk_len(), 0.8, 2), randn(shape.v_len(), 1.0, 3));
     let host_t = |x: &[f32]| HostTensor::from_f32(DType::F32, x);
