@@ -3,7 +3,7 @@
 //! positive vs hyperbolic features, Gaussian inputs, standard-deviation bands over seeds) and a
 //! Figure 2 style panel (MSE ratio trigonometric / positive and trigonometric / hyperbolic of the
 //! softmax-kernel estimators versus the angle between x and y at |x| = |y| = 1, measured and
-//! overlaid on the closed forms of favor-math.md §6.4, Lemma 2).
+//! overlaid on the closed forms of the paper's Lemma 2).
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! `roofline`: this machine's ceilings measured in the same process on the same rayon threads
 //! (f32 GEMM with the `gemm` crate at a large square size, memory bandwidth with a parallel copy),
 //! then each favor kernel's achieved rate as a fraction of them. With the defaults this is the
-//! issue-3 CPU benchmark: batch 1, heads 8, d = d_v = 64, m = 256, L ∈ {1024, 4096, 16384,
+//! CPU roofline benchmark: batch 1, heads 8, d = d_v = 64, m = 256, L ∈ {1024, 4096, 16384,
 //! 65536}, f32, bidirectional and causal, forward and forward + backward, the unfused
 //! φ-materialised FAVOR+ built from the same GEMM, and peak heap memory against the bytes of
 //! inputs + outputs (+ gradients).

@@ -12,7 +12,7 @@ use crate::kernels::causal::{
     BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, HeadState, Stash, StashPlace, Suffix,
     SweepOut, combine_summary,
 };
-use crate::kernels::features::{ParamAcc, Plan, reduce_params, saturate};
+use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
 use crate::kernels::{HeadIn, TILE};
@@ -200,27 +200,27 @@ impl F64Head<'_> {
     }
 }
 
-fn f64_head<'a>(s: AttentionShape, inputs: &Inputs<'a, Host>, dout: Option<HostRef<'_>>, bh: usize) -> F64Head<'a> {
-    let widen = |t: &HostRef<'_>, off: usize, n: usize| {
+/// Head `bh` widened to f64 (the tensors' lengths were validated against the shape).
+fn f64_head<'a>(
+    s: AttentionShape,
+    inputs: &Inputs<'a, Host>,
+    dout: Option<HostRef<'_>>,
+    bh: usize,
+) -> Result<F64Head<'a>> {
+    let widen = |t: &HostRef<'_>, off: usize, n: usize| -> Result<Vec<f64>> {
         let mut v = vec![0.0f32; n];
-        t.read_f32(off, &mut v);
-        v.into_iter().map(f64::from).collect::<Vec<f64>>()
+        t.read_f32(off, &mut v)?;
+        Ok(v.into_iter().map(f64::from).collect())
     };
     let (qk, vn) = (s.len * s.d, s.len * s.dv);
     let b = bh / s.heads;
-    F64Head {
-        q: widen(&inputs.q, bh * qk, qk),
-        k: widen(&inputs.k, bh * qk, qk),
-        v: widen(&inputs.v, bh * vn, vn),
-        dout: dout.map(|g| widen(&g, bh * vn, vn)),
+    Ok(F64Head {
+        q: widen(&inputs.q, bh * qk, qk)?,
+        k: widen(&inputs.k, bh * qk, qk)?,
+        v: widen(&inputs.v, bh * vn, vn)?,
+        dout: dout.map(|g| widen(&g, bh * vn, vn)).transpose()?,
         mask: inputs.key_mask.map(|m| &m[b * s.len..(b + 1) * s.len]),
-    }
-}
-
-/// Writes f64 values, beyond f32's range as the largest finite value of their sign.
-fn write_saturated(t: &mut HostMut<'_>, off: usize, vals: &[f64]) {
-    let v: Vec<f32> = vals.iter().map(|&x| saturate(x)).collect();
-    t.write_f32(off, &v);
+    })
 }
 
 impl FavorBackend for SimdBackend {
@@ -314,13 +314,13 @@ impl FavorBackend for SimdBackend {
             }
         }
         for bh in flagged(&risk) {
-            let f = f64_head(s, &inputs, None, bh);
+            let f = f64_head(s, &inputs, None, bh)?;
             let h = f.head(s);
             let o = match p.options.direction {
                 Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &h),
                 Direction::Causal => causal_forward(p.map, delta as f64, &h),
             };
-            write_saturated(&mut out, bh * s.len * s.dv, &o);
+            out.write_f64(bh * s.len * s.dv, &o)?;
         }
         Ok(())
     }
@@ -500,16 +500,16 @@ impl FavorBackend for SimdBackend {
         let redo = flagged(&risk);
         let mut params: Vec<ParamAcc> = params.into_iter().filter(|(bh, _)| !redo.contains(bh)).map(|x| x.1).collect();
         for &bh in &redo {
-            let f = f64_head(s, &inputs, Some(dout), bh);
+            let f = f64_head(s, &inputs, Some(dout), bh)?;
             let h = f.head(s);
             let g = f.dout.as_deref().unwrap_or_default();
             let r = match p.options.direction {
                 Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
                 Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
             };
-            write_saturated(&mut dq, bh * s.len * s.d, &r.dq);
-            write_saturated(&mut dk, bh * s.len * s.d, &r.dk);
-            write_saturated(&mut dv, bh * s.len * s.dv, &r.dv);
+            dq.write_f64(bh * s.len * s.d, &r.dq)?;
+            dk.write_f64(bh * s.len * s.d, &r.dk)?;
+            dv.write_f64(bh * s.len * s.dv, &r.dv)?;
             params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
         }
         Ok(reduce_params(&plan, &params))

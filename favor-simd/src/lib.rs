@@ -1,7 +1,8 @@
 //! # favor-simd
 //!
 //! The CPU backend of favor: FAVOR+ attention with hand-written SIMD kernels for AVX2+FMA and
-//! AVX-512F (x86_64) and a portable `wide::f32x8` path (NEON on aarch64), selected at run time.
+//! AVX-512F (x86_64) and a portable `wide::f32x8` path (what aarch64 runs today: `wide` lowers it
+//! to NEON instructions, but there are no hand-written NEON kernels), selected at run time.
 //!
 //! * [`SimdBackend`] implements [`favor_core::FavorBackend`] for every feature map, both
 //!   directions, forward and backward, the recurrent decoder, and f32/f16/bf16 storage with f32

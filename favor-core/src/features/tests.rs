@@ -1,5 +1,5 @@
 //! Feature-map tests: unbiasedness and closed-form variance of the softmax estimators
-//! (favor-math.md §6.4, Lemma 2), orthogonal vs iid projections, the documented formulas,
+//! (the paper's Lemma 2), orthogonal vs iid projections, the documented formulas,
 //! finite-difference gradients in f64, and finite results at extreme magnitudes.
 
 use super::*;
@@ -55,7 +55,7 @@ fn sq_norm(v: &[f64]) -> f64 {
     dot(v, v)
 }
 
-/// Closed-form MSEs of favor-math.md §6.4 Lemma 2 for m iid draws, in terms of x̃, ỹ.
+/// Closed-form MSEs of the paper's Lemma 2 for m iid draws, in terms of x̃, ỹ.
 fn lemma2_mse(kind: &str, xt: &[f64], yt: &[f64], m: usize) -> f64 {
     let z: Vec<f64> = xt.iter().zip(yt).map(|(a, b)| a + b).collect();
     let delta: Vec<f64> = xt.iter().zip(yt).map(|(a, b)| a - b).collect();
@@ -168,7 +168,7 @@ fn orthogonal_features_have_lower_mse_than_iid() {
         let se = (iid_se * iid_se + ort_se * ort_se).sqrt();
         let z = (iid - ort) / se;
         let theory_iid = lemma2_mse(kind, &xt, &yt, m);
-        // favor-math.md §6.4 (Theorem 2, positive features): MSE_ort ≤ MSE_iid − 2(m−1)/(m(d+2))·(SM − Λ)².
+        // The paper's Theorem 2 (positive features): MSE_ort ≤ MSE_iid − 2(m−1)/(m(d+2))·(SM − Λ)².
         let bound = theory_iid - 2.0 * (m - 1) as f64 / (m * (d + 2)) as f64 * (truth - lambda).powi(2);
         println!(
             "iid vs orthogonal [{kind:>10}, m={m}, d={d}, {draws} draws each]: MSE iid {iid:.4e} ± {iid_se:.1e} \
