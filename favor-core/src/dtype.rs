@@ -263,8 +263,10 @@ impl<'a> HostRef<'a> {
 const F16_MAX: f32 = 65504.0;
 const BF16_MAX: f32 = 3.389_531_4e38;
 
-/// f64 → f32, saturating at ±f32::MAX.
-fn saturate_f32(x: f64) -> f32 {
+/// f64 → f32, saturating at ±f32::MAX (the storage policy above; backends use it for their own
+/// f64 → f32 narrowing too).
+#[inline]
+pub fn saturate_f32(x: f64) -> f32 {
     x.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32
 }
 

@@ -31,7 +31,7 @@ mod validate;
 
 pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
 pub use decode_state::StateSignature;
-pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle};
+pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle, saturate_f32};
 pub use error::{FavorError, Result};
 pub use features::{Elementwise, FeatureMap, FeatureRole, GatedSoftplusParams, Linear, PARAM_LIMIT, ParamGrads};
 pub use projection::{Projection, ProjectionConfig, ProjectionKind, RowNorms};

@@ -14,11 +14,12 @@
 //! per-segment partials of dKV = Σ q'x̄ᵀ and ds = Σ q'ḡ (summed in segment order); key tiles then
 //! recompute φ(k) and give dk' = V dKVᵀ + 1dsᵀ and dv = K' dKV.
 
-use super::features::{ParamAcc, Plan, Tile, saturate};
+use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale};
 use super::{HeadIn, TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
+use favor_core::saturate_f32;
 use favor_core::{HostMut, HostRef};
 
 /// Sums over one key segment, relative to its own maximum `c`.
@@ -148,7 +149,7 @@ pub(crate) fn normalise<S: SimdF32>(rows: usize, num: &mut [f32], ld: usize, den
             row.fill(0.0);
         } else if den[i].abs() < RISK_DEN {
             for x in row.iter_mut() {
-                *x = saturate(*x as f64 / den[i] as f64);
+                *x = saturate_f32(*x as f64 / den[i] as f64);
             }
         } else {
             scale::<S>(1.0 / den[i], row);

@@ -32,6 +32,7 @@
 use super::gemm::{axpy, gemm, sum};
 use crate::isa::{SimdF32, pad};
 use crate::math::exp::exp_nonpositive;
+use favor_core::saturate_f32;
 use favor_core::{Elementwise, FeatureMap};
 
 /// Rows with an input entry beyond this magnitude (2^24) are computed in f64 (see the module
@@ -671,35 +672,29 @@ impl Tile {
         }
         dx.fill(0.0);
         for (o, &v) in dx.iter_mut().zip(dx64.iter()) {
-            *o = saturate(v);
+            *o = saturate_f32(v);
         }
         if let (Some(acc), Some(gr)) = (acc, grads) {
             let (m, d, dp) = (p.m, p.d, p.dp);
             for j in 0..m {
                 for t in 0..d {
-                    acc.w[j * dp + t] += saturate(gr.w[j * d + t]);
+                    acc.w[j * dp + t] += saturate_f32(gr.w[j * d + t]);
                 }
             }
             if let (Some(b), Some(gb)) = (acc.bias.as_mut(), gr.bias.as_ref()) {
                 for (o, &v) in b.iter_mut().zip(gb) {
-                    *o += saturate(v);
+                    *o += saturate_f32(v);
                 }
             }
             if let (Some(wg), Some(gw)) = (acc.w_gate.as_mut(), gr.w_gate.as_ref()) {
                 for j in 0..m {
                     for t in 0..d {
-                        wg[j * dp + t] += saturate(gw[j * d + t]);
+                        wg[j * dp + t] += saturate_f32(gw[j * d + t]);
                     }
                 }
             }
         }
     }
-}
-
-/// x rounded to f32, beyond f32's range the largest finite value of its sign.
-#[inline(always)]
-pub(crate) fn saturate(x: f64) -> f32 {
-    x.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32
 }
 
 /// Max of a row (of |a| when `abs`), over exactly the real columns.
@@ -754,7 +749,7 @@ impl ParamAcc {
             let mut out = vec![0.0f32; p.mp * dp];
             for j in 0..m {
                 for t in 0..d {
-                    out[j * dp + t] = saturate(w[j * d + t]);
+                    out[j * dp + t] = saturate_f32(w[j * d + t]);
                 }
             }
             out
@@ -764,7 +759,7 @@ impl ParamAcc {
             bias: g.bias.as_ref().map(|b| {
                 let mut out = vec![0.0f32; p.mp];
                 for (o, &x) in out.iter_mut().zip(b) {
-                    *o = saturate(x);
+                    *o = saturate_f32(x);
                 }
                 out
             }),
