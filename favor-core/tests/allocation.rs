@@ -4,7 +4,8 @@
 //! Whether a huge allocation fails depends on the machine's memory and overcommit policy, so
 //! each case runs in a child copy of this test binary whose address space is capped at 4 GiB
 //! (`ulimit -v`): there a request of 16 GiB or more fails at once, on any machine, and nothing
-//! is ever touched.
+//! is ever touched. A cross-compiled test binary (aarch64 under qemu) is re-run through the
+//! cargo runner configured for its target, so the cap applies to the emulator and its guest.
 
 #![cfg(target_os = "linux")]
 
@@ -23,9 +24,10 @@ fn with_capped_address_space(test: &str, body: impl FnOnce()) {
     let exe = std::env::current_exe().expect("test binary path");
     let out = Command::new("sh")
         .arg("-c")
-        .arg(r#"ulimit -v 4194304 && exec "$0" --exact "$1" --test-threads=1"#)
+        .arg(r#"ulimit -v 4194304 && exec $2 "$0" --exact "$1" --test-threads=1"#)
         .arg(exe)
         .arg(test)
+        .arg(runner_for_this_target())
         .env(CHILD, "1")
         .output()
         .expect("spawn sh");
@@ -36,6 +38,16 @@ fn with_capped_address_space(test: &str, body: impl FnOnce()) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The `CARGO_TARGET_<triple>_RUNNER` command for this binary's architecture when one is set
+/// (an emulator for a cross-compiled test), else empty: the binary then runs directly.
+fn runner_for_this_target() -> String {
+    let prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
+    std::env::vars()
+        .find(|(key, _)| key.starts_with(&prefix) && key.ends_with("_RUNNER"))
+        .map(|(_, runner)| runner)
+        .unwrap_or_default()
 }
 
 fn out_of_memory(config: ProjectionConfig, want_elements: usize) {
