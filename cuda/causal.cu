@@ -15,8 +15,10 @@
 //   S ← exp(ĉ_ref − ĉ_new)·S + Σ_j exp(ĉ_j − ĉ_new)·B_j V_jᵀ,  ĉ_ref ← ĉ_new = ĉ of the last row
 // `state`/`c0` (forward only): S starts from state[bh] (relative to exp(c0[bh])) and the final S
 // is written back there: prefill and decoding. The block owns its state slice, so in place is safe.
-// Grid (⌈nv/nvt⌉, B·H), SCAN_THREADS threads; dynamic smem (na·nvt + CHUNK² + CHUNK) floats,
-// which the host keeps ≤ 48 KB.
+// The stabilisers c are doubles (they can be huge for large inputs while their differences
+// matter); each decay is formed from a difference of doubles.
+// Grid (⌈nv/nvt⌉, B·H), SCAN_THREADS threads; dynamic smem CHUNK doubles + (na·nvt + CHUNK²)
+// floats, which the host keeps ≤ 48 KB.
 #include "common.cuh"
 
 #define CHUNK 32
@@ -24,13 +26,13 @@
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
 favor_causal_scan_f32(const float* __restrict__ a, int lda, const float* __restrict__ b, int ldb, int na,
-                      const float* __restrict__ v, int ldv, int nv, const float* __restrict__ c, int len,
-                      int reverse, float* __restrict__ out, int ldo, float* state, const float* __restrict__ c0,
+                      const float* __restrict__ v, int ldv, int nv, const double* __restrict__ c, int len,
+                      int reverse, float* __restrict__ out, int ldo, float* state, const double* __restrict__ c0,
                       int nvt) {
     FAVOR_DYNAMIC_SMEM(smem);
-    float* s = smem;
+    double* cc = reinterpret_cast<double*>(smem);
+    float* s = reinterpret_cast<float*>(cc + CHUNK);
     float* p = s + (i64)na * nvt;
-    float* cc = p + CHUNK * CHUNK;
     const int tid = threadIdx.x, nt = blockDim.x;
     const i64 bh = blockIdx.y;
     const int e0 = blockIdx.x * nvt;
@@ -41,7 +43,7 @@ favor_causal_scan_f32(const float* __restrict__ a, int lda, const float* __restr
         const int f = idx / nvt, eg = e0 + idx % nvt;
         s[idx] = (state != nullptr && eg < nv) ? state[(bh * na + f) * nv + eg] : 0.0f;
     }
-    float c_ref = (state != nullptr && c0 != nullptr) ? c0[bh] : -INFINITY;
+    double c_ref = (state != nullptr && c0 != nullptr) ? c0[bh] : -INFINITY;
     __syncthreads();
 
     for (int t0 = 0; t0 < len; t0 += CHUNK) {
@@ -83,7 +85,7 @@ favor_causal_scan_f32(const float* __restrict__ a, int lda, const float* __restr
         }
         __syncthreads();
 
-        const float c_new = cc[n - 1];
+        const double c_new = cc[n - 1];
         const float keep_old = decay(c_ref, c_new);
         for (int idx = tid; idx < snum; idx += nt) {
             const int f = idx / nvt, eg = e0 + idx % nvt;
@@ -109,8 +111,8 @@ favor_causal_scan_f32(const float* __restrict__ a, int lda, const float* __restr
 
 // state_c[bh] = c[bh, L−1]: the running maximum after a prefill/decode call. Runs after the scan
 // (same stream), which still read the old state_c.
-extern "C" __global__ void favor_state_c_update_f32(const float* __restrict__ c, int len, int problems,
-                                                    float* __restrict__ state_c) {
+extern "C" __global__ void favor_state_c_update_f32(const double* __restrict__ c, int len, int problems,
+                                                    double* __restrict__ state_c) {
     const int bh = blockIdx.x * blockDim.x + threadIdx.x;
     if (bh < problems) state_c[bh] = c[(i64)bh * len + len - 1];
 }

@@ -4,7 +4,8 @@
 // * tensors are row-major; a "row" is one token of one (batch, head); rows of one (batch, head)
 //   are contiguous, so row r belongs to head r / L and sequence position r % L;
 // * offsets are 64-bit (long long): B·H·L·M overflows 32 bits at realistic sizes;
-// * all arithmetic, state and scratch are fp32; f16/bf16 appear only at the pack/unpack edges;
+// * arithmetic, state and scratch are fp32, except the per-row scalars of the exponential maps
+//   (h, log-scales, stabilisers: doubles); f16/bf16 appear only at the pack/unpack edges;
 // * every thread index is bounds-checked against the real size (arbitrary L, d, d_v, M tails).
 #pragma once
 #ifndef FAVOR_EMULATOR
@@ -27,15 +28,16 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // exp(c_old − c_new) with 1 for equal values, so that −∞ − (−∞) (no key seen yet) is not NaN.
-// Callers guarantee c_old ≤ c_new, so the result is in [0, 1].
-__device__ __forceinline__ float decay(float c_old, float c_new) {
-    return c_old == c_new ? 1.0f : expf(c_old - c_new);
+// Callers guarantee c_old ≤ c_new, so the result is in [0, 1]. The stabilisers are doubles: the
+// difference is exact enough however large they are, then rounded once for the f32 exp.
+__device__ __forceinline__ float decay(double c_old, double c_new) {
+    return c_old == c_new ? 1.0f : expf((float)(c_old - c_new));
 }
 
 // Feature-map kinds, mirrored by `FeatureKind` in favor-cuda/src/kernels.rs.
 enum FeatureKind : int {
-    KIND_POSITIVE = 0,       // m^{-1/2}(exp(a − h − c) + ε)
-    KIND_HYPERBOLIC = 1,     // (2m)^{-1/2}[exp(±a − h − c) + ε]
+    KIND_POSITIVE = 0,       // m^{-1/2}(exp(a − h − c) + ε·exp(s − c))
+    KIND_HYPERBOLIC = 1,     // (2m)^{-1/2}[exp(±a − h − c) + ε·exp(s − c)]
     KIND_TRIGONOMETRIC = 2,  // m^{-1/2}[cos a, sin a]·exp(h − c)
     KIND_RELU = 3,           // max(a, 0) + κ
     KIND_ELU_PLUS_ONE = 4,   // elu(a) + 1 + κ

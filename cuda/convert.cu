@@ -71,6 +71,8 @@ FAVOR_EDGE_KERNELS(bf16, __nv_bfloat16)
 
 // G1[r] = [G[r]/R, −<G[r], out[r]>/R] with out = N/R, R = guard(O1[r, dv]); zero when R == 0
 // (the output row is defined as zero there and has zero gradient). One warp per row.
+// invariant[r] (when not null) = 1 where the guard did not fire: that query's output does not
+// depend on the scale of its features (the feature backward then drops the scale's cotangent).
 //
 // The dot product is reduced over the lanes that exist: a block whose size is not a multiple of
 // 32 ends in a partial warp, whose missing lanes must be neither named in the shuffle mask nor
@@ -78,7 +80,8 @@ FAVOR_EDGE_KERNELS(bf16, __nv_bfloat16)
 // only lane that uses the sum), so every lane reads only live lanes' registers; the columns
 // are strided by the live lane count so a partial warp still covers the whole row.
 extern "C" __global__ void favor_cotangent_f32(const float* __restrict__ g, const float* __restrict__ o1, i64 rows,
-                                               int dv, float delta, float* __restrict__ g1) {
+                                               int dv, float delta, float* __restrict__ g1,
+                                               unsigned char* __restrict__ invariant) {
     const int lane = threadIdx.x & 31;
     const int warp_base = (int)(threadIdx.x & ~31u);
     const int live = min(32, (int)blockDim.x - warp_base);
@@ -98,6 +101,10 @@ extern "C" __global__ void favor_cotangent_f32(const float* __restrict__ g, cons
             if (lane + off < live) dot += other;
         }
         for (int e = lane; e < dv; e += live) g1[r * (dv + 1) + e] = den == 0.0f ? 0.0f : g[r * dv + e] / den;
-        if (lane == 0) g1[r * (dv + 1) + dv] = den == 0.0f ? 0.0f : -dot / den;
+        if (lane == 0) {
+            g1[r * (dv + 1) + dv] = den == 0.0f ? 0.0f : -dot / den;
+            const float raw = o1[r * (dv + 1) + dv];
+            if (invariant != nullptr) invariant[r] = (delta > 0.0f && fabsf(raw) <= delta) ? 0 : 1;
+        }
     }
 }

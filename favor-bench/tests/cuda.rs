@@ -92,10 +92,8 @@ mod emulated {
         assert!(reference.imp.resident().is_none());
         assert_eq!(dev.device().name, "cpu-emulator");
         let s = AttentionShape::new(1, 1, 37, 8).with_dv(5);
-        // ε = 0: the CUDA kernels still add their ε floor after the shared key stabiliser, which
-        // agrees with the reference's per-token floor only without a floor.
         let projection = Projection::draw(ProjectionConfig::new(12, 8, 3)).unwrap();
-        let map = favor_core::FeatureMap::Positive { projection, epsilon: 0.0 };
+        let map = favor_core::FeatureMap::positive(projection);
         let (q, k, v, g) = (
             gaussian(s.qk_len(), 1, 0.7),
             gaussian(s.qk_len(), 2, 0.7),

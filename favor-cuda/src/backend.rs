@@ -264,6 +264,20 @@ impl CudaBackend {
         Ok(Scratch::new(self.buf_from(host)?, &self.counters))
     }
 
+    /// Per-row stabilisers and log-scales (doubles: see cuda/features.cu).
+    pub(crate) fn scratch_f64(&self, len: usize) -> Result<Scratch<f64>> {
+        Ok(Scratch::new(self.buf_zeros(len.max(1))?, &self.counters))
+    }
+
+    pub(crate) fn scratch_f64_from(&self, host: &[f64]) -> Result<Scratch<f64>> {
+        Ok(Scratch::new(self.buf_from(host)?, &self.counters))
+    }
+
+    /// One byte per row (flags).
+    pub(crate) fn scratch_bytes(&self, len: usize) -> Result<Scratch<u8>> {
+        Ok(Scratch::new(self.buf_zeros(len.max(1))?, &self.counters))
+    }
+
     pub(crate) fn scratch_mask(&self, mask: &[bool]) -> Result<Scratch<u8>> {
         let bytes: Vec<u8> = mask.iter().map(|&k| u8::from(k)).collect();
         Ok(Scratch::new(self.buf_from(&bytes)?, &self.counters))
@@ -304,13 +318,13 @@ impl Drop for StreamJoin<'_> {
     }
 }
 
-/// Recurrent decoding state on the device: S (M × (d_v + 1), the last column is z) and the
-/// running key maximum c, per (batch, head), both fp32.
+/// Recurrent decoding state on the device: S (M × (d_v + 1), the last column is z, fp32) and the
+/// running key maximum c (f64), per (batch, head).
 #[derive(Debug)]
 pub struct CudaState {
     pub(crate) made_for: favor_core::StateSignature,
     pub(crate) s: Scratch<f32>,
-    pub(crate) c: Scratch<f32>,
+    pub(crate) c: Scratch<f64>,
     pub(crate) tokens: usize,
 }
 
@@ -321,7 +335,7 @@ impl CudaState {
     }
 
     /// Copies (S, c) to the host: S is `[B·H, M, d_v + 1]` (the last column is z), c is `[B·H]`.
-    pub fn to_host(&self, backend: &CudaBackend) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn to_host(&self, backend: &CudaBackend) -> Result<(Vec<f32>, Vec<f64>)> {
         let mut s = vec![0.0; self.s.buf.len()];
         let mut c = vec![0.0; self.c.buf.len()];
         backend.buf_to_host(&self.s.buf, &mut s)?;

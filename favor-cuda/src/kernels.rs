@@ -140,19 +140,26 @@ pub(crate) struct MapArgs {
     pub m: usize,
     pub d: usize,
     pub in_scale: f32,
+    /// h = hcoef·‖x‖² (= ‖x̃‖²/2) for the exponential maps, in f64.
+    pub hcoef: f64,
     /// ε for the exponential maps, κ for the generalized ones.
     pub eps: f32,
 }
+
+/// Shared memory of the per-row scalars of a feature block (`RowScalars` in features.cu):
+/// 3·TOK doubles and 3·TOK floats.
+const ROW_SCALARS_SMEM: usize = 8 * 3 * FEATURE_ROWS + 4 * 3 * FEATURE_ROWS;
 
 impl MapArgs {
     pub(crate) fn features(&self) -> usize {
         self.m * self.kind.per_row()
     }
     pub(crate) fn forward_smem(&self) -> usize {
-        4 * (FEATURE_ROWS * self.d + FEATURE_ROWS * FEATURE_THREADS + 2 * FEATURE_ROWS)
+        ROW_SCALARS_SMEM + 4 * (FEATURE_ROWS * self.d + FEATURE_ROWS * FEATURE_THREADS)
     }
     pub(crate) fn backward_smem(&self) -> usize {
-        4 * (FEATURE_ROWS * self.d + FEATURE_ROWS * self.m + FEATURE_ROWS * FEATURE_THREADS + 2 * FEATURE_ROWS)
+        ROW_SCALARS_SMEM
+            + 4 * (FEATURE_ROWS * self.d + FEATURE_ROWS * self.m + FEATURE_ROWS * FEATURE_THREADS + 3 * FEATURE_ROWS)
     }
 }
 
@@ -226,6 +233,7 @@ enum Arg {
     I64(i64),
     I32(i32),
     F32(f32),
+    F64(f64),
 }
 
 trait KernelArg {
@@ -249,6 +257,11 @@ impl KernelArg for i32 {
 impl KernelArg for f32 {
     fn to_arg(&self) -> Arg {
         Arg::F32(*self)
+    }
+}
+impl KernelArg for f64 {
+    fn to_arg(&self) -> Arg {
+        Arg::F64(*self)
     }
 }
 
@@ -285,6 +298,7 @@ impl Launch<'_> {
                         Arg::I64(v) => b.arg(v),
                         Arg::I32(v) => b.arg(v),
                         Arg::F32(v) => b.arg(v),
+                        Arg::F64(v) => b.arg(v),
                     };
                 }
                 // SAFETY: forwarded from this function's contract.
@@ -301,6 +315,7 @@ impl Launch<'_> {
                         Arg::I64(v) => v as *mut i64 as *mut std::ffi::c_void,
                         Arg::I32(v) => v as *mut i32 as *mut std::ffi::c_void,
                         Arg::F32(v) => v as *mut f32 as *mut std::ffi::c_void,
+                        Arg::F64(v) => v as *mut f64 as *mut std::ffi::c_void,
                     })
                     .collect();
                 // SAFETY: forwarded from this function's contract; in emulation every pointer is
@@ -390,7 +405,8 @@ impl Exec {
         Ok(())
     }
 
-    /// `favor_cotangent_f32(g, o1, rows, dv, delta, g1)`: G1 = [G/R, −<G, out>/R].
+    /// `favor_cotangent_f32(g, o1, rows, dv, delta, g1, invariant)`: G1 = [G/R, −<G, out>/R],
+    /// and (when given) one byte per row: 1 where the guard did not fire.
     pub(crate) fn launch_cotangent(
         &self,
         g: DevPtr,
@@ -399,18 +415,20 @@ impl Exec {
         dv: usize,
         delta: f32,
         g1: DevPtr,
+        invariant: Option<DevPtr>,
     ) -> Result<()> {
         let g = need(g, rows * dv, "cotangent g")?;
         let o1 = need(o1, rows * (dv + 1), "cotangent o1")?;
         let g1 = need(g1, rows * (dv + 1), "cotangent g1")?;
+        let invariant = opt(invariant, rows, "cotangent invariant")?;
         let (rows_i, dv_i) = (rows as i64, int(dv, "dv")?);
         let mut b = self.builder("favor_cotangent_f32");
-        b.arg(&g).arg(&o1).arg(&rows_i).arg(&dv_i).arg(&delta).arg(&g1);
+        b.arg(&g).arg(&o1).arg(&rows_i).arg(&dv_i).arg(&delta).arg(&g1).arg(&invariant);
         // One warp per row, 8 warps per block (the kernel also handles a partial last warp).
         let cfg = grid_1d(rows * 32, 256);
         // SAFETY: (const float* g [rows·dv], const float* o1 [rows·(dv+1)], i64 rows, int dv,
-        // float delta, float* g1 [rows·(dv+1)]); sizes checked above; the kernel strides rows by
-        // the block's warps and columns by the warp's live lanes.
+        // float delta, float* g1 [rows·(dv+1)], u8* invariant [rows] or null); sizes checked
+        // above; the kernel strides rows by the block's warps and columns by the warp's live lanes.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -464,16 +482,17 @@ impl Exec {
             int(ld_phi, "ld_phi")?,
         );
         let mut b = self.builder("favor_features_f32");
-        b.arg(&x).arg(&args.0).arg(&args.1).arg(&w).arg(&args.2).arg(&args.3).arg(&map.in_scale).arg(&map.eps);
-        b.arg(&args.4).arg(&c_in).arg(&c_out).arg(&keep).arg(&args.5).arg(&args.6).arg(&phi).arg(&args.7);
+        b.arg(&x).arg(&args.0).arg(&args.1).arg(&w).arg(&args.2).arg(&args.3).arg(&map.in_scale).arg(&map.hcoef);
+        b.arg(&map.eps).arg(&args.4).arg(&c_in).arg(&c_out).arg(&keep).arg(&args.5).arg(&args.6).arg(&phi);
+        b.arg(&args.7);
         let cfg = LaunchConfig {
             grid_dim: (int(rows.div_ceil(FEATURE_ROWS), "blocks")? as u32, 1, 1),
             block_dim: (FEATURE_THREADS as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: (const float* x [rows·d], i64 rows, int d, const float* w [m·d] or null, int m,
-        // int kind, float in_scale, float eps, int mode, const float* c_in [rows] or null,
-        // float* c_out [rows] or null, const u8* keep [B·L] or null, int heads, int len,
+        // int kind, float in_scale, double hcoef, float eps, int mode, const double* c_in [rows]
+        // or null, double* c_out [rows] or null, const u8* keep [B·L] or null, int heads, int len,
         // float* phi [rows·ld_phi] (null only in log-scale mode), int ld_phi ≥ features);
         // sizes checked above; shared memory = forward_smem() ≤ 48 KB, as the kernel carves it.
         unsafe { b.launch(cfg) }?;
@@ -487,6 +506,7 @@ impl Exec {
         rows: usize,
         map: &MapArgs,
         c: Option<DevPtr>,
+        invariant: Option<DevPtr>,
         dphi: DevPtr,
         ld_dphi: usize,
         mask: Option<MaskArgs>,
@@ -507,6 +527,7 @@ impl Exec {
         } else {
             0
         };
+        let invariant = opt(invariant, rows, "features_bwd invariant")?;
         let dphi = need(dphi, rows * ld_dphi, "features_bwd dphi")?;
         let (keep, heads) = match mask {
             Some(mk) => (need(mk.keep, rows / len.max(1) / mk.heads.max(1) * len, "features_bwd keep")?, mk.heads),
@@ -523,17 +544,19 @@ impl Exec {
             int(len, "len")?,
         );
         let mut b = self.builder("favor_features_bwd_f32");
-        b.arg(&x).arg(&args.0).arg(&args.1).arg(&w).arg(&args.2).arg(&args.3).arg(&map.in_scale).arg(&c);
-        b.arg(&dphi).arg(&args.4).arg(&keep).arg(&args.5).arg(&args.6).arg(&dx);
+        b.arg(&x).arg(&args.0).arg(&args.1).arg(&w).arg(&args.2).arg(&args.3).arg(&map.in_scale).arg(&map.hcoef);
+        b.arg(&map.eps).arg(&c).arg(&invariant).arg(&dphi).arg(&args.4).arg(&keep).arg(&args.5).arg(&args.6);
+        b.arg(&dx);
         let cfg = LaunchConfig {
             grid_dim: (int(rows.div_ceil(FEATURE_ROWS), "blocks")? as u32, 1, 1),
             block_dim: (FEATURE_THREADS as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: (const float* x [rows·d], i64 rows, int d, const float* w [m·d] or null, int m,
-        // int kind, float in_scale, const float* c [rows] (null for non-exponential maps),
-        // const float* dphi [rows·ld_dphi], int ld_dphi, const u8* keep or null, int heads,
-        // int len, float* dx [rows·d]); sizes checked above; smem = backward_smem() ≤ 48 KB.
+        // int kind, float in_scale, double hcoef, float eps, const double* c [rows] (null for
+        // non-exponential maps), const u8* invariant [rows] or null, const float* dphi
+        // [rows·ld_dphi], int ld_dphi, const u8* keep or null, int heads, int len, float* dx
+        // [rows·d]); sizes checked above; smem = backward_smem() ≤ 48 KB.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -566,8 +589,9 @@ impl Exec {
             block_dim: (STAB_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (const float* s [problems·len], const u8* keep [B·L] or null, int heads, int len,
-        // const float* c_init [problems] or null, int causal, float* c_out [problems·len]);
+        // SAFETY: (const double* s [problems·len], const u8* keep [B·L] or null, int heads,
+        // int len, const double* c_init [problems] or null, int causal, double* c_out
+        // [problems·len]);
         // one block per problem, STAB_THREADS threads as the kernel's static arrays assume.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -678,7 +702,7 @@ impl Exec {
         }
         let rows = problems * len;
         let nvt = scan_value_tile(na, nv)?;
-        let smem = 4 * (na * nvt + SCAN_CHUNK * SCAN_CHUNK + SCAN_CHUNK);
+        let smem = scan_smem(na, nvt);
         let ap = need(ap, rows * lda, "causal_scan a")?;
         let bp = need(bp, rows * ldb, "causal_scan b")?;
         let vp = need(vp, rows * ldv, "causal_scan v")?;
@@ -710,10 +734,10 @@ impl Exec {
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: (const float* a [rows·lda], int lda, const float* b [rows·ldb], int ldb, int na,
-        // const float* v [rows·ldv], int ldv, int nv, const float* c [rows], int len, int reverse,
-        // float* out [rows·ldo], int ldo, float* state [problems·na·nv] or null,
-        // const float* c0 [problems] or null, int nvt); sizes checked above; shared memory
-        // (na·nvt + CHUNK² + CHUNK floats) ≤ 48 KB by scan_value_tile; grid = (⌈nv/nvt⌉, problems).
+        // const float* v [rows·ldv], int ldv, int nv, const double* c [rows], int len,
+        // int reverse, float* out [rows·ldo], int ldo, float* state [problems·na·nv] or null,
+        // const double* c0 [problems] or null, int nvt); sizes checked above; shared memory
+        // scan_smem(na, nvt) ≤ 48 KB by scan_value_tile; grid = (⌈nv/nvt⌉, problems).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -725,22 +749,27 @@ impl Exec {
         let (len_i, problems_i) = (int(len, "len")?, int(problems, "problems")?);
         let mut b = self.builder("favor_state_c_update_f32");
         b.arg(&c).arg(&len_i).arg(&problems_i).arg(&state_c);
-        // SAFETY: (const float* c [problems·len], int len, int problems, float* state_c
+        // SAFETY: (const double* c [problems·len], int len, int problems, double* state_c
         // [problems]); sizes checked above; the kernel bounds-checks bh < problems.
         unsafe { b.launch(grid_1d(problems, 128)) }?;
         Ok(())
     }
 }
 
-/// Value columns per block of the causal scan: the widest power of two ≤ 32 whose state tile
-/// (na × nvt fp32) plus the chunk scores fits the 48 KB of shared memory.
+/// Dynamic shared memory of the causal scan: the chunk's stabilisers (doubles), the state tile
+/// (na × nvt fp32) and the chunk scores (CHUNK² fp32).
+pub(crate) fn scan_smem(na: usize, nvt: usize) -> usize {
+    8 * SCAN_CHUNK + 4 * (na * nvt + SCAN_CHUNK * SCAN_CHUNK)
+}
+
+/// Value columns per block of the causal scan: the widest power of two ≤ 32 whose scan fits
+/// the 48 KB of shared memory.
 pub(crate) fn scan_value_tile(na: usize, nv: usize) -> Result<usize> {
-    let fixed = 4 * (SCAN_CHUNK * SCAN_CHUNK + SCAN_CHUNK);
     let mut nvt = 32;
-    while nvt > 1 && (4 * na * nvt + fixed > SMEM_LIMIT || nvt / 2 >= nv) {
+    while nvt > 1 && (scan_smem(na, nvt) > SMEM_LIMIT || nvt / 2 >= nv) {
         nvt /= 2;
     }
-    if 4 * na * nvt + fixed > SMEM_LIMIT {
+    if scan_smem(na, nvt) > SMEM_LIMIT {
         return Err(FavorError::Unsupported(format!(
             "{na} features per causal state row exceed the CUDA kernel's limit"
         )));
@@ -759,13 +788,13 @@ mod tests {
                 match scan_value_tile(na, nv) {
                     Ok(nvt) => {
                         assert!(nvt.is_power_of_two() && nvt <= 32, "na {na} nv {nv}: nvt {nvt}");
-                        assert!(4 * (na * nvt + SCAN_CHUNK * SCAN_CHUNK + SCAN_CHUNK) <= SMEM_LIMIT);
+                        assert!(scan_smem(na, nvt) <= SMEM_LIMIT);
                         // No tile wider than needed: half of it would not cover nv.
                         assert!(nvt == 1 || nvt / 2 < nv, "na {na} nv {nv}: nvt {nvt}");
                     }
                     Err(e) => {
                         assert!(matches!(e, FavorError::Unsupported(_)));
-                        assert!(4 * (na + SCAN_CHUNK * SCAN_CHUNK + SCAN_CHUNK) > SMEM_LIMIT, "na {na} rejected");
+                        assert!(scan_smem(na, 1) > SMEM_LIMIT, "na {na} rejected");
                     }
                 }
             }
@@ -776,7 +805,7 @@ mod tests {
     fn feature_kernel_limits_cover_the_documented_sizes() {
         // d ≤ 256 with m ≤ 1024 projections must fit (the crate docs promise it).
         for (d, m) in [(256, 1024), (128, 512), (64, 256), (1, 1)] {
-            let map = MapArgs { kind: FeatureKind::Hyperbolic, w: None, m, d, in_scale: 1.0, eps: 0.0 };
+            let map = MapArgs { kind: FeatureKind::Hyperbolic, w: None, m, d, in_scale: 1.0, hcoef: 0.5, eps: 0.0 };
             assert!(map.forward_smem() <= SMEM_LIMIT && map.backward_smem() <= SMEM_LIMIT, "d {d} m {m}");
         }
     }

@@ -13,7 +13,9 @@
 //! | dV | A = φ(K), B = φ(Q), V = G1[:, ..d_v] | same, reversed |
 //!
 //! with G1 = [dO/R, −<dO, out>/R]. Then dQ, dK go through the feature map's backward with the
-//! stabilisers held constant. Nothing is stored between calls: the backward recomputes φ.
+//! stabilisers held constant (exact: attention does not depend on them) and the ε floor
+//! differentiated through each token's own log-scale. Nothing is stored between calls: the
+//! backward recomputes φ.
 
 use crate::backend::{CudaBackend, CudaState, check};
 use crate::kernels::{FeatureKind, MapArgs, MaskArgs, SMEM_LIMIT, StabMode, scan_value_tile};
@@ -48,9 +50,9 @@ struct Packed {
 /// Features and stabilisers of one call, and O1 = [N R].
 struct Attention {
     qf: Scratch<f32>,
-    qc: Scratch<f32>,
+    qc: Scratch<f64>,
     kf: Scratch<f32>,
-    kc: Scratch<f32>,
+    kc: Scratch<f64>,
     o1: Scratch<f32>,
 }
 
@@ -93,7 +95,9 @@ impl CudaBackend {
             Some(p) => (Some(self.scratch_from(p.matrix())?), p.m()),
             None => (None, d),
         };
-        let args = MapArgs { kind, w: w.as_ref().map(Scratch::ptr), m, d, in_scale, eps };
+        // h = ‖d^{-1/4}x‖²/2 = x·x/(2√d), from the exact f32 inputs in f64.
+        let hcoef = if kind.is_exp() { (d as f64).powf(-0.5) / 2.0 } else { 0.0 };
+        let args = MapArgs { kind, w: w.as_ref().map(Scratch::ptr), m, d, in_scale, hcoef, eps };
         if args.backward_smem() > SMEM_LIMIT {
             return Err(FavorError::Unsupported(format!(
                 "d = {d} with m = {m} projections exceeds the CUDA feature kernels' shared memory"
@@ -139,10 +143,10 @@ impl CudaBackend {
         rows: usize,
         len: usize,
         map: &MapArgs,
-    ) -> Result<(Scratch<f32>, Scratch<f32>)> {
+    ) -> Result<(Scratch<f32>, Scratch<f64>)> {
         let mf = map.features();
         let phi = self.scratch(rows * mf)?;
-        let c = self.scratch(rows)?;
+        let c = self.scratch_f64(rows)?;
         self.exec.launch_features(
             x,
             rows,
@@ -169,11 +173,11 @@ impl CudaBackend {
         mask: Option<MaskArgs>,
         causal: bool,
         c_init: Option<DevPtr>,
-    ) -> Result<Scratch<f32>> {
+    ) -> Result<Scratch<f64>> {
         let rows = shape.problems() * shape.len;
-        let c = self.scratch(rows)?;
+        let c = self.scratch_f64(rows)?;
         if map.kind.is_exp() {
-            let s = self.scratch(rows)?;
+            let s = self.scratch_f64(rows)?;
             self.exec.launch_features(
                 x,
                 rows,
@@ -195,7 +199,7 @@ impl CudaBackend {
         x: DevPtr,
         shape: AttentionShape,
         map: &MapArgs,
-        c: &Scratch<f32>,
+        c: &Scratch<f64>,
         mask: Option<MaskArgs>,
     ) -> Result<Scratch<f32>> {
         let rows = shape.problems() * shape.len;
@@ -303,7 +307,9 @@ impl CudaBackend {
 
         let g = self.pack(dtype, dout.raw(), rows, s.dv, s.dv, false)?;
         let g1 = self.scratch(rows * dv1)?;
-        self.exec.launch_cotangent(g.ptr(), att.o1.ptr(), rows, s.dv, p.denominator_guard(), g1.ptr())?;
+        let invariant = self.scratch_bytes(rows)?;
+        let delta = p.denominator_guard();
+        self.exec.launch_cotangent(g.ptr(), att.o1.ptr(), rows, s.dv, delta, g1.ptr(), Some(invariant.ptr()))?;
         drop(g);
 
         let dqf = self.scratch(rows * mf)?;
@@ -328,12 +334,14 @@ impl CudaBackend {
         let dq32 = self.scratch(rows * s.d)?;
         let dk32 = self.scratch(rows * s.d)?;
         let kern = &self.exec;
-        kern.launch_features_bwd(x.q.ptr(), rows, map, Some(att.qc.ptr()), dqf.ptr(), mf, None, s.len, dq32.ptr())?;
+        let (qc, inv) = (Some(att.qc.ptr()), Some(invariant.ptr()));
+        kern.launch_features_bwd(x.q.ptr(), rows, map, qc, inv, dqf.ptr(), mf, None, s.len, dq32.ptr())?;
         kern.launch_features_bwd(
             x.k.ptr(),
             rows,
             map,
             Some(att.kc.ptr()),
+            None,
             dkf.ptr(),
             mf,
             x.mask(s.heads),
@@ -354,7 +362,7 @@ impl CudaBackend {
         self.check_sizes(shape, &map.args)?;
         let mf = map.args.features();
         let s = self.scratch(shape.problems() * mf * (shape.dv + 1))?;
-        let c = self.scratch_from(&vec![f32::NEG_INFINITY; shape.problems()])?;
+        let c = self.scratch_f64_from(&vec![f64::NEG_INFINITY; shape.problems()])?;
         Ok(CudaState { made_for, s, c, tokens: 0 })
     }
 
@@ -381,11 +389,11 @@ impl CudaBackend {
         shape: AttentionShape,
         map: &MapArgs,
         role: FeatureRole,
-    ) -> Result<Scratch<f32>> {
+    ) -> Result<Scratch<f64>> {
         let rows = shape.problems() * shape.len;
         match role {
             FeatureRole::Query => {
-                let c = self.scratch(rows)?;
+                let c = self.scratch_f64(rows)?;
                 if map.kind.is_exp() {
                     self.exec.launch_features(
                         x,
@@ -472,6 +480,7 @@ impl CudaBackend {
             rows,
             &m.args,
             Some(c.ptr()),
+            None,
             g32.ptr(),
             mf,
             None,
