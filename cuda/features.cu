@@ -61,8 +61,6 @@ __device__ __forceinline__ float round_up_f32(double x) {
 // The per-row scalars every thread of a feature block reads (shared memory).
 struct RowScalars {
     double* h;    // ‖x̃‖²/2
-    double* s;    // log-scale
-    double* c;    // stabiliser
     float* amax;  // max_j a_j (|a_j| for hyperbolic)
     float* shift; // exponent shift (exponential maps)
     float* floor; // ratio·ε·e^{s − c} (positive, hyperbolic) or ratio·e^{h − c} (trigonometric)
@@ -73,9 +71,7 @@ struct RowScalars {
 __device__ __forceinline__ float* carve_rows(float* smem, RowScalars& r) {
     double* dbl = reinterpret_cast<double*>(smem);
     r.h = dbl;
-    r.s = dbl + TOK;
-    r.c = dbl + 2 * TOK;
-    float* f = reinterpret_cast<float*>(dbl + 3 * TOK);
+    float* f = reinterpret_cast<float*>(dbl + TOK);
     r.amax = f;
     r.shift = f + TOK;
     r.floor = f + 2 * TOK;
@@ -116,7 +112,7 @@ __device__ __forceinline__ void row_exp(int kind, float ratio, float eps, double
     *floor = (float)((double)ratio * (double)eps * exp(fmin(s - c, 0.0)));
 }
 
-// Shared-memory layout: RowScalars (3·TOK doubles, 3·TOK floats), xs[TOK·d], red[TOK·blockDim].
+// Shared-memory layout: RowScalars (TOK doubles, 3·TOK floats), xs[TOK·d], red[TOK·blockDim].
 extern "C" __global__ void favor_features_f32(const float* __restrict__ x, i64 rows, int d,
                                               const float* __restrict__ w, int m, int kind, float in_scale,
                                               double hcoef, float eps, int mode, const double* __restrict__ c_in,

@@ -147,8 +147,8 @@ pub(crate) struct MapArgs {
 }
 
 /// Shared memory of the per-row scalars of a feature block (`RowScalars` in features.cu):
-/// 3·TOK doubles and 3·TOK floats.
-const ROW_SCALARS_SMEM: usize = 8 * 3 * FEATURE_ROWS + 4 * 3 * FEATURE_ROWS;
+/// TOK doubles and 3·TOK floats.
+const ROW_SCALARS_SMEM: usize = 8 * FEATURE_ROWS + 4 * 3 * FEATURE_ROWS;
 
 impl MapArgs {
     pub(crate) fn features(&self) -> usize {
