@@ -22,10 +22,27 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Storage policy (favor-core's): a finite value beyond the storage type's range is stored as the
+// largest finite value of its sign, never as ±∞ (NaN stays NaN: fminf/fmaxf would drop it).
+__device__ __forceinline__ float clamp_finite(float x, float max) { return x > max ? max : (x < -max ? -max : x); }
 template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return clamp_finite(x, 3.40282347e38f); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
+    return __float2half_rn(clamp_finite(x, 65504.0f));
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    // 0x7f7f0000: bf16's largest finite value (3.3895314e38); beyond it rounding gives ∞.
+    return __float2bfloat16_rn(clamp_finite(x, 3.38953139e38f));
+}
+
+// A denominator below 2^-40 of a query that sees a kept key is *at risk*: G/R may leave f32's
+// range and R itself may have lost its precision to underflow, while the true result is finite.
+// The kernels flag the row's (batch, head) and the host recomputes that head in f64, as the CPU
+// backend does. `first_seen[bh]`: the first row of the head that sees a kept key (L: none).
+#define FAVOR_RISK_DEN 9.094947017729282e-13f
+__device__ __forceinline__ bool at_risk(float den, i64 row, int len, const int* first_seen) {
+    return first_seen != nullptr && fabsf(den) < FAVOR_RISK_DEN && (int)(row % len) >= first_seen[row / len];
+}
 
 // exp(c_old − c_new) with 1 for equal values, so that −∞ − (−∞) (no key seen yet) is not NaN.
 // Callers guarantee c_old ≤ c_new, so the result is in [0, 1]. The stabilisers are doubles: the

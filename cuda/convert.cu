@@ -39,17 +39,25 @@ __device__ __forceinline__ float guard(float r, float delta) {
 }
 
 // out[r, e] = N[r, e] / R[r] with R = guard(O1[r, dv]); a zero denominator gives a zero row.
-// Writes the guarded R to r_out when it is not null.
+// Writes the guarded R to r_out when it is not null. Rows at risk (see at_risk; tracked when
+// first_seen is not null) set risk[head]; their quotient is formed in double, so it stays
+// finite (|N| ≤ |R|·max|v| for non-negative features) whether or not the host replaces it.
 template <typename T>
 __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float delta, T* __restrict__ out,
-                          float* __restrict__ r_out) {
+                          float* __restrict__ r_out, const int* __restrict__ first_seen, int len,
+                          int* __restrict__ risk) {
     const i64 total = rows * dv;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 r = idx / dv;
         const int e = (int)(idx % dv);
         const float den = guard(o1[r * (dv + 1) + dv], delta);
-        out[idx] = from_f32<T>(den == 0.0f ? 0.0f : o1[r * (dv + 1) + e] / den);
+        const float num = o1[r * (dv + 1) + e];
+        const bool tiny = fabsf(den) < FAVOR_RISK_DEN;
+        const float q = den == 0.0f ? 0.0f : (tiny ? (float)((double)num / (double)den) : num / den);
+        out[idx] = from_f32<T>(q);
         if (e == 0 && r_out != nullptr) r_out[r] = den;
+        // Every writer stores the same value: the race is benign.
+        if (e == 0 && at_risk(den, r, len, first_seen)) risk[r / len] = 1;
     }
 }
 
@@ -61,8 +69,9 @@ __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float 
         unpack<T>(src, ld, rows, n, dst);                                                                  \
     }                                                                                                      \
     extern "C" __global__ void favor_normalize_##NAME(const float* o1, i64 rows, int dv, float delta, T* out, \
-                                                      float* r_out) {                                      \
-        normalize<T>(o1, rows, dv, delta, out, r_out);                                                     \
+                                                      float* r_out, const int* first_seen, int len,        \
+                                                      int* risk) {                                         \
+        normalize<T>(o1, rows, dv, delta, out, r_out, first_seen, len, risk);                              \
     }
 
 FAVOR_EDGE_KERNELS(f32, float)
@@ -73,6 +82,8 @@ FAVOR_EDGE_KERNELS(bf16, __nv_bfloat16)
 // (the output row is defined as zero there and has zero gradient). One warp per row.
 // invariant[r] (when not null) = 1 where the guard did not fire: that query's output does not
 // depend on the scale of its features (the feature backward then drops the scale's cotangent).
+// Rows with |R| < 2^-40 get zero cotangents (G/R could overflow); those that are at risk (when
+// first_seen is not null) set risk[head], and the host recomputes that head in f64.
 //
 // The dot product is reduced over the lanes that exist: a block whose size is not a multiple of
 // 32 ends in a partial warp, whose missing lanes must be neither named in the shuffle mask nor
@@ -81,14 +92,17 @@ FAVOR_EDGE_KERNELS(bf16, __nv_bfloat16)
 // are strided by the live lane count so a partial warp still covers the whole row.
 extern "C" __global__ void favor_cotangent_f32(const float* __restrict__ g, const float* __restrict__ o1, i64 rows,
                                                int dv, float delta, float* __restrict__ g1,
-                                               unsigned char* __restrict__ invariant) {
+                                               unsigned char* __restrict__ invariant,
+                                               const int* __restrict__ first_seen, int len, int* __restrict__ risk) {
     const int lane = threadIdx.x & 31;
     const int warp_base = (int)(threadIdx.x & ~31u);
     const int live = min(32, (int)blockDim.x - warp_base);
     const unsigned mask = live == 32 ? 0xffffffffu : (1u << live) - 1u;
     const i64 warps = (i64)gridDim.x * ((blockDim.x + 31) / 32);
     for (i64 r = blockIdx.x * (i64)((blockDim.x + 31) / 32) + threadIdx.x / 32; r < rows; r += warps) {
-        const float den = guard(o1[r * (dv + 1) + dv], delta);
+        const float raw_den = guard(o1[r * (dv + 1) + dv], delta);
+        // A tiny denominator's cotangents are left to the f64 recomputation (zero here).
+        const float den = fabsf(raw_den) < FAVOR_RISK_DEN ? 0.0f : raw_den;
         float dot = 0.0f;
         for (int e = lane; e < dv; e += live) {
             const float out = den == 0.0f ? 0.0f : o1[r * (dv + 1) + e] / den;
@@ -105,6 +119,28 @@ extern "C" __global__ void favor_cotangent_f32(const float* __restrict__ g, cons
             g1[r * (dv + 1) + dv] = den == 0.0f ? 0.0f : -dot / den;
             const float raw = o1[r * (dv + 1) + dv];
             if (invariant != nullptr) invariant[r] = (delta > 0.0f && fabsf(raw) <= delta) ? 0 : 1;
+            if (at_risk(raw_den, r, len, first_seen)) risk[r / len] = 1;
         }
+    }
+}
+
+// Rows the f32 kernels cannot carry: their (batch, head) is flagged (flags[r / len] = 1) when
+// the row's largest |x| is non-finite, beyond `hi`, or non-zero and below `lo`; the host then
+// recomputes that head in f64 (see favor-cuda/src/ops.rs). Run on the packed inputs (an entry
+// beyond 2^24 could overflow the projection or its gradient) and, for the maps without a
+// built-in stabiliser, on the features (sums and cotangents stay in range for features in
+// [2^-24, 2^24]). One thread per row: only rows × n reads, next to the kernels' rows × n × m.
+extern "C" __global__ void favor_flag_wide_f32(const float* __restrict__ x, i64 rows, int n, int len, float lo,
+                                               float hi, int* __restrict__ flags) {
+    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < rows; r += (i64)gridDim.x * blockDim.x) {
+        float mx = 0.0f;
+        bool finite = true;
+        for (int e = 0; e < n; ++e) {
+            const float a = fabsf(x[r * n + e]);
+            finite = finite && a <= 3.40282347e38f;  // false for ±∞ and NaN
+            mx = fmaxf(mx, a);
+        }
+        // Every writer stores the same value: the race is benign.
+        if (!finite || mx > hi || (mx != 0.0f && mx < lo)) flags[r / len] = 1;
     }
 }

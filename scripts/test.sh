@@ -104,7 +104,7 @@ cargo test --workspace
 step "CUDA kernels on the CPU emulator"
 echo "(the real .cu sources against the f64 reference, and favor-bench's CUDA paths on them)"
 cargo test -p favor-cuda -p favor-bench --features favor-cuda/emulator,favor-bench/cuda-emulator \
-    --lib --test cross_backend --test cuda
+    --lib --test cross_backend --test extremes --test cuda
 
 step "tests (aarch64, under qemu)"
 if bash scripts/setup-aarch64.sh; then

@@ -230,6 +230,7 @@ extern "C" int favor_emu_launch(const char* name_c, const unsigned* grid, const 
     FAVOR_EMU_KERNEL(favor_normalize_f16)
     FAVOR_EMU_KERNEL(favor_normalize_bf16)
     FAVOR_EMU_KERNEL(favor_cotangent_f32)
+    FAVOR_EMU_KERNEL(favor_flag_wide_f32)
     FAVOR_EMU_KERNEL(favor_features_f32)
     FAVOR_EMU_KERNEL(favor_features_bwd_f32)
     FAVOR_EMU_KERNEL(favor_stabiliser_f32)

@@ -273,6 +273,18 @@ impl CudaBackend {
         Ok(Scratch::new(self.buf_from(host)?, &self.counters))
     }
 
+    /// 32-bit integers (per-head indices and flags).
+    pub(crate) fn scratch_i32_from(&self, host: &[i32]) -> Result<Scratch<i32>> {
+        Ok(Scratch::new(self.buf_from(host)?, &self.counters))
+    }
+
+    /// A copy of a scratch buffer on the host (waits for the stream).
+    pub(crate) fn scratch_to_host<T: DeviceRepr + bytemuck::Pod>(&self, s: &Scratch<T>) -> Result<Vec<T>> {
+        let mut host = vec![T::zeroed(); s.buf.len()];
+        self.buf_to_host(&s.buf, &mut host)?;
+        Ok(host)
+    }
+
     /// One byte per row (flags).
     pub(crate) fn scratch_bytes(&self, len: usize) -> Result<Scratch<u8>> {
         Ok(Scratch::new(self.buf_zeros(len.max(1))?, &self.counters))

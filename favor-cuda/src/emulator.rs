@@ -231,6 +231,7 @@ mod tests {
             let g1 = HostBuf::from_slice(&vec![0.0f32; rows * (dv + 1)]);
             let (mut rows_i, mut dv_i, mut delta) = (rows as i64, dv as i32, 0.0f32);
             let (mut gp, mut op, mut g1p, mut invariant) = (gb.addr(), ob.addr(), g1.addr(), 0u64);
+            let (mut first_seen, mut len_i, mut risk) = (0u64, rows as i32, 0u64);
             let mut params: Vec<*mut c_void> = vec![
                 &mut gp as *mut u64 as *mut c_void,
                 &mut op as *mut u64 as *mut c_void,
@@ -239,10 +240,13 @@ mod tests {
                 &mut delta as *mut f32 as *mut c_void,
                 &mut g1p as *mut u64 as *mut c_void,
                 &mut invariant as *mut u64 as *mut c_void,
+                &mut first_seen as *mut u64 as *mut c_void,
+                &mut len_i as *mut i32 as *mut c_void,
+                &mut risk as *mut u64 as *mut c_void,
             ];
             // SAFETY: (const float* g [rows·dv], const float* o1 [rows·(dv+1)], i64 rows, int dv,
-            // float delta, float* g1 [rows·(dv+1)], u8* invariant = null), all buffers of those
-            // sizes.
+            // float delta, float* g1 [rows·(dv+1)], u8* invariant = null, const int* first_seen =
+            // null, int len, int* risk = null), all buffers of those sizes.
             unsafe { launch("favor_cotangent_f32", cfg(2, threads, 0), &mut params) }
                 .unwrap_or_else(|e| panic!("{threads} threads: {e}"));
             let mut got = vec![0.0f32; rows * (dv + 1)];

@@ -34,6 +34,7 @@ pub const KERNEL_NAMES: &[(&str, &[&str])] = &[
             "favor_normalize_f16",
             "favor_normalize_bf16",
             "favor_cotangent_f32",
+            "favor_flag_wide_f32",
         ],
     ),
     ("features", &["favor_features_f32", "favor_features_bwd_f32", "favor_stabiliser_f32"]),
@@ -161,6 +162,25 @@ impl MapArgs {
         ROW_SCALARS_SMEM
             + 4 * (FEATURE_ROWS * self.d + FEATURE_ROWS * self.m + FEATURE_ROWS * FEATURE_THREADS + 3 * FEATURE_ROWS)
     }
+}
+
+/// Tiny-denominator tracking of one call: per (batch, head), the first row that sees a kept key
+/// (`len` where none does) and the flag the kernels set when a row's denominator is at risk.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RiskArgs {
+    pub first_seen: DevPtr,
+    pub len: usize,
+    pub flags: DevPtr,
+}
+
+/// (first_seen, len, flags) kernel arguments; null pointers (no tracking) without `risk`.
+fn risk_args(risk: Option<RiskArgs>, rows: usize) -> Result<(u64, i32, u64)> {
+    let Some(r) = risk else { return Ok((0, 1, 0)) };
+    if r.len == 0 || !rows.is_multiple_of(r.len) {
+        return Err(internal(format!("risk tracking: len {} does not divide {rows} rows", r.len)));
+    }
+    let heads = rows / r.len;
+    Ok((need(r.first_seen, heads, "risk first_seen")?, int(r.len, "len")?, need(r.flags, heads, "risk flags")?))
 }
 
 /// Key padding mask as the kernels read it: `[B, L]` bytes, with the head count to map rows.
@@ -382,7 +402,9 @@ impl Exec {
         Ok(())
     }
 
-    /// `favor_normalize_<dtype>(o1, rows, dv, delta, out, r_out)`: out = N / guard(R).
+    /// `favor_normalize_<dtype>(o1, rows, dv, delta, out, r_out, first_seen, len, risk)`:
+    /// out = N / guard(R); with `risk`, heads with a row at risk are flagged (see [`RiskArgs`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_normalize(
         &self,
         dtype: DType,
@@ -392,21 +414,49 @@ impl Exec {
         delta: f32,
         out: DevPtr,
         r_out: Option<DevPtr>,
+        risk: Option<RiskArgs>,
     ) -> Result<()> {
         let o1 = need(o1, rows * (dv + 1), "normalize o1")?;
         let out = need(out, rows * dv, "normalize out")?;
         let r_out = opt(r_out, rows, "normalize r_out")?;
+        let (first_seen, len, flags) = risk_args(risk, rows)?;
         let (rows_i, dv_i) = (rows as i64, int(dv, "dv")?);
         let mut b = self.builder(per_dtype_name("normalize", dtype));
         b.arg(&o1).arg(&rows_i).arg(&dv_i).arg(&delta).arg(&out).arg(&r_out);
+        b.arg(&first_seen).arg(&len).arg(&flags);
         // SAFETY: (const float* o1 [rows·(dv+1)], i64 rows, int dv, float delta, T* out [rows·dv],
-        // float* r_out [rows] or null); sizes checked above, T matches `dtype`.
+        // float* r_out [rows] or null, const int* first_seen [rows/len] or null, int len ≥ 1
+        // dividing rows, int* risk [rows/len] or null); sizes checked above, T matches `dtype`.
         unsafe { b.launch(grid_1d(rows * dv, 256)) }?;
         Ok(())
     }
 
-    /// `favor_cotangent_f32(g, o1, rows, dv, delta, g1, invariant)`: G1 = [G/R, −<G, out>/R],
-    /// and (when given) one byte per row: 1 where the guard did not fire.
+    /// `favor_flag_wide_f32(x, rows, n, len, lo, hi, flags)`: flags the heads of `risk` with a
+    /// row of `x` (rows × n, contiguous) whose largest |x| is non-finite, beyond `hi`, or
+    /// non-zero and below `lo`.
+    pub(crate) fn launch_flag_wide(
+        &self,
+        x: DevPtr,
+        rows: usize,
+        n: usize,
+        (lo, hi): (f32, f32),
+        risk: RiskArgs,
+    ) -> Result<()> {
+        let x = need(x, rows * n, "flag_wide x")?;
+        let (_, len, flags) = risk_args(Some(risk), rows)?;
+        let (rows_i, n_i) = (rows as i64, int(n, "n")?);
+        let mut b = self.builder("favor_flag_wide_f32");
+        b.arg(&x).arg(&rows_i).arg(&n_i).arg(&len).arg(&lo).arg(&hi).arg(&flags);
+        // SAFETY: (const float* x [rows·n], i64 rows, int n, int len ≥ 1 dividing rows, float lo,
+        // float hi, int* flags [rows/len]); sizes checked above.
+        unsafe { b.launch(grid_1d(rows, 128)) }?;
+        Ok(())
+    }
+
+    /// `favor_cotangent_f32(g, o1, rows, dv, delta, g1, invariant, first_seen, len, risk)`:
+    /// G1 = [G/R, −<G, out>/R], (when given) one byte per row: 1 where the guard did not fire,
+    /// and (with `risk`) the heads with a row at risk flagged.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_cotangent(
         &self,
         g: DevPtr,
@@ -416,19 +466,24 @@ impl Exec {
         delta: f32,
         g1: DevPtr,
         invariant: Option<DevPtr>,
+        risk: Option<RiskArgs>,
     ) -> Result<()> {
         let g = need(g, rows * dv, "cotangent g")?;
         let o1 = need(o1, rows * (dv + 1), "cotangent o1")?;
         let g1 = need(g1, rows * (dv + 1), "cotangent g1")?;
         let invariant = opt(invariant, rows, "cotangent invariant")?;
+        let (first_seen, len, flags) = risk_args(risk, rows)?;
         let (rows_i, dv_i) = (rows as i64, int(dv, "dv")?);
         let mut b = self.builder("favor_cotangent_f32");
         b.arg(&g).arg(&o1).arg(&rows_i).arg(&dv_i).arg(&delta).arg(&g1).arg(&invariant);
+        b.arg(&first_seen).arg(&len).arg(&flags);
         // One warp per row, 8 warps per block (the kernel also handles a partial last warp).
         let cfg = grid_1d(rows * 32, 256);
         // SAFETY: (const float* g [rows·dv], const float* o1 [rows·(dv+1)], i64 rows, int dv,
-        // float delta, float* g1 [rows·(dv+1)], u8* invariant [rows] or null); sizes checked
-        // above; the kernel strides rows by the block's warps and columns by the warp's live lanes.
+        // float delta, float* g1 [rows·(dv+1)], u8* invariant [rows] or null, const int*
+        // first_seen [rows/len] or null, int len ≥ 1 dividing rows, int* risk [rows/len] or
+        // null); sizes checked above; the kernel strides rows by the block's warps and columns by
+        // the warp's live lanes.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }

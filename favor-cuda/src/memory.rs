@@ -20,6 +20,15 @@ pub(crate) struct DevPtr {
     pub len: usize,
 }
 
+impl DevPtr {
+    /// Elements `start..start + len` of a buffer of `elem_bytes`-byte elements; `None` when
+    /// they are not all inside it.
+    pub(crate) fn slice(self, start: usize, len: usize, elem_bytes: usize) -> Option<DevPtr> {
+        let end = start.checked_add(len)?;
+        (end <= self.len).then(|| DevPtr { ptr: self.ptr + (start * elem_bytes) as u64, len })
+    }
+}
+
 /// Device memory: tensors are [`DeviceRef`] / [`DeviceMut`] handles on device buffers.
 ///
 /// Work is enqueued on the backend's stream without synchronising. A handle knows its buffer's

@@ -18,13 +18,22 @@
 //! backward recomputes φ.
 
 use crate::backend::{CudaBackend, CudaState, check};
-use crate::kernels::{FeatureKind, MapArgs, MaskArgs, SMEM_LIMIT, StabMode, scan_value_tile};
+use crate::kernels::{FeatureKind, MapArgs, MaskArgs, RiskArgs, SMEM_LIMIT, StabMode, scan_value_tile};
 use crate::memory::{CudaMem, DevPtr, DeviceMut, DeviceRef, Scratch};
+use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::validate_inputs;
 use favor_core::{
     AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, ParamGrads,
-    Problem, Result, TensorHandle,
+    Problem, Result, TensorHandle, saturate_f32,
 };
+
+/// Input entries beyond this magnitude (2^24) could overflow the f32 projection or its gradient.
+const WIDE_INPUT: f32 = 16_777_216.0;
+/// Features in [2^-24, 2^24] (or exactly 0) keep every sum over keys, product with a query and
+/// cotangent far inside f32's range.
+const FEATURE_LO: f32 = 1.0 / 16_777_216.0;
+/// See [`FEATURE_LO`].
+const FEATURE_HI: f32 = 16_777_216.0;
 
 /// Largest grid.y (one block row per (batch, head)).
 const MAX_PROBLEMS: usize = 65_535;
@@ -59,6 +68,60 @@ struct Attention {
 impl Packed {
     fn mask(&self, heads: usize) -> Option<MaskArgs> {
         self.mask.as_ref().map(|m| MaskArgs { keep: m.ptr(), heads })
+    }
+}
+
+/// Rows the f32 kernels cannot carry, tracked per call: a denominator below 2^-40 (see
+/// `at_risk` in cuda/common.cuh), an input entry beyond [`WIDE_INPUT`], or — for the maps without
+/// a built-in stabiliser — a largest feature outside [`FEATURE_LO`]..[`FEATURE_HI`]. Their heads
+/// are recomputed on the host by favor-core's f64 attention, as the CPU backend does. Costs one
+/// read-back of a flag per (batch, head) per call; only extreme inputs (ε = 0 with features that
+/// do not overlap, ELU+1 queries far below zero, entries beyond 2^24) are ever flagged.
+struct Risk {
+    first_seen: Scratch<i32>,
+    flags: Scratch<i32>,
+    len: usize,
+}
+
+impl Risk {
+    fn args(&self) -> RiskArgs {
+        RiskArgs { first_seen: self.first_seen.ptr(), flags: self.flags.ptr(), len: self.len }
+    }
+}
+
+/// One (batch, head) of a call on the host in f64, widened from the packed fp32 rows (exact
+/// copies of the inputs).
+struct HostHead<'a> {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    mask: Option<&'a [bool]>,
+}
+
+impl HostHead<'_> {
+    fn head(&self, s: AttentionShape) -> Head<'_> {
+        Head { len: s.len, d: s.d, dv: s.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask }
+    }
+}
+
+/// The packed inputs of one call on the host (only read when a head needs the f64 path).
+struct HostPacked<'a> {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v1: Vec<f32>,
+    mask: Option<&'a [bool]>,
+}
+
+impl<'a> HostPacked<'a> {
+    fn head(&self, s: AttentionShape, bh: usize) -> HostHead<'a> {
+        let (qk, rows) = (s.len * s.d, bh * s.len..(bh + 1) * s.len);
+        let widen = |x: &[f32]| x.iter().map(|&e| e as f64).collect::<Vec<f64>>();
+        HostHead {
+            q: widen(&self.q[bh * qk..(bh + 1) * qk]),
+            k: widen(&self.k[bh * qk..(bh + 1) * qk]),
+            v: rows.flat_map(|r| self.v1[r * (s.dv + 1)..r * (s.dv + 1) + s.dv].iter().map(|&e| e as f64)).collect(),
+            mask: self.mask.map(|m| &m[(bh / s.heads) * s.len..(bh / s.heads + 1) * s.len]),
+        }
     }
 }
 
@@ -248,16 +311,31 @@ impl CudaBackend {
     }
 
     /// φ(Q), φ(K), stabilisers and O1 = [N R] of a forward pass (optionally continuing a state).
-    fn attention(&self, p: &Problem<'_>, x: &Packed, state: Option<&mut CudaState>) -> Result<Attention> {
+    /// With `risk`, the heads with rows the f32 kernels cannot carry are flagged (see [`Risk`]).
+    fn attention(
+        &self,
+        p: &Problem<'_>,
+        x: &Packed,
+        state: Option<&mut CudaState>,
+        risk: Option<&Risk>,
+    ) -> Result<Attention> {
         let s = p.shape;
         let map = &x.map.args;
         let mf = map.features();
         let causal = p.options.direction == Direction::Causal || state.is_some();
         let mask = x.mask(s.heads);
+        if let Some(r) = risk {
+            self.exec.launch_flag_wide(x.q.ptr(), x.rows, s.d, (0.0, WIDE_INPUT), r.args())?;
+            self.exec.launch_flag_wide(x.k.ptr(), x.rows, s.d, (0.0, WIDE_INPUT), r.args())?;
+        }
         let (qf, qc) = self.query_features(x.q.ptr(), x.rows, s.len, map)?;
         let c_init = state.as_ref().map(|st| st.c.ptr());
         let kc = self.key_stabilisers(x.k.ptr(), s, map, mask, causal, c_init)?;
         let kf = self.key_features(x.k.ptr(), s, map, &kc, mask)?;
+        if let Some(r) = risk.filter(|_| !map.kind.is_exp()) {
+            self.exec.launch_flag_wide(qf.ptr(), x.rows, mf, (FEATURE_LO, FEATURE_HI), r.args())?;
+            self.exec.launch_flag_wide(kf.ptr(), x.rows, mf, (FEATURE_LO, FEATURE_HI), r.args())?;
+        }
         let o1 = self.scratch(x.rows * (s.dv + 1))?;
         let (q, k, v1, o) = ((qf.ptr(), mf), (kf.ptr(), mf), (x.v1.ptr(), s.dv + 1), (o1.ptr(), s.dv + 1));
         if causal {
@@ -283,8 +361,25 @@ impl CudaBackend {
         let s = p.shape;
         check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
-        let att = self.attention(p, &x, None)?;
-        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, p.denominator_guard(), out.raw(), None)
+        let risk = self.risk_tracking(p, inputs.key_mask)?;
+        let att = self.attention(p, &x, None, Some(&risk))?;
+        let delta = p.denominator_guard();
+        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, delta, out.raw(), None, Some(risk.args()))?;
+        drop(att);
+        let flagged = self.flagged_heads(&risk)?;
+        if flagged.is_empty() {
+            return Ok(());
+        }
+        let host = self.packed_to_host(&x, inputs.key_mask)?;
+        for bh in flagged {
+            let f = host.head(s, bh);
+            let o = match p.options.direction {
+                Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &f.head(s)),
+                Direction::Causal => causal_forward(p.map, delta as f64, &f.head(s)),
+            };
+            self.write_head(dtype, &o, out.raw(), bh)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn backward_device(
@@ -301,7 +396,8 @@ impl CudaBackend {
         check("dk", &grads.dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
         check("dv", &grads.dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
-        let att = self.attention(p, &x, None)?;
+        let risk = self.risk_tracking(p, inputs.key_mask)?;
+        let att = self.attention(p, &x, None, Some(&risk))?;
         let map = &x.map.args;
         let (rows, mf, dv1) = (x.rows, map.features(), s.dv + 1);
 
@@ -309,7 +405,15 @@ impl CudaBackend {
         let g1 = self.scratch(rows * dv1)?;
         let invariant = self.scratch_bytes(rows)?;
         let delta = p.denominator_guard();
-        self.exec.launch_cotangent(g.ptr(), att.o1.ptr(), rows, s.dv, delta, g1.ptr(), Some(invariant.ptr()))?;
+        let (o1, inv) = (att.o1.ptr(), Some(invariant.ptr()));
+        self.exec.launch_cotangent(g.ptr(), o1, rows, s.dv, delta, g1.ptr(), inv, Some(risk.args()))?;
+        // Heads at risk get zero cotangents here and are recomputed in f64 at the end.
+        let flagged = self.flagged_heads(&risk)?;
+        let fallback = if flagged.is_empty() {
+            None
+        } else {
+            Some((self.packed_to_host(&x, inputs.key_mask)?, self.scratch_to_host(&g)?))
+        };
         drop(g);
 
         let dqf = self.scratch(rows * mf)?;
@@ -352,7 +456,69 @@ impl CudaBackend {
         kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw())?;
         kern.launch_unpack(dtype, dk32.ptr(), s.d, rows, s.d, dk.raw())?;
         kern.launch_unpack(dtype, dv32.ptr(), s.dv, rows, s.dv, dv.raw())?;
+        if let Some((host, g)) = fallback {
+            for bh in flagged {
+                let f = host.head(s, bh);
+                let gh: Vec<f64> = g[bh * s.len * s.dv..(bh + 1) * s.len * s.dv].iter().map(|&e| e as f64).collect();
+                let hg = match p.options.direction {
+                    Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &f.head(s), &gh),
+                    Direction::Causal => causal_backward(p.map, delta as f64, &f.head(s), &gh),
+                };
+                self.write_head(dtype, &hg.dq, dq.raw(), bh)?;
+                self.write_head(dtype, &hg.dk, dk.raw(), bh)?;
+                self.write_head(dtype, &hg.dv, dv.raw(), bh)?;
+            }
+        }
         Ok(None)
+    }
+
+    /// Per (batch, head): the first row that sees a kept key (causal: the first kept key;
+    /// bidirectional: row 0 when the head has one), and zeroed flags.
+    fn risk_tracking(&self, p: &Problem<'_>, mask: Option<&[bool]>) -> Result<Risk> {
+        let s = p.shape;
+        let causal = p.options.direction == Direction::Causal;
+        // len ≤ i32::MAX (check_sizes).
+        let first_seen: Vec<i32> = (0..s.problems())
+            .map(|bh| {
+                let first = mask.map_or(0, |m| {
+                    let b = bh / s.heads;
+                    m[b * s.len..(b + 1) * s.len].iter().position(|&keep| keep).unwrap_or(s.len)
+                });
+                (if causal || first == s.len { first } else { 0 }) as i32
+            })
+            .collect();
+        Ok(Risk {
+            first_seen: self.scratch_i32_from(&first_seen)?,
+            flags: self.scratch_i32_from(&vec![0; s.problems()])?,
+            len: s.len,
+        })
+    }
+
+    /// The heads the kernels flagged (reads the flags back: waits for the stream).
+    fn flagged_heads(&self, risk: &Risk) -> Result<Vec<usize>> {
+        let flags = self.scratch_to_host(&risk.flags)?;
+        Ok(flags.iter().enumerate().filter(|(_, f)| **f != 0).map(|(bh, _)| bh).collect())
+    }
+
+    fn packed_to_host<'m>(&self, x: &Packed, mask: Option<&'m [bool]>) -> Result<HostPacked<'m>> {
+        Ok(HostPacked {
+            q: self.scratch_to_host(&x.q)?,
+            k: self.scratch_to_host(&x.k)?,
+            v1: self.scratch_to_host(&x.v1)?,
+            mask,
+        })
+    }
+
+    /// Writes one head's rows (`values`: len × n in f64, saturated to f32 then rounded to the
+    /// storage type) into head `bh` of `dst` ([B, H, len, n]).
+    fn write_head(&self, dtype: DType, values: &[f64], dst: DevPtr, bh: usize) -> Result<()> {
+        let n = values.len();
+        let narrowed: Vec<f32> = values.iter().map(|&v| saturate_f32(v)).collect();
+        let src = self.scratch_from(&narrowed)?;
+        let dst = dst
+            .slice(bh * n, n, dtype.size())
+            .ok_or_else(|| FavorError::Backend { backend: "cuda", reason: format!("head {bh} outside its tensor") })?;
+        self.exec.launch_unpack(dtype, src.ptr(), n, 1, n, dst)
     }
 
     pub(crate) fn new_state_device(&self, p: &Problem<'_>) -> Result<CudaState> {
@@ -378,8 +544,11 @@ impl CudaBackend {
         state.made_for.check(p)?;
         check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
-        let att = self.attention(p, &x, Some(state))?;
-        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, p.denominator_guard(), out.raw(), None)
+        let att = self.attention(p, &x, Some(state), None)?;
+        // Decoding has no history to recompute from: rows with tiny denominators keep their
+        // quotient (formed in double, finite), and rows beyond the f32 kernels' range (see
+        // `Risk`) are not recomputed.
+        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, p.denominator_guard(), out.raw(), None, None)
     }
 
     /// Stabilisers of `role` for feature-map calls (no padding mask).
