@@ -76,6 +76,106 @@ pub fn rel_frobenius(a: &[f64], b: &[f64]) -> f64 {
     if num == 0.0 { 0.0 } else { num / den }
 }
 
+/// The error of a backend's result `a` against the reference `b`: ‖a − b‖_F / ‖b‖_F, with no
+/// floor (a floor on ‖b‖ turns the check into an absolute one for small results and hides their
+/// errors). 0 when a = b, ∞ when only b is zero. Panics on a length mismatch or a non-finite
+/// value, naming the tensor and the index.
+///
+/// For a reference that is zero in exact arithmetic use [`rel_error_or_cancelled`].
+#[track_caller]
+pub fn rel_error(what: &str, a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: length mismatch");
+    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: non-finite result [{i}] = {}", a[i]);
+    }
+    if let Some(i) = b.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: non-finite reference [{i}] = {}", b[i]);
+    }
+    rel_frobenius(a, b)
+}
+
+/// A reference whose RMS is below this fraction of the scale of the terms it is formed from is
+/// f64 rounding noise (sums of O(L) such terms round to ~1e-16·√L of their scale); it is treated
+/// as an exact zero. Ordinary results, however small, are far above it (f32 alone resolves only
+/// 6e-8 of the scale, so a reference between the two fails the relative check, visibly).
+pub const CANCELLED_BELOW: f64 = 1e-13;
+
+/// An error measured by [`rel_error_or_cancelled`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelError {
+    /// ‖a − b‖ / ‖b‖, or ‖a − b‖ / (scale·√n) for a cancelled reference.
+    pub value: f64,
+    /// Whether the reference was a cancellation (exactly zero in exact arithmetic).
+    pub cancelled: bool,
+}
+
+impl std::fmt::Display for RelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1e}{}", self.value, if self.cancelled { " (cancelled; vs scale)" } else { "" })
+    }
+}
+
+/// [`rel_error`] for results that can be zero in exact arithmetic: ∂out/∂q with one key, d = 1 or
+/// a single feature is a difference of two O(`scale`) terms that cancel exactly, so f64 leaves
+/// ~1e-17·scale and f32 ~1e-7·scale of noise, and a relative error is undefined. Only there, when
+/// RMS(b) ≤ [`CANCELLED_BELOW`]·`scale`, the error is measured against the cancelled terms,
+/// ‖a − b‖ / (scale·√n), so that the same tolerance bounds the f32 noise relative to what
+/// cancelled. `scale` is the magnitude of those terms (for attention gradients: that of the
+/// output cotangent times the values, and the key or query norm for dq and dk). Every other
+/// reference, however small, gets the plain relative error.
+#[track_caller]
+pub fn rel_error_or_cancelled(what: &str, a: &[f64], b: &[f64], scale: f64) -> RelError {
+    assert!(scale.is_finite() && scale > 0.0, "{what}: the scale of the cancelled terms must be positive, got {scale}");
+    let value = rel_error(what, a, b);
+    let n = b.len().max(1) as f64;
+    if frobenius(b) <= CANCELLED_BELOW * scale * n.sqrt() {
+        let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        RelError { value: frobenius(&diff) / (scale * n.sqrt()), cancelled: true }
+    } else {
+        RelError { value, cancelled: false }
+    }
+}
+
+/// How much the denominators of attention with `p` on `inputs` cancel: the largest, over the
+/// query rows of every head that see a key, of Σ_j |φ(q_i)·φ(k_j)| / |Σ_j φ(q_i)·φ(k_j)| (keys
+/// j ≤ i for causal attention, unmasked only). 1 for non-negative features; for sign-indefinite
+/// (trigonometric) features the f32 rounding of the sums is amplified by this factor, so tests
+/// bound it for their data. Computed in f64 from the stored inputs; O(L²·m) per head.
+pub fn denominator_condition(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> f64 {
+    let s = p.shape;
+    let (l, d) = (s.len, s.d);
+    let mf = p.map.feature_dim(d);
+    let (q, k) = (inputs.q.to_f64_vec(), inputs.k.to_f64_vec());
+    let causal = p.options.direction == crate::Direction::Causal;
+    let mut worst = 1.0f64;
+    for bh in 0..s.problems() {
+        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * l + j]);
+        let rows = |x: &[f64]| x[bh * l * d..(bh + 1) * l * d].to_vec();
+        let (qh, kh) = (rows(&q), rows(&k));
+        // Any common key stabiliser gives the same ratio: the largest log-scale of a kept key.
+        let c = (0..l).filter(|&j| keep(j)).map(|j| p.map.log_scale(&kh[j * d..(j + 1) * d])).fold(f64::MIN, f64::max);
+        let mut kf = vec![0.0; l * mf];
+        for j in (0..l).filter(|&j| keep(j)) {
+            p.map.features(&kh[j * d..(j + 1) * d], c, &mut kf[j * mf..(j + 1) * mf]);
+        }
+        let mut qf = vec![0.0; mf];
+        for i in 0..l {
+            let qi = &qh[i * d..(i + 1) * d];
+            p.map.features(qi, p.map.log_scale(qi), &mut qf);
+            let (mut abs, mut sum) = (0.0f64, 0.0f64);
+            for j in (0..if causal { i + 1 } else { l }).filter(|&j| keep(j)) {
+                let x = dot(&qf, &kf[j * mf..(j + 1) * mf]);
+                abs += x.abs();
+                sum += x;
+            }
+            if abs > 0.0 {
+                worst = worst.max(abs / sum.abs());
+            }
+        }
+    }
+    worst
+}
+
 /// max_i |a_i − b_i|.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
@@ -397,4 +497,67 @@ pub fn assert_states_checked<B: FavorBackend<Mem = Host>>(backend: &B) -> Vec<(u
         }
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_error_has_no_floor() {
+        // A result of RMS 1e-6 that is 10 % off reads 10 %, not 1e-7 as against a floor of 1.
+        let b = vec![1e-6; 50];
+        let a: Vec<f64> = b.iter().map(|x| x * 1.1).collect();
+        assert!((rel_error("small", &a, &b) - 0.1).abs() < 1e-12);
+        assert_eq!(rel_error("equal", &b, &b), 0.0);
+        assert_eq!(rel_error("zeros", &[0.0; 3], &[0.0; 3]), 0.0);
+        assert_eq!(rel_error("zero reference", &[1e-30, 0.0], &[0.0; 2]), f64::INFINITY);
+    }
+
+    #[test]
+    fn one_element_off_by_three_tolerances_fails() {
+        let b = gaussian(&mut rng(1), 1000, 1.0);
+        for tol in [1e-5, 2f64.powi(-11), 2f64.powi(-8)] {
+            let mut a = b.clone();
+            a[17] += 3.0 * tol * frobenius(&b);
+            let e = rel_error("perturbed", &a, &b);
+            assert!(e > tol && (e - 3.0 * tol).abs() < 1e-9 * tol, "{e} vs {tol}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "non-finite result [1] = NaN")]
+    fn rel_error_rejects_a_non_finite_result() {
+        rel_error("nan", &[1.0, f64::NAN], &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn only_a_reference_at_f64_noise_counts_as_cancelled() {
+        // f64 noise of O(1) terms: measured against the scale; f32 noise there passes 1e-5.
+        let noise = gaussian(&mut rng(2), 40, 1e-17);
+        let f32_noise = gaussian(&mut rng(3), 40, 1e-7);
+        let e = rel_error_or_cancelled("cancelled", &f32_noise, &noise, 1.0);
+        assert!(e.cancelled && e.value < 2e-7, "{e}");
+        // A genuinely small gradient (1e-9 of the scale) is not cancelled: 10 % off reads 10 %.
+        let small = gaussian(&mut rng(4), 40, 1e-9);
+        let off: Vec<f64> = small.iter().map(|x| x * 1.1).collect();
+        let e = rel_error_or_cancelled("small", &off, &small, 1.0);
+        assert!(!e.cancelled && (e.value - 0.1).abs() < 1e-9, "{e}");
+        // Large noise on a cancelled reference fails the check.
+        let big: Vec<f64> = f32_noise.iter().map(|x| x * 1e3).collect();
+        assert!(rel_error_or_cancelled("noisy", &big, &noise, 1.0).value > 1e-5);
+    }
+
+    #[test]
+    fn positive_features_do_not_cancel_and_trigonometric_ones_do() {
+        let s = AttentionShape::new(1, 1, 40, 16);
+        let q = random_tensor(5, s.qk_len(), 1.0);
+        let k = random_tensor(6, s.qk_len(), 1.0);
+        let inputs = Inputs { q: (&q).into(), k: (&k).into(), v: (&q).into(), key_mask: None };
+        let proj = Projection::draw(ProjectionConfig::new(16, 16, 7)).unwrap();
+        let positive = denominator_condition(&Problem::new(s, &FeatureMap::positive(proj.clone())), inputs);
+        assert!((positive - 1.0).abs() < 1e-12, "{positive}");
+        let trig = denominator_condition(&Problem::new(s, &FeatureMap::trigonometric(proj)), inputs);
+        assert!(trig > 1.5, "{trig}");
+    }
 }
