@@ -7,8 +7,8 @@
 
 use crate::features::ParamGradsF64;
 use crate::{
-    AttentionShape, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, Inputs, Linear,
-    Problem, Projection, ProjectionConfig,
+    AttentionShape, DType, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, Inputs,
+    Linear, Problem, Projection, ProjectionConfig,
 };
 use rand_distr::{Distribution, StandardNormal, StandardUniform};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -94,6 +94,27 @@ pub fn rel_error(what: &str, a: &[f64], b: &[f64]) -> f64 {
     rel_frobenius(a, b)
 }
 
+/// The largest relative error of rounding one value to a storage type, half an ulp: 2^-24 in
+/// f32, 2^-11 in f16, 2^-8 in bf16 (normal range).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2f64.powi(-24),
+        DType::F16 => 2f64.powi(-11),
+        DType::Bf16 => 2f64.powi(-8),
+    }
+}
+
+/// The tolerance of a result stored in `dtype` against the reference's f64 result on the same
+/// stored inputs: `compute`, the f32 compute error, plus for 16-bit storage the rounding of the
+/// result to it. Rounding every element by at most [`unit_roundoff`] relative moves the result
+/// by at most that much in Frobenius norm; the inputs are the same rounded values for both.
+pub fn storage_tolerance(dtype: DType, compute: f64) -> f64 {
+    match dtype {
+        DType::F32 => compute,
+        DType::F16 | DType::Bf16 => compute + unit_roundoff(dtype),
+    }
+}
+
 /// A reference whose RMS is below this fraction of the scale of the terms it is formed from is
 /// f64 rounding noise (sums of O(L) such terms round to ~1e-16·√L of their scale); it is treated
 /// as an exact zero. Ordinary results, however small, are far above it (f32 alone resolves only
@@ -134,6 +155,59 @@ pub fn rel_error_or_cancelled(what: &str, a: &[f64], b: &[f64], scale: f64) -> R
     } else {
         RelError { value, cancelled: false }
     }
+}
+
+/// The slopes of the log-denominators of attention with `p` on `inputs`, the scale of the terms
+/// that cancel in a gradient that vanishes in exact arithmetic (with one key, ∂out/∂q_i is
+/// ∇log R_i·⟨g_i, v − out_i⟩, a difference of two terms of size ‖g_i‖·‖v‖·‖∇log R_i‖): the
+/// largest ‖∇_{q_i} log R_i‖ with R_i = φ(q_i)·Σ_j φ(k_j), the largest ‖∇_{k_j} log(φ(k_j)·Σ_i
+/// φ(q_i))‖, and the largest norm of the same gradients with respect to a learned map's
+/// parameters (0 without). Large where features are small (ReLU's floor κ: 1/κ). Computed in f64
+/// from the stored inputs, with every key (causal prefixes differ only by a bounded factor).
+pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64, f64) {
+    let s = p.shape;
+    let (l, d) = (s.len, s.d);
+    let mf = p.map.feature_dim(d);
+    let (q, k) = (inputs.q.to_f64_vec(), inputs.k.to_f64_vec());
+    let (mut slope, mut param_slope) = (0.0f64, 0.0f64);
+    for bh in 0..s.problems() {
+        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * l + j]);
+        let rows = |x: &[f64]| x[bh * l * d..(bh + 1) * l * d].to_vec();
+        let (qh, kh) = (rows(&q), rows(&k));
+        // Features of each row at its own log-scale, and their sums (the scale of each row drops
+        // out of its log-slope).
+        let feats = |x: &[f64], kept: &dyn Fn(usize) -> bool| {
+            let mut f = vec![0.0; l * mf];
+            for j in (0..l).filter(|&j| kept(j)) {
+                let xj = &x[j * d..(j + 1) * d];
+                p.map.features(xj, p.map.log_scale(xj), &mut f[j * mf..(j + 1) * mf]);
+            }
+            let mut sum = vec![0.0; mf];
+            f.chunks_exact(mf).for_each(|r| sum.iter_mut().zip(r).for_each(|(a, b)| *a += b));
+            (f, sum)
+        };
+        let (qf, qsum) = feats(&qh, &|_| true);
+        let (kf, ksum) = feats(&kh, &keep);
+        for (x, f, other, kept) in [(&qh, &qf, &ksum, &(|_| true) as &dyn Fn(usize) -> bool), (&kh, &kf, &qsum, &keep)]
+        {
+            for j in (0..l).filter(|&j| kept(j)) {
+                let r = dot(&f[j * mf..(j + 1) * mf], other);
+                if r == 0.0 {
+                    continue;
+                }
+                let dphi: Vec<f64> = other.iter().map(|o| o / r).collect();
+                let xj = &x[j * d..(j + 1) * d];
+                let mut dx = vec![0.0; d];
+                let mut grads = p.map.param_grads_f64();
+                p.map.features_backward(xj, p.map.log_scale(xj), &dphi, &mut dx, grads.as_mut());
+                slope = slope.max(frobenius(&dx));
+                if let Some(g) = &grads {
+                    param_slope = param_slope.max(frobenius(&flat_param_grads(g)));
+                }
+            }
+        }
+    }
+    (slope, param_slope)
 }
 
 /// How much the denominators of attention with `p` on `inputs` cancel: the largest, over the
@@ -546,6 +620,27 @@ mod tests {
         // Large noise on a cancelled reference fails the check.
         let big: Vec<f64> = f32_noise.iter().map(|x| x * 1e3).collect();
         assert!(rel_error_or_cancelled("noisy", &big, &noise, 1.0).value > 1e-5);
+    }
+
+    #[test]
+    fn the_log_denominator_slope_of_relu_is_one_over_its_feature() {
+        // One token, d = 1: R = φ(q)·φ(k) with φ(x) = relu(x) + κ, so ∂log R/∂q = 1/(q + κ).
+        let map = FeatureMap::relu(None);
+        let FeatureMap::Generalized { kappa, .. } = map else { unreachable!() };
+        let (q, k) = ([0.01f32], [0.5f32]);
+        let inputs = Inputs { q: (&q[..]).into(), k: (&k[..]).into(), v: (&k[..]).into(), key_mask: None };
+        let (slope, params) = log_denominator_slopes(&Problem::new(AttentionShape::new(1, 1, 1, 1), &map), inputs);
+        let want = 1.0 / (0.01f32 as f64 + kappa as f64);
+        assert!((slope / want - 1.0).abs() < 1e-12 && params == 0.0, "{slope} vs {want}");
+    }
+
+    #[test]
+    fn storage_tolerances_add_half_an_ulp() {
+        assert_eq!(storage_tolerance(DType::F32, 1e-5), 1e-5);
+        assert_eq!(storage_tolerance(DType::F16, 0.0), 2f64.powi(-11));
+        let x = 1.0 + 2f64.powi(-9) + 2f64.powi(-20);
+        let rounded = half::bf16::from_f64(x).to_f64();
+        assert!(((rounded - x) / x).abs() <= unit_roundoff(DType::Bf16));
     }
 
     #[test]
