@@ -31,6 +31,11 @@ fn tolerance(dtype: DType) -> f64 {
     storage_tolerance(dtype, TOL_F32)
 }
 
+/// A gradient that vanishes in exact arithmetic is f32 noise whatever the storage: its error
+/// against the scale of the terms that cancel is bounded by f32's resolution of them (measured
+/// worst 3.3e-7).
+const TOL_CANCELLED: f64 = 1e-6;
+
 /// Trigonometric data must stay this well-conditioned (see [`qk_std`]): measured κ ≤ 2.6;
 /// the f32 error grows ∝ κ, so up to this bound TOL_F32 still holds.
 const TRIG_KAPPA_MAX: f64 = 10.0;
@@ -148,6 +153,7 @@ fn every_backend_matches_the_reference_forward_and_backward() {
                         ("dv", RelError { value: rel_error(&what, &dv.to_f64_vec(), &want.dv), cancelled: false }),
                     ];
                     for (arg, err) in errors {
+                        let tol = if err.cancelled { TOL_CANCELLED } else { tol };
                         assert!(err.value <= tol, "{what}: {arg} error {err} > {tol:.1e}");
                         let kind = if err.cancelled { "cancelled gradients (vs scale)" } else { "backward" };
                         note(format!("{} {class} {kind}", case.dtype), err.value);
@@ -167,7 +173,8 @@ fn every_backend_matches_the_reference_forward_and_backward() {
                             (gv * pslope).max(f64::MIN_POSITIVE),
                         );
                         // Parameter gradients are returned in f32 whatever the storage.
-                        assert!(err.value <= TOL_F32, "{what}: dW error {err} > {TOL_F32:.0e}");
+                        let tol = if err.cancelled { TOL_CANCELLED } else { TOL_F32 };
+                        assert!(err.value <= tol, "{what}: dW error {err} > {tol:.0e}");
                         note(
                             format!(
                                 "any dtype {class} dW{}",

@@ -1,7 +1,8 @@
 //! Inputs of every magnitude: query and key entries scaled by 10^k, k = 0 … 37 (capped at the
 //! storage type's range), every feature map, ISA, dtype and direction. Outputs and gradients must
-//! be finite at every scale and agree with the f64 reference up to 1e3; the measured errors are
-//! printed (`--nocapture`) for every scale.
+//! be finite at every scale and agree with the f64 reference up to 1e3 (trigonometric features at
+//! unit scale only, nearly saturated hyperbolic gradients against the scale of what cancels, see
+//! [`saturated`]); the measured errors are printed (`--nocapture`) for every scale.
 
 mod common;
 use common::*;
@@ -38,7 +39,8 @@ fn grad_error(what: &str, a: &[f64], b: &[f64], scale: f64) -> RelError {
 /// Hyperbolic features at scale 1e2: attention is nearly saturated, and the exact dq and dk are
 /// only ~1e-11 and ~1e-9 of the scale of the terms they are differences of (measured), far below
 /// what f32 resolves (6e-8 of it), so their relative error (printed: up to 5e2) measures the
-/// gradient's conditioning, not the kernels. There they are checked against that scale instead.
+/// gradient's conditioning, not the kernels. There they are checked against that scale instead
+/// (measured ≤ 4e-8, within TOL_CANCELLED).
 fn saturated(map: &FeatureMap, k: i32) -> bool {
     matches!(map, FeatureMap::Hyperbolic { .. }) && k == 2
 }
@@ -100,13 +102,17 @@ fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
                             for (name, err) in e {
                                 // dW is returned in f32 whatever the storage.
                                 let tol = if name == "params" { TOL_F32 } else { tolerance(dtype) };
-                                let err = match name {
-                                    "dq" if saturated(&map, k) => vs_scale(&dq, &rq, scale),
-                                    "dk" if saturated(&map, k) => vs_scale(&dk, &rk, scale),
-                                    _ => err.value,
+                                let (err, tol) = match name {
+                                    "dq" if saturated(&map, k) => (vs_scale(&dq, &rq, scale), TOL_CANCELLED),
+                                    "dk" if saturated(&map, k) => (vs_scale(&dk, &rk, scale), TOL_CANCELLED),
+                                    _ => (err.value, grad_tolerance(err, tol)),
                                 };
                                 assert!(err <= tol, "{what}: {name} error {err:.2e} > {tol:.1e}");
-                                let kind = if name == "out" { "out" } else { "gradients" };
+                                let kind = match name {
+                                    "out" => "out",
+                                    _ if tol == TOL_CANCELLED => "gradients vs the scale of cancelled terms",
+                                    _ => "gradients",
+                                };
                                 let w = worst_checked.entry(format!("{dtype} {kind}")).or_insert(0.0f64);
                                 *w = w.max(err);
                             }
@@ -116,7 +122,13 @@ fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
                             .iter()
                             .map(|(_, x)| format!("{:.0e}{}", x.value, if x.cancelled { "c" } else { "" }))
                             .collect();
-                        errors.push(format!("1e{k}: {}", e.join("/")));
+                        let sat = if saturated(&map, k) {
+                            let (q, kk) = (vs_scale(&dq, &rq, scale), vs_scale(&dk, &rk, scale));
+                            format!(" (dq/dk vs scale {q:.0e}/{kk:.0e})")
+                        } else {
+                            String::new()
+                        };
+                        errors.push(format!("1e{k}: {}{sat}", e.join("/")));
                     }
                     report.push(format!(
                         "{} {} {dtype} {direction:?}: {}",

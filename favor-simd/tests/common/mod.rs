@@ -62,6 +62,17 @@ pub fn all_maps(d: usize, m: usize, seed: u64) -> Vec<FeatureMap> {
 /// extra reduction needs no extra factor.
 pub const TOL_F32: f64 = 1e-5;
 
+/// A gradient that vanishes in exact arithmetic is f32 noise, whatever the storage (16-bit
+/// rounding of a value that small is smaller still): its error against the scale of the terms
+/// that cancel is bounded by f32's resolution of them: measured worst 1.3e-7 in the sweeps, 6e-8
+/// in magnitudes.rs (its nearly saturated hyperbolic gradients included).
+pub const TOL_CANCELLED: f64 = 1e-6;
+
+/// The tolerance of an error measured by [`rel_error_or_cancelled`].
+pub fn grad_tolerance(err: RelError, tol: f64) -> f64 {
+    if err.cancelled { TOL_CANCELLED } else { tol }
+}
+
 /// Trigonometric data must stay this well-conditioned (denominator condition number, see
 /// [`Case::conditioned_for`]): measured ≤ 6.3. The error grows ∝ κ (≤ 5e-7·κ measured on
 /// unconditioned data up to κ = 390), so up to this bound TOL_F32 still holds.
@@ -245,6 +256,7 @@ pub fn check_against_reference(
             e.params = rel_error_or_cancelled(&format!("{what} params"), &pg, &rpg, pscale);
         }
         for (name, err, tol) in [("dq", e.dq, tol), ("dk", e.dk, tol), ("params", e.params, TOL_F32)] {
+            let tol = grad_tolerance(err, tol);
             assert!(err.value <= tol, "backward {name} {what}: error {err} > {tol:.1e}");
         }
         assert!(e.dv <= tol, "backward dv {what}: rel. error {:.2e} > {tol:.1e}", e.dv);
