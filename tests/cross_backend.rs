@@ -7,19 +7,44 @@ use favor::{
     AttentionOptions, AttentionShape, Backend, DType, Direction, FavorBackend, FavorError, Grads, HostTensor, Inputs,
     Problem, ReferenceBackend,
 };
-use favor_core::testing::{feature_map_catalog, random_mask, random_tensor, rel_frobenius, rng};
+use favor_core::testing::{
+    RelError, denominator_condition, feature_map_catalog, flat_param_grads, log_denominator_slopes, random_mask,
+    random_tensor, rel_error, rel_error_or_cancelled, rng, storage_tolerance,
+};
+use std::collections::BTreeMap;
 
 /// Backends under test: everything but the reference itself.
 fn fast_backends() -> Vec<Backend> {
     Backend::available().into_iter().filter(|b| !matches!(b, Backend::Reference(_))).collect()
 }
 
-/// Relative Frobenius tolerance of a backend vs the reference for a storage dtype.
+/// The f32 compute error allowed against the f64 reference, outputs and gradients alike (f32
+/// rounding of the tiled sums): measured worst 3.1e-7 (outputs) and 6.0e-7 (gradients); the
+/// gradients' extra reduction needs no extra factor.
+const TOL_F32: f64 = 1e-5;
+
+/// The tolerance for a storage dtype: TOL_F32 plus half an ulp of the 16-bit result, which both
+/// backends compute from the same rounded inputs. A bound rather than an estimate (each element
+/// moves by at most u relative), so the margin is small: measured 2.8e-4 in f16 vs 4.9e-4, 2.0e-3
+/// in bf16 vs 3.9e-3.
 fn tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::F16 | DType::Bf16 => 1e-2,
-    }
+    storage_tolerance(dtype, TOL_F32)
+}
+
+/// A gradient that vanishes in exact arithmetic is f32 noise whatever the storage: its error
+/// against the scale of the terms that cancel is bounded by f32's resolution of them (measured
+/// worst 3.3e-7).
+const TOL_CANCELLED: f64 = 1e-6;
+
+/// Trigonometric data must stay this well-conditioned (see [`qk_std`]): measured κ ≤ 2.6;
+/// the f32 error grows ∝ κ, so up to this bound TOL_F32 still holds.
+const TRIG_KAPPA_MAX: f64 = 10.0;
+
+/// Query/key standard deviation. Trigonometric features are sign-indefinite and their
+/// denominators cancel more as ‖q − k‖ grows (the phases w·(q − k) spread over more than a
+/// period), amplifying the f32 rounding by the condition number: for them d·σ² ≤ 4.
+fn qk_std(name: &str, d: usize) -> f32 {
+    if name == "trigonometric" { 0.8f32.min(2.0 / (d as f32).sqrt()) } else { 0.8 }
 }
 
 struct Case {
@@ -48,16 +73,6 @@ fn cases() -> Vec<Case> {
     out
 }
 
-/// ‖a − b‖_F / max(‖b‖_F, √n): relative error with an RMS floor of 1, the scale of the test
-/// data (unit-variance V and output gradient). Some gradients are exactly zero in exact
-/// arithmetic (dq with a single key: two O(1) terms cancel), where f32 rounding noise would
-/// otherwise read as an infinite relative error.
-fn rel_error(a: &[f64], b: &[f64]) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
-    let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    diff / norm.max((b.len() as f64).sqrt())
-}
-
 fn tensor(dtype: DType, seed: u64, n: usize, std: f32) -> HostTensor {
     HostTensor::from_f32(dtype, &random_tensor(seed, n, std))
 }
@@ -72,6 +87,12 @@ fn the_entry_point_offers_a_fast_backend() {
 
 #[test]
 fn every_backend_matches_the_reference_forward_and_backward() {
+    // Worst error per (dtype, map class, what), printed at the end (`--nocapture`).
+    let mut worst: BTreeMap<String, f64> = BTreeMap::new();
+    let mut note = |key: String, e: f64| {
+        let w = worst.entry(key).or_insert(0.0);
+        *w = w.max(e);
+    };
     for backend in fast_backends() {
         for case in cases() {
             let s = case.shape;
@@ -79,8 +100,9 @@ fn every_backend_matches_the_reference_forward_and_backward() {
                 for direction in [Direction::Bidirectional, Direction::Causal] {
                     let options = AttentionOptions { direction, ..Default::default() };
                     let p = Problem::new(s, &map).with_options(options);
-                    let q = tensor(case.dtype, case.seed * 7 + 1, s.qk_len(), 0.8);
-                    let k = tensor(case.dtype, case.seed * 7 + 2, s.qk_len(), 0.8);
+                    let std = qk_std(name, s.d);
+                    let q = tensor(case.dtype, case.seed * 7 + 1, s.qk_len(), std);
+                    let k = tensor(case.dtype, case.seed * 7 + 2, s.qk_len(), std);
                     let v = tensor(case.dtype, case.seed * 7 + 3, s.v_len(), 1.0);
                     let g = tensor(case.dtype, case.seed * 7 + 4, s.v_len(), 1.0);
                     let mask = case.masked.then(|| {
@@ -89,41 +111,84 @@ fn every_backend_matches_the_reference_forward_and_backward() {
                         m
                     });
                     let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: mask.as_deref() };
-                    // Trigonometric denominators are sign-indefinite and can nearly cancel (causal
-                    // rows with few keys), which amplifies f32 rounding by 1/R: allow 10x there.
-                    let trig = if name == "trigonometric" { 10.0 } else { 1.0 };
                     let what = format!("{} {name} {direction:?} {:?} m={} {}", backend.name(), s, case.m, case.dtype);
+                    let kappa = denominator_condition(&p, inputs);
+                    assert!(kappa <= TRIG_KAPPA_MAX, "{what}: ill-conditioned denominators (κ = {kappa:.1e})");
+                    let class = if name == "trigonometric" { "trigonometric" } else { "non-negative" };
+                    note(format!("denominator condition number, {class}"), kappa);
+                    let tol = tolerance(case.dtype);
 
-                    let mut want = HostTensor::zeros(case.dtype, s.v_len());
+                    // The reference's f64 result on the same stored (rounded) inputs.
                     let mut got = HostTensor::zeros(case.dtype, s.v_len());
-                    ReferenceBackend.forward(&p, inputs, want.view_mut()).unwrap();
                     backend.forward(&p, inputs, got.view_mut()).unwrap_or_else(|e| panic!("{what}: {e}"));
-                    let err = rel_frobenius(&got.to_f64_vec(), &want.to_f64_vec());
-                    assert!(err <= trig * tolerance(case.dtype), "{what}: forward rel. error {err:e}");
+                    let want = ReferenceBackend.forward_f64(&p, inputs).unwrap();
+                    let err = rel_error(&what, &got.to_f64_vec(), &want);
+                    assert!(err <= tol, "{what}: forward rel. error {err:.2e} > {tol:.1e}");
+                    note(format!("{} {class} forward", case.dtype), err);
 
-                    let grads = |b: &dyn Fn(Grads<'_, favor::Host>) -> favor::Result<Option<favor::ParamGrads>>| {
-                        let mut dq = HostTensor::zeros(case.dtype, s.qk_len());
-                        let mut dk = HostTensor::zeros(case.dtype, s.qk_len());
-                        let mut dv = HostTensor::zeros(case.dtype, s.v_len());
-                        let params = b(Grads { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() }).unwrap();
-                        (dq.to_f64_vec(), dk.to_f64_vec(), dv.to_f64_vec(), params)
+                    let mut dq = HostTensor::zeros(case.dtype, s.qk_len());
+                    let mut dk = HostTensor::zeros(case.dtype, s.qk_len());
+                    let mut dv = HostTensor::zeros(case.dtype, s.v_len());
+                    let params = backend
+                        .backward(
+                            &p,
+                            inputs,
+                            g.view(),
+                            Grads { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() },
+                        )
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let want = ReferenceBackend.backward_f64(&p, inputs, g.view()).unwrap();
+                    // dq and dk vanish in exact arithmetic with one key, d = 1 or one feature
+                    // (two terms of size √d_v·RMS(g)·RMS(v)·‖∇log R‖ cancel): measured against that.
+                    let rms = |t: &HostTensor| {
+                        let x = t.to_f64_vec();
+                        (x.iter().map(|y| y * y).sum::<f64>() / x.len() as f64).sqrt()
                     };
-                    let want = grads(&|gr| ReferenceBackend.backward(&p, inputs, g.view(), gr));
-                    let got = grads(&|gr| backend.backward(&p, inputs, g.view(), gr));
-                    for (arg, a, b) in [("dq", &got.0, &want.0), ("dk", &got.1, &want.1), ("dv", &got.2, &want.2)] {
-                        let err = rel_error(a, b);
-                        // Gradients go through one more reduction than outputs: allow 10x.
-                        assert!(err <= 10.0 * trig * tolerance(case.dtype), "{what}: {arg} rel. error {err:e}");
+                    let gv = (s.dv as f64).sqrt() * rms(&g) * rms(&v);
+                    let (slope, pslope) = log_denominator_slopes(&p, inputs);
+                    let scale = (gv * slope).max(f64::MIN_POSITIVE);
+                    let errors = [
+                        ("dq", rel_error_or_cancelled(&what, &dq.to_f64_vec(), &want.dq, scale)),
+                        ("dk", rel_error_or_cancelled(&what, &dk.to_f64_vec(), &want.dk, scale)),
+                        ("dv", RelError { value: rel_error(&what, &dv.to_f64_vec(), &want.dv), cancelled: false }),
+                    ];
+                    for (arg, err) in errors {
+                        let tol = if err.cancelled { TOL_CANCELLED } else { tol };
+                        assert!(err.value <= tol, "{what}: {arg} error {err} > {tol:.1e}");
+                        let kind = if err.cancelled { "cancelled gradients (vs scale)" } else { "backward" };
+                        note(format!("{} {class} {kind}", case.dtype), err.value);
                     }
-                    assert_eq!(got.3.is_some(), want.3.is_some(), "{what}: parameter gradients present");
-                    if let (Some(a), Some(b)) = (&got.3, &want.3) {
-                        let f = |v: &Vec<f32>| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-                        let err = rel_error(&f(&a.w), &f(&b.w));
-                        assert!(err <= 10.0 * tolerance(case.dtype), "{what}: dW rel. error {err:e}");
+                    assert_eq!(params.is_some(), want.params.is_some(), "{what}: parameter gradients present");
+                    if let (Some(a), Some(b)) = (&params, &want.params) {
+                        let a: Vec<f64> =
+                            a.w.iter()
+                                .chain(a.bias.iter().flatten())
+                                .chain(a.w_gate.iter().flatten())
+                                .map(|&x| x as f64)
+                                .collect();
+                        let err = rel_error_or_cancelled(
+                            &what,
+                            &a,
+                            &flat_param_grads(b),
+                            (gv * pslope).max(f64::MIN_POSITIVE),
+                        );
+                        // Parameter gradients are returned in f32 whatever the storage.
+                        let tol = if err.cancelled { TOL_CANCELLED } else { TOL_F32 };
+                        assert!(err.value <= tol, "{what}: dW error {err} > {tol:.0e}");
+                        note(
+                            format!(
+                                "any dtype {class} dW{}",
+                                if err.cancelled { " (cancelled, vs scale)" } else { "" }
+                            ),
+                            err.value,
+                        );
                     }
                 }
             }
         }
+    }
+    for (what, e) in worst {
+        eprintln!("worst {what}: {e:.1e}");
     }
 }
 
@@ -170,8 +235,12 @@ fn decoding_through_the_entry_point_equals_full_causal_attention() {
                 start += t;
             }
             let f = |x: &[f32]| x.iter().map(|&y| y as f64).collect::<Vec<f64>>();
-            let err = rel_frobenius(&f(&decoded), &f(&full));
-            assert!(err <= 1e-5, "{} {name}: decode vs full rel. error {err:e}", backend.name());
+            let what = format!("{} {name}: decode vs full", backend.name());
+            // The same backend's f32 sums, per chunk and over the whole sequence: measured worst
+            // 9.3e-8; 2e-6 as in favor-simd's decode test (measured 1.7e-7 there).
+            let err = rel_error(&what, &f(&decoded), &f(&full));
+            eprintln!("{what}: {err:.1e}");
+            assert!(err <= 2e-6, "{what}: rel. error {err:.2e}");
         }
     }
 }

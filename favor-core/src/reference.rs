@@ -72,6 +72,57 @@ fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
     }
 }
 
+impl ReferenceBackend {
+    /// The forward pass in f64, before the output is rounded to its storage type: the oracle for
+    /// 16-bit storage, where rounding the reference to 16 bits too would double the error.
+    pub fn forward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>) -> Result<Vec<f64>> {
+        validate_host_inputs(p, &inputs)?;
+        let s = p.shape;
+        let w = Widened::new(&inputs);
+        let delta = p.denominator_guard() as f64;
+        let mut out = try_with_capacity("out", s.v_len())?;
+        for bh in 0..s.problems() {
+            let h = w.head(s, inputs.key_mask, bh);
+            out.extend(match p.options.direction {
+                Direction::Bidirectional => bidirectional_forward(p.map, delta, &h),
+                Direction::Causal => causal_forward(p.map, delta, &h),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The backward pass in f64 (see [`ReferenceBackend::forward_f64`]): dq, dk, dv laid out like
+    /// the inputs, parameter gradients summed over heads.
+    pub fn backward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, dout: HostRef<'_>) -> Result<HeadGrads> {
+        let dtype = validate_host_inputs(p, &inputs)?;
+        let s = p.shape;
+        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_finite(&[("dout", dout)])?;
+        let w = Widened::new(&inputs);
+        let g = dout.to_f64_vec();
+        let delta = p.denominator_guard() as f64;
+        let mut all = HeadGrads {
+            dq: try_with_capacity("dq", s.qk_len())?,
+            dk: try_with_capacity("dk", s.qk_len())?,
+            dv: try_with_capacity("dv", s.v_len())?,
+            params: p.map.param_grads_f64(),
+        };
+        for bh in 0..s.problems() {
+            let h = w.head(s, inputs.key_mask, bh);
+            let gh = &g[bh * s.len * s.dv..(bh + 1) * s.len * s.dv];
+            let HeadGrads { dq, dk, dv, params } = match p.options.direction {
+                Direction::Bidirectional => bidirectional_backward(p.map, delta, &h, gh),
+                Direction::Causal => causal_backward(p.map, delta, &h, gh),
+            };
+            all.dq.extend(dq);
+            all.dk.extend(dk);
+            all.dv.extend(dv);
+            add_params(&mut all.params, params);
+        }
+        Ok(all)
+    }
+}
+
 impl FavorBackend for ReferenceBackend {
     type Mem = Host;
     type State = ReferenceState;
@@ -140,19 +191,8 @@ impl FavorBackend for ReferenceBackend {
 
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
         let dtype = validate_host_inputs(p, &inputs)?;
-        let s = p.shape;
         check_output(p, &out, dtype)?;
-        let w = Widened::new(&inputs);
-        let delta = p.denominator_guard() as f64;
-        for bh in 0..s.problems() {
-            let h = w.head(s, inputs.key_mask, bh);
-            let o = match p.options.direction {
-                Direction::Bidirectional => bidirectional_forward(p.map, delta, &h),
-                Direction::Causal => causal_forward(p.map, delta, &h),
-            };
-            out.write_f64(bh * s.len * s.dv, &o)?;
-        }
-        Ok(())
+        out.write_f64(0, &self.forward_f64(p, inputs)?)
     }
 
     fn backward(
@@ -163,27 +203,13 @@ impl FavorBackend for ReferenceBackend {
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_host_inputs(p, &inputs)?;
-        let s = p.shape;
         check_backward(p, &dout, &grads, dtype)?;
         let Grads { mut dq, mut dk, mut dv } = grads;
-        check_finite(&[("dout", dout)])?;
-        let w = Widened::new(&inputs);
-        let g = dout.to_f64_vec();
-        let delta = p.denominator_guard() as f64;
-        let mut params = p.map.param_grads_f64();
-        for bh in 0..s.problems() {
-            let h = w.head(s, inputs.key_mask, bh);
-            let gh = &g[bh * s.len * s.dv..(bh + 1) * s.len * s.dv];
-            let HeadGrads { dq: q, dk: k, dv: v, params: part } = match p.options.direction {
-                Direction::Bidirectional => bidirectional_backward(p.map, delta, &h, gh),
-                Direction::Causal => causal_backward(p.map, delta, &h, gh),
-            };
-            dq.write_f64(bh * s.len * s.d, &q)?;
-            dk.write_f64(bh * s.len * s.d, &k)?;
-            dv.write_f64(bh * s.len * s.dv, &v)?;
-            add_params(&mut params, part);
-        }
-        Ok(params.map(|p| p.to_f32()))
+        let g = self.backward_f64(p, inputs, dout)?;
+        dq.write_f64(0, &g.dq)?;
+        dk.write_f64(0, &g.dk)?;
+        dv.write_f64(0, &g.dv)?;
+        Ok(g.params.map(|p| p.to_f32()))
     }
 
     fn new_state(&self, p: &Problem<'_>) -> Result<ReferenceState> {

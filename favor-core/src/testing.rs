@@ -7,8 +7,8 @@
 
 use crate::features::ParamGradsF64;
 use crate::{
-    AttentionShape, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, Inputs, Linear,
-    Problem, Projection, ProjectionConfig,
+    AttentionShape, DType, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, Inputs,
+    Linear, Problem, Projection, ProjectionConfig,
 };
 use rand_distr::{Distribution, StandardNormal, StandardUniform};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -74,6 +74,180 @@ pub fn rel_frobenius(a: &[f64], b: &[f64]) -> f64 {
     let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
     let (num, den) = (frobenius(&diff), frobenius(b));
     if num == 0.0 { 0.0 } else { num / den }
+}
+
+/// The error of a backend's result `a` against the reference `b`: ‖a − b‖_F / ‖b‖_F, with no
+/// floor (a floor on ‖b‖ turns the check into an absolute one for small results and hides their
+/// errors). 0 when a = b, ∞ when only b is zero. Panics on a length mismatch or a non-finite
+/// value, naming the tensor and the index.
+///
+/// For a reference that is zero in exact arithmetic use [`rel_error_or_cancelled`].
+#[track_caller]
+pub fn rel_error(what: &str, a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: length mismatch");
+    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: non-finite result [{i}] = {}", a[i]);
+    }
+    if let Some(i) = b.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: non-finite reference [{i}] = {}", b[i]);
+    }
+    rel_frobenius(a, b)
+}
+
+/// The largest relative error of rounding one value to a storage type, half an ulp: 2^-24 in
+/// f32, 2^-11 in f16, 2^-8 in bf16 (normal range).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2f64.powi(-24),
+        DType::F16 => 2f64.powi(-11),
+        DType::Bf16 => 2f64.powi(-8),
+    }
+}
+
+/// The tolerance of a result stored in `dtype` against the reference's f64 result on the same
+/// stored inputs: `compute`, the f32 compute error, plus for 16-bit storage the rounding of the
+/// result to it. Rounding every element by at most [`unit_roundoff`] relative moves the result
+/// by at most that much in Frobenius norm; the inputs are the same rounded values for both.
+pub fn storage_tolerance(dtype: DType, compute: f64) -> f64 {
+    match dtype {
+        DType::F32 => compute,
+        DType::F16 | DType::Bf16 => compute + unit_roundoff(dtype),
+    }
+}
+
+/// A reference whose RMS is below this fraction of the scale of the terms it is formed from is
+/// f64 rounding noise (sums of O(L) such terms round to ~1e-16·√L of their scale); it is treated
+/// as an exact zero. Ordinary results, however small, are far above it (f32 alone resolves only
+/// 6e-8 of the scale, so a reference between the two fails the relative check, visibly).
+pub const CANCELLED_BELOW: f64 = 1e-13;
+
+/// An error measured by [`rel_error_or_cancelled`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelError {
+    /// ‖a − b‖ / ‖b‖, or ‖a − b‖ / (scale·√n) for a cancelled reference.
+    pub value: f64,
+    /// Whether the reference was a cancellation (exactly zero in exact arithmetic).
+    pub cancelled: bool,
+}
+
+impl std::fmt::Display for RelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1e}{}", self.value, if self.cancelled { " (cancelled; vs scale)" } else { "" })
+    }
+}
+
+/// [`rel_error`] for results that can be zero in exact arithmetic: ∂out/∂q with one key, d = 1 or
+/// a single feature is a difference of two O(`scale`) terms that cancel exactly, so f64 leaves
+/// ~1e-17·scale and f32 ~1e-7·scale of noise, and a relative error is undefined. Only there, when
+/// RMS(b) ≤ [`CANCELLED_BELOW`]·`scale`, the error is measured against the cancelled terms,
+/// ‖a − b‖ / (scale·√n), so that the same tolerance bounds the f32 noise relative to what
+/// cancelled. `scale` is the magnitude of those terms (for attention gradients: that of the
+/// output cotangent times the values, and the key or query norm for dq and dk). Every other
+/// reference, however small, gets the plain relative error.
+#[track_caller]
+pub fn rel_error_or_cancelled(what: &str, a: &[f64], b: &[f64], scale: f64) -> RelError {
+    assert!(scale.is_finite() && scale > 0.0, "{what}: the scale of the cancelled terms must be positive, got {scale}");
+    let value = rel_error(what, a, b);
+    let n = b.len().max(1) as f64;
+    if frobenius(b) <= CANCELLED_BELOW * scale * n.sqrt() {
+        let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        RelError { value: frobenius(&diff) / (scale * n.sqrt()), cancelled: true }
+    } else {
+        RelError { value, cancelled: false }
+    }
+}
+
+/// The slopes of the log-denominators of attention with `p` on `inputs`, the scale of the terms
+/// that cancel in a gradient that vanishes in exact arithmetic (with one key, ∂out/∂q_i is
+/// ∇log R_i·⟨g_i, v − out_i⟩, a difference of two terms of size ‖g_i‖·‖v‖·‖∇log R_i‖): the
+/// largest ‖∇_{q_i} log R_i‖ with R_i = φ(q_i)·Σ_j φ(k_j), the largest ‖∇_{k_j} log(φ(k_j)·Σ_i
+/// φ(q_i))‖, and the largest norm of the same gradients with respect to a learned map's
+/// parameters (0 without). Large where features are small (ReLU's floor κ: 1/κ). Computed in f64
+/// from the stored inputs, with every key (causal prefixes differ only by a bounded factor).
+pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64, f64) {
+    let s = p.shape;
+    let (l, d) = (s.len, s.d);
+    let mf = p.map.feature_dim(d);
+    let (q, k) = (inputs.q.to_f64_vec(), inputs.k.to_f64_vec());
+    let (mut slope, mut param_slope) = (0.0f64, 0.0f64);
+    for bh in 0..s.problems() {
+        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * l + j]);
+        let rows = |x: &[f64]| x[bh * l * d..(bh + 1) * l * d].to_vec();
+        let (qh, kh) = (rows(&q), rows(&k));
+        // Features of each row at its own log-scale, and their sums (the scale of each row drops
+        // out of its log-slope).
+        let feats = |x: &[f64], kept: &dyn Fn(usize) -> bool| {
+            let mut f = vec![0.0; l * mf];
+            for j in (0..l).filter(|&j| kept(j)) {
+                let xj = &x[j * d..(j + 1) * d];
+                p.map.features(xj, p.map.log_scale(xj), &mut f[j * mf..(j + 1) * mf]);
+            }
+            let mut sum = vec![0.0; mf];
+            f.chunks_exact(mf).for_each(|r| sum.iter_mut().zip(r).for_each(|(a, b)| *a += b));
+            (f, sum)
+        };
+        let (qf, qsum) = feats(&qh, &|_| true);
+        let (kf, ksum) = feats(&kh, &keep);
+        for (x, f, other, kept) in [(&qh, &qf, &ksum, &(|_| true) as &dyn Fn(usize) -> bool), (&kh, &kf, &qsum, &keep)]
+        {
+            for j in (0..l).filter(|&j| kept(j)) {
+                let r = dot(&f[j * mf..(j + 1) * mf], other);
+                if r == 0.0 {
+                    continue;
+                }
+                let dphi: Vec<f64> = other.iter().map(|o| o / r).collect();
+                let xj = &x[j * d..(j + 1) * d];
+                let mut dx = vec![0.0; d];
+                let mut grads = p.map.param_grads_f64();
+                p.map.features_backward(xj, p.map.log_scale(xj), &dphi, &mut dx, grads.as_mut());
+                slope = slope.max(frobenius(&dx));
+                if let Some(g) = &grads {
+                    param_slope = param_slope.max(frobenius(&flat_param_grads(g)));
+                }
+            }
+        }
+    }
+    (slope, param_slope)
+}
+
+/// How much the denominators of attention with `p` on `inputs` cancel: the largest, over the
+/// query rows of every head that see a key, of Σ_j |φ(q_i)·φ(k_j)| / |Σ_j φ(q_i)·φ(k_j)| (keys
+/// j ≤ i for causal attention, unmasked only). 1 for non-negative features; for sign-indefinite
+/// (trigonometric) features the f32 rounding of the sums is amplified by this factor, so tests
+/// bound it for their data. Computed in f64 from the stored inputs; O(L²·m) per head.
+pub fn denominator_condition(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> f64 {
+    let s = p.shape;
+    let (l, d) = (s.len, s.d);
+    let mf = p.map.feature_dim(d);
+    let (q, k) = (inputs.q.to_f64_vec(), inputs.k.to_f64_vec());
+    let causal = p.options.direction == crate::Direction::Causal;
+    let mut worst = 1.0f64;
+    for bh in 0..s.problems() {
+        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * l + j]);
+        let rows = |x: &[f64]| x[bh * l * d..(bh + 1) * l * d].to_vec();
+        let (qh, kh) = (rows(&q), rows(&k));
+        // Any common key stabiliser gives the same ratio: the largest log-scale of a kept key.
+        let c = (0..l).filter(|&j| keep(j)).map(|j| p.map.log_scale(&kh[j * d..(j + 1) * d])).fold(f64::MIN, f64::max);
+        let mut kf = vec![0.0; l * mf];
+        for j in (0..l).filter(|&j| keep(j)) {
+            p.map.features(&kh[j * d..(j + 1) * d], c, &mut kf[j * mf..(j + 1) * mf]);
+        }
+        let mut qf = vec![0.0; mf];
+        for i in 0..l {
+            let qi = &qh[i * d..(i + 1) * d];
+            p.map.features(qi, p.map.log_scale(qi), &mut qf);
+            let (mut abs, mut sum) = (0.0f64, 0.0f64);
+            for j in (0..if causal { i + 1 } else { l }).filter(|&j| keep(j)) {
+                let x = dot(&qf, &kf[j * mf..(j + 1) * mf]);
+                abs += x.abs();
+                sum += x;
+            }
+            if abs > 0.0 {
+                worst = worst.max(abs / sum.abs());
+            }
+        }
+    }
+    worst
 }
 
 /// max_i |a_i − b_i|.
@@ -397,4 +571,88 @@ pub fn assert_states_checked<B: FavorBackend<Mem = Host>>(backend: &B) -> Vec<(u
         }
     }
     errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_error_has_no_floor() {
+        // A result of RMS 1e-6 that is 10 % off reads 10 %, not 1e-7 as against a floor of 1.
+        let b = vec![1e-6; 50];
+        let a: Vec<f64> = b.iter().map(|x| x * 1.1).collect();
+        assert!((rel_error("small", &a, &b) - 0.1).abs() < 1e-12);
+        assert_eq!(rel_error("equal", &b, &b), 0.0);
+        assert_eq!(rel_error("zeros", &[0.0; 3], &[0.0; 3]), 0.0);
+        assert_eq!(rel_error("zero reference", &[1e-30, 0.0], &[0.0; 2]), f64::INFINITY);
+    }
+
+    #[test]
+    fn one_element_off_by_three_tolerances_fails() {
+        let b = gaussian(&mut rng(1), 1000, 1.0);
+        for tol in [1e-5, 2f64.powi(-11), 2f64.powi(-8)] {
+            let mut a = b.clone();
+            a[17] += 3.0 * tol * frobenius(&b);
+            let e = rel_error("perturbed", &a, &b);
+            assert!(e > tol && (e - 3.0 * tol).abs() < 1e-9 * tol, "{e} vs {tol}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "non-finite result [1] = NaN")]
+    fn rel_error_rejects_a_non_finite_result() {
+        rel_error("nan", &[1.0, f64::NAN], &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn only_a_reference_at_f64_noise_counts_as_cancelled() {
+        // f64 noise of O(1) terms: measured against the scale; f32 noise there passes 1e-5.
+        let noise = gaussian(&mut rng(2), 40, 1e-17);
+        let f32_noise = gaussian(&mut rng(3), 40, 1e-7);
+        let e = rel_error_or_cancelled("cancelled", &f32_noise, &noise, 1.0);
+        assert!(e.cancelled && e.value < 2e-7, "{e}");
+        // A genuinely small gradient (1e-9 of the scale) is not cancelled: 10 % off reads 10 %.
+        let small = gaussian(&mut rng(4), 40, 1e-9);
+        let off: Vec<f64> = small.iter().map(|x| x * 1.1).collect();
+        let e = rel_error_or_cancelled("small", &off, &small, 1.0);
+        assert!(!e.cancelled && (e.value - 0.1).abs() < 1e-9, "{e}");
+        // Large noise on a cancelled reference fails the check.
+        let big: Vec<f64> = f32_noise.iter().map(|x| x * 1e3).collect();
+        assert!(rel_error_or_cancelled("noisy", &big, &noise, 1.0).value > 1e-5);
+    }
+
+    #[test]
+    fn the_log_denominator_slope_of_relu_is_one_over_its_feature() {
+        // One token, d = 1: R = φ(q)·φ(k) with φ(x) = relu(x) + κ, so ∂log R/∂q = 1/(q + κ).
+        let map = FeatureMap::relu(None);
+        let FeatureMap::Generalized { kappa, .. } = map else { unreachable!() };
+        let (q, k) = ([0.01f32], [0.5f32]);
+        let inputs = Inputs { q: (&q[..]).into(), k: (&k[..]).into(), v: (&k[..]).into(), key_mask: None };
+        let (slope, params) = log_denominator_slopes(&Problem::new(AttentionShape::new(1, 1, 1, 1), &map), inputs);
+        let want = 1.0 / (0.01f32 as f64 + kappa as f64);
+        assert!((slope / want - 1.0).abs() < 1e-12 && params == 0.0, "{slope} vs {want}");
+    }
+
+    #[test]
+    fn storage_tolerances_add_half_an_ulp() {
+        assert_eq!(storage_tolerance(DType::F32, 1e-5), 1e-5);
+        assert_eq!(storage_tolerance(DType::F16, 0.0), 2f64.powi(-11));
+        let x = 1.0 + 2f64.powi(-9) + 2f64.powi(-20);
+        let rounded = half::bf16::from_f64(x).to_f64();
+        assert!(((rounded - x) / x).abs() <= unit_roundoff(DType::Bf16));
+    }
+
+    #[test]
+    fn positive_features_do_not_cancel_and_trigonometric_ones_do() {
+        let s = AttentionShape::new(1, 1, 40, 16);
+        let q = random_tensor(5, s.qk_len(), 1.0);
+        let k = random_tensor(6, s.qk_len(), 1.0);
+        let inputs = Inputs { q: (&q).into(), k: (&k).into(), v: (&q).into(), key_mask: None };
+        let proj = Projection::draw(ProjectionConfig::new(16, 16, 7)).unwrap();
+        let positive = denominator_condition(&Problem::new(s, &FeatureMap::positive(proj.clone())), inputs);
+        assert!((positive - 1.0).abs() < 1e-12, "{positive}");
+        let trig = denominator_condition(&Problem::new(s, &FeatureMap::trigonometric(proj)), inputs);
+        assert!(trig > 1.5, "{trig}");
+    }
 }

@@ -2,9 +2,14 @@
 
 mod common;
 use common::*;
+use favor_core::testing::rel_error;
 use favor_core::{
     AttentionOptions, AttentionShape, DType, FavorBackend, FeatureRole, HostTensor, Inputs, Problem, ReferenceBackend,
 };
+
+/// The standalone feature map in f32 against the reference rounded to f32 (its public output):
+/// measured worst 8.6e-7 (features and dx), the f32 rounding of one projection and exp per feature.
+const FEATURE_TOL: f64 = 1e-5;
 
 #[test]
 fn feature_map_and_backward_match_reference() {
@@ -20,9 +25,9 @@ fn feature_map_and_backward_match_reference() {
                     let mut reference = ours.clone();
                     backend.feature_map(&map, role, shape, x.view(), ours.view_mut()).unwrap();
                     ReferenceBackend.feature_map(&map, role, shape, x.view(), reference.view_mut()).unwrap();
-                    let e = rel_fro(&ours.to_f64_vec(), &reference.to_f64_vec());
                     let what = format!("{} {} {role:?} L={l} d={d} m={m}", backend.name(), map.name());
-                    assert!(e <= 1e-5, "feature_map {what}: {e:.2e}");
+                    let e = rel_error(&what, &ours.to_f64_vec(), &reference.to_f64_vec());
+                    assert!(e <= FEATURE_TOL, "feature_map {what}: {e:.2e}");
                     let mut dx = HostTensor::zeros(DType::F32, shape.qk_len());
                     let mut rdx = dx.clone();
                     let pg =
@@ -30,10 +35,11 @@ fn feature_map_and_backward_match_reference() {
                     let rpg = ReferenceBackend
                         .feature_map_backward(&map, role, shape, x.view(), g.view(), rdx.view_mut())
                         .unwrap();
-                    let e = rel_fro(&dx.to_f64_vec(), &rdx.to_f64_vec());
-                    assert!(e <= 1e-5, "feature_map_backward {what}: {e:.2e}");
-                    let e = rel_fro(&params_vec(&pg), &params_vec(&rpg));
-                    assert!(e <= 1e-5, "feature_map_backward params {what}: {e:.2e}");
+                    let ex = rel_error(&what, &dx.to_f64_vec(), &rdx.to_f64_vec());
+                    assert!(ex <= FEATURE_TOL, "feature_map_backward {what}: {ex:.2e}");
+                    let ep = rel_error(&what, &params_vec(&pg), &params_vec(&rpg));
+                    assert!(ep <= FEATURE_TOL, "feature_map_backward params {what}: {ep:.2e}");
+                    eprintln!("{what}: features {e:.1e} dx {ex:.1e} params {ep:.1e}");
                 }
             }
         }
@@ -48,9 +54,9 @@ fn decode_chunked_and_stepwise_match_full_causal() {
             let (l, d, dv, m) = (150, 9, 17, 33);
             let map = all_maps(d, m, 77).swap_remove(mi);
             let shape = AttentionShape::new(2, 2, l, d).with_dv(dv);
-            let case = Case::new(shape, DType::F32, masked, 3);
+            let case = Case::new(shape, DType::F32, masked, 3).conditioned_for(&map);
             let p = Problem::new(shape, &map).with_options(AttentionOptions::causal());
-            let full = case.forward(&ReferenceBackend, &p);
+            let full = case.reference_forward(&p);
             for chunk in [1usize, 7, 64, 150] {
                 let mut state = backend.new_state(&p).unwrap();
                 let mut got = vec![0.0f64; shape.v_len()];
@@ -81,8 +87,11 @@ fn decode_chunked_and_stepwise_match_full_causal() {
                     }
                     start += n;
                 }
-                let e = rel_fro(&got, &full);
-                assert!(e <= 1e-5, "{} {} decode chunk {chunk}: {e:.2e}", backend.name(), map.name());
+                let what = format!("{} {} decode chunk {chunk}", backend.name(), map.name());
+                let e = rel_error(&what, &got, &full);
+                eprintln!("{what}: {e:.1e}");
+                // The decoder's f32 state sums against the f64 reference: measured worst 1.7e-7.
+                assert!(e <= 2e-6, "{what}: {e:.2e}");
             }
         }
     }

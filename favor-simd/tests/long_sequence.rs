@@ -4,17 +4,10 @@
 
 mod common;
 use common::*;
+use favor_core::testing::rel_error;
 use favor_core::{
-    AttentionOptions, AttentionShape, DType, Direction, FavorBackend, FeatureMap, Problem, Projection,
-    ProjectionConfig, ReferenceBackend,
+    AttentionOptions, AttentionShape, DType, Direction, FavorBackend, FeatureMap, Problem, Projection, ProjectionConfig,
 };
-
-/// Relative Frobenius error without a floor.
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
-}
 
 #[test]
 fn error_does_not_grow_with_sequence_length() {
@@ -29,14 +22,16 @@ fn error_does_not_grow_with_sequence_length() {
             let shape = AttentionShape::new(1, 1, len, 64);
             let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
             let case = Case::new(shape, DType::F32, false, 3);
-            let out = rel(&case.forward(&backend, &p), &case.forward(&ReferenceBackend, &p));
+            let what = format!("{direction:?} L={len}");
+            let out = rel_error(&what, &case.forward(&backend, &p), &case.reference_forward(&p));
             let (dq, dk, dv, _) = case.backward(&backend, &p);
-            let (rq, rk, rv, _) = case.backward(&ReferenceBackend, &p);
-            let (eq, ek, ev) = (rel(&dq, &rq), rel(&dk, &rk), rel(&dv, &rv));
+            let (rq, rk, rv, _) = case.reference_backward(&p);
+            let (eq, ek, ev) = (rel_error(&what, &dq, &rq), rel_error(&what, &dk, &rk), rel_error(&what, &dv, &rv));
             println!("{} {direction:?} L={len}: out {out:.2e} dq {eq:.2e} dk {ek:.2e} dv {ev:.2e}", backend.name());
             for (name, e) in [("out", out), ("dq", eq), ("dk", ek), ("dv", ev)] {
-                // f32 rounding of sums over L terms, blocked per tile and segment: ≤ 1e-5 at any L.
-                assert!(e <= 1e-5, "{direction:?} L={len}: {name} rel. error {e:.2e} > 1e-5");
+                // f32 rounding of sums over L terms, blocked per tile and segment, stays within
+                // the short-sequence tolerance at any L (measured ≤ 1.8e-6 at L = 65536).
+                assert!(e <= TOL_F32, "{what}: {name} rel. error {e:.2e} > {TOL_F32:.0e}");
             }
         }
     }

@@ -1,13 +1,13 @@
 //! Inputs of every magnitude: query and key entries scaled by 10^k, k = 0 … 37 (capped at the
 //! storage type's range), every feature map, ISA, dtype and direction. Outputs and gradients must
-//! be finite at every scale and agree with the f64 reference up to 1e3; the measured errors are
-//! printed (`--nocapture`) for every scale.
+//! be finite at every scale and agree with the f64 reference up to 1e3 (trigonometric features at
+//! unit scale only, nearly saturated hyperbolic gradients against the scale of what cancels, see
+//! [`saturated`]); the measured errors are printed (`--nocapture`) for every scale.
 
 mod common;
 use common::*;
-use favor_core::{
-    AttentionOptions, AttentionShape, DType, Direction, FavorBackend, FeatureMap, HostTensor, Problem, ReferenceBackend,
-};
+use favor_core::testing::{RelError, denominator_condition, frobenius, rel_error, rel_error_or_cancelled};
+use favor_core::{AttentionOptions, AttentionShape, DType, Direction, FavorBackend, FeatureMap, HostTensor, Problem};
 
 fn scaled(t: &HostTensor, s: f64) -> HostTensor {
     let x: Vec<f32> = t.to_f32_vec().iter().map(|&x| (x as f64 * s) as f32).collect();
@@ -25,18 +25,37 @@ fn max_exponent(dtype: DType) -> i32 {
 /// Scales up to 1e3 must agree with the reference within the unit-scale tolerance.
 const AGREE_UP_TO: i32 = 3;
 
-/// ‖a − b‖ / max(‖b‖, √n·floor): relative error, with a floor for gradients whose exact value
-/// vanishes.
-fn rel_err(a: &[f64], b: &[f64], floor: f64) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    let den = b.iter().map(|y| y * y).sum::<f64>().sqrt().max((b.len() as f64).sqrt() * floor);
-    if den == 0.0 { num } else { num / den }
+/// The f32 error of `what` against the reference: relative, or against the scale of the cancelled
+/// terms where the exact gradient vanishes (saturated attention at large scales: one key takes
+/// all the weight, so out = v_l and dq, dk, dW are differences of equal terms).
+fn grad_error(what: &str, a: &[f64], b: &[f64], scale: f64) -> RelError {
+    if scale.is_finite() && scale > 0.0 {
+        rel_error_or_cancelled(what, a, b, scale)
+    } else {
+        RelError { value: rel_error(what, a, b), cancelled: false }
+    }
+}
+
+/// Hyperbolic features at scale 1e2: attention is nearly saturated, and the exact dq and dk are
+/// only ~1e-11 and ~1e-9 of the scale of the terms they are differences of (measured), far below
+/// what f32 resolves (6e-8 of it), so their relative error (printed: up to 5e2) measures the
+/// gradient's conditioning, not the kernels. There they are checked against that scale instead
+/// (measured ≤ 4e-8, within TOL_CANCELLED).
+fn saturated(map: &FeatureMap, k: i32) -> bool {
+    matches!(map, FeatureMap::Hyperbolic { .. }) && k == 2
+}
+
+/// ‖a − b‖ / (scale·√n): the error relative to the scale of the terms that cancel.
+fn vs_scale(a: &[f64], b: &[f64], scale: f64) -> f64 {
+    let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    frobenius(&diff) / (scale * (b.len().max(1) as f64).sqrt())
 }
 
 #[test]
 fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
     let shape = AttentionShape::new(1, 2, 70, 8).with_dv(5);
     let mut report = Vec::new();
+    let mut worst_checked = std::collections::BTreeMap::new();
     for backend in backends() {
         for map in all_maps(8, 16, 5) {
             let trig = matches!(map, FeatureMap::Trigonometric { .. });
@@ -59,33 +78,57 @@ fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
                                 panic!("{what}: non-finite {name}[{i}] = {}", g[i]);
                             }
                         }
-                        // The reference reads the same (rounded) stored inputs.
-                        let reference = case.forward(&ReferenceBackend, &p);
-                        let (rq, rk, rv, rpg) = case.backward(&ReferenceBackend, &p);
-                        // dk of a saturated attention: the exact gradient vanishes (one key takes
-                        // all the weight) while f32 keeps the rounding of out ≈ v_l, amplified by
-                        // ‖k̃‖ through ∂h/∂k = k̃. Its error is measured against that natural
-                        // scale, max|k̃| (the other gradients need no such floor).
-                        let kmax = case.k.to_f64_vec().iter().fold(0.0f64, |a, &x| a.max(x.abs())) / 8f64.powf(0.25);
+                        // The reference's f64 result on the same (rounded) stored inputs.
+                        let reference = case.reference_forward(&p);
+                        let (rq, rk, rv, rpg) = case.reference_backward(&p);
+                        let (scale, pscale) = case.cancel_scales(&p);
                         let e = [
-                            ("out", rel_err(&ours, &reference, 0.0)),
-                            ("dq", rel_err(&dq, &rq, 1.0)),
-                            ("dk", rel_err(&dk, &rk, kmax.max(1.0))),
-                            ("dv", rel_err(&dv, &rv, 1.0)),
-                            ("params", rel_err(&pv, &params_vec(&rpg), 1.0)),
+                            ("out", RelError { value: rel_error(&what, &ours, &reference), cancelled: false }),
+                            ("dq", grad_error(&what, &dq, &rq, scale)),
+                            ("dk", grad_error(&what, &dk, &rk, scale)),
+                            ("dv", RelError { value: rel_error(&what, &dv, &rv), cancelled: false }),
+                            ("params", grad_error(&what, &pv, &rpg, if rpg.is_empty() { 0.0 } else { pscale })),
                         ];
                         // Trigonometric features are sign-indefinite: beyond unit scale their
                         // denominators cancel and the error grows with the condition number;
-                        // README's accuracy section gives the measured figures.
+                        // README's accuracy section gives the measured figures. At unit scale
+                        // (d = 8, σ = 0.5) they are well-conditioned.
                         let checked = if trig { k == 0 } else { k <= AGREE_UP_TO };
                         if checked {
-                            let tol = tolerance(dtype);
+                            if trig {
+                                let kappa = denominator_condition(&p, case.inputs());
+                                assert!(kappa <= TRIG_KAPPA_MAX, "{what}: ill-conditioned data (κ = {kappa:.1e})");
+                            }
                             for (name, err) in e {
-                                assert!(err <= tol, "{what}: {name} rel. error {err:.2e} > {tol:.0e}");
+                                // dW is returned in f32 whatever the storage.
+                                let tol = if name == "params" { TOL_F32 } else { tolerance(dtype) };
+                                let (err, tol) = match name {
+                                    "dq" if saturated(&map, k) => (vs_scale(&dq, &rq, scale), TOL_CANCELLED),
+                                    "dk" if saturated(&map, k) => (vs_scale(&dk, &rk, scale), TOL_CANCELLED),
+                                    _ => (err.value, grad_tolerance(err, tol)),
+                                };
+                                assert!(err <= tol, "{what}: {name} error {err:.2e} > {tol:.1e}");
+                                let kind = match name {
+                                    "out" => "out",
+                                    _ if tol == TOL_CANCELLED => "gradients vs the scale of cancelled terms",
+                                    _ => "gradients",
+                                };
+                                let w = worst_checked.entry(format!("{dtype} {kind}")).or_insert(0.0f64);
+                                *w = w.max(err);
                             }
                         }
-                        let e: Vec<String> = e.iter().map(|(_, x)| format!("{x:.0e}")).collect();
-                        errors.push(format!("1e{k}: {}", e.join("/")));
+                        // Errors against the scale of cancelled terms are marked "c".
+                        let e: Vec<String> = e
+                            .iter()
+                            .map(|(_, x)| format!("{:.0e}{}", x.value, if x.cancelled { "c" } else { "" }))
+                            .collect();
+                        let sat = if saturated(&map, k) {
+                            let (q, kk) = (vs_scale(&dq, &rq, scale), vs_scale(&dk, &rk, scale));
+                            format!(" (dq/dk vs scale {q:.0e}/{kk:.0e})")
+                        } else {
+                            String::new()
+                        };
+                        errors.push(format!("1e{k}: {}{sat}", e.join("/")));
                     }
                     report.push(format!(
                         "{} {} {dtype} {direction:?}: {}",
@@ -97,7 +140,10 @@ fn every_input_scale_gives_finite_results_that_agree_with_the_reference() {
             }
         }
     }
-    println!("errors out/dq/dk/dv/params per scale:\n{}", report.join("\n"));
+    println!("errors out/dq/dk/dv/params per scale (c: vs the scale of cancelled terms):\n{}", report.join("\n"));
+    for (what, err) in worst_checked {
+        println!("worst checked error, {what}: {err:.1e}");
+    }
 }
 
 #[test]

@@ -30,9 +30,10 @@ fn sweep(direction: Direction) {
                 let masked = rep == 1;
                 let e = check_against_reference(&backend, &map, shape, direction, DType::F32, masked, seed, true);
                 eprintln!(
-                    "{} {:>22} L={l:4} d={d:4} dv={dv:4} m={m:4} mask={masked}: {e:.2e}",
+                    "{} {:>22} L={l:4} d={d:4} dv={dv:4} m={m:4} mask={masked}: {:.2e}",
                     backend.name(),
-                    map.name()
+                    map.name(),
+                    e.worst()
                 );
             }
         }
@@ -147,6 +148,46 @@ fn causal_backward_stash_placements_match_reference() {
                 let map = FeatureMap::Positive { projection: proj, epsilon: 0.05 };
                 let shape = AttentionShape::new(1, 1, l, d).with_dv(dv);
                 check_against_reference(&backend, &map, shape, Direction::Causal, dtype, true, 33, true);
+            }
+        }
+    }
+}
+
+/// The tolerances catch real errors on trigonometric features, on the same well-conditioned data
+/// the sweeps use: a backend whose projection reads row 4 in place of row 5 (an off-by-one in
+/// one of the m rows), and a subtle one, a projection rounded to f16 (a kernel keeping W in 16
+/// bits), fail every check by more than 3× the tolerance.
+#[test]
+fn wrong_trigonometric_features_exceed_the_tolerance() {
+    use favor_core::testing::rel_error;
+    use favor_core::{AttentionOptions, FeatureMap, Problem, Projection, ProjectionConfig};
+    let (d, m) = (16, 32);
+    let proj = Projection::draw(ProjectionConfig::new(m, d, 0x5eed_0099)).unwrap();
+    let mut shifted = proj.matrix().to_vec();
+    shifted.copy_within(4 * d..5 * d, 5 * d);
+    let half: Vec<f32> = proj.matrix().iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    let good = FeatureMap::trigonometric(proj);
+    let backend = favor_simd::SimdBackend::new();
+    for (bug, w) in [("row 5 reads row 4", shifted), ("W rounded to f16", half)] {
+        let bad = FeatureMap::trigonometric(Projection::from_matrix(m, d, w).unwrap());
+        for direction in [Direction::Bidirectional, Direction::Causal] {
+            let shape = AttentionShape::new(1, 2, 65, d).with_dv(9);
+            let case = Case::new(shape, DType::F32, false, 4).conditioned_for(&good);
+            let opts = AttentionOptions { direction, ..Default::default() };
+            let p = Problem::new(shape, &good).with_options(opts);
+            let wrong = Problem::new(shape, &bad).with_options(opts);
+            let out = rel_error("out", &case.forward(&backend, &wrong), &case.reference_forward(&p));
+            let (dq, dk, dv, _) = case.backward(&backend, &wrong);
+            let (rq, rk, rv, _) = case.reference_backward(&p);
+            let errors = [
+                ("out", out),
+                ("dq", rel_error("dq", &dq, &rq)),
+                ("dk", rel_error("dk", &dk, &rk)),
+                ("dv", rel_error("dv", &dv, &rv)),
+            ];
+            for (name, e) in errors {
+                eprintln!("{bug}, {direction:?}: {name} error {e:.1e}");
+                assert!(e > 3.0 * TOL_F32, "{bug}, {direction:?}, {name}: error only {e:.1e}");
             }
         }
     }
