@@ -34,6 +34,9 @@ const WIDE_INPUT: f32 = 16_777_216.0;
 const FEATURE_LO: f32 = 1.0 / 16_777_216.0;
 /// See [`FEATURE_LO`].
 const FEATURE_HI: f32 = 16_777_216.0;
+/// Values and output gradients beyond 2^32: the kernels multiply them by sums of up to L·M
+/// features and by each other (⟨∂ℒ/∂out, v⟩), which stays inside f32's range below it.
+const VALUE_LIMIT: f32 = 4_294_967_296.0;
 
 /// Largest grid.y (one block row per (batch, head)).
 const MAX_PROBLEMS: usize = 65_535;
@@ -72,7 +75,8 @@ impl Packed {
 }
 
 /// Rows the f32 kernels cannot carry, tracked per call: a denominator below 2^-40 (see
-/// `at_risk` in cuda/common.cuh), an input entry beyond [`WIDE_INPUT`], or — for the maps without
+/// `at_risk` in cuda/common.cuh), a query or key entry beyond [`WIDE_INPUT`], a value or output
+/// gradient beyond [`VALUE_LIMIT`], or — for the maps without
 /// a built-in stabiliser — a largest feature outside [`FEATURE_LO`]..[`FEATURE_HI`]. Their heads
 /// are recomputed on the host by favor-core's f64 attention, as the CPU backend does. Costs one
 /// read-back of a flag per (batch, head) per call; only extreme inputs (ε = 0 with features that
@@ -327,6 +331,8 @@ impl CudaBackend {
         if let Some(r) = risk {
             self.exec.launch_flag_wide(x.q.ptr(), x.rows, s.d, (0.0, WIDE_INPUT), r.args())?;
             self.exec.launch_flag_wide(x.k.ptr(), x.rows, s.d, (0.0, WIDE_INPUT), r.args())?;
+            // V with its ones column: the extra 1 is inside the range.
+            self.exec.launch_flag_wide(x.v1.ptr(), x.rows, s.dv + 1, (0.0, VALUE_LIMIT), r.args())?;
         }
         let (qf, qc) = self.query_features(x.q.ptr(), x.rows, s.len, map)?;
         let c_init = state.as_ref().map(|st| st.c.ptr());
@@ -405,6 +411,7 @@ impl CudaBackend {
         let g1 = self.scratch(rows * dv1)?;
         let invariant = self.scratch_bytes(rows)?;
         let delta = p.denominator_guard();
+        self.exec.launch_flag_wide(g.ptr(), rows, s.dv, (0.0, VALUE_LIMIT), risk.args())?;
         let (o1, inv) = (att.o1.ptr(), Some(invariant.ptr()));
         self.exec.launch_cotangent(g.ptr(), o1, rows, s.dv, delta, g1.ptr(), inv, Some(risk.args()))?;
         // Heads at risk get zero cotangents here and are recomputed in f64 at the end.

@@ -248,3 +248,58 @@ fn sixteen_bit_results_beyond_the_range_saturate() {
         assert!(e <= 1e-2, "{}: dv rel. error {e:.2e}", cuda.name());
     }
 }
+
+#[test]
+fn values_and_output_gradients_of_any_magnitude_give_finite_results() {
+    // v and ∂ℒ/∂out of head 1 scaled up to the top of the range: K'ᵀV, the causal state and
+    // ⟨∂ℒ/∂out, v⟩ would overflow f32, so heads with entries beyond 2^32 take the f64 path; head
+    // 0 keeps unit values on the kernels. Compared with the reference's f64 result under the
+    // storage policy (saturation at the dtype's largest value).
+    let (d, m) = (8, 16);
+    let shape = AttentionShape::new(1, 2, 33, d).with_dv(3);
+    let proj = || Projection::draw(ProjectionConfig::new(m, d, 5)).unwrap();
+    let maps = [FeatureMap::positive(proj()), FeatureMap::relu(Some(proj())), FeatureMap::elu_plus_one()];
+    let half = shape.len * shape.dv;
+    for cuda in backends("large values") {
+        for map in &maps {
+            for dtype in [DType::F32, DType::Bf16] {
+                let max = if dtype == DType::F32 { f32::MAX as f64 } else { 3.389_531_4e38 };
+                for direction in [Direction::Bidirectional, Direction::Causal] {
+                    let p = Problem::new(shape, map).with_options(AttentionOptions { direction, ..Default::default() });
+                    for s in [1e9f64, 1e20, 3e38] {
+                        let big = |seed: u64| {
+                            let mut x = random_tensor(seed, shape.v_len(), 1.0);
+                            for e in &mut x[half..] {
+                                *e = (*e as f64 * s).clamp(-3.3e38, 3.3e38) as f32;
+                            }
+                            HostTensor::from_f32(dtype, &x)
+                        };
+                        let c = Case {
+                            q: HostTensor::from_f32(dtype, &random_tensor(1, shape.qk_len(), 0.5)),
+                            k: HostTensor::from_f32(dtype, &random_tensor(2, shape.qk_len(), 0.5)),
+                            v: big(3),
+                            dout: big(4),
+                            mask: None,
+                        };
+                        let what = format!("{} {} {dtype} {direction:?} v, dout × {s:e}", cuda.name(), map.name());
+                        let ours = run(&cuda, &p, &c);
+                        for (g, name) in ours.iter().zip(NAMES) {
+                            assert!(g.iter().all(|x| x.is_finite()), "{what}: non-finite {name}");
+                        }
+                        let inputs =
+                            Inputs { q: c.q.view(), k: c.k.view(), v: c.v.view(), key_mask: c.mask.as_deref() };
+                        let stored = |x: Vec<f64>| x.into_iter().map(|y| y.clamp(-max, max)).collect::<Vec<f64>>();
+                        let out = stored(ReferenceBackend.forward_f64(&p, inputs).unwrap());
+                        let dv = stored(ReferenceBackend.backward_f64(&p, inputs, c.dout.view()).unwrap().dv);
+                        // dv is linear in dout alone: no cancellation to speak of.
+                        for (name, a, b) in [("out", &ours[0], &out), ("dv", &ours[3], &dv)] {
+                            let e = rel_frobenius(a, b);
+                            let t = tol(dtype, false);
+                            assert!(e <= t, "{what}: {name} rel. error {e:.2e} > {t:.0e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

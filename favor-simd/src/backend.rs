@@ -180,6 +180,27 @@ fn risk_flags(s: AttentionShape) -> Vec<AtomicBool> {
     (0..s.problems()).map(|_| AtomicBool::new(false)).collect()
 }
 
+/// Values (and output gradients) beyond 2^32 in magnitude send their head to the f64 path: the
+/// kernels multiply them by sums of up to L·M features and by each other (⟨∂ℒ/∂out, v⟩), which
+/// stays inside f32's range below it, for any length an f32 sum can carry.
+const VALUE_LIMIT: f32 = 4_294_967_296.0;
+
+/// Flags the heads of `t` (`[B, H, L, width]`) holding an entry beyond [`VALUE_LIMIT`].
+fn flag_large_values(s: AttentionShape, t: HostRef<'_>, width: usize, risk: &[AtomicBool]) {
+    let n = s.len * width;
+    let beyond = |bh: usize| match t {
+        HostRef::F32(x) => x[bh * n..(bh + 1) * n].iter().any(|e| e.abs() > VALUE_LIMIT),
+        // f16's largest value is 65504.
+        HostRef::F16(_) => false,
+        HostRef::Bf16(x) => x[bh * n..(bh + 1) * n].iter().any(|e| e.to_f32().abs() > VALUE_LIMIT),
+    };
+    risk.par_iter().enumerate().for_each(|(bh, flag)| {
+        if beyond(bh) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    });
+}
+
 /// The heads with a row at risk, which are recomputed by favor-core's f64 attention.
 fn flagged(risk: &[AtomicBool]) -> Vec<usize> {
     risk.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).map(|(bh, _)| bh).collect()
@@ -291,6 +312,7 @@ impl FavorBackend for SimdBackend {
         let plan = Plan::new(p.map, s.d);
         let delta = p.denominator_guard();
         let risk = risk_flags(s);
+        flag_large_values(s, inputs.v, s.dv, &risk);
         match p.options.direction {
             Direction::Bidirectional => {
                 let keys = self.key_states(&plan, s, &inputs);
@@ -341,6 +363,8 @@ impl FavorBackend for SimdBackend {
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
         let risk = risk_flags(s);
+        flag_large_values(s, inputs.v, s.dv, &risk);
+        flag_large_values(s, dout, s.dv, &risk);
         // Parameter-gradient partials, each with its head (those of recomputed heads are dropped).
         let params: Vec<(usize, ParamAcc)> = match p.options.direction {
             Direction::Bidirectional => {

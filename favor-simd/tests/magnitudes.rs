@@ -178,3 +178,54 @@ fn parameters_at_their_limit_give_finite_results() {
         }
     }
 }
+
+#[test]
+fn values_and_output_gradients_of_any_magnitude_give_finite_results() {
+    // v and ∂ℒ/∂out scaled up to f32's largest values (clamped there): K'ᵀV, the causal state and
+    // ⟨∂ℒ/∂out, v⟩ would overflow f32, so heads with entries beyond 2^32 take the f64 path; below
+    // it the f32 kernels must still agree with the reference.
+    let shape = AttentionShape::new(1, 2, 40, 8).with_dv(3);
+    let clamp = |t: &HostTensor, s: f64| {
+        let x: Vec<f32> = t.to_f32_vec().iter().map(|&x| (x as f64 * s).clamp(-3.3e38, 3.3e38) as f32).collect();
+        HostTensor::from_f32(t.dtype(), &x)
+    };
+    for backend in backends() {
+        for map in all_maps(8, 16, 5) {
+            for dtype in [DType::F32, DType::Bf16] {
+                for direction in [Direction::Bidirectional, Direction::Causal] {
+                    let p =
+                        Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
+                    for s in [1e9, 1e20, 1e36, 3e38] {
+                        let base = Case::new(shape, dtype, true, 8).conditioned_for(&map);
+                        // Head 1 only: head 0 keeps unit values and stays on the f32 kernels.
+                        let half = shape.len * shape.dv;
+                        let big = |t: &HostTensor| {
+                            let mut x = t.to_f32_vec();
+                            let scaled = clamp(t, s).to_f32_vec();
+                            x[half..].copy_from_slice(&scaled[half..]);
+                            HostTensor::from_f32(dtype, &x)
+                        };
+                        let case = Case { v: big(&base.v), dout: big(&base.dout), ..base };
+                        let what = format!("{} {} {dtype} {direction:?} v, dout × {s:e}", backend.name(), map.name());
+                        let out = case.forward(&backend, &p);
+                        let (dq, dk, dv, pg) = case.backward(&backend, &p);
+                        let pv = params_vec(&pg);
+                        for (name, g) in [("out", &out), ("dq", &dq), ("dk", &dk), ("dv", &dv), ("params", &pv)] {
+                            assert!(g.iter().all(|x| x.is_finite()), "{what}: non-finite {name}");
+                        }
+                        let tol = tolerance(dtype);
+                        // The reference's f64 result under the storage policy (saturation).
+                        let max = if dtype == DType::F32 { f32::MAX as f64 } else { 3.389_531_4e38 };
+                        let stored = |x: Vec<f64>| x.into_iter().map(|y| y.clamp(-max, max)).collect::<Vec<f64>>();
+                        let e = rel_error(&what, &out, &stored(case.reference_forward(&p)));
+                        assert!(e <= tol, "{what}: out rel. error {e:.2e} > {tol:.1e}");
+                        // dv is linear in dout alone: no cancellation to speak of.
+                        let (_, _, rv, _) = case.reference_backward(&p);
+                        let e = rel_error(&what, &dv, &stored(rv));
+                        assert!(e <= tol, "{what}: dv rel. error {e:.2e} > {tol:.1e}");
+                    }
+                }
+            }
+        }
+    }
+}
