@@ -413,10 +413,10 @@ mod tests {
         crate::workload::gaussian(n, seed, scale)
     }
 
+    /// favor_core::testing::rel_error on f32 results.
     fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
+        let f = |x: &[f32]| x.iter().map(|&e| e as f64).collect::<Vec<f64>>();
+        favor_core::testing::rel_error("baseline", &f(a), &f(b))
     }
 
     #[test]

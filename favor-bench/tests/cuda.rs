@@ -77,11 +77,10 @@ mod emulated {
     use npyz::WriterBuilder;
     use std::path::Path;
 
+    /// favor_core::testing::rel_error on f32 results.
     fn rel(got: &[f32], want: &[f32]) -> f64 {
-        assert_eq!(got.len(), want.len());
-        let num: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
-        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-        (num / den.max(1e-30)).sqrt()
+        let f = |x: &[f32]| x.iter().map(|&e| e as f64).collect::<Vec<f64>>();
+        favor_core::testing::rel_error("favor-bench CUDA path", &f(got), &f(want))
     }
 
     #[test]
