@@ -6,7 +6,9 @@
 //! without a round trip through host memory. Every backend also offers the host path: CPU
 //! backends natively, GPU backends through a host adapter that copies.
 
-use crate::validate::checked_len;
+/// Size arithmetic and fallible allocation for backends: a buffer whose size comes from a
+/// caller goes through these, so that it fails with a typed error instead of aborting.
+pub use crate::validate::{checked_len, try_with_capacity, try_zeroed};
 use crate::{
     AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
     TensorHandle,
