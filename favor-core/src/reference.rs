@@ -217,7 +217,9 @@ impl FavorBackend for ReferenceBackend {
         let mf = p.features();
         let shape = made_for.shape();
         let mut heads = try_with_capacity("state", shape.problems())?;
-        heads.resize(shape.problems(), CausalState::new(mf, shape.dv));
+        for _ in 0..shape.problems() {
+            heads.push(CausalState::new(mf, shape.dv)?);
+        }
         Ok(ReferenceState { made_for, heads })
     }
 
