@@ -445,8 +445,8 @@ pub fn min_abs_preactivation(map: &FeatureMap, x: &[f64], d: usize) -> f64 {
     for row in x.chunks_exact(d) {
         match projection {
             Some(p) => {
-                for j in 0..p.m() {
-                    let y: f64 = p.row(j).iter().zip(row).map(|(&w, &v)| w as f64 * v).sum();
+                for w in p.rows() {
+                    let y: f64 = w.iter().zip(row).map(|(&w, &v)| w as f64 * v).sum();
                     min = min.min((n * y).abs());
                 }
             }
