@@ -18,7 +18,8 @@ use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
 use crate::kernels::{HeadIn, TILE};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
-    check_backward, check_finite, check_output, check_tensor, validate_feature_call, validate_host_inputs,
+    check_backward, check_finite, check_output, check_tensor, try_with_capacity, validate_feature_call,
+    validate_host_inputs,
 };
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
@@ -542,7 +543,11 @@ impl FavorBackend for SimdBackend {
     fn new_state(&self, p: &Problem<'_>) -> Result<SimdState> {
         let made_for = favor_core::StateSignature::new(p)?;
         let (plan, shape) = (Plan::new(p.map, p.shape.d), made_for.shape());
-        Ok(SimdState { made_for, heads: vec![HeadState::new(&plan, shape.dv); shape.problems()] })
+        let mut heads = try_with_capacity("state", shape.problems())?;
+        for _ in 0..shape.problems() {
+            heads.push(HeadState::try_new(&plan, shape.dv)?);
+        }
+        Ok(SimdState { made_for, heads })
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
