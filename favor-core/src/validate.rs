@@ -35,6 +35,13 @@ pub fn try_with_capacity<T>(arg: &'static str, n: usize) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// Asks once, fallibly, for a buffer of `dims` elements of `T` and frees it at once: the check
+/// for buffers that code without an error path (a kernel, a per-head f64 function) allocates
+/// later. It catches sizes no allocation of this process can hold; it reserves nothing.
+pub fn check_allocatable<T>(arg: &'static str, dims: &[usize]) -> Result<()> {
+    try_with_capacity::<T>(arg, checked_len(arg, dims)?).map(drop)
+}
+
 /// `n` zeros, allocated fallibly (see [`try_with_capacity`]).
 pub fn try_zeroed<T: Copy + Default>(arg: &'static str, n: usize) -> Result<Vec<T>> {
     let mut v = try_with_capacity(arg, n)?;
