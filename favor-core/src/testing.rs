@@ -605,6 +605,32 @@ pub fn assert_huge_states_are_errors<B: FavorBackend<Mem = Host>>(backend: &B) {
     assert!(backend.new_state(&Problem::new(shape.with_dv(4), map)).is_ok(), "{}: small state", backend.name());
 }
 
+/// Runs forward and backward, both directions, on one token with d = d_v = 2^20 and a map
+/// without projection (M = 2^20): 4 MiB per tensor, but 2^40 values in each head's M×d_v sums.
+/// Each call must be [`FavorError::OutOfMemory`] for the state, never an abort. Run it under
+/// [`with_capped_address_space`].
+pub fn assert_huge_sums_are_errors<B: FavorBackend<Mem = Host>>(backend: &B) {
+    let n = 1 << 20;
+    let shape = AttentionShape::new(1, 1, 1, n);
+    let map = FeatureMap::relu(None);
+    let x = vec![0.5f32; n];
+    let inputs = Inputs { q: (&x).into(), k: (&x).into(), v: (&x).into(), key_mask: None };
+    let (mut a, mut b, mut c) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    for options in [crate::AttentionOptions::bidirectional(), crate::AttentionOptions::causal()] {
+        let p = Problem::new(shape, &map).with_options(options);
+        let what = format!("{} {:?}", backend.name(), options.direction);
+        let is_oom = |r: crate::Result<()>, call: &str| match r {
+            Err(FavorError::OutOfMemory { arg: "state", elements, .. }) => {
+                assert!(elements >= 1 << 40, "{what} {call}: {elements} elements")
+            }
+            other => panic!("{what} {call}: expected OutOfMemory, got {other:?}"),
+        };
+        is_oom(backend.forward(&p, inputs, (&mut a).into()), "forward");
+        let grads = crate::Grads { dq: (&mut a).into(), dk: (&mut b).into(), dv: (&mut c).into() };
+        is_oom(backend.backward(&p, inputs, (&x).into(), grads).map(drop), "backward");
+    }
+}
+
 /// Environment variable that marks the capped child of [`with_capped_address_space`].
 #[cfg(target_os = "linux")]
 const CAPPED_CHILD: &str = "FAVOR_TEST_ADDRESS_SPACE_LIMITED";

@@ -9,8 +9,11 @@
 #![cfg(target_os = "linux")]
 
 use favor_core::attention::CausalState;
-use favor_core::testing::{assert_huge_states_are_errors, with_capped_address_space};
-use favor_core::{DType, FavorError, HostTensor, Projection, ProjectionConfig, ReferenceBackend};
+use favor_core::testing::{assert_huge_states_are_errors, assert_huge_sums_are_errors, with_capped_address_space};
+use favor_core::{
+    AttentionShape, DType, FavorBackend, FavorError, FeatureMap, HostTensor, Inputs, Problem, Projection,
+    ProjectionConfig, ReferenceBackend,
+};
 
 fn out_of_memory(config: ProjectionConfig, want_elements: usize) {
     match Projection::draw(config) {
@@ -62,5 +65,24 @@ fn host_tensors_too_large_to_allocate_are_errors() {
             );
         }
         assert_eq!(HostTensor::try_zeros(DType::Bf16, 3).map(|t| t.to_f32_vec()), Ok(vec![0.0; 3]));
+    });
+}
+
+#[test]
+fn reference_attention_too_large_to_allocate_is_an_error() {
+    with_capped_address_space("reference_attention_too_large_to_allocate_is_an_error", || {
+        assert_huge_sums_are_errors(&ReferenceBackend);
+        // L = 2^20 tokens of d = 1 and M = 2^20 features (4 MiB each): the reference keeps each
+        // head's L×M features, 8 TiB of f64.
+        let n = 1 << 20;
+        let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(n, 1, 1)).unwrap());
+        let x = vec![0.5f32; n];
+        let mut out = vec![0.0f32; n];
+        let inputs = Inputs { q: (&x).into(), k: (&x).into(), v: (&x).into(), key_mask: None };
+        let p = Problem::new(AttentionShape::new(1, 1, n, 1), &map);
+        assert_eq!(
+            ReferenceBackend.forward(&p, inputs, (&mut out).into()),
+            Err(FavorError::OutOfMemory { arg: "phi", elements: 1 << 40, bytes: 1 << 43 })
+        );
     });
 }
