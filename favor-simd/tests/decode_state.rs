@@ -25,3 +25,15 @@ fn states_too_large_to_allocate_are_errors() {
         }
     });
 }
+
+/// Forward and backward whose per-head sums cannot be allocated are typed errors on every ISA
+/// (under the same cap).
+#[cfg(target_os = "linux")]
+#[test]
+fn sums_too_large_to_allocate_are_errors() {
+    favor_core::testing::with_capped_address_space("sums_too_large_to_allocate_are_errors", || {
+        for backend in backends() {
+            favor_core::testing::assert_huge_sums_are_errors(&backend);
+        }
+    });
+}
