@@ -6,7 +6,9 @@
 //! without a round trip through host memory. Every backend also offers the host path: CPU
 //! backends natively, GPU backends through a host adapter that copies.
 
-use crate::validate::checked_len;
+/// Size arithmetic and fallible allocation for backends: a buffer whose size comes from a
+/// caller goes through these, so that it fails with a typed error instead of aborting.
+pub use crate::validate::{check_allocatable, checked_len, try_with_capacity, try_zeroed};
 use crate::{
     AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
     TensorHandle,
@@ -245,6 +247,15 @@ pub fn validate_feature_call(
     check_tensor("x", x, shape.qk_len(), x.dtype(), QK_DIMS)?;
     check_tensor(features_arg, features, features_len, x.dtype(), "[batch, heads, len, M]")?;
     Ok(mf)
+}
+
+/// Checks the per-head buffers of favor-core's f64 attention functions ([`crate::attention`]),
+/// which have no error path: M×d_v sums (`state`) and L×M features (`phi`) of f64, sizes that
+/// nothing the caller allocated bounds (V is L×d_v, W is M×d). Call it before running them.
+pub fn check_f64_attention_buffers(p: &Problem<'_>) -> Result<()> {
+    let (mf, s) = (p.features(), p.shape);
+    check_allocatable::<f64>("state", &[mf, s.dv])?;
+    check_allocatable::<f64>("phi", &[s.len, mf])
 }
 
 /// Reports the first NaN or infinity of the host inputs (favor's documented policy: non-finite

@@ -3,6 +3,7 @@
 //! Tensors are row-major and contiguous. Storage may be f32, f16 or bf16; every backend
 //! computes and accumulates in f32 (the reference in f64) and rounds once on the way out.
 
+use crate::validate::try_zeroed;
 use crate::{FavorError, Result};
 use half::{bf16, f16};
 use std::fmt;
@@ -358,9 +359,24 @@ impl HostTensor {
         }
     }
 
-    /// Zero-filled storage.
+    /// `n` zeros of `dtype`, or [`FavorError::OutOfMemory`] when they cannot be allocated
+    /// (never an abort).
+    pub fn try_zeros(dtype: DType, n: usize) -> Result<Self> {
+        const ARG: &str = "tensor";
+        Ok(match dtype {
+            DType::F32 => HostTensor::F32(try_zeroed(ARG, n)?),
+            DType::F16 => HostTensor::F16(try_zeroed(ARG, n)?),
+            DType::Bf16 => HostTensor::Bf16(try_zeroed(ARG, n)?),
+        })
+    }
+
+    /// `n` zeros of `dtype`: a shorthand for tests and tools whose sizes are known to fit.
+    ///
+    /// # Panics
+    ///
+    /// When the buffer cannot be allocated; [`HostTensor::try_zeros`] returns that as an error.
     pub fn zeros(dtype: DType, n: usize) -> Self {
-        Self::from_f32(dtype, &vec![0.0; n])
+        Self::try_zeros(dtype, n).unwrap_or_else(|e| panic!("HostTensor::zeros: {e}"))
     }
 
     /// Read-only view.

@@ -151,9 +151,14 @@ impl Projection {
         &self.w
     }
 
-    /// Row `j` (ω_j).
-    pub fn row(&self, j: usize) -> &[f32] {
-        &self.w[j * self.d..(j + 1) * self.d]
+    /// Row `j` (ω_j), `None` when `j ≥ m`.
+    pub fn row(&self, j: usize) -> Option<&[f32]> {
+        self.w.chunks_exact(self.d).nth(j)
+    }
+
+    /// The m rows in order.
+    pub fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.w.chunks_exact(self.d)
     }
 
     /// A 64-bit fingerprint of the sizes and the f32 bits of W (not cryptographic): equal

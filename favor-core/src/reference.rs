@@ -5,8 +5,8 @@ use crate::attention::{
     self, CausalState, Head, HeadGrads, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward,
 };
 use crate::backend::{
-    Grads, Host, Inputs, Problem, check_backward, check_finite, check_output, check_tensor, validate_feature_call,
-    validate_host_inputs,
+    Grads, Host, Inputs, Problem, check_backward, check_f64_attention_buffers, check_finite, check_output,
+    check_tensor, validate_feature_call, validate_host_inputs,
 };
 use crate::features::ParamGradsF64;
 use crate::validate::try_with_capacity;
@@ -77,6 +77,7 @@ impl ReferenceBackend {
     /// 16-bit storage, where rounding the reference to 16 bits too would double the error.
     pub fn forward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>) -> Result<Vec<f64>> {
         validate_host_inputs(p, &inputs)?;
+        check_f64_attention_buffers(p)?;
         let s = p.shape;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
@@ -98,6 +99,7 @@ impl ReferenceBackend {
         let s = p.shape;
         check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         check_finite(&[("dout", dout)])?;
+        check_f64_attention_buffers(p)?;
         let w = Widened::new(&inputs);
         let g = dout.to_f64_vec();
         let delta = p.denominator_guard() as f64;
@@ -217,7 +219,9 @@ impl FavorBackend for ReferenceBackend {
         let mf = p.features();
         let shape = made_for.shape();
         let mut heads = try_with_capacity("state", shape.problems())?;
-        heads.resize(shape.problems(), CausalState::new(mf, shape.dv));
+        for _ in 0..shape.problems() {
+            heads.push(CausalState::new(mf, shape.dv)?);
+        }
         Ok(ReferenceState { made_for, heads })
     }
 
@@ -232,6 +236,7 @@ impl FavorBackend for ReferenceBackend {
         let s = p.shape;
         state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
+        check_f64_attention_buffers(p)?;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
         for (bh, head_state) in state.heads.iter_mut().enumerate() {

@@ -445,8 +445,8 @@ pub fn min_abs_preactivation(map: &FeatureMap, x: &[f64], d: usize) -> f64 {
     for row in x.chunks_exact(d) {
         match projection {
             Some(p) => {
-                for j in 0..p.m() {
-                    let y: f64 = p.row(j).iter().zip(row).map(|(&w, &v)| w as f64 * v).sum();
+                for w in p.rows() {
+                    let y: f64 = w.iter().zip(row).map(|(&w, &v)| w as f64 * v).sum();
                     min = min.min((n * y).abs());
                 }
             }
@@ -571,6 +571,110 @@ pub fn assert_states_checked<B: FavorBackend<Mem = Host>>(backend: &B) -> Vec<(u
         }
     }
     errors
+}
+
+/// Problems whose decoding state passes validation but cannot be allocated: M·d_v of 2^42
+/// values per head (d_v = 2^40), M = 2^40 features (a map without projection on d = 2^40) and
+/// 2^40 heads. No token is needed to ask for such a state, so nothing the caller allocated
+/// bounds its size.
+pub fn huge_state_problems() -> Vec<(AttentionShape, FeatureMap)> {
+    let small = || FeatureMap::positive(Projection::draw(ProjectionConfig::new(4, 4, 1)).expect("valid"));
+    vec![
+        (AttentionShape::new(1, 1, 1, 4).with_dv(1 << 40), small()),
+        (AttentionShape::new(1, 1, 1, 1 << 40).with_dv(1), FeatureMap::relu(None)),
+        (AttentionShape::new(1 << 40, 1, 1, 4).with_dv(1), small()),
+    ]
+}
+
+/// Asks `backend` for a state of every [`huge_state_problems`] problem: each must be
+/// [`FavorError::OutOfMemory`] for the state, never an abort, and a small state must still be
+/// made afterwards. Run it under [`with_capped_address_space`], where such requests fail on any
+/// machine.
+pub fn assert_huge_states_are_errors<B: FavorBackend<Mem = Host>>(backend: &B) {
+    for (shape, map) in huge_state_problems() {
+        let what = format!("{}: state for {shape:?} ({})", backend.name(), map.name());
+        match backend.new_state(&Problem::new(shape, &map)) {
+            Err(FavorError::OutOfMemory { arg: "state", elements, bytes }) => {
+                assert!(elements >= 1 << 40 && bytes >= elements, "{what}: {elements} elements, {bytes} bytes");
+            }
+            Err(e) => panic!("{what}: expected OutOfMemory, got {e}"),
+            Ok(_) => panic!("{what}: expected OutOfMemory, got a state"),
+        }
+    }
+    let (shape, map) = &huge_state_problems()[0];
+    assert!(backend.new_state(&Problem::new(shape.with_dv(4), map)).is_ok(), "{}: small state", backend.name());
+}
+
+/// Runs forward and backward, both directions, on one token with d = d_v = 2^20 and a map
+/// without projection (M = 2^20): 4 MiB per tensor, but 2^40 values in each head's M×d_v sums.
+/// Each call must be [`FavorError::OutOfMemory`] for the state, never an abort. Run it under
+/// [`with_capped_address_space`].
+pub fn assert_huge_sums_are_errors<B: FavorBackend<Mem = Host>>(backend: &B) {
+    let n = 1 << 20;
+    let shape = AttentionShape::new(1, 1, 1, n);
+    let map = FeatureMap::relu(None);
+    let x = vec![0.5f32; n];
+    let inputs = Inputs { q: (&x).into(), k: (&x).into(), v: (&x).into(), key_mask: None };
+    let (mut a, mut b, mut c) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    for options in [crate::AttentionOptions::bidirectional(), crate::AttentionOptions::causal()] {
+        let p = Problem::new(shape, &map).with_options(options);
+        let what = format!("{} {:?}", backend.name(), options.direction);
+        let is_oom = |r: crate::Result<()>, call: &str| match r {
+            Err(FavorError::OutOfMemory { arg: "state", elements, .. }) => {
+                assert!(elements >= 1 << 40, "{what} {call}: {elements} elements")
+            }
+            other => panic!("{what} {call}: expected OutOfMemory, got {other:?}"),
+        };
+        is_oom(backend.forward(&p, inputs, (&mut a).into()), "forward");
+        let grads = crate::Grads { dq: (&mut a).into(), dk: (&mut b).into(), dv: (&mut c).into() };
+        is_oom(backend.backward(&p, inputs, (&x).into(), grads).map(drop), "backward");
+    }
+}
+
+/// Environment variable that marks the capped child of [`with_capped_address_space`].
+#[cfg(target_os = "linux")]
+const CAPPED_CHILD: &str = "FAVOR_TEST_ADDRESS_SPACE_LIMITED";
+
+/// Runs `body` with the address space capped at 4 GiB (`ulimit -v`), where a request of 16 GiB
+/// or more fails at once on any machine whatever its memory and overcommit policy, and nothing
+/// is ever touched: in this process when it is the capped child, otherwise by re-running test
+/// `test` (its full name in this test binary) in a capped child and requiring that it passed.
+/// A cross-compiled test binary (aarch64 under qemu) is re-run through the cargo runner
+/// configured for its target, so the cap applies to the emulator and its guest.
+#[cfg(target_os = "linux")]
+pub fn with_capped_address_space(test: &str, body: impl FnOnce()) {
+    if std::env::var_os(CAPPED_CHILD).is_some() {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 4194304 && exec $2 "$0" --exact "$1" --test-threads=1"#)
+        .arg(exe)
+        .arg(test)
+        .arg(runner_for_this_target())
+        .env(CAPPED_CHILD, "1")
+        .output()
+        .expect("spawn sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in a capped child: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `CARGO_TARGET_<triple>_RUNNER` command for this binary's architecture when one is set
+/// (an emulator for a cross-compiled test), else empty: the binary then runs directly.
+#[cfg(target_os = "linux")]
+fn runner_for_this_target() -> String {
+    let prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
+    std::env::vars()
+        .find(|(key, _)| key.starts_with(&prefix) && key.ends_with("_RUNNER"))
+        .map(|(_, runner)| runner)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ const WIDEST_ELEMENT: usize = 8;
 
 /// The product of `dims`, the element count of argument `arg`; an error naming the dims when it
 /// overflows `usize` or when that many f64 would exceed `isize::MAX` bytes.
-pub(crate) fn checked_len(arg: &'static str, dims: &[usize]) -> Result<usize> {
+pub fn checked_len(arg: &'static str, dims: &[usize]) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |acc, &x| acc.checked_mul(x))
         .filter(|n| n.checked_mul(WIDEST_ELEMENT).is_some_and(|b| b <= isize::MAX as usize))
@@ -25,7 +25,7 @@ fn dims_text(dims: &[usize]) -> String {
 
 /// An empty vector with room for `n` elements, or [`FavorError::OutOfMemory`] naming `arg` and
 /// the size when the allocator refuses (never an abort).
-pub(crate) fn try_with_capacity<T>(arg: &'static str, n: usize) -> Result<Vec<T>> {
+pub fn try_with_capacity<T>(arg: &'static str, n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| FavorError::OutOfMemory {
         arg,
@@ -35,8 +35,15 @@ pub(crate) fn try_with_capacity<T>(arg: &'static str, n: usize) -> Result<Vec<T>
     Ok(v)
 }
 
+/// Asks once, fallibly, for a buffer of `dims` elements of `T` and frees it at once: the check
+/// for buffers that code without an error path (a kernel, a per-head f64 function) allocates
+/// later. It catches sizes no allocation of this process can hold; it reserves nothing.
+pub fn check_allocatable<T>(arg: &'static str, dims: &[usize]) -> Result<()> {
+    try_with_capacity::<T>(arg, checked_len(arg, dims)?).map(drop)
+}
+
 /// `n` zeros, allocated fallibly (see [`try_with_capacity`]).
-pub(crate) fn try_zeroed<T: Copy + Default>(arg: &'static str, n: usize) -> Result<Vec<T>> {
+pub fn try_zeroed<T: Copy + Default>(arg: &'static str, n: usize) -> Result<Vec<T>> {
     let mut v = try_with_capacity(arg, n)?;
     v.resize(n, T::default());
     Ok(v)

@@ -72,3 +72,42 @@ fn feature_call_whose_feature_count_wraps_is_an_error() {
     );
     is_overflow(r, "dphi");
 }
+
+#[test]
+fn host_tensors_beyond_the_address_space_are_errors() {
+    // More bytes than isize::MAX: refused before the allocator is asked, on any machine.
+    for dtype in favor_core::DType::ALL {
+        match favor_core::HostTensor::try_zeros(dtype, usize::MAX / 2) {
+            Err(FavorError::OutOfMemory { arg: "tensor", elements, bytes }) => {
+                assert_eq!(
+                    (elements, bytes),
+                    (usize::MAX / 2, (usize::MAX / 2).saturating_mul(dtype.size())),
+                    "{dtype}"
+                );
+            }
+            other => panic!("{dtype}: expected OutOfMemory, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "HostTensor::zeros: argument `tensor`: cannot allocate")]
+fn host_tensor_zeros_panics_instead_of_aborting() {
+    let _ = favor_core::HostTensor::zeros(favor_core::DType::F32, usize::MAX / 2);
+}
+
+#[test]
+fn causal_states_whose_size_wraps_are_errors() {
+    is_overflow(favor_core::attention::CausalState::new(1 << 40, 1 << 40), "state");
+}
+
+#[test]
+fn projection_rows_out_of_range_are_none() {
+    let p = Projection::draw(ProjectionConfig::new(3, 2, 1)).unwrap();
+    assert_eq!(p.row(2), Some(&p.matrix()[4..6]));
+    assert_eq!(p.row(3), None);
+    // j·d wraps: still no row, no overflow.
+    assert_eq!(p.row(usize::MAX / 2 + 1), None);
+    assert_eq!(p.row(usize::MAX), None);
+    assert_eq!(p.rows().len(), 3);
+}

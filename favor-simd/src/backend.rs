@@ -18,7 +18,8 @@ use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
 use crate::kernels::{HeadIn, TILE};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
-    check_backward, check_finite, check_output, check_tensor, validate_feature_call, validate_host_inputs,
+    check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_tensor,
+    try_with_capacity, validate_feature_call, validate_host_inputs,
 };
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
@@ -175,6 +176,14 @@ impl SimdBackend {
     }
 }
 
+/// Checks the per-head sums of the kernels, mfp×dvp f32 each (several per head are live at
+/// once), which they allocate without an error path: nothing the caller allocated bounds that
+/// size (V is L×d_v, W is M×d), so a size no allocation can hold is an error before any kernel
+/// runs rather than an abort inside one.
+fn check_kernel_sums(plan: &Plan, dv: usize) -> Result<()> {
+    check_allocatable::<f32>("state", &[plan.mfp, pad(dv)])
+}
+
 /// One at-risk flag per (batch, head).
 fn risk_flags(s: AttentionShape) -> Vec<AtomicBool> {
     (0..s.problems()).map(|_| AtomicBool::new(false)).collect()
@@ -310,6 +319,7 @@ impl FavorBackend for SimdBackend {
         let s = p.shape;
         check_output(p, &out, dtype)?;
         let plan = Plan::new(p.map, s.d);
+        check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         let risk = risk_flags(s);
         flag_large_values(s, inputs.v, s.dv, &risk);
@@ -335,7 +345,11 @@ impl FavorBackend for SimdBackend {
                 });
             }
         }
-        for bh in flagged(&risk) {
+        let redo = flagged(&risk);
+        if !redo.is_empty() {
+            check_f64_attention_buffers(p)?;
+        }
+        for bh in redo {
             let f = f64_head(s, &inputs, None, bh)?;
             let h = f.head(s);
             let o = match p.options.direction {
@@ -360,6 +374,7 @@ impl FavorBackend for SimdBackend {
         let Grads { mut dq, mut dk, mut dv } = grads;
         check_finite(&[("dout", dout)])?;
         let plan = Plan::new(p.map, s.d);
+        check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
         let risk = risk_flags(s);
@@ -522,6 +537,9 @@ impl FavorBackend for SimdBackend {
             }
         };
         let redo = flagged(&risk);
+        if !redo.is_empty() {
+            check_f64_attention_buffers(p)?;
+        }
         let mut params: Vec<ParamAcc> = params.into_iter().filter(|(bh, _)| !redo.contains(bh)).map(|x| x.1).collect();
         for &bh in &redo {
             let f = f64_head(s, &inputs, Some(dout), bh)?;
@@ -542,7 +560,11 @@ impl FavorBackend for SimdBackend {
     fn new_state(&self, p: &Problem<'_>) -> Result<SimdState> {
         let made_for = favor_core::StateSignature::new(p)?;
         let (plan, shape) = (Plan::new(p.map, p.shape.d), made_for.shape());
-        Ok(SimdState { made_for, heads: vec![HeadState::new(&plan, shape.dv); shape.problems()] })
+        let mut heads = try_with_capacity("state", shape.problems())?;
+        for _ in 0..shape.problems() {
+            heads.push(HeadState::try_new(&plan, shape.dv)?);
+        }
+        Ok(SimdState { made_for, heads })
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {

@@ -4,7 +4,8 @@ use super::{
     Head, HeadGrads, add_scaled_backward, at_risk, decay, features_backward_rows, guard, guard_fires, query_features,
     row_cotangents,
 };
-use crate::FeatureMap;
+use crate::validate::{checked_len, try_zeroed};
+use crate::{FeatureMap, Result};
 
 /// The recurrent state of one (batch, head): S (M×d_v), z (M) and the running key maximum c,
 /// with S and z expressed relative to exp(c). A fresh state has c = −∞ (no key seen).
@@ -25,8 +26,18 @@ pub struct CausalState {
 }
 
 impl CausalState {
-    /// An empty state for `mf` features and value dimension `dv`.
-    pub fn new(mf: usize, dv: usize) -> Self {
+    /// An empty state for `mf` features and value dimension `dv`;
+    /// [`SizeOverflow`](crate::FavorError::SizeOverflow) or
+    /// [`OutOfMemory`](crate::FavorError::OutOfMemory) (never an abort) when its M×d_v sums
+    /// cannot be allocated.
+    pub fn new(mf: usize, dv: usize) -> Result<Self> {
+        let s = try_zeroed("state", checked_len("state", &[mf, dv])?)?;
+        Ok(Self { mf, dv, s, z: try_zeroed("state", mf)?, c: f64::NEG_INFINITY, tokens: 0 })
+    }
+
+    /// [`CausalState::new`] without the error, for the whole-sequence functions below: their
+    /// signatures, shared with other backends' f64 paths, have no error to return.
+    fn empty(mf: usize, dv: usize) -> Self {
         Self { mf, dv, s: vec![0.0; mf * dv], z: vec![0.0; mf], c: f64::NEG_INFINITY, tokens: 0 }
     }
 
@@ -87,7 +98,7 @@ impl CausalState {
 
 /// Output (L×d_v) of causal attention with denominator guard `delta`.
 pub fn causal_forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Vec<f64> {
-    CausalState::new(map.feature_dim(h.d), h.dv).advance(map, delta, h)
+    CausalState::empty(map.feature_dim(h.d), h.dv).advance(map, delta, h)
 }
 
 /// Gradients of causal attention given ∂ℒ/∂out (L×d_v): a forward sweep that recomputes the
@@ -95,7 +106,7 @@ pub fn causal_forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Vec<f64> {
 pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64]) -> HeadGrads {
     let mf = map.feature_dim(h.d);
     let (qf, qc) = query_features(map, h);
-    let mut state = CausalState::new(mf, h.dv);
+    let mut state = CausalState::empty(mf, h.dv);
     let mut kf = vec![0.0; h.len * mf];
     let mut kc = vec![f64::NEG_INFINITY; h.len];
     let mut xbar = vec![0.0; h.len * h.dv];

@@ -177,9 +177,9 @@ fn masked_attention_equals_attention_over_the_kept_keys() {
         // ‖ω_j‖²/2), for trigonometric features s = ‖k̃‖²/2 grows with the norm.
         let padded: Vec<f64> = match &map {
             FeatureMap::Positive { projection: p, .. } | FeatureMap::Hyperbolic { projection: p, .. } => {
-                let norm = |j: usize| p.row(j).iter().map(|&w| (w as f64).powi(2)).sum::<f64>();
-                let best = (0..p.m()).max_by(|&a, &b| norm(a).total_cmp(&norm(b))).unwrap();
-                p.row(best).iter().map(|&w| w as f64 * (d as f64).powf(0.25)).collect()
+                let norm = |w: &[f32]| w.iter().map(|&w| (w as f64).powi(2)).sum::<f64>();
+                let best = p.rows().max_by(|a, b| norm(a).total_cmp(&norm(b))).unwrap();
+                best.iter().map(|&w| w as f64 * (d as f64).powf(0.25)).collect()
             }
             _ => (0..d).map(|t| 3.0 * (t as f64 - 1.5)).collect(),
         };

@@ -41,7 +41,7 @@ fn normalized(d: usize, x: &[f64]) -> Vec<f64> {
 
 /// a = W x̃.
 fn project(p: &Projection, xt: &[f64]) -> Vec<f64> {
-    (0..p.m()).map(|j| p.row(j).iter().zip(xt).map(|(&w, &x)| w as f64 * x).sum()).collect()
+    p.rows().map(|w| w.iter().zip(xt).map(|(&w, &x)| w as f64 * x).sum()).collect()
 }
 
 /// h = ‖x̃‖²/2.
@@ -53,7 +53,7 @@ pub(super) fn half_sq_norm(d: usize, x: &[f64]) -> f64 {
 fn chain_to_x(p: &Projection, xt: &[f64], da: &[f64], dh: f64, dx: &mut [f64]) {
     let s = data_normalizer(p.d());
     for (t, dxt) in dx.iter_mut().enumerate() {
-        let wt_da: f64 = (0..p.m()).map(|j| p.row(j)[t] as f64 * da[j]).sum();
+        let wt_da: f64 = p.rows().zip(da).map(|(w, &a)| w[t] as f64 * a).sum();
         *dxt += s * (wt_da + xt[t] * dh);
     }
 }

@@ -71,7 +71,7 @@ fn pre_activation(p: Option<&Projection>, normalize: bool, scale: f32, x: &[f64]
     let n = if normalize { data_normalizer(x.len()) } else { 1.0 };
     let s = scale as f64 * n;
     match p {
-        Some(p) => (0..p.m()).map(|j| s * p.row(j).iter().zip(x).map(|(&w, &v)| w as f64 * v).sum::<f64>()).collect(),
+        Some(p) => p.rows().map(|w| s * w.iter().zip(x).map(|(&w, &v)| w as f64 * v).sum::<f64>()).collect(),
         None => x.iter().map(|&v| s * v).collect(),
     }
 }
@@ -106,7 +106,7 @@ pub(super) fn backward(
     match p {
         Some(p) => {
             for (t, dxt) in dx.iter_mut().enumerate() {
-                *dxt += s * (0..p.m()).map(|j| p.row(j)[t] as f64 * dy[j]).sum::<f64>();
+                *dxt += s * p.rows().zip(&dy).map(|(w, &g)| w[t] as f64 * g).sum::<f64>();
             }
         }
         None => dx.iter_mut().zip(&dy).for_each(|(d, &v)| *d += s * v),

@@ -198,8 +198,9 @@ fn features_match_the_documented_formulas() {
         let mf = map.feature_dim(d);
         let mut got = vec![0.0; mf];
         map.features(&x, c, &mut got);
-        let row =
-            |p: &Projection, j: usize, v: &[f64]| p.row(j).iter().zip(v).map(|(&w, &t)| w as f64 * t).sum::<f64>();
+        let row = |p: &Projection, j: usize, v: &[f64]| {
+            p.row(j).unwrap().iter().zip(v).map(|(&w, &t)| w as f64 * t).sum::<f64>()
+        };
         let want: Vec<f64> = match &map {
             // The ε floor scales with the token's own log-scale s = max_j a_j − h (|a_j| for
             // hyperbolic): ε·e^{s − c}.

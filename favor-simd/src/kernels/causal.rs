@@ -30,7 +30,8 @@ use super::{HeadIn, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
 use crate::math::exp::{decay, exp_nonpositive};
 use crate::phases::{Phase, Span};
-use favor_core::{HostMut, HostRef, TensorHandle};
+use favor_core::backend::{checked_len, try_zeroed};
+use favor_core::{HostMut, HostRef, Result, TensorHandle};
 
 /// Tokens per causal chunk. The intra-chunk products cost O(CHUNK) per token (about a quarter
 /// of the forward + backward work at 64) while the state products do not depend on it; 32 halves
@@ -52,6 +53,13 @@ pub struct HeadState {
 impl HeadState {
     pub(crate) fn new(p: &Plan, dv: usize) -> Self {
         HeadState { s: vec![0.0; p.mfp * pad(dv)], z: vec![0.0; p.mfp], c: f64::NEG_INFINITY }
+    }
+
+    /// [`HeadState::new`] for a decoding state, whose size nothing the caller allocated bounds:
+    /// a size that overflows or cannot be allocated is an error, not an abort.
+    pub(crate) fn try_new(p: &Plan, dv: usize) -> Result<Self> {
+        let s = try_zeroed("state", checked_len("state", &[p.mfp, pad(dv)])?)?;
+        Ok(HeadState { s, z: try_zeroed("state", p.mfp)?, c: f64::NEG_INFINITY })
     }
 }
 
