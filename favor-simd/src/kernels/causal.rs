@@ -533,7 +533,9 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
             build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
             let t = Span::start(Phase::BackwardSweep);
             // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
-            transpose::<S>(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
+            // The per-chunk state transposes run faster on the 8-wide path than through
+            // AVX-512's in-register 16 × 16 blocks (measured: causal forward + backward 1.07–1.13×).
+            transpose::<wide::f32x8>(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
             gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
             for i in 0..rows {
                 let row = &mut dphi[i * mfp..(i + 1) * mfp];
@@ -635,7 +637,8 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             let t = Span::start(Phase::BackwardSweep);
             let c_end = ch.cj[rows - 1];
             // dk' = w_j (V Pᵀ + 1 pᵀ) + Bᵀ Q'
-            transpose::<S>(mfp, dvp, &sfx.pm, dvp, &mut pm_t, mfp);
+            // 8-wide for the same reason as the forward sweep's state transpose.
+            transpose::<wide::f32x8>(mfp, dvp, &sfx.pm, dvp, &mut pm_t, mfp);
             gemm::<S>(rows, io.dv, mfp, &ch.vt, dvp, 1, &pm_t, mfp, &mut dphi, mfp, true);
             // dv = w_j K' P + (Q'K'ᵀ ⊙ M)ᵀ X̄
             gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &sfx.pm, dvp, &mut dvo, dvp, true);
