@@ -4,8 +4,9 @@
 #   2. every test of the workspace on x86_64 (favor-simd tests every ISA this CPU has), with the
 #      CUDA kernels compiled by nvcc from PyPI so that a kernel compile error fails the run
 #      (GPU tests skip with a printed reason where there is no GPU);
-#   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference, and
-#      favor-bench's CUDA paths (curves, roofline, profile, run) on that emulator;
+#   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference,
+#      favor-bench's CUDA paths (curves, roofline, profile, run) and the `favor` entry point's
+#      CUDA backend on that emulator;
 #   4. favor-core and favor-simd on aarch64 under qemu (favor-simd's NEON and portable ISAs);
 #   5. one pass of every criterion bench (`-- --test`) so benches cannot rot.
 # Any failure exits non-zero. Each step's duration is printed as it ends, and a summary table
@@ -105,6 +106,8 @@ step "CUDA kernels on the CPU emulator"
 echo "(the real .cu sources against the f64 reference, and favor-bench's CUDA paths on them)"
 cargo test -p favor-cuda -p favor-bench --features favor-cuda/emulator,favor-bench/cuda-emulator \
     --lib --test cross_backend --test extremes --test cuda
+# The CUDA backend through the `favor` entry point (host slices and device tensors).
+cargo test -p favor --features favor/cuda-emulator --test entry_point
 
 step "tests (aarch64, under qemu)"
 if bash scripts/setup-aarch64.sh; then

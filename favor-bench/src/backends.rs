@@ -1,8 +1,8 @@
 //! The backends this build can run, behind one object-safe interface.
 //!
 //! Every favor backend with host memory (`FavorBackend<Mem = Host>`) gets [`HostAttention`] by a
-//! blanket impl, so the subcommands are written once. To add a backend, add its ids to
-//! [`available`] and a match arm to [`open`]: nothing else changes.
+//! blanket impl, so the subcommands are written once. Backends are selected through the
+//! `favor` entry point ([`favor::Backend`]): a backend it gains appears here with no change.
 //!
 //! A backend with its own memory (the GPU) also answers [`HostAttention::resident`]: the timing
 //! subcommands then upload each point's inputs once and time the calls on device-resident
@@ -12,7 +12,6 @@
 
 use favor_core::{
     AttentionShape, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, Inputs, ParamGrads, Problem,
-    ReferenceBackend,
 };
 
 #[cfg(feature = "cuda")]
@@ -186,16 +185,23 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-/// Ids of every backend this build can open on this machine, fastest first: "cuda" (device 0,
-/// when a GPU, its driver and the kernels are present), "simd" (the SIMD backend at its best
-/// ISA), "simd:<isa>" (one ISA forced), "reference". "cuda:<n>" opens device n.
+/// Ids of every backend this build can open on this machine, fastest first, from
+/// [`favor::Backend::available`]: "cuda" (device 0, when a GPU, its driver and the kernels are
+/// present; "cuda:<n>" for the others), "simd" (the SIMD backend at its best ISA), "simd:<isa>"
+/// (one ISA forced, widest first), "reference".
 pub fn available() -> Vec<String> {
-    let mut ids = Vec::new();
-    if cuda_status().is_ok() {
-        ids.push("cuda".to_string());
+    let mut ids: Vec<String> = Vec::new();
+    for b in favor::Backend::available() {
+        let id = b.id();
+        if id == "cuda:0" {
+            ids.push("cuda".into());
+            continue;
+        }
+        if id.starts_with("simd:") && !ids.iter().any(|i| i == "simd") {
+            ids.push("simd".into());
+        }
+        ids.push(id);
     }
-    ids.extend(simd::ids());
-    ids.push("reference".to_string());
     ids
 }
 
@@ -204,21 +210,19 @@ pub fn best_id() -> String {
     available().into_iter().next().unwrap_or_else(|| "reference".into())
 }
 
-/// Opens a backend by id ("best" picks [`best_id`]).
+/// Opens a backend by id through [`favor::Backend::from_id`] ("best" picks [`best_id`]).
 pub fn open(id: &str) -> Result<Backend> {
     let id = if id == "best" { best_id() } else { id.to_string() };
-    let imp: Box<dyn HostAttention> = match id.as_str() {
-        "reference" => Box::new(ReferenceBackend),
-        s if s == "simd" || s.starts_with("simd:") => simd::open(s.strip_prefix("simd:"))?,
-        s if s == "cuda" || s.starts_with("cuda:") => open_cuda(s)?,
-        #[cfg(feature = "cuda-emulator")]
-        "cuda-emulated" => Box::new(cuda::CudaBench::emulated()),
-        other => {
-            return Err(BenchError(format!(
-                "unknown backend `{other}`; available here: {} (and \"best\")",
-                available().join(", ")
-            )));
+    let backend = favor::Backend::from_id(&id).map_err(|e| match e {
+        favor_core::FavorError::InvalidParameter { name: "backend", reason } => {
+            BenchError(format!("{reason}; available here: {} (and \"best\")", available().join(", ")))
         }
+        e => e.into(),
+    })?;
+    let imp: Box<dyn HostAttention> = match backend {
+        #[cfg(feature = "cuda")]
+        favor::Backend::Cuda(host) => Box::new(cuda::CudaBench::new(host)),
+        other => Box::new(other),
     };
     Ok(Backend { id, imp })
 }
@@ -230,77 +234,17 @@ pub fn cuda_status() -> std::result::Result<DeviceInfo, String> {
     PROBE.get_or_init(probe_cuda).clone()
 }
 
-#[cfg(feature = "cuda")]
 fn probe_cuda() -> std::result::Result<DeviceInfo, String> {
-    match cuda::CudaBench::open(0) {
-        Ok(b) => Ok(b.device()),
+    match favor::Backend::cuda(0) {
+        #[cfg(feature = "cuda")]
+        Ok(favor::Backend::Cuda(host)) => Ok(cuda::CudaBench::new(host).device()),
+        Ok(other) => Err(format!("device 0 opened as `{}`, not a CUDA backend", other.id())),
         Err(favor_core::FavorError::NotAvailable { reason, .. }) => Err(reason),
         Err(e) => Err(e.to_string()),
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn probe_cuda() -> std::result::Result<DeviceInfo, String> {
-    Err("favor-bench was built without the `cuda` feature".into())
-}
-
-fn open_cuda(id: &str) -> Result<Box<dyn HostAttention>> {
-    let ordinal = match id.strip_prefix("cuda:") {
-        None => 0,
-        Some(n) => n
-            .parse::<usize>()
-            .map_err(|_| BenchError(format!("bad backend id `{id}`: expected \"cuda\" or \"cuda:<device number>\"")))?,
-    };
-    #[cfg(feature = "cuda")]
-    {
-        Ok(Box::new(cuda::CudaBench::open(ordinal)?))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = ordinal;
-        Err(BenchError(format!(
-            "backend `{id}`: favor-bench was built without the CUDA backend: rebuild with `--features cuda`"
-        )))
     }
 }
 
 /// Opens a comma-separated list of backend ids.
 pub fn open_list(ids: &str) -> Result<Vec<Backend>> {
     ids.split(',').map(str::trim).filter(|s| !s.is_empty()).map(open).collect()
-}
-
-#[cfg(feature = "simd")]
-mod simd {
-    use super::HostAttention;
-    use crate::error::{BenchError, Result};
-
-    pub fn ids() -> Vec<String> {
-        let mut ids = vec!["simd".to_string()];
-        ids.extend(favor_simd::Isa::available().into_iter().map(|isa| format!("simd:{}", isa.name())));
-        ids
-    }
-
-    pub fn open(isa: Option<&str>) -> Result<Box<dyn HostAttention>> {
-        let Some(want) = isa else { return Ok(Box::new(favor_simd::SimdBackend::new())) };
-        let found = favor_simd::Isa::available().into_iter().find(|i| i.name() == want);
-        let Some(isa) = found else {
-            let names: Vec<String> = favor_simd::Isa::available().into_iter().map(|i| i.name().to_string()).collect();
-            return Err(BenchError(format!("ISA `{want}` is not available here; available: {}", names.join(", "))));
-        };
-        Ok(Box::new(favor_simd::SimdBackend::with_isa(isa)?))
-    }
-}
-
-#[cfg(not(feature = "simd"))]
-mod simd {
-    use super::HostAttention;
-    use crate::error::{BenchError, Result};
-
-    pub fn ids() -> Vec<String> {
-        Vec::new()
-    }
-
-    pub fn open(_isa: Option<&str>) -> Result<Box<dyn HostAttention>> {
-        Err(BenchError("the SIMD backend is not built in: rebuild favor-bench with `--features simd`".into()))
-    }
 }

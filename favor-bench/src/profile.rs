@@ -99,40 +99,29 @@ pub struct ProfileReport {
 /// Phase counters of the backend, if it has them (favor-simd's are process-wide).
 fn phase_counters(backend: &Backend, on: bool) -> Option<PhaseCounters> {
     let simd = backend.id == "simd" || backend.id.starts_with("simd:");
-    (on && simd && cfg!(feature = "simd")).then_some(PhaseCounters)
+    (on && simd).then_some(PhaseCounters)
 }
 
 struct PhaseCounters;
 
 impl PhaseCounters {
     fn start(&self) {
-        #[cfg(feature = "simd")]
-        {
-            favor_simd::phases::set_enabled(true);
-            favor_simd::phases::reset();
-        }
+        favor_simd::phases::set_enabled(true);
+        favor_simd::phases::reset();
     }
 
     fn finish(&self, iters: usize) -> Vec<PhaseReport> {
-        #[cfg(feature = "simd")]
-        {
-            favor_simd::phases::set_enabled(false);
-            let snap = favor_simd::phases::snapshot();
-            let total: f64 = snap.iter().map(|t| t.total.as_secs_f64()).sum();
-            snap.iter()
-                .filter(|t| t.spans > 0)
-                .map(|t| PhaseReport {
-                    name: t.phase.name(),
-                    cpu_s: t.total.as_secs_f64() / iters.max(1) as f64,
-                    share: if total > 0.0 { t.total.as_secs_f64() / total } else { 0.0 },
-                })
-                .collect()
-        }
-        #[cfg(not(feature = "simd"))]
-        {
-            let _ = iters;
-            Vec::new()
-        }
+        favor_simd::phases::set_enabled(false);
+        let snap = favor_simd::phases::snapshot();
+        let total: f64 = snap.iter().map(|t| t.total.as_secs_f64()).sum();
+        snap.iter()
+            .filter(|t| t.spans > 0)
+            .map(|t| PhaseReport {
+                name: t.phase.name(),
+                cpu_s: t.total.as_secs_f64() / iters.max(1) as f64,
+                share: if total > 0.0 { t.total.as_secs_f64() / total } else { 0.0 },
+            })
+            .collect()
     }
 }
 

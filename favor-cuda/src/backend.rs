@@ -57,6 +57,21 @@ pub fn driver_version() -> Result<i32> {
     Ok(version)
 }
 
+/// Number of CUDA devices the driver reports: 0 when favor-cuda has no kernels, or
+/// `NotAvailable` when there is no usable driver (checked before cudarc is asked for anything,
+/// since cudarc panics on a missing libcuda).
+pub fn device_count() -> Result<usize> {
+    if !kernels_built() {
+        return Ok(0);
+    }
+    let version = driver_version()?;
+    if version < REQUIRED_DRIVER_VERSION {
+        return Ok(0);
+    }
+    let n = CudaContext::device_count().map_err(|e| not_available(format!("cannot count CUDA devices: {e}")))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 impl CudaBackend {
     /// Opens device `ordinal` on its default stream. Returns [`FavorError::NotAvailable`] when
     /// the crate was built without kernels, when there is no NVIDIA driver or it is older than

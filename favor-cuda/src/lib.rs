@@ -73,7 +73,7 @@ mod kernels;
 mod memory;
 mod ops;
 
-pub use backend::{CudaBackend, CudaState, REQUIRED_DRIVER_VERSION, driver_version};
+pub use backend::{CudaBackend, CudaState, REQUIRED_DRIVER_VERSION, device_count, driver_version};
 pub use host::{CopyTimes, CudaHost};
 pub use kernels::{FATBINS, KERNEL_NAMES, kernels_built};
 pub use memory::{CudaElement, CudaMem, DeviceMut, DeviceRef, DeviceTensor, MemoryUsage};

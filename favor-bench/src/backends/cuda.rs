@@ -1,6 +1,7 @@
 //! The CUDA backend (favor-cuda) in the tool: host calls go through its host adapter (copies
 //! included, for `run` and `accuracy`); the timing subcommands use the device-resident path.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use favor_core::{
@@ -14,19 +15,13 @@ use super::{DeviceInfo, HostAttention, PointInputs, PointTensor, ResidentAttenti
 /// The CUDA backend with both interfaces.
 #[derive(Debug)]
 pub struct CudaBench {
-    host: CudaHost,
+    host: Arc<CudaHost>,
 }
 
 impl CudaBench {
-    /// Opens device `ordinal`; `NotAvailable` (with the reason) where CUDA cannot run.
-    pub fn open(ordinal: usize) -> favor_core::Result<Self> {
-        Ok(Self { host: CudaHost::new(CudaBackend::new(ordinal)?) })
-    }
-
-    /// The kernel sources on the CPU emulator (tests only: slow).
-    #[cfg(feature = "cuda-emulator")]
-    pub fn emulated() -> Self {
-        Self { host: CudaHost::new(CudaBackend::emulated()) }
+    /// The CUDA backend the entry point opened (a GPU or, in tests, the emulator).
+    pub fn new(host: Arc<CudaHost>) -> Self {
+        Self { host }
     }
 
     fn dev(&self) -> &CudaBackend {
@@ -40,7 +35,7 @@ impl HostAttention for CudaBench {
     }
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> favor_core::Result<()> {
         // The host adapter downloads the results, which waits for the device.
-        FavorBackend::forward(&self.host, p, inputs, out)
+        FavorBackend::forward(&*self.host, p, inputs, out)
     }
     fn backward(
         &self,
@@ -49,7 +44,7 @@ impl HostAttention for CudaBench {
         dout: HostRef<'_>,
         grads: Grads<'_, Host>,
     ) -> favor_core::Result<Option<ParamGrads>> {
-        FavorBackend::backward(&self.host, p, inputs, dout, grads)
+        FavorBackend::backward(&*self.host, p, inputs, dout, grads)
     }
     fn feature_map(
         &self,
@@ -59,7 +54,7 @@ impl HostAttention for CudaBench {
         x: HostRef<'_>,
         phi: HostMut<'_>,
     ) -> favor_core::Result<()> {
-        FavorBackend::feature_map(&self.host, map, role, shape, x, phi)
+        FavorBackend::feature_map(&*self.host, map, role, shape, x, phi)
     }
     fn resident(&self) -> Option<&dyn ResidentAttention> {
         Some(self)
