@@ -1,9 +1,10 @@
 // Feature maps φ (forward and backward) and the key stabilisers, on fp32 rows.
 //
-// Notation (favor-core/src/features): x̃ = in_scale·x (d^{-1/4}x for the exponential maps, the
-// map's scale for the generalized ones), a_j = w_jᵀx̃ (or a = x̃ without a projection),
-// h = ‖x̃‖²/2, s = the row's log-scale (max_j a_j − h; max_j |a_j| − h for hyperbolic; h for
-// trigonometric), c = the row's stabiliser (c ≥ s). φ_j = ratio·(e^{a_j − h − c} + ε·e^{s − c}):
+// Notation (favor-core/src/features): x̃ = in_scale·x (√τ·x for the exponential maps, with τ
+// the softmax scale, 1/√d by default; the map's scale for the generalized ones), a_j = w_jᵀx̃
+// (or a = x̃ without a projection), h = ‖x̃‖²/2, s = the row's log-scale (max_j a_j − h;
+// max_j |a_j| − h for hyperbolic; h for trigonometric), c = the row's stabiliser (c ≥ s).
+// φ_j = ratio·(e^{a_j − h − c} + ε·e^{s − c}):
 // the ε floor is relative to the token's own largest feature, so attention does not depend on c.
 //
 // Precision: the per-row scalars h, s and c are doubles (h = hcoef·Σx², hcoef = in_scale²/2

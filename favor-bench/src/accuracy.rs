@@ -79,8 +79,8 @@ const KINDS: [(&str, ProjectionKind); 2] = [("iid", ProjectionKind::Iid), ("orth
 
 fn map_of(name: &str, p: Projection, epsilon: f32) -> FeatureMap {
     match name {
-        "positive" => FeatureMap::Positive { projection: p, epsilon },
-        "hyperbolic" => FeatureMap::Hyperbolic { projection: p, epsilon },
+        "positive" => FeatureMap::Positive { projection: p, epsilon, softmax_scale: None },
+        "hyperbolic" => FeatureMap::Hyperbolic { projection: p, epsilon, softmax_scale: None },
         _ => FeatureMap::trigonometric(p),
     }
 }

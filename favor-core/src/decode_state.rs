@@ -95,7 +95,7 @@ fn map_projection(map: &FeatureMap) -> Option<&Projection> {
     match map {
         FeatureMap::Positive { projection, .. }
         | FeatureMap::Hyperbolic { projection, .. }
-        | FeatureMap::Trigonometric { projection } => Some(projection),
+        | FeatureMap::Trigonometric { projection, .. } => Some(projection),
         FeatureMap::Generalized { projection, .. } => projection.as_ref(),
         FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => None,
     }
@@ -105,12 +105,19 @@ fn map_projection(map: &FeatureMap) -> Option<&Projection> {
 /// when the projection is made).
 fn params_fingerprint(map: &FeatureMap) -> u64 {
     let mut h = Fingerprint::new();
+    // The softmax scale as set (`None` and an explicit 1/√d differ in name only, but a state
+    // remembers what the map said).
+    let tau = |h: &mut Fingerprint, t: &Option<f32>| h.word(t.map_or(u64::MAX, |t| t.to_bits() as u64));
     match map {
-        FeatureMap::Positive { epsilon, .. } | FeatureMap::Hyperbolic { epsilon, .. } => h.f32s(&[*epsilon]),
-        FeatureMap::Trigonometric { .. } => {}
-        FeatureMap::Generalized { f, normalize_data, scale, kappa, .. } => {
+        FeatureMap::Positive { epsilon, softmax_scale, .. } | FeatureMap::Hyperbolic { epsilon, softmax_scale, .. } => {
+            h.f32s(&[*epsilon]);
+            tau(&mut h, softmax_scale);
+        }
+        FeatureMap::Trigonometric { softmax_scale, .. } => tau(&mut h, softmax_scale),
+        FeatureMap::Generalized { f, normalize_data, softmax_scale, scale, kappa, .. } => {
             h.word(*f as u64);
             h.word(*normalize_data as u64);
+            tau(&mut h, softmax_scale);
             h.f32s(&[*scale, *kappa]);
         }
         FeatureMap::Softplus(l) => {

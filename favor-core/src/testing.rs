@@ -351,17 +351,20 @@ pub fn feature_map_catalog(d: usize, m: usize, seed: u64) -> Vec<(&'static str, 
         ("generalized-softplus", FeatureMap::generalized(Elementwise::Softplus, Some(proj(5)), true, 1e-3)),
         ("learned-softplus", learned_softplus(m, d, seed.wrapping_add(6), true)),
         ("gated-softplus", gated_softplus(m, d, seed.wrapping_add(7))),
+        // A softmax scale above every default 1/√d (d ≥ 1), so the temperature path differs
+        // from the default one at every d.
+        ("positive-scaled", FeatureMap::positive(proj(8)).with_softmax_scale(1.3).expect("valid scale")),
     ]
 }
 
 /// The same map with ε set (positive and hyperbolic maps; others are returned unchanged).
 pub fn with_epsilon(map: &FeatureMap, eps: f32) -> FeatureMap {
     match map {
-        FeatureMap::Positive { projection, .. } => {
-            FeatureMap::Positive { projection: projection.clone(), epsilon: eps }
+        FeatureMap::Positive { projection, softmax_scale, .. } => {
+            FeatureMap::Positive { projection: projection.clone(), epsilon: eps, softmax_scale: *softmax_scale }
         }
-        FeatureMap::Hyperbolic { projection, .. } => {
-            FeatureMap::Hyperbolic { projection: projection.clone(), epsilon: eps }
+        FeatureMap::Hyperbolic { projection, softmax_scale, .. } => {
+            FeatureMap::Hyperbolic { projection: projection.clone(), epsilon: eps, softmax_scale: *softmax_scale }
         }
         other => other.clone(),
     }
@@ -430,17 +433,10 @@ pub fn param_gradient(map: &FeatureMap, mut loss: impl FnMut(&FeatureMap) -> f64
 /// differences across a kink are wrong, so gradient checks pick inputs away from it. `∞` for
 /// other maps.
 pub fn min_abs_preactivation(map: &FeatureMap, x: &[f64], d: usize) -> f64 {
-    let FeatureMap::Generalized {
-        f: Elementwise::Relu | Elementwise::EluPlusOne,
-        projection,
-        normalize_data,
-        scale,
-        ..
-    } = map
-    else {
+    let FeatureMap::Generalized { f: Elementwise::Relu | Elementwise::EluPlusOne, projection, scale, .. } = map else {
         return f64::INFINITY;
     };
-    let n = if *normalize_data { (d as f64).powf(-0.25) } else { 1.0 } * *scale as f64;
+    let n = map.data_normalizer(d) * *scale as f64;
     let mut min = f64::INFINITY;
     for row in x.chunks_exact(d) {
         match projection {

@@ -131,25 +131,23 @@ impl<'a> HostPacked<'a> {
 
 impl CudaBackend {
     fn map_args(&self, map: &FeatureMap, d: usize) -> Result<Map> {
-        let inv_fourth_root = (d as f32).powf(-0.25);
+        // x̃ = nrm·x with nrm = √τ (d^{-1/4} by default).
+        let nrm = map.data_normalizer(d) as f32;
         let (kind, proj, in_scale, eps) = match map {
-            FeatureMap::Positive { projection, epsilon } => {
-                (FeatureKind::Positive, Some(projection), inv_fourth_root, *epsilon)
+            FeatureMap::Positive { projection, epsilon, .. } => {
+                (FeatureKind::Positive, Some(projection), nrm, *epsilon)
             }
-            FeatureMap::Hyperbolic { projection, epsilon } => {
-                (FeatureKind::Hyperbolic, Some(projection), inv_fourth_root, *epsilon)
+            FeatureMap::Hyperbolic { projection, epsilon, .. } => {
+                (FeatureKind::Hyperbolic, Some(projection), nrm, *epsilon)
             }
-            FeatureMap::Trigonometric { projection } => {
-                (FeatureKind::Trigonometric, Some(projection), inv_fourth_root, 0.0)
-            }
-            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
+            FeatureMap::Trigonometric { projection, .. } => (FeatureKind::Trigonometric, Some(projection), nrm, 0.0),
+            FeatureMap::Generalized { f, projection, scale, kappa, .. } => {
                 let kind = match f {
                     Elementwise::Relu => FeatureKind::Relu,
                     Elementwise::EluPlusOne => FeatureKind::EluPlusOne,
                     Elementwise::Softplus => FeatureKind::Softplus,
                 };
-                let n = if *normalize_data { inv_fourth_root } else { 1.0 };
-                (kind, projection.as_ref(), scale * n, *kappa)
+                (kind, projection.as_ref(), scale * nrm, *kappa)
             }
             FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => {
                 return Err(FavorError::Unsupported(format!(
@@ -162,8 +160,8 @@ impl CudaBackend {
             Some(p) => (Some(self.scratch_from(p.matrix())?), p.m()),
             None => (None, d),
         };
-        // h = ‖d^{-1/4}x‖²/2 = x·x/(2√d), from the exact f32 inputs in f64.
-        let hcoef = if kind.is_exp() { (d as f64).powf(-0.5) / 2.0 } else { 0.0 };
+        // h = ‖√τ·x‖²/2 = (τ/2)·x·x, from the exact f32 inputs in f64.
+        let hcoef = if kind.is_exp() { map.softmax_scale(d).unwrap_or(0.0) / 2.0 } else { 0.0 };
         let args = MapArgs { kind, w: w.as_ref().map(Scratch::ptr), m, d, in_scale, hcoef, eps };
         if args.backward_smem() > SMEM_LIMIT {
             return Err(FavorError::Unsupported(format!(

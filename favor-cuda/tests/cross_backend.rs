@@ -183,6 +183,11 @@ fn maps(d: usize, m: usize, seed: u64) -> Vec<FeatureMap> {
         FeatureMap::relu(None),
         FeatureMap::elu_plus_one(),
         FeatureMap::generalized(Elementwise::Softplus, Some(proj()), true, 1e-3),
+        // Softmax scales other than 1/√d (above and below it at every d tested).
+        positive(proj()).with_softmax_scale(1.3).expect("valid scale"),
+        FeatureMap::generalized(Elementwise::Softplus, Some(proj()), true, 1e-3)
+            .with_softmax_scale(0.02)
+            .expect("valid scale"),
     ]
 }
 

@@ -50,7 +50,7 @@ fn feature_map_and_backward_match_reference() {
 #[test]
 fn decode_chunked_and_stepwise_match_full_causal() {
     for backend in backends() {
-        for (mi, masked) in [(0, false), (1, true), (2, false), (5, true), (8, false)] {
+        for (mi, masked) in [(0, false), (1, true), (2, false), (5, true), (8, false), (9, true)] {
             let (l, d, dv, m) = (150, 9, 17, 33);
             let map = all_maps(d, m, 77).swap_remove(mi);
             let shape = AttentionShape::new(2, 2, l, d).with_dv(dv);

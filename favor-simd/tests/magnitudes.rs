@@ -151,11 +151,17 @@ fn parameters_at_their_limit_give_finite_results() {
     use favor_core::{Elementwise, PARAM_LIMIT, Projection, ProjectionConfig};
     let shape = AttentionShape::new(1, 1, 40, 8).with_dv(3);
     let proj = || Some(Projection::draw(ProjectionConfig::new(16, 8, 4)).unwrap());
-    let generalized =
-        |f, scale, kappa| FeatureMap::Generalized { f, projection: proj(), normalize_data: true, scale, kappa };
+    let generalized = |f, scale, kappa| FeatureMap::Generalized {
+        f,
+        projection: proj(),
+        normalize_data: true,
+        scale,
+        kappa,
+        softmax_scale: None,
+    };
     let maps = [
-        FeatureMap::Positive { projection: proj().unwrap(), epsilon: PARAM_LIMIT },
-        FeatureMap::Hyperbolic { projection: proj().unwrap(), epsilon: PARAM_LIMIT },
+        FeatureMap::Positive { projection: proj().unwrap(), epsilon: PARAM_LIMIT, softmax_scale: None },
+        FeatureMap::Hyperbolic { projection: proj().unwrap(), epsilon: PARAM_LIMIT, softmax_scale: None },
         generalized(Elementwise::Relu, PARAM_LIMIT, PARAM_LIMIT),
         generalized(Elementwise::EluPlusOne, -PARAM_LIMIT, 0.0),
         generalized(Elementwise::Softplus, PARAM_LIMIT, 0.0),

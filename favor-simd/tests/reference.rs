@@ -20,7 +20,7 @@ fn sample_shape(seed: u64, budget: f64) -> (usize, usize, usize, usize) {
 fn sweep(direction: Direction) {
     let mut seed = if direction == Direction::Causal { 1000 } else { 0 };
     for backend in backends() {
-        for mi in 0..9 {
+        for mi in 0..all_maps(4, 4, 0).len() {
             for rep in 0..3 {
                 seed += 1;
                 let (l, d, dv, m) = sample_shape(seed, 4e6);
@@ -110,8 +110,8 @@ fn causal_sequence_segments_match_reference() {
             let (d, m) = (8, 16);
             let proj = || Projection::draw(ProjectionConfig::new(m, d, 0x5eed_1234)).unwrap();
             let maps = [
-                FeatureMap::Positive { projection: proj(), epsilon: 0.1 },
-                FeatureMap::Hyperbolic { projection: proj(), epsilon: 0.05 },
+                FeatureMap::Positive { projection: proj(), epsilon: 0.1, softmax_scale: None },
+                FeatureMap::Hyperbolic { projection: proj(), epsilon: 0.05, softmax_scale: None },
                 FeatureMap::trigonometric(proj()),
                 all_maps(d, m, 9).swap_remove(7),
             ];
@@ -145,7 +145,7 @@ fn causal_backward_stash_placements_match_reference() {
         ] {
             for l in [2100, 130] {
                 let proj = Projection::draw(ProjectionConfig::new(16, d, 0x5eed_0077)).unwrap();
-                let map = FeatureMap::Positive { projection: proj, epsilon: 0.05 };
+                let map = FeatureMap::Positive { projection: proj, epsilon: 0.05, softmax_scale: None };
                 let shape = AttentionShape::new(1, 1, l, d).with_dv(dv);
                 check_against_reference(&backend, &map, shape, Direction::Causal, dtype, true, 33, true);
             }

@@ -66,7 +66,7 @@ fn non_overlapping_positive_features_without_a_floor() {
     // d = 1, w = ±1, ε = 0: queries at +50 put their weight on feature 0, keys at −50 on
     // feature 1, so every q'·k' is about e^{-100}, below f32's smallest subnormal.
     let w = Projection::from_matrix(2, 1, vec![1.0, -1.0]).unwrap();
-    check(&FeatureMap::Positive { projection: w, epsilon: 0.0 }, 1, 50.0, -50.0);
+    check(&FeatureMap::Positive { projection: w, epsilon: 0.0, softmax_scale: None }, 1, 50.0, -50.0);
 }
 
 #[test]

@@ -371,7 +371,7 @@ fn favor_converges_to_softmax_as_m_grows() {
             let mse: f64 = (0..seeds)
                 .map(|s| {
                     let p = Projection::draw(ProjectionConfig::new(m, d, 10_000 * m as u64 + s)).unwrap();
-                    let map = FeatureMap::Positive { projection: p, epsilon: 0.0 };
+                    let map = FeatureMap::Positive { projection: p, epsilon: 0.0, softmax_scale: None };
                     rel_frobenius(&forward(&map, 0.0, causal, &data.head()), &exact).powi(2)
                 })
                 .sum::<f64>()
@@ -475,7 +475,7 @@ fn tiny_denominator_rows_get_exact_gradients() {
     // on α, β at O(1). Key norms shrink slowly: the log-scale t − t²/2 rises by ~1 per key and the
     // causal running maximum moves at every key.
     let p = Projection::from_matrix(3, 2, vec![1.0, 0.0, 0.0, 1.0, -1.0, 0.0]).unwrap();
-    let pos = FeatureMap::Positive { projection: p, epsilon: 0.0 };
+    let pos = FeatureMap::Positive { projection: p, epsilon: 0.0, softmax_scale: None };
     let mut data = Data::random(&mut r, len, d, dv, 1.0);
     let s = (d as f64).powf(0.25);
     for i in 0..len {

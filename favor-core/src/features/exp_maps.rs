@@ -1,18 +1,17 @@
 //! The exponential (softmax-kernel) maps in f64: positive, hyperbolic, trigonometric.
 //!
-//! Notation: x̃ = d^{-1/4}x, a_j = ω_jᵀx̃, h = ‖x̃‖²/2, s the token's own log-scale.
+//! Notation: x̃ = √τ·x (τ the softmax scale, 1/√d by default), a_j = ω_jᵀx̃, h = ‖x̃‖²/2, s the token's own log-scale.
 //! * positive:    φ_j = m^{-1/2}(exp(a_j − h − c) + ε·exp(s − c)), s = max_j a_j − h
 //! * hyperbolic:  φ = (2m)^{-1/2}[exp(±a − h − c) + ε·exp(s − c)], s = max_j |a_j| − h
 //! * trigonometric: φ = m^{-1/2}[cos a, sin a]·exp(h − c)
 //!
 //! Backward with c constant, writing ψ for the exp part of each feature and ḡ = ∂ℒ/∂φ:
 //! ∂ℒ/∂a and ∂ℒ/∂h follow per map (the ε floor through s), then
-//! ∂ℒ/∂x = d^{-1/4}(Wᵀ ∂ℒ/∂a + x̃ ∂ℒ/∂h). h scales every feature of the token by exp(−h), so for a
+//! ∂ℒ/∂x = √τ(Wᵀ ∂ℒ/∂a + x̃ ∂ℒ/∂h). h scales every feature of the token by exp(−h), so for a
 //! token whose use is invariant to its own feature scale (a query) ∂ℒ/∂h is exactly zero: the
 //! `invariant` backward leaves it out instead of forming it as a sum that cancels (whose rounding
 //! residual, multiplied by x̃, would dominate the gradient of large-norm queries).
 
-use super::data_normalizer;
 use crate::Projection;
 
 #[cfg(test)]
@@ -34,9 +33,9 @@ fn floor_gradient() -> bool {
     }
 }
 
-fn normalized(d: usize, x: &[f64]) -> Vec<f64> {
-    let s = data_normalizer(d);
-    x.iter().map(|&v| v * s).collect()
+/// x̃ = nrm·x (nrm = √τ, the square root of the softmax scale).
+fn normalized(nrm: f64, x: &[f64]) -> Vec<f64> {
+    x.iter().map(|&v| v * nrm).collect()
 }
 
 /// a = W x̃.
@@ -45,13 +44,13 @@ fn project(p: &Projection, xt: &[f64]) -> Vec<f64> {
 }
 
 /// h = ‖x̃‖²/2.
-pub(super) fn half_sq_norm(d: usize, x: &[f64]) -> f64 {
-    normalized(d, x).iter().map(|v| v * v).sum::<f64>() / 2.0
+pub(super) fn half_sq_norm(nrm: f64, x: &[f64]) -> f64 {
+    normalized(nrm, x).iter().map(|v| v * v).sum::<f64>() / 2.0
 }
 
-/// dx += d^{-1/4}(Wᵀ da + x̃ dh).
-fn chain_to_x(p: &Projection, xt: &[f64], da: &[f64], dh: f64, dx: &mut [f64]) {
-    let s = data_normalizer(p.d());
+/// dx += nrm·(Wᵀ da + x̃ dh).
+fn chain_to_x(p: &Projection, nrm: f64, xt: &[f64], da: &[f64], dh: f64, dx: &mut [f64]) {
+    let s = nrm;
     for (t, dxt) in dx.iter_mut().enumerate() {
         let wt_da: f64 = p.rows().zip(da).map(|(w, &a)| w[t] as f64 * a).sum();
         *dxt += s * (wt_da + xt[t] * dh);
@@ -67,21 +66,21 @@ fn arg_max(a: &[f64], abs: bool) -> (usize, f64) {
         .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if key(v) > bv { (i, key(v)) } else { (bi, bv) })
 }
 
-pub(super) fn positive_log_scale(p: &Projection, x: &[f64]) -> f64 {
-    let xt = normalized(p.d(), x);
+pub(super) fn positive_log_scale(p: &Projection, nrm: f64, x: &[f64]) -> f64 {
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     arg_max(&project(p, &xt), false).1 - h
 }
 
-pub(super) fn hyperbolic_log_scale(p: &Projection, x: &[f64]) -> f64 {
-    let xt = normalized(p.d(), x);
+pub(super) fn hyperbolic_log_scale(p: &Projection, nrm: f64, x: &[f64]) -> f64 {
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     arg_max(&project(p, &xt), true).1 - h
 }
 
 /// φ_f = ratio·(e^{a_f − h − c} + ε·e^{s − c}) with the token's own log-scale s.
-pub(super) fn positive(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut [f64]) {
-    let xt = normalized(p.d(), x);
+pub(super) fn positive(p: &Projection, nrm: f64, eps: f32, x: &[f64], c: f64, out: &mut [f64]) {
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = (p.m() as f64).sqrt().recip();
     let a = project(p, &xt);
@@ -93,8 +92,10 @@ pub(super) fn positive(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut [f
 
 /// With ψ_f = ratio·e^{a_f − h − c}: ∂ℒ/∂a_f = ḡ_f ψ_f, ∂ℒ/∂h = −Σ_f ḡ_f ψ_f, and the ε floor
 /// ratio·ε·e^{s − c} adds ∂ℒ/∂s = ratio·ε·e^{s − c}·Σ_f ḡ_f to a_{f*} and subtracts it from h.
+#[allow(clippy::too_many_arguments)] // the map's parameters, the token, its stabiliser and the gradient
 pub(super) fn positive_backward(
     p: &Projection,
+    nrm: f64,
     eps: f32,
     x: &[f64],
     c: f64,
@@ -102,7 +103,7 @@ pub(super) fn positive_backward(
     invariant: bool,
     dx: &mut [f64],
 ) {
-    let xt = normalized(p.d(), x);
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = (p.m() as f64).sqrt().recip();
     let a = project(p, &xt);
@@ -114,13 +115,13 @@ pub(super) fn positive_backward(
         da[star] += ds;
         dh -= ds;
     }
-    chain_to_x(p, &xt, &da, if invariant { 0.0 } else { dh }, dx);
+    chain_to_x(p, nrm, &xt, &da, if invariant { 0.0 } else { dh }, dx);
 }
 
 /// φ = (2m)^{-1/2}[e^{a − h − c} + ε·e^{s − c}, e^{−a − h − c} + ε·e^{s − c}].
-pub(super) fn hyperbolic(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut [f64]) {
+pub(super) fn hyperbolic(p: &Projection, nrm: f64, eps: f32, x: &[f64], c: f64, out: &mut [f64]) {
     let m = p.m();
-    let xt = normalized(p.d(), x);
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = ((2 * m) as f64).sqrt().recip();
     let a = project(p, &xt);
@@ -132,8 +133,10 @@ pub(super) fn hyperbolic(p: &Projection, eps: f32, x: &[f64], c: f64, out: &mut 
 }
 
 /// As [`positive_backward`], with s = |a_{f*}| − h: ∂ℒ/∂s goes to a_{f*} with the sign of a_{f*}.
+#[allow(clippy::too_many_arguments)] // the map's parameters, the token, its stabiliser and the gradient
 pub(super) fn hyperbolic_backward(
     p: &Projection,
+    nrm: f64,
     eps: f32,
     x: &[f64],
     c: f64,
@@ -142,7 +145,7 @@ pub(super) fn hyperbolic_backward(
     dx: &mut [f64],
 ) {
     let m = p.m();
-    let xt = normalized(p.d(), x);
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let ratio = ((2 * m) as f64).sqrt().recip();
     let a = project(p, &xt);
@@ -160,12 +163,12 @@ pub(super) fn hyperbolic_backward(
         da[star] += a[star].signum() * ds;
         dh -= ds;
     }
-    chain_to_x(p, &xt, &da, if invariant { 0.0 } else { dh }, dx);
+    chain_to_x(p, nrm, &xt, &da, if invariant { 0.0 } else { dh }, dx);
 }
 
-pub(super) fn trigonometric(p: &Projection, x: &[f64], c: f64, out: &mut [f64]) {
+pub(super) fn trigonometric(p: &Projection, nrm: f64, x: &[f64], c: f64, out: &mut [f64]) {
     let m = p.m();
-    let xt = normalized(p.d(), x);
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let scale = (h - c).exp() / (m as f64).sqrt();
     for (j, a) in project(p, &xt).into_iter().enumerate() {
@@ -174,9 +177,17 @@ pub(super) fn trigonometric(p: &Projection, x: &[f64], c: f64, out: &mut [f64]) 
     }
 }
 
-pub(super) fn trigonometric_backward(p: &Projection, x: &[f64], c: f64, g: &[f64], invariant: bool, dx: &mut [f64]) {
+pub(super) fn trigonometric_backward(
+    p: &Projection,
+    nrm: f64,
+    x: &[f64],
+    c: f64,
+    g: &[f64],
+    invariant: bool,
+    dx: &mut [f64],
+) {
     let m = p.m();
-    let xt = normalized(p.d(), x);
+    let xt = normalized(nrm, x);
     let h = xt.iter().map(|v| v * v).sum::<f64>() / 2.0;
     let scale = (h - c).exp() / (m as f64).sqrt();
     let mut da = vec![0.0; m];
@@ -186,5 +197,5 @@ pub(super) fn trigonometric_backward(p: &Projection, x: &[f64], c: f64, g: &[f64
         da[j] = scale * (g[m + j] * co - g[j] * s);
         dh += scale * (g[j] * co + g[m + j] * s);
     }
-    chain_to_x(p, &xt, &da, if invariant { 0.0 } else { dh }, dx);
+    chain_to_x(p, nrm, &xt, &da, if invariant { 0.0 } else { dh }, dx);
 }

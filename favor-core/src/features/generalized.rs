@@ -1,6 +1,5 @@
 //! Generalized kernel features φ(x) = f(scale·W x̂) + κ (or f(x̂) + κ without a projection).
 
-use super::data_normalizer;
 use crate::Projection;
 
 /// Elementwise nonlinearity of [`super::FeatureMap::Generalized`].
@@ -67,9 +66,9 @@ pub(crate) fn sigmoid(y: f64) -> f64 {
     }
 }
 
-fn pre_activation(p: Option<&Projection>, normalize: bool, scale: f32, x: &[f64]) -> Vec<f64> {
-    let n = if normalize { data_normalizer(x.len()) } else { 1.0 };
-    let s = scale as f64 * n;
+/// y = scale·W(nrm·x), or scale·nrm·x without a projection.
+fn pre_activation(p: Option<&Projection>, nrm: f64, scale: f32, x: &[f64]) -> Vec<f64> {
+    let s = scale as f64 * nrm;
     match p {
         Some(p) => p.rows().map(|w| s * w.iter().zip(x).map(|(&w, &v)| w as f64 * v).sum::<f64>()).collect(),
         None => x.iter().map(|&v| s * v).collect(),
@@ -79,13 +78,13 @@ fn pre_activation(p: Option<&Projection>, normalize: bool, scale: f32, x: &[f64]
 pub(super) fn forward(
     f: Elementwise,
     p: Option<&Projection>,
-    normalize: bool,
+    nrm: f64,
     scale: f32,
     kappa: f32,
     x: &[f64],
     out: &mut [f64],
 ) {
-    for (o, y) in out.iter_mut().zip(pre_activation(p, normalize, scale, x)) {
+    for (o, y) in out.iter_mut().zip(pre_activation(p, nrm, scale, x)) {
         *o = f.apply(y) + kappa as f64;
     }
 }
@@ -93,16 +92,14 @@ pub(super) fn forward(
 pub(super) fn backward(
     f: Elementwise,
     p: Option<&Projection>,
-    normalize: bool,
+    nrm: f64,
     scale: f32,
     x: &[f64],
     g: &[f64],
     dx: &mut [f64],
 ) {
-    let n = if normalize { data_normalizer(x.len()) } else { 1.0 };
-    let s = scale as f64 * n;
-    let dy: Vec<f64> =
-        pre_activation(p, normalize, scale, x).iter().zip(g).map(|(&y, &gj)| gj * f.derivative(y)).collect();
+    let s = scale as f64 * nrm;
+    let dy: Vec<f64> = pre_activation(p, nrm, scale, x).iter().zip(g).map(|(&y, &gj)| gj * f.derivative(y)).collect();
     match p {
         Some(p) => {
             for (t, dxt) in dx.iter_mut().enumerate() {

@@ -10,7 +10,8 @@
 //! | [`FeatureMap::GatedSoftplus`] (learned) | softplus(xW_fᵀ) ⊙ σ(xW_gᵀ) | m | — |
 //!
 //! x̃ = d^{-1/4}x is the data normaliser (so that x̃ᵀỹ = xᵀy/√d); x̂ is x̃ when
-//! `normalize_data` is set and x otherwise.
+//! `normalize_data` is set and x otherwise. A softmax scale τ other than 1/√d
+//! ([`FeatureMap::with_softmax_scale`]) makes it x̃ = √τ·x, so that x̃ᵀỹ = τ·xᵀy.
 //!
 //! # Stabilisers, and what is computed
 //! Write a_j = ω_jᵀx̃ and h = ‖x̃‖²/2. Every token x has a *log-scale* s(x)
@@ -62,6 +63,8 @@ pub enum FeatureMap {
         projection: Projection,
         /// ε added after the exp (default 1e-6, the JAX/TF value).
         epsilon: f32,
+        /// Softmax scale τ (the kernel is exp(τ·qᵀk)); `None` is 1/√d.
+        softmax_scale: Option<f32>,
     },
     /// Hyperbolic positive softmax features (2m features from m draws); lower variance than
     /// [`FeatureMap::Positive`] at the same number of draws.
@@ -70,12 +73,16 @@ pub enum FeatureMap {
         projection: Projection,
         /// ε added after the exp (default 1e-6).
         epsilon: f32,
+        /// Softmax scale τ (the kernel is exp(τ·qᵀk)); `None` is 1/√d.
+        softmax_scale: Option<f32>,
     },
     /// Trigonometric (random Fourier) softmax features (2m): unbiased but sign-indefinite, so
     /// denominators need the guard δ (default 1e-6).
     Trigonometric {
         /// Random projection W (m×d).
         projection: Projection,
+        /// Softmax scale τ (the kernel is exp(τ·qᵀk)); `None` is 1/√d.
+        softmax_scale: Option<f32>,
     },
     /// φ(x) = f(scale·W x̂) + κ, or f(x̂) + κ without a projection (deterministic features).
     Generalized {
@@ -83,8 +90,11 @@ pub enum FeatureMap {
         f: Elementwise,
         /// Optional projection W (m×d).
         projection: Option<Projection>,
-        /// Apply the d^{-1/4} data normaliser before projecting.
+        /// Apply the data normaliser √τ (d^{-1/4} by default) before projecting.
         normalize_data: bool,
+        /// τ of the data normaliser √τ when `normalize_data` is set (`None`: 1/√d, so that the
+        /// normaliser is d^{-1/4}); must be `None` otherwise.
+        softmax_scale: Option<f32>,
         /// Scale applied inside f (1/√m for Performer-ReLU, 1 otherwise).
         scale: f32,
         /// κ added after f.
@@ -129,6 +139,16 @@ pub const DEFAULT_TRIG_GUARD: f32 = 1e-6;
 /// input of f32's range stays inside f64's, where the f32 kernels evaluate extreme rows.
 pub const PARAM_LIMIT: f32 = 1e6;
 
+/// Rejects a softmax scale outside (0, [`PARAM_LIMIT`]] (or not finite).
+fn check_softmax_scale(tau: Option<f32>) -> Result<()> {
+    match tau {
+        Some(t) if !(t.is_finite() && t > 0.0 && t <= PARAM_LIMIT) => {
+            Err(FavorError::param("softmax_scale", format!("must lie in (0, {PARAM_LIMIT:e}], got {t}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Rejects an entry of a parameter tensor beyond [`PARAM_LIMIT`] in magnitude.
 pub(crate) fn check_entries(name: &'static str, w: &[f32]) -> Result<()> {
     // NaN counts as out of range (validation rejects it earlier with its own error).
@@ -141,17 +161,17 @@ pub(crate) fn check_entries(name: &'static str, w: &[f32]) -> Result<()> {
 impl FeatureMap {
     /// FAVOR+ positive features with ε = 1e-6.
     pub fn positive(projection: Projection) -> Self {
-        FeatureMap::Positive { projection, epsilon: DEFAULT_EPSILON }
+        FeatureMap::Positive { projection, epsilon: DEFAULT_EPSILON, softmax_scale: None }
     }
 
     /// Hyperbolic positive features with ε = 1e-6.
     pub fn hyperbolic(projection: Projection) -> Self {
-        FeatureMap::Hyperbolic { projection, epsilon: DEFAULT_EPSILON }
+        FeatureMap::Hyperbolic { projection, epsilon: DEFAULT_EPSILON, softmax_scale: None }
     }
 
     /// Trigonometric sin/cos features.
     pub fn trigonometric(projection: Projection) -> Self {
-        FeatureMap::Trigonometric { projection }
+        FeatureMap::Trigonometric { projection, softmax_scale: None }
     }
 
     /// Performer-ReLU: ReLU(m^{-1/2}·Wx) + 1e-3 with a projection (TF
@@ -162,6 +182,7 @@ impl FeatureMap {
             f: Elementwise::Relu,
             projection,
             normalize_data: false,
+            softmax_scale: None,
             scale,
             kappa: DEFAULT_RELU_KAPPA,
         }
@@ -169,7 +190,7 @@ impl FeatureMap {
 
     /// The generalized kernel f(x̂Wᵀ) + κ of JAX `make_fast_generalized_attention`.
     pub fn generalized(f: Elementwise, projection: Option<Projection>, normalize_data: bool, kappa: f32) -> Self {
-        FeatureMap::Generalized { f, projection, normalize_data, scale: 1.0, kappa }
+        FeatureMap::Generalized { f, projection, normalize_data, softmax_scale: None, scale: 1.0, kappa }
     }
 
     /// ELU(x) + 1 features without projection (the linear transformer of Katharopoulos et al.).
@@ -178,9 +199,65 @@ impl FeatureMap {
             f: Elementwise::EluPlusOne,
             projection: None,
             normalize_data: false,
+            softmax_scale: None,
             scale: 1.0,
             kappa: 0.0,
         }
+    }
+
+    /// The same map with softmax scale (temperature) τ: it estimates exp(τ·qᵀk) instead of
+    /// exp(qᵀk/√d), by using x̃ = √τ·x in place of d^{-1/4}x. For the exponential maps and the
+    /// generalized maps with `normalize_data`; the others do not normalise their input, and
+    /// asking them for a scale is an [`FavorError::InvalidParameter`]. τ must be finite and in
+    /// (0, [`PARAM_LIMIT`]] (checked here and by [`FeatureMap::validate`]).
+    pub fn with_softmax_scale(mut self, tau: f32) -> Result<Self> {
+        check_softmax_scale(Some(tau))?;
+        let name = self.name();
+        match &mut self {
+            FeatureMap::Positive { softmax_scale, .. }
+            | FeatureMap::Hyperbolic { softmax_scale, .. }
+            | FeatureMap::Trigonometric { softmax_scale, .. }
+            | FeatureMap::Generalized { normalize_data: true, softmax_scale, .. } => *softmax_scale = Some(tau),
+            _ => {
+                return Err(FavorError::param(
+                    "softmax_scale",
+                    format!("the {name} map does not normalise its input, so it has no softmax scale"),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The softmax scale τ in effect for inputs of dimension `d` (1/√d unless set), `None` for
+    /// maps that do not normalise their input.
+    pub fn softmax_scale(&self, d: usize) -> Option<f64> {
+        let tau = |t: &Option<f32>| t.map_or_else(|| (d as f64).powf(-0.5), f64::from);
+        match self {
+            FeatureMap::Positive { softmax_scale, .. }
+            | FeatureMap::Hyperbolic { softmax_scale, .. }
+            | FeatureMap::Trigonometric { softmax_scale, .. }
+            | FeatureMap::Generalized { normalize_data: true, softmax_scale, .. } => Some(tau(softmax_scale)),
+            _ => None,
+        }
+    }
+
+    /// The data normaliser: the map sees x̃ = `data_normalizer(d)`·x, which is √τ (d^{-1/4} by
+    /// default) for maps with a softmax scale and 1 for the others.
+    pub fn data_normalizer(&self, d: usize) -> f64 {
+        match self {
+            FeatureMap::Positive { softmax_scale, .. }
+            | FeatureMap::Hyperbolic { softmax_scale, .. }
+            | FeatureMap::Trigonometric { softmax_scale, .. }
+            | FeatureMap::Generalized { normalize_data: true, softmax_scale, .. } => {
+                softmax_scale.map_or_else(|| (d as f64).powf(-0.25), |t| f64::from(t).sqrt())
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// [`FeatureMap::data_normalizer`] for token `x`.
+    fn nrm(&self, x: &[f64]) -> f64 {
+        self.data_normalizer(x.len())
     }
 
     /// Input dimension d this map expects, `None` for maps without a projection (any d).
@@ -188,7 +265,7 @@ impl FeatureMap {
         match self {
             FeatureMap::Positive { projection, .. }
             | FeatureMap::Hyperbolic { projection, .. }
-            | FeatureMap::Trigonometric { projection } => Some(projection.d()),
+            | FeatureMap::Trigonometric { projection, .. } => Some(projection.d()),
             FeatureMap::Generalized { projection, .. } => projection.as_ref().map(Projection::d),
             FeatureMap::Softplus(l) => Some(l.d),
             FeatureMap::GatedSoftplus(g) => Some(g.filter.d),
@@ -199,7 +276,9 @@ impl FeatureMap {
     pub fn feature_dim(&self, d: usize) -> usize {
         match self {
             FeatureMap::Positive { projection, .. } => projection.m(),
-            FeatureMap::Hyperbolic { projection, .. } | FeatureMap::Trigonometric { projection } => 2 * projection.m(),
+            FeatureMap::Hyperbolic { projection, .. } | FeatureMap::Trigonometric { projection, .. } => {
+                2 * projection.m()
+            }
             FeatureMap::Generalized { projection, .. } => projection.as_ref().map_or(d, Projection::m),
             FeatureMap::Softplus(l) => l.m,
             FeatureMap::GatedSoftplus(g) => g.filter.m,
@@ -256,12 +335,27 @@ impl FeatureMap {
         let projection = match self {
             FeatureMap::Positive { projection, .. }
             | FeatureMap::Hyperbolic { projection, .. }
-            | FeatureMap::Trigonometric { projection } => Some(projection),
+            | FeatureMap::Trigonometric { projection, .. } => Some(projection),
             FeatureMap::Generalized { projection, .. } => projection.as_ref(),
             FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => None,
         };
         if let Some(p) = projection {
             check_entries("projection", p.matrix())?;
+        }
+        match self {
+            FeatureMap::Positive { softmax_scale, .. }
+            | FeatureMap::Hyperbolic { softmax_scale, .. }
+            | FeatureMap::Trigonometric { softmax_scale, .. }
+            | FeatureMap::Generalized { normalize_data: true, softmax_scale, .. } => {
+                check_softmax_scale(*softmax_scale)?
+            }
+            FeatureMap::Generalized { normalize_data: false, softmax_scale: Some(_), .. } => {
+                return Err(FavorError::param(
+                    "softmax_scale",
+                    "set on a generalized map without normalize_data, which does not normalise its input",
+                ));
+            }
+            _ => {}
         }
         match self {
             FeatureMap::Positive { epsilon, .. } | FeatureMap::Hyperbolic { epsilon, .. } => {
@@ -301,9 +395,9 @@ impl FeatureMap {
     /// Computed in f64.
     pub fn log_scale(&self, x: &[f64]) -> f64 {
         match self {
-            FeatureMap::Positive { projection, .. } => exp_maps::positive_log_scale(projection, x),
-            FeatureMap::Hyperbolic { projection, .. } => exp_maps::hyperbolic_log_scale(projection, x),
-            FeatureMap::Trigonometric { projection } => exp_maps::half_sq_norm(projection.d(), x),
+            FeatureMap::Positive { projection, .. } => exp_maps::positive_log_scale(projection, self.nrm(x), x),
+            FeatureMap::Hyperbolic { projection, .. } => exp_maps::hyperbolic_log_scale(projection, self.nrm(x), x),
+            FeatureMap::Trigonometric { .. } => exp_maps::half_sq_norm(self.nrm(x), x),
             _ => 0.0,
         }
     }
@@ -312,11 +406,15 @@ impl FeatureMap {
     /// [`FeatureMap::feature_dim`] entries.
     pub fn features(&self, x: &[f64], c: f64, out: &mut [f64]) {
         match self {
-            FeatureMap::Positive { projection, epsilon } => exp_maps::positive(projection, *epsilon, x, c, out),
-            FeatureMap::Hyperbolic { projection, epsilon } => exp_maps::hyperbolic(projection, *epsilon, x, c, out),
-            FeatureMap::Trigonometric { projection } => exp_maps::trigonometric(projection, x, c, out),
-            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
-                generalized::forward(*f, projection.as_ref(), *normalize_data, *scale, *kappa, x, out)
+            FeatureMap::Positive { projection, epsilon, .. } => {
+                exp_maps::positive(projection, self.nrm(x), *epsilon, x, c, out)
+            }
+            FeatureMap::Hyperbolic { projection, epsilon, .. } => {
+                exp_maps::hyperbolic(projection, self.nrm(x), *epsilon, x, c, out)
+            }
+            FeatureMap::Trigonometric { projection, .. } => exp_maps::trigonometric(projection, self.nrm(x), x, c, out),
+            FeatureMap::Generalized { f, projection, scale, kappa, .. } => {
+                generalized::forward(*f, projection.as_ref(), self.nrm(x), *scale, *kappa, x, out)
             }
             FeatureMap::Softplus(l) => learned::softplus_forward(l, x, out),
             FeatureMap::GatedSoftplus(g) => learned::gated_forward(g, x, out),
@@ -364,17 +462,17 @@ impl FeatureMap {
         grads: Option<&mut ParamGradsF64>,
     ) {
         match self {
-            FeatureMap::Positive { projection, epsilon } => {
-                exp_maps::positive_backward(projection, *epsilon, x, c, dphi, invariant, dx)
+            FeatureMap::Positive { projection, epsilon, .. } => {
+                exp_maps::positive_backward(projection, self.nrm(x), *epsilon, x, c, dphi, invariant, dx)
             }
-            FeatureMap::Hyperbolic { projection, epsilon } => {
-                exp_maps::hyperbolic_backward(projection, *epsilon, x, c, dphi, invariant, dx)
+            FeatureMap::Hyperbolic { projection, epsilon, .. } => {
+                exp_maps::hyperbolic_backward(projection, self.nrm(x), *epsilon, x, c, dphi, invariant, dx)
             }
-            FeatureMap::Trigonometric { projection } => {
-                exp_maps::trigonometric_backward(projection, x, c, dphi, invariant, dx)
+            FeatureMap::Trigonometric { projection, .. } => {
+                exp_maps::trigonometric_backward(projection, self.nrm(x), x, c, dphi, invariant, dx)
             }
-            FeatureMap::Generalized { f, projection, normalize_data, scale, .. } => {
-                generalized::backward(*f, projection.as_ref(), *normalize_data, *scale, x, dphi, dx)
+            FeatureMap::Generalized { f, projection, scale, .. } => {
+                generalized::backward(*f, projection.as_ref(), self.nrm(x), *scale, x, dphi, dx)
             }
             FeatureMap::Softplus(l) => learned::softplus_backward(l, x, dphi, dx, grads),
             FeatureMap::GatedSoftplus(g) => learned::gated_backward(g, x, dphi, dx, grads),
@@ -416,11 +514,6 @@ impl ParamGradsF64 {
         let r = |v: &Vec<f64>| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         ParamGrads { w: r(&self.w), bias: self.bias.as_ref().map(r), w_gate: self.w_gate.as_ref().map(r) }
     }
-}
-
-/// x̃ = d^{-1/4}·x, the data normaliser.
-pub(crate) fn data_normalizer(d: usize) -> f64 {
-    (d as f64).powf(-0.25)
 }
 
 #[cfg(test)]

@@ -72,9 +72,9 @@ fn lemma2_mse(kind: &str, xt: &[f64], yt: &[f64], m: usize) -> f64 {
 
 fn raw_map(kind: &str, projection: Projection) -> FeatureMap {
     match kind {
-        "positive" => FeatureMap::Positive { projection, epsilon: 0.0 },
-        "hyperbolic" => FeatureMap::Hyperbolic { projection, epsilon: 0.0 },
-        "trigonometric" => FeatureMap::Trigonometric { projection },
+        "positive" => FeatureMap::Positive { projection, epsilon: 0.0, softmax_scale: None },
+        "hyperbolic" => FeatureMap::Hyperbolic { projection, epsilon: 0.0, softmax_scale: None },
+        "trigonometric" => FeatureMap::Trigonometric { projection, softmax_scale: None },
         _ => unreachable!(),
     }
 }
@@ -190,11 +190,18 @@ fn features_match_the_documented_formulas() {
     let mut r = testing::rng(5);
     let x = gaussian(&mut r, d, 0.8);
     let c = 0.37;
-    let nrm = (d as f64).powf(-0.25);
-    let xt: Vec<f64> = x.iter().map(|v| v * nrm).collect();
-    let h = sq_norm(&xt) / 2.0;
     for (name, map) in testing::feature_map_catalog(d, m, 9) {
         let map = testing::with_epsilon(&map, 0.25);
+        // x̃ = √τ·x, τ = 1/√d unless the map sets a softmax scale.
+        let tau = match &map {
+            FeatureMap::Positive { softmax_scale, .. }
+            | FeatureMap::Hyperbolic { softmax_scale, .. }
+            | FeatureMap::Trigonometric { softmax_scale, .. }
+            | FeatureMap::Generalized { softmax_scale, .. } => softmax_scale.map_or(1.0 / (d as f64).sqrt(), f64::from),
+            _ => 1.0 / (d as f64).sqrt(),
+        };
+        let xt: Vec<f64> = x.iter().map(|v| v * tau.sqrt()).collect();
+        let h = sq_norm(&xt) / 2.0;
         let mf = map.feature_dim(d);
         let mut got = vec![0.0; mf];
         map.features(&x, c, &mut got);
@@ -204,12 +211,12 @@ fn features_match_the_documented_formulas() {
         let want: Vec<f64> = match &map {
             // The ε floor scales with the token's own log-scale s = max_j a_j − h (|a_j| for
             // hyperbolic): ε·e^{s − c}.
-            FeatureMap::Positive { projection: p, epsilon } => {
+            FeatureMap::Positive { projection: p, epsilon, .. } => {
                 let s = (0..m).map(|j| row(p, j, &xt)).fold(f64::NEG_INFINITY, f64::max) - h;
                 let floor = *epsilon as f64 * (s - c).exp();
                 (0..m).map(|j| ((row(p, j, &xt) - h - c).exp() + floor) / (m as f64).sqrt()).collect()
             }
-            FeatureMap::Hyperbolic { projection: p, epsilon } => {
+            FeatureMap::Hyperbolic { projection: p, epsilon, .. } => {
                 let s = (0..m).map(|j| row(p, j, &xt).abs()).fold(f64::NEG_INFINITY, f64::max) - h;
                 let floor = *epsilon as f64 * (s - c).exp();
                 let r = (2.0 * m as f64).sqrt();
@@ -217,13 +224,13 @@ fn features_match_the_documented_formulas() {
                 let minus = (0..m).map(|j| ((-row(p, j, &xt) - h - c).exp() + floor) / r);
                 plus.chain(minus).collect()
             }
-            FeatureMap::Trigonometric { projection: p } => {
+            FeatureMap::Trigonometric { projection: p, .. } => {
                 let s = (h - c).exp() / (m as f64).sqrt();
                 let cos = (0..m).map(|j| s * row(p, j, &xt).cos());
                 let sin = (0..m).map(|j| s * row(p, j, &xt).sin());
                 cos.chain(sin).collect()
             }
-            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
+            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa, .. } => {
                 let xh = if *normalize_data { &xt } else { &x };
                 let y: Vec<f64> = match projection {
                     Some(p) => (0..m).map(|j| *scale as f64 * row(p, j, xh)).collect(),
@@ -410,6 +417,7 @@ fn parameters_beyond_the_limit_are_rejected_with_their_name() {
         normalize_data: true,
         scale,
         kappa,
+        softmax_scale: None,
     };
     let elu = |scale: f32| FeatureMap::Generalized {
         f: Elementwise::EluPlusOne,
@@ -417,13 +425,14 @@ fn parameters_beyond_the_limit_are_rejected_with_their_name() {
         normalize_data: false,
         scale,
         kappa: 0.0,
+        softmax_scale: None,
     };
     // Built field by field: `Linear::new` already refuses such weights.
     let learned = |w: f32, b: f32| FeatureMap::Softplus(Linear { m: 2, d: 3, w: vec![w; 6], bias: Some(vec![b; 2]) });
     let huge = Projection::from_matrix(2, 3, vec![0.5, 1e30, 0.0, 1.0, 1.0, 1.0]);
     let bad = [
-        (FeatureMap::Positive { projection: proj(), epsilon: 1e38 }, "epsilon"),
-        (FeatureMap::Hyperbolic { projection: proj(), epsilon: 3e38 }, "epsilon"),
+        (FeatureMap::Positive { projection: proj(), epsilon: 1e38, softmax_scale: None }, "epsilon"),
+        (FeatureMap::Hyperbolic { projection: proj(), epsilon: 3e38, softmax_scale: None }, "epsilon"),
         (relu(1.0, 1e38), "kappa"),
         (relu(1e38, 0.0), "scale"),
         (elu(-1e38), "scale"),
@@ -449,7 +458,7 @@ fn parameters_beyond_the_limit_are_rejected_with_their_name() {
         }
     }
     let at_limit = [
-        FeatureMap::Positive { projection: proj(), epsilon: PARAM_LIMIT },
+        FeatureMap::Positive { projection: proj(), epsilon: PARAM_LIMIT, softmax_scale: None },
         relu(-PARAM_LIMIT, PARAM_LIMIT),
         elu(PARAM_LIMIT),
         learned(PARAM_LIMIT, -PARAM_LIMIT),
@@ -457,4 +466,116 @@ fn parameters_beyond_the_limit_are_rejected_with_their_name() {
     for map in at_limit {
         map.validate(3).unwrap();
     }
+}
+
+/// With softmax scale τ the raw estimators are unbiased for exp(τ·xᵀy) (not exp(xᵀy/√d)), and
+/// their variance is Lemma 2's at x̃ = √τ·x.
+#[test]
+fn a_softmax_scale_sets_the_kernel_temperature() {
+    let (m, d, draws) = (8, 4, 20_000);
+    for (i, tau) in [0.3f32, 1.3].into_iter().enumerate() {
+        // τ‖x + y‖² = 0.6 for both τ: moderate variances, as in the unbiasedness test above.
+        let s = (0.19 / tau as f64).sqrt();
+        let x: Vec<f64> = [0.5, -0.3, 0.6, 0.2].iter().map(|v| v * s).collect();
+        let y: Vec<f64> = [0.6, -0.4, 0.5, 0.3].iter().map(|v| v * s).collect();
+        let truth = (tau as f64 * dot(&x, &y)).exp();
+        let default_truth = (dot(&x, &y) / (d as f64).sqrt()).exp();
+        let (xt, yt): (Vec<f64>, Vec<f64>) =
+            (x.iter().map(|v| v * (tau as f64).sqrt()).collect(), y.iter().map(|v| v * (tau as f64).sqrt()).collect());
+        for kind in KERNEL_KINDS {
+            let est = kernel_estimates(draws, 5_000_000 + 100_000 * i as u64, &x, &y, |s| {
+                let p = Projection::draw(ProjectionConfig::new(m, d, s).iid()).unwrap();
+                raw_map(kind, p).with_softmax_scale(tau).unwrap()
+            });
+            let mo = moments(&est);
+            let z_mean = (mo.mean - truth) / mo.se_mean;
+            let theory = lemma2_mse(kind, &xt, &yt, m);
+            let z_var = (mo.var - theory) / mo.se_var;
+            println!(
+                "τ = {tau} [{kind:>13}]: mean {:.6} vs exp(τ·xᵀy) {truth:.6} (z = {z_mean:+.2}), vs the default \
+                 kernel {default_truth:.6}; variance ratio to Lemma 2 {:.4} (z = {z_var:+.2})",
+                mo.mean,
+                mo.var / theory
+            );
+            assert!(z_mean.abs() < 4.0, "{kind} τ = {tau}: biased, z = {z_mean}");
+            assert!(z_var.abs() < 4.0, "{kind} τ = {tau}: variance off Lemma 2, z = {z_var}");
+            // The test can tell the scaled kernel from the default one.
+            assert!((default_truth - truth).abs() > 10.0 * mo.se_mean, "{kind} τ = {tau}: kernels too close to tell");
+        }
+    }
+}
+
+/// A softmax scale τ is the default map on the rescaled input c·x, c = (τ√d)^{1/2}: the same
+/// log-scale and features, and ∂ℒ/∂x = c·(the default map's gradient at c·x), for every map
+/// that has a softmax scale, on a stabiliser shared by both.
+#[test]
+fn a_softmax_scale_equals_the_default_map_on_rescaled_input() {
+    let (d, m) = (6, 9);
+    let mut r = testing::rng(31);
+    let x = gaussian(&mut r, d, 0.8);
+    for (name, base) in testing::feature_map_catalog(d, m, 12) {
+        if base.softmax_scale(d).is_none() || name.ends_with("-scaled") {
+            continue;
+        }
+        let base = testing::with_epsilon(&base, 0.1);
+        for tau in [0.05f32, 1.3, 7.0] {
+            let scaled = base.clone().with_softmax_scale(tau).unwrap();
+            assert_eq!(scaled.softmax_scale(d), Some(tau as f64));
+            let c = (tau as f64 * (d as f64).sqrt()).sqrt();
+            let xs: Vec<f64> = x.iter().map(|v| v * c).collect();
+            let what = format!("{name} τ = {tau}");
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1e-300);
+            assert!(close(scaled.log_scale(&x), base.log_scale(&xs)), "{what}: log-scale");
+            let stab = base.log_scale(&xs) + 0.3;
+            let mf = base.feature_dim(d);
+            let (mut fs, mut fb) = (vec![0.0; mf], vec![0.0; mf]);
+            scaled.features(&x, stab, &mut fs);
+            base.features(&xs, stab, &mut fb);
+            assert!(fs.iter().zip(&fb).all(|(&a, &b)| close(a, b)), "{what}: features {fs:?} vs {fb:?}");
+            let g = gaussian(&mut r, mf, 1.0);
+            let (mut ds, mut db) = (vec![0.0; d], vec![0.0; d]);
+            scaled.features_backward(&x, stab, &g, &mut ds, None);
+            base.features_backward(&xs, stab, &g, &mut db, None);
+            assert!(ds.iter().zip(&db).all(|(&a, &b)| close(a, c * b)), "{what}: gradients {ds:?} vs c·{db:?}");
+        }
+    }
+}
+
+/// Softmax scales outside (0, PARAM_LIMIT], and scales on maps that do not normalise their
+/// input, are typed errors naming `softmax_scale`.
+#[test]
+fn softmax_scales_are_validated() {
+    let proj = || Projection::draw(ProjectionConfig::new(4, 3, 1)).unwrap();
+    let is_scale_error = |r: Result<()>| matches!(r, Err(FavorError::InvalidParameter { name: "softmax_scale", .. }));
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY, 2.0 * PARAM_LIMIT, -0.0] {
+        assert!(is_scale_error(FeatureMap::positive(proj()).with_softmax_scale(bad).map(drop)), "τ = {bad}");
+        let literal = FeatureMap::Trigonometric { projection: proj(), softmax_scale: Some(bad) };
+        assert!(is_scale_error(literal.validate(3)), "literal τ = {bad}");
+    }
+    for map in [
+        FeatureMap::relu(Some(proj())),
+        FeatureMap::relu(None),
+        FeatureMap::elu_plus_one(),
+        testing::learned_softplus(4, 3, 5, true),
+        testing::gated_softplus(4, 3, 6),
+    ] {
+        assert_eq!(map.softmax_scale(3), None, "{}", map.name());
+        assert_eq!(map.data_normalizer(3), 1.0, "{}", map.name());
+        assert!(is_scale_error(map.clone().with_softmax_scale(0.5).map(drop)), "{}", map.name());
+    }
+    let unnormalised = FeatureMap::Generalized {
+        f: Elementwise::Softplus,
+        projection: Some(proj()),
+        normalize_data: false,
+        softmax_scale: Some(0.5),
+        scale: 1.0,
+        kappa: 0.0,
+    };
+    assert!(is_scale_error(unnormalised.validate(3)));
+    // Defaults: τ = 1/√d, normaliser d^{-1/4}; a set scale is taken as given.
+    let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(4, 16, 1)).unwrap());
+    assert_eq!((map.softmax_scale(16), map.data_normalizer(16)), (Some(0.25), 0.5));
+    let map = map.with_softmax_scale(PARAM_LIMIT).unwrap();
+    assert_eq!(map.softmax_scale(16), Some(PARAM_LIMIT as f64));
+    assert!(map.validate(16).is_ok());
 }

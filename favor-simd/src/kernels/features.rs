@@ -2,9 +2,10 @@
 //!
 //! A tile is `rows` tokens of one (batch, head), row-major with padded rows: x is rows × dp,
 //! the projections a = x·W̃ᵀ are rows × mp, the features φ rows × mfp (all padded to the widest
-//! vector with zeros). W̃ is the projection with every constant scale folded in (d^{-1/4} for the
-//! softmax maps, scale·d^{-1/4}/1 for generalized maps), stored transposed (dp × mp) for the
-//! forward product and as is (mp × dp) for the backward one.
+//! vector with zeros). W̃ is the projection with every constant scale folded in (√τ for the
+//! softmax maps, τ the softmax scale, so d^{-1/4} by default; scale·√τ or scale for generalized
+//! maps), stored transposed (dp × mp) for the forward product and as is (mp × dp) for the
+//! backward one.
 //!
 //! Internal feature layout: the maps with 2m features (hyperbolic, trigonometric) keep their two
 //! halves at columns [0, m) and [mp, mp + m), so both halves are whole vectors. Attention never
@@ -105,8 +106,9 @@ impl Plan {
     /// Prepares `map` for inputs of dimension `d` (already validated).
     pub(crate) fn new(map: &FeatureMap, d: usize) -> Plan {
         let dp = pad(d);
-        let nrm = (d as f64).powf(-0.25);
-        let hcoef = (d as f64).powf(-0.5) / 2.0;
+        // x̃ = nrm·x with nrm = √τ (d^{-1/4} by default); h = ‖x̃‖²/2 = (τ/2)·‖x‖².
+        let nrm = map.data_normalizer(d);
+        let hcoef = map.softmax_scale(d).unwrap_or(0.0) / 2.0;
         let mut plan = Plan {
             kind: Kind::Softplus,
             d,
@@ -126,25 +128,25 @@ impl Plan {
             map: map.clone(),
         };
         let (m, w, s): (usize, &[f32], f64) = match map {
-            FeatureMap::Positive { projection, epsilon } => {
+            FeatureMap::Positive { projection, epsilon, .. } => {
                 plan.kind = Kind::Positive;
                 plan.ratio = (1.0 / (projection.m() as f64).sqrt()) as f32;
                 plan.beta = *epsilon as f64 / (projection.m() as f64).sqrt();
                 (projection.m(), projection.matrix(), nrm)
             }
-            FeatureMap::Hyperbolic { projection, epsilon } => {
+            FeatureMap::Hyperbolic { projection, epsilon, .. } => {
                 plan.kind = Kind::Hyperbolic;
                 plan.ratio = (1.0 / (2.0 * projection.m() as f64).sqrt()) as f32;
                 plan.beta = *epsilon as f64 / (2.0 * projection.m() as f64).sqrt();
                 (projection.m(), projection.matrix(), nrm)
             }
-            FeatureMap::Trigonometric { projection } => {
+            FeatureMap::Trigonometric { projection, .. } => {
                 plan.kind = Kind::Trigonometric;
                 plan.ratio = (1.0 / (projection.m() as f64).sqrt()) as f32;
                 (projection.m(), projection.matrix(), nrm)
             }
-            FeatureMap::Generalized { f, projection, normalize_data, scale, kappa } => {
-                let s = *scale as f64 * if *normalize_data { nrm } else { 1.0 };
+            FeatureMap::Generalized { f, projection, scale, kappa, .. } => {
+                let s = *scale as f64 * nrm;
                 match projection {
                     Some(p) => {
                         plan.kind = Kind::Generalized { f: *f, kappa: *kappa, projected: true, scale: s as f32 };

@@ -53,6 +53,9 @@ pub fn all_maps(d: usize, m: usize, seed: u64) -> Vec<FeatureMap> {
         FeatureMap::generalized(Elementwise::Softplus, Some(proj()), true, 0.0),
         FeatureMap::Softplus(lin(seed + 10, true)),
         FeatureMap::GatedSoftplus(GatedSoftplusParams { filter: lin(seed + 20, false), gate: lin(seed + 30, false) }),
+        // Softmax scales other than 1/√d (above and below it for every d ≥ 1 tested).
+        FeatureMap::hyperbolic(proj()).with_softmax_scale(1.3).unwrap(),
+        FeatureMap::generalized(Elementwise::Softplus, Some(proj()), true, 0.0).with_softmax_scale(0.02).unwrap(),
     ]
 }
 
