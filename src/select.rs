@@ -130,7 +130,12 @@ impl Backend {
                     let n = n.parse::<usize>().map_err(|_| bad_id(s, "expected \"cuda:<device number>\""))?;
                     Self::cuda(n)
                 } else {
-                    Err(bad_id(s, "unknown backend; expected best, cuda, cuda:N, simd, simd:<isa> or reference"))
+                    Err(FavorError::InvalidParameter {
+                        name: "backend",
+                        reason: format!(
+                            "unknown backend `{s}`; expected best, cuda, cuda:N, simd, simd:<isa> or reference"
+                        ),
+                    })
                 }
             }
         }

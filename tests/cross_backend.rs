@@ -8,8 +8,8 @@ use favor::{
     Problem, ReferenceBackend, TensorHandle,
 };
 use favor_core::testing::{
-    RelError, denominator_condition, feature_map_catalog, flat_param_grads, log_denominator_slopes, random_mask,
-    random_tensor, rel_error, rel_error_or_cancelled, rng, storage_tolerance,
+    RelError, cancel_scales, denominator_condition, feature_map_catalog, flat_param_grads, random_mask, random_tensor,
+    rel_error, rel_error_or_cancelled, rng, storage_tolerance,
 };
 use std::collections::BTreeMap;
 
@@ -63,7 +63,7 @@ fn cases() -> Vec<Case> {
         let m = [7, 16, 17, 33, 64][i];
         let dtype = DType::ALL[i % 3];
         out.push(Case {
-            shape: AttentionShape { batch, heads, len, d, dv },
+            shape: AttentionShape::new(batch, heads, len, d).with_dv(dv),
             m,
             dtype,
             masked: i % 2 == 1,
@@ -155,13 +155,7 @@ fn every_backend_matches_the_reference_forward_and_backward() {
                     let want = ReferenceBackend.backward_f64(&p, inputs, g.view()).unwrap();
                     // dq and dk vanish in exact arithmetic with one key, d = 1 or one feature
                     // (two terms of size √d_v·RMS(g)·RMS(v)·‖∇log R‖ cancel): measured against that.
-                    let rms = |t: &HostTensor| {
-                        let x = t.to_f64_vec();
-                        (x.iter().map(|y| y * y).sum::<f64>() / x.len() as f64).sqrt()
-                    };
-                    let gv = (s.dv as f64).sqrt() * rms(&g) * rms(&v);
-                    let (slope, pslope) = log_denominator_slopes(&p, inputs);
-                    let scale = (gv * slope).max(f64::MIN_POSITIVE);
+                    let (scale, pscale) = cancel_scales(&p, inputs, g.view());
                     let errors = [
                         ("dq", rel_error_or_cancelled(&what, &dq.to_f64_vec(), &want.dq, scale)),
                         ("dk", rel_error_or_cancelled(&what, &dk.to_f64_vec(), &want.dk, scale)),
@@ -181,12 +175,7 @@ fn every_backend_matches_the_reference_forward_and_backward() {
                                 .chain(a.w_gate.iter().flatten())
                                 .map(|&x| x as f64)
                                 .collect();
-                        let err = rel_error_or_cancelled(
-                            &what,
-                            &a,
-                            &flat_param_grads(b),
-                            (gv * pslope).max(f64::MIN_POSITIVE),
-                        );
+                        let err = rel_error_or_cancelled(&what, &a, &flat_param_grads(b), pscale);
                         // Parameter gradients are returned in f32 whatever the storage.
                         let tol = if err.cancelled { TOL_CANCELLED } else { TOL_F32 };
                         assert!(err.value <= tol, "{what}: dW error {err} > {tol:.0e}");
@@ -209,7 +198,7 @@ fn every_backend_matches_the_reference_forward_and_backward() {
 
 #[test]
 fn decoding_through_the_entry_point_equals_full_causal_attention() {
-    let s = AttentionShape { batch: 2, heads: 2, len: 23, d: 9, dv: 5 };
+    let s = AttentionShape::new(2, 2, 23, 9).with_dv(5);
     for backend in Backend::available() {
         for (name, map) in feature_map_catalog(s.d, 17, 3) {
             let p = Problem::new(s, &map).with_options(AttentionOptions::causal());

@@ -105,7 +105,7 @@ mod cuda {
 
     #[test]
     fn cuda_through_the_entry_point_matches_the_reference() {
-        let s = AttentionShape { batch: 2, heads: 1, len: 37, d: 7, dv: 5 };
+        let s = AttentionShape::new(2, 1, 37, 7).with_dv(5);
         let proj = Projection::draw(ProjectionConfig::new(9, s.d, 11)).unwrap();
         let maps = [FeatureMap::positive(proj.clone()), FeatureMap::relu(Some(proj))];
         for backend in cuda_backends() {

@@ -10,12 +10,14 @@
 /// caller goes through these, so that it fails with a typed error instead of aborting.
 pub use crate::validate::{check_allocatable, checked_len, try_with_capacity, try_zeroed};
 use crate::{
-    AttentionOptions, AttentionShape, DType, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
-    TensorHandle,
+    AttentionOptions, AttentionShape, DType, Direction, FavorError, FeatureMap, FeatureRole, HostMut, HostRef,
+    ParamGrads, Result, TensorHandle,
 };
 
 const QK_DIMS: &str = "[batch, heads, len, d]";
-const V_DIMS: &str = "[batch, heads, len, d_v]";
+const K_DIMS: &str = "[batch, heads, kv_len, d]";
+const V_DIMS: &str = "[batch, heads, kv_len, d_v]";
+const OUT_DIMS: &str = "[batch, heads, len, d_v]";
 
 /// Where a backend's tensors live.
 pub trait MemorySpace: 'static {
@@ -74,19 +76,30 @@ impl<'a> Problem<'a> {
         if !(g.is_finite() && g >= 0.0) {
             return Err(FavorError::param("denominator_guard", format!("must be finite and ≥ 0, got {g}")));
         }
+        if self.options.direction == Direction::Causal && self.shape.is_cross() {
+            return Err(FavorError::param(
+                "kv_len",
+                format!(
+                    "causal attention needs as many keys as queries (query i sees keys 0..=i), got {} queries and {} keys; \
+                     cross-attention is bidirectional only",
+                    self.shape.len,
+                    self.shape.keys()
+                ),
+            ));
+        }
         Ok(())
     }
 }
 
-/// Q, K, V and the optional key padding mask (`[batch, len]`, true = keep) of one call.
+/// Q, K, V and the optional key padding mask (`[batch, kv_len]`, true = keep) of one call.
 pub struct Inputs<'a, M: MemorySpace> {
     /// Queries `[B, H, L, d]`.
     pub q: M::Ref<'a>,
-    /// Keys `[B, H, L, d]`.
+    /// Keys `[B, H, L_kv, d]` (L_kv = `kv_len`, L unless set).
     pub k: M::Ref<'a>,
-    /// Values `[B, H, L, d_v]`.
+    /// Values `[B, H, L_kv, d_v]`.
     pub v: M::Ref<'a>,
-    /// Key padding mask `[B, L]`; padded keys get φ(k) = 0 and are left out of the stabiliser.
+    /// Key padding mask `[B, L_kv]`; padded keys get φ(k) = 0 and are left out of the stabiliser.
     pub key_mask: Option<&'a [bool]>,
 }
 
@@ -101,9 +114,9 @@ impl<M: MemorySpace> Copy for Inputs<'_, M> {}
 pub struct Grads<'a, M: MemorySpace> {
     /// ∂ℒ/∂Q `[B, H, L, d]`.
     pub dq: M::Mut<'a>,
-    /// ∂ℒ/∂K `[B, H, L, d]`.
+    /// ∂ℒ/∂K `[B, H, L_kv, d]`.
     pub dk: M::Mut<'a>,
-    /// ∂ℒ/∂V `[B, H, L, d_v]`.
+    /// ∂ℒ/∂V `[B, H, L_kv, d_v]`.
     pub dv: M::Mut<'a>,
 }
 
@@ -195,12 +208,12 @@ pub fn validate_inputs<M: MemorySpace>(p: &Problem<'_>, inputs: &Inputs<'_, M>) 
     let s = p.shape;
     let dtype = inputs.q.dtype();
     check_tensor("q", &inputs.q, s.qk_len(), dtype, QK_DIMS)?;
-    check_tensor("k", &inputs.k, s.qk_len(), dtype, QK_DIMS)?;
+    check_tensor("k", &inputs.k, s.k_len(), dtype, K_DIMS)?;
     check_tensor("v", &inputs.v, s.v_len(), dtype, V_DIMS)?;
     if let Some(m) = inputs.key_mask
         && m.len() != s.mask_len()
     {
-        return Err(FavorError::shape("key_mask", format!("{} elements ([batch, len])", s.mask_len()), m.len()));
+        return Err(FavorError::shape("key_mask", format!("{} elements ([batch, kv_len])", s.mask_len()), m.len()));
     }
     Ok(dtype)
 }
@@ -214,7 +227,7 @@ pub fn validate_host_inputs(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Resul
 
 /// Checks the output of a forward or decode call: `[B, H, L, d_v]` in the call's dtype.
 pub fn check_output(p: &Problem<'_>, out: &impl TensorHandle, dtype: DType) -> Result<()> {
-    check_tensor("out", out, p.shape.v_len(), dtype, V_DIMS)
+    check_tensor("out", out, p.shape.out_len(), dtype, OUT_DIMS)
 }
 
 /// Checks ∂ℒ/∂out and the three gradient outputs of a backward call against the call's dtype.
@@ -225,9 +238,9 @@ pub fn check_backward<M: MemorySpace>(
     dtype: DType,
 ) -> Result<()> {
     let s = p.shape;
-    check_tensor("dout", dout, s.v_len(), dtype, V_DIMS)?;
+    check_tensor("dout", dout, s.out_len(), dtype, OUT_DIMS)?;
     check_tensor("dq", &grads.dq, s.qk_len(), dtype, QK_DIMS)?;
-    check_tensor("dk", &grads.dk, s.qk_len(), dtype, QK_DIMS)?;
+    check_tensor("dk", &grads.dk, s.k_len(), dtype, K_DIMS)?;
     check_tensor("dv", &grads.dv, s.v_len(), dtype, V_DIMS)
 }
 
@@ -240,7 +253,8 @@ pub fn validate_feature_call(
     features_arg: &'static str,
     features: &impl TensorHandle,
 ) -> Result<usize> {
-    AttentionShape { dv: shape.d, ..shape }.validate()?;
+    // One tensor of `len` tokens: `kv_len` plays no part.
+    AttentionShape { dv: shape.d, kv_len: None, ..shape }.validate()?;
     map.validate(shape.d)?;
     let mf = map.feature_dim(shape.d);
     let features_len = checked_len(features_arg, &[shape.batch, shape.heads, shape.len, mf])?;
@@ -255,7 +269,7 @@ pub fn validate_feature_call(
 pub fn check_f64_attention_buffers(p: &Problem<'_>) -> Result<()> {
     let (mf, s) = (p.features(), p.shape);
     check_allocatable::<f64>("state", &[mf, s.dv])?;
-    check_allocatable::<f64>("phi", &[s.len, mf])
+    check_allocatable::<f64>("phi", &[s.len.max(s.keys()), mf])
 }
 
 /// Reports the first NaN or infinity of the host inputs (favor's documented policy: non-finite

@@ -32,7 +32,7 @@ impl StateSignature {
     /// Validates `problem` for a new state (its `len` is ignored) and records what the state is
     /// made for. The state's size, batch·heads·M·(d_v + 1) values, must not overflow.
     pub fn new(problem: &Problem<'_>) -> Result<Self> {
-        let shape = AttentionShape { len: 1, ..problem.shape };
+        let shape = AttentionShape { len: 1, kv_len: None, ..problem.shape };
         Problem { shape, ..*problem }.validate()?;
         let features = problem.features();
         let dv1 = shape.dv.checked_add(1).ok_or_else(|| FavorError::SizeOverflow {
@@ -67,6 +67,12 @@ impl StateSignature {
     /// otherwise [`FavorError::StateMismatch`] naming the first field that differs, with the
     /// problem's value as `expected` and the state's as `actual`.
     pub fn check(&self, problem: &Problem<'_>) -> Result<()> {
+        if problem.shape.is_cross() {
+            return Err(FavorError::param(
+                "kv_len",
+                "decoding continues causal attention, where each query comes with its own key: kv_len must be unset",
+            ));
+        }
         let want = Self::of(problem.shape, problem.map);
         let hex = |x: Option<u64>| x.map_or_else(|| "none".to_string(), |x| format!("{x:016x}"));
         let fields: [(&'static str, String, String); 9] = [

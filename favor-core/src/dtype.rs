@@ -20,6 +20,16 @@ pub enum DType {
 }
 
 impl DType {
+    /// The largest finite value the storage type holds (f16: 65504, bf16: ≈ 3.3895e38): where
+    /// values beyond it saturate (see [`saturate_f32`] and the storage policy).
+    pub fn largest_finite(self) -> f64 {
+        match self {
+            DType::F32 => f32::MAX as f64,
+            DType::F16 => F16_MAX as f64,
+            DType::Bf16 => BF16_MAX as f64,
+        }
+    }
+
     /// Size of one element in bytes.
     pub fn size(self) -> usize {
         match self {

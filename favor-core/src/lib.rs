@@ -21,6 +21,7 @@ mod decode_state;
 mod dtype;
 mod error;
 pub mod features;
+pub mod limits;
 mod projection;
 pub mod reference;
 mod shape;

@@ -11,8 +11,8 @@ use crate::backend::{
 use crate::features::ParamGradsF64;
 use crate::validate::try_with_capacity;
 use crate::{
-    AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, Result,
-    StateSignature, TensorHandle,
+    AttentionOptions, AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
+    Result, StateSignature, TensorHandle,
 };
 
 /// The f64 reference backend.
@@ -46,16 +46,17 @@ impl Widened {
     }
 
     fn head<'a>(&'a self, s: AttentionShape, mask: Option<&'a [bool]>, bh: usize) -> Head<'a> {
-        let (l, d, dv) = (s.len, s.d, s.dv);
+        let (l, lk, d, dv) = (s.len, s.keys(), s.d, s.dv);
         let b = bh / s.heads;
         Head {
             len: l,
+            kv_len: lk,
             d,
             dv,
             q: &self.q[bh * l * d..(bh + 1) * l * d],
-            k: &self.k[bh * l * d..(bh + 1) * l * d],
-            v: &self.v[bh * l * dv..(bh + 1) * l * dv],
-            mask: mask.map(|m| &m[b * l..(b + 1) * l]),
+            k: &self.k[bh * lk * d..(bh + 1) * lk * d],
+            v: &self.v[bh * lk * dv..(bh + 1) * lk * dv],
+            mask: mask.map(|m| &m[b * lk..(b + 1) * lk]),
         }
     }
 }
@@ -81,7 +82,7 @@ impl ReferenceBackend {
         let s = p.shape;
         let w = Widened::new(&inputs);
         let delta = p.denominator_guard() as f64;
-        let mut out = try_with_capacity("out", s.v_len())?;
+        let mut out = try_with_capacity("out", s.out_len())?;
         for bh in 0..s.problems() {
             let h = w.head(s, inputs.key_mask, bh);
             out.extend(match p.options.direction {
@@ -97,7 +98,7 @@ impl ReferenceBackend {
     pub fn backward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, dout: HostRef<'_>) -> Result<HeadGrads> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
-        check_tensor("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_tensor("dout", &dout, s.out_len(), dtype, "[batch, heads, len, d_v]")?;
         check_finite(&[("dout", dout)])?;
         check_f64_attention_buffers(p)?;
         let w = Widened::new(&inputs);
@@ -105,7 +106,7 @@ impl ReferenceBackend {
         let delta = p.denominator_guard() as f64;
         let mut all = HeadGrads {
             dq: try_with_capacity("dq", s.qk_len())?,
-            dk: try_with_capacity("dk", s.qk_len())?,
+            dk: try_with_capacity("dk", s.k_len())?,
             dv: try_with_capacity("dv", s.v_len())?,
             params: p.map.param_grads_f64(),
         };
@@ -276,7 +277,7 @@ pub fn softmax_attention(
     mut out: HostMut<'_>,
 ) -> Result<()> {
     let map = FeatureMap::elu_plus_one();
-    let p = Problem::new(shape, &map);
+    let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
     let dtype = validate_host_inputs(&p, &inputs)?;
     check_output(&p, &out, dtype)?;
     let w = Widened::new(&inputs);
@@ -297,7 +298,7 @@ pub fn softmax_attention_backward(
     grads: Grads<'_, Host>,
 ) -> Result<()> {
     let map = FeatureMap::elu_plus_one();
-    let p = Problem::new(shape, &map);
+    let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
     let dtype = validate_host_inputs(&p, &inputs)?;
     check_backward(&p, &dout, &grads, dtype)?;
     check_finite(&[("dout", dout)])?;
@@ -309,8 +310,8 @@ pub fn softmax_attention_backward(
         let gh = &g[bh * shape.len * shape.dv..(bh + 1) * shape.len * shape.dv];
         let r = attention::softmax::softmax_backward(&h, direction == Direction::Causal, gh);
         dq.write_f64(bh * shape.len * shape.d, &r.dq)?;
-        dk.write_f64(bh * shape.len * shape.d, &r.dk)?;
-        dv.write_f64(bh * shape.len * shape.dv, &r.dv)?;
+        dk.write_f64(bh * shape.keys() * shape.d, &r.dk)?;
+        dv.write_f64(bh * shape.keys() * shape.dv, &r.dv)?;
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Shapes, directions and options of an attention call.
 //!
-//! Layout: Q and K are `[batch, heads, len, d]`, V and the output `[batch, heads, len, d_v]`,
-//! row-major and contiguous. The optional key padding mask is `[batch, len]` (true = keep).
+//! Layout: Q is `[batch, heads, len, d]`, K `[batch, heads, kv_len, d]`, V
+//! `[batch, heads, kv_len, d_v]` and the output `[batch, heads, len, d_v]`, row-major and
+//! contiguous; `kv_len` is `len` unless set (cross-attention). The optional key padding mask is
+//! `[batch, kv_len]` (true = keep).
 
 use crate::validate::checked_len;
 use crate::{FavorError, Result};
@@ -13,18 +15,36 @@ pub struct AttentionShape {
     pub batch: usize,
     /// Heads per batch element H.
     pub heads: usize,
-    /// Sequence length L (queries and keys).
+    /// Sequence length L: queries, and keys too unless `kv_len` is set.
     pub len: usize,
     /// Query/key head dimension d.
     pub d: usize,
     /// Value head dimension d_v (may differ from d).
     pub dv: usize,
+    /// Keys (and values) per sequence when they differ from the queries (cross-attention:
+    /// bidirectional only); `None` is `len`.
+    pub kv_len: Option<usize>,
 }
 
 impl AttentionShape {
     /// A shape with `d_v = d`.
     pub fn new(batch: usize, heads: usize, len: usize, d: usize) -> Self {
-        Self { batch, heads, len, d, dv: d }
+        Self { batch, heads, len, d, dv: d, kv_len: None }
+    }
+
+    /// The same shape with `kv_len` keys per sequence (cross-attention; bidirectional only).
+    pub fn with_kv_len(self, kv_len: usize) -> Self {
+        Self { kv_len: Some(kv_len), ..self }
+    }
+
+    /// Keys (and values) per sequence: `kv_len`, or `len` when unset.
+    pub fn keys(&self) -> usize {
+        self.kv_len.unwrap_or(self.len)
+    }
+
+    /// Whether queries and keys have different lengths (cross-attention).
+    pub fn is_cross(&self) -> bool {
+        self.keys() != self.len
     }
 
     /// The same shape with another value dimension.
@@ -38,15 +58,27 @@ impl AttentionShape {
         self.batch.saturating_mul(self.heads)
     }
 
-    /// Elements of Q (and K). Saturates at `usize::MAX`, a length no tensor has, when the
-    /// product overflows; [`AttentionShape::checked_qk_len`] reports that as an error.
+    /// Elements of Q (and of K without `kv_len`). Saturates at `usize::MAX`, a length no tensor
+    /// has, when the product overflows; [`AttentionShape::checked_qk_len`] reports that as an
+    /// error.
     pub fn qk_len(&self) -> usize {
         self.checked_qk_len().unwrap_or(usize::MAX)
     }
 
-    /// Elements of V (and of the output); saturates like [`AttentionShape::qk_len`].
+    /// Elements of K; saturates like [`AttentionShape::qk_len`].
+    pub fn k_len(&self) -> usize {
+        checked_len("k", &[self.batch, self.heads, self.keys(), self.d]).unwrap_or(usize::MAX)
+    }
+
+    /// Elements of V (and of the output without `kv_len`); saturates like
+    /// [`AttentionShape::qk_len`].
     pub fn v_len(&self) -> usize {
         self.checked_v_len().unwrap_or(usize::MAX)
+    }
+
+    /// Elements of the output (and of ∂ℒ/∂out); saturates like [`AttentionShape::qk_len`].
+    pub fn out_len(&self) -> usize {
+        checked_len("out", &[self.batch, self.heads, self.len, self.dv]).unwrap_or(usize::MAX)
     }
 
     /// Elements of the key padding mask; saturates like [`AttentionShape::qk_len`].
@@ -59,28 +91,35 @@ impl AttentionShape {
         checked_len("q", &[self.batch, self.heads, self.len, self.d])
     }
 
-    /// Elements of V (and of the output), or [`FavorError::SizeOverflow`].
+    /// Elements of V, or [`FavorError::SizeOverflow`].
     pub fn checked_v_len(&self) -> Result<usize> {
-        checked_len("v", &[self.batch, self.heads, self.len, self.dv])
+        checked_len("v", &[self.batch, self.heads, self.keys(), self.dv])
     }
 
     /// Elements of the key padding mask, or [`FavorError::SizeOverflow`].
     pub fn checked_mask_len(&self) -> Result<usize> {
-        checked_len("key_mask", &[self.batch, self.len])
+        checked_len("key_mask", &[self.batch, self.keys()])
     }
 
     /// Rejects zero sizes and sizes whose element counts overflow ([`FavorError::SizeOverflow`]).
     /// After it succeeds the element counts above are exact.
     pub fn validate(&self) -> Result<()> {
-        for (arg, v) in
-            [("batch", self.batch), ("heads", self.heads), ("len", self.len), ("d", self.d), ("dv", self.dv)]
-        {
+        for (arg, v) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("len", self.len),
+            ("kv_len", self.keys()),
+            ("d", self.d),
+            ("dv", self.dv),
+        ] {
             if v == 0 {
                 return Err(FavorError::ZeroSize { arg });
             }
         }
         self.checked_qk_len()?;
         self.checked_v_len()?;
+        checked_len("k", &[self.batch, self.heads, self.keys(), self.d])?;
+        checked_len("out", &[self.batch, self.heads, self.len, self.dv])?;
         Ok(())
     }
 }

@@ -7,8 +7,8 @@
 
 use crate::features::ParamGradsF64;
 use crate::{
-    AttentionShape, DType, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, Inputs,
-    Linear, Problem, Projection, ProjectionConfig,
+    AttentionShape, DType, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, HostRef,
+    Inputs, Linear, Problem, Projection, ProjectionConfig,
 };
 use rand_distr::{Distribution, StandardNormal, StandardUniform};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -166,19 +166,19 @@ pub fn rel_error_or_cancelled(what: &str, a: &[f64], b: &[f64], scale: f64) -> R
 /// from the stored inputs, with every key (causal prefixes differ only by a bounded factor).
 pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64, f64) {
     let s = p.shape;
-    let (l, d) = (s.len, s.d);
+    let (l, lk, d) = (s.len, s.keys(), s.d);
     let mf = p.map.feature_dim(d);
     let (q, k) = (inputs.q.to_f64_vec(), inputs.k.to_f64_vec());
     let (mut slope, mut param_slope) = (0.0f64, 0.0f64);
     for bh in 0..s.problems() {
-        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * l + j]);
-        let rows = |x: &[f64]| x[bh * l * d..(bh + 1) * l * d].to_vec();
-        let (qh, kh) = (rows(&q), rows(&k));
+        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * lk + j]);
+        let (qh, kh) = (q[bh * l * d..(bh + 1) * l * d].to_vec(), k[bh * lk * d..(bh + 1) * lk * d].to_vec());
         // Features of each row at its own log-scale, and their sums (the scale of each row drops
         // out of its log-slope).
         let feats = |x: &[f64], kept: &dyn Fn(usize) -> bool| {
-            let mut f = vec![0.0; l * mf];
-            for j in (0..l).filter(|&j| kept(j)) {
+            let rows = x.len() / d;
+            let mut f = vec![0.0; rows * mf];
+            for j in (0..rows).filter(|&j| kept(j)) {
                 let xj = &x[j * d..(j + 1) * d];
                 p.map.features(xj, p.map.log_scale(xj), &mut f[j * mf..(j + 1) * mf]);
             }
@@ -190,7 +190,7 @@ pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64
         let (kf, ksum) = feats(&kh, &keep);
         for (x, f, other, kept) in [(&qh, &qf, &ksum, &(|_| true) as &dyn Fn(usize) -> bool), (&kh, &kf, &qsum, &keep)]
         {
-            for j in (0..l).filter(|&j| kept(j)) {
+            for j in (0..x.len() / d).filter(|&j| kept(j)) {
                 let r = dot(&f[j * mf..(j + 1) * mf], other);
                 if r == 0.0 {
                     continue;
@@ -210,6 +210,20 @@ pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64
     (slope, param_slope)
 }
 
+/// The scale of the terms that cancel in a gradient that vanishes in exact arithmetic, for
+/// dq/dk and for a learned map's parameter gradients: √d_v·RMS(dout)·RMS(v) (the size of
+/// ⟨g_i, v_j⟩) times the slopes of [`log_denominator_slopes`]; never below the smallest
+/// positive f64, so it can divide. The measure of [`rel_error_or_cancelled`].
+pub fn cancel_scales(p: &Problem<'_>, inputs: Inputs<'_, Host>, dout: HostRef<'_>) -> (f64, f64) {
+    let rms = |t: HostRef<'_>| {
+        let x = t.to_f64_vec();
+        (x.iter().map(|y| y * y).sum::<f64>() / x.len().max(1) as f64).sqrt()
+    };
+    let (x, params) = log_denominator_slopes(p, inputs);
+    let gv = (p.shape.dv as f64).sqrt() * rms(dout) * rms(inputs.v);
+    ((gv * x).max(f64::MIN_POSITIVE), (gv * params).max(f64::MIN_POSITIVE))
+}
+
 /// How much the denominators of attention with `p` on `inputs` cancel: the largest, over the
 /// query rows of every head that see a key, of Σ_j |φ(q_i)·φ(k_j)| / |Σ_j φ(q_i)·φ(k_j)| (keys
 /// j ≤ i for causal attention, unmasked only). 1 for non-negative features; for sign-indefinite
@@ -217,19 +231,18 @@ pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64
 /// bound it for their data. Computed in f64 from the stored inputs; O(L²·m) per head.
 pub fn denominator_condition(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> f64 {
     let s = p.shape;
-    let (l, d) = (s.len, s.d);
+    let (l, lk, d) = (s.len, s.keys(), s.d);
     let mf = p.map.feature_dim(d);
     let (q, k) = (inputs.q.to_f64_vec(), inputs.k.to_f64_vec());
     let causal = p.options.direction == crate::Direction::Causal;
     let mut worst = 1.0f64;
     for bh in 0..s.problems() {
-        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * l + j]);
-        let rows = |x: &[f64]| x[bh * l * d..(bh + 1) * l * d].to_vec();
-        let (qh, kh) = (rows(&q), rows(&k));
+        let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * lk + j]);
+        let (qh, kh) = (&q[bh * l * d..(bh + 1) * l * d], &k[bh * lk * d..(bh + 1) * lk * d]);
         // Any common key stabiliser gives the same ratio: the largest log-scale of a kept key.
-        let c = (0..l).filter(|&j| keep(j)).map(|j| p.map.log_scale(&kh[j * d..(j + 1) * d])).fold(f64::MIN, f64::max);
-        let mut kf = vec![0.0; l * mf];
-        for j in (0..l).filter(|&j| keep(j)) {
+        let c = (0..lk).filter(|&j| keep(j)).map(|j| p.map.log_scale(&kh[j * d..(j + 1) * d])).fold(f64::MIN, f64::max);
+        let mut kf = vec![0.0; lk * mf];
+        for j in (0..lk).filter(|&j| keep(j)) {
             p.map.features(&kh[j * d..(j + 1) * d], c, &mut kf[j * mf..(j + 1) * mf]);
         }
         let mut qf = vec![0.0; mf];
@@ -237,7 +250,7 @@ pub fn denominator_condition(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> f64 {
             let qi = &qh[i * d..(i + 1) * d];
             p.map.features(qi, p.map.log_scale(qi), &mut qf);
             let (mut abs, mut sum) = (0.0f64, 0.0f64);
-            for j in (0..if causal { i + 1 } else { l }).filter(|&j| keep(j)) {
+            for j in (0..if causal { i + 1 } else { lk }).filter(|&j| keep(j)) {
                 let x = dot(&qf, &kf[j * mf..(j + 1) * mf]);
                 abs += x.abs();
                 sum += x;

@@ -6,7 +6,7 @@
 use favor_core::attention::{self, Head};
 use favor_core::testing::{self, TestRng};
 use favor_core::{
-    AttentionOptions, AttentionShape, DType, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host,
+    AttentionOptions, AttentionShape, DType, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host,
     HostTensor, Inputs, Linear, Problem, Projection, ProjectionConfig, ReferenceBackend, reference,
 };
 
@@ -63,6 +63,7 @@ impl Wide {
         let b = bh / s.heads;
         Head {
             len: l,
+            kv_len: l,
             d,
             dv,
             q: &self.q[bh * l * d..(bh + 1) * l * d],
@@ -712,4 +713,87 @@ fn bad_input_gives_typed_errors_never_a_panic() {
             && msg.contains(&(shape.qk_len() - 1).to_string()),
         "{msg}"
     );
+}
+
+/// Cross-attention (L queries, L_kv keys) is self-attention over L + L_kv positions whose first
+/// L keys are padded and whose last L_kv queries are ignored: queries [Q; X], keys [Y; K],
+/// values [Z; V], mask [false…; mask]. The reference gives the same output rows, the same dq on
+/// the query rows and dk, dv on the key rows (with ∂ℒ/∂out zero on the ignored rows), and the
+/// same parameter gradients, for every map; exact softmax attention likewise.
+#[test]
+fn cross_attention_is_self_attention_over_padded_positions() {
+    let (b, h, l, lk, d, dv) = (2, 2, 5, 8, 3, 2);
+    let cross = AttentionShape::new(b, h, l, d).with_dv(dv).with_kv_len(lk);
+    let joint = AttentionShape::new(b, h, l + lk, d).with_dv(dv);
+    let t = |seed: u64, n: usize| testing::random_tensor(seed, n, 0.6);
+    let (q, k, v, g) = (t(1, cross.qk_len()), t(2, cross.k_len()), t(3, cross.v_len()), t(4, cross.out_len()));
+    let (x, y, z) = (t(5, b * h * lk * d), t(6, b * h * l * d), t(7, b * h * l * dv));
+    let mask: Vec<bool> = (0..b * lk).map(|i| i % 3 != 1).collect();
+    // Per (batch, head): `first` rows of width w from a, then `second` rows from c.
+    let stack = |a: &[f32], first: usize, c: &[f32], second: usize, w: usize| -> Vec<f32> {
+        (0..b * h)
+            .flat_map(|bh| {
+                let mut rows = a[bh * first * w..(bh + 1) * first * w].to_vec();
+                rows.extend_from_slice(&c[bh * second * w..(bh + 1) * second * w]);
+                rows
+            })
+            .collect()
+    };
+    let (jq, jk, jv) = (stack(&q, l, &x, lk, d), stack(&y, l, &k, lk, d), stack(&z, l, &v, lk, dv));
+    let jg = stack(&g, l, &vec![0.0; b * h * lk * dv], lk, dv);
+    let jmask: Vec<bool> =
+        (0..b).flat_map(|bi| (0..l).map(|_| false).chain(mask[bi * lk..(bi + 1) * lk].to_vec())).collect();
+    // Rows [from, from + n) of every (batch, head) of a joint tensor of width w.
+    let rows = |a: &[f64], from: usize, n: usize, w: usize| -> Vec<f64> {
+        (0..b * h).flat_map(|bh| a[(bh * (l + lk) + from) * w..(bh * (l + lk) + from + n) * w].to_vec()).collect()
+    };
+    let close = |what: &str, a: &[f64], want: &[f64]| {
+        let e = testing::rel_error(what, a, want);
+        assert!(e <= 1e-12, "{what}: {e:.2e}");
+    };
+    let ci = Inputs { q: q.as_slice().into(), k: k.as_slice().into(), v: v.as_slice().into(), key_mask: Some(&mask) };
+    let ji =
+        Inputs { q: jq.as_slice().into(), k: jk.as_slice().into(), v: jv.as_slice().into(), key_mask: Some(&jmask) };
+    for (name, map) in testing::feature_map_catalog(d, 6, 17) {
+        let (pc, pj) = (Problem::new(cross, &map), Problem::new(joint, &map));
+        let got = ReferenceBackend.forward_f64(&pc, ci).unwrap();
+        close(&format!("{name} out"), &got, &rows(&ReferenceBackend.forward_f64(&pj, ji).unwrap(), 0, l, dv));
+        let gc = ReferenceBackend.backward_f64(&pc, ci, g.as_slice().into()).unwrap();
+        let gj = ReferenceBackend.backward_f64(&pj, ji, jg.as_slice().into()).unwrap();
+        close(&format!("{name} dq"), &gc.dq, &rows(&gj.dq, 0, l, d));
+        close(&format!("{name} dk"), &gc.dk, &rows(&gj.dk, l, lk, d));
+        close(&format!("{name} dv"), &gc.dv, &rows(&gj.dv, l, lk, dv));
+        if let (Some(a), Some(bb)) = (&gc.params, &gj.params) {
+            close(&format!("{name} params"), &testing::flat_param_grads(a), &testing::flat_param_grads(bb));
+        }
+    }
+    // Exact softmax attention.
+    let mut out = vec![0f32; cross.out_len()];
+    favor_core::reference::softmax_attention(cross, Direction::Bidirectional, ci, out.as_mut_slice().into()).unwrap();
+    let mut jout = vec![0f32; joint.out_len()];
+    favor_core::reference::softmax_attention(joint, Direction::Bidirectional, ji, jout.as_mut_slice().into()).unwrap();
+    let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    close("softmax out", &f(&out), &rows(&f(&jout), 0, l, dv));
+}
+
+/// Cross-attention shapes that do not fit are typed errors on the reference backend.
+#[test]
+fn cross_attention_errors_are_typed() {
+    let map = testing::feature_map_catalog(4, 6, 1).remove(0).1;
+    let shape = AttentionShape::new(1, 1, 3, 4).with_kv_len(5);
+    let t = |n: usize| testing::random_tensor(n as u64, n, 0.5);
+    let (q, k, v) = (t(shape.qk_len()), t(shape.k_len()), t(shape.v_len()));
+    let inputs = Inputs { q: q.as_slice().into(), k: k.as_slice().into(), v: v.as_slice().into(), key_mask: None };
+    let mut out = vec![0f32; shape.out_len()];
+    let causal = Problem::new(shape, &map).with_options(AttentionOptions::causal());
+    let r = ReferenceBackend.forward(&causal, inputs, out.as_mut_slice().into());
+    assert!(matches!(r, Err(FavorError::InvalidParameter { name: "kv_len", .. })), "{r:?}");
+    let r = favor_core::reference::softmax_attention(shape, Direction::Causal, inputs, out.as_mut_slice().into());
+    assert!(matches!(r, Err(FavorError::InvalidParameter { name: "kv_len", .. })), "{r:?}");
+    let p = Problem::new(shape, &map);
+    let r = ReferenceBackend.forward(&p, Inputs { k: q.as_slice().into(), ..inputs }, out.as_mut_slice().into());
+    assert!(matches!(r, Err(FavorError::Shape { arg: "k", .. })), "{r:?}");
+    let mut state = ReferenceBackend.new_state(&p).unwrap();
+    let r = ReferenceBackend.decode(&p, &mut state, inputs, out.as_mut_slice().into());
+    assert!(matches!(r, Err(FavorError::InvalidParameter { name: "kv_len", .. })), "{r:?}");
 }

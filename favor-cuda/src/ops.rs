@@ -22,21 +22,11 @@ use crate::kernels::{FeatureKind, MapArgs, MaskArgs, RiskArgs, SMEM_LIMIT, StabM
 use crate::memory::{CudaMem, DevPtr, DeviceMut, DeviceRef, Scratch};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::validate_inputs;
+use favor_core::limits::{FEATURE_HI, FEATURE_LO, VALUE_LIMIT, WIDE_INPUT};
 use favor_core::{
     AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, ParamGrads,
     Problem, Result, TensorHandle, saturate_f32,
 };
-
-/// Input entries beyond this magnitude (2^24) could overflow the f32 projection or its gradient.
-const WIDE_INPUT: f32 = 16_777_216.0;
-/// Features in [2^-24, 2^24] (or exactly 0) keep every sum over keys, product with a query and
-/// cotangent far inside f32's range.
-const FEATURE_LO: f32 = 1.0 / 16_777_216.0;
-/// See [`FEATURE_LO`].
-const FEATURE_HI: f32 = 16_777_216.0;
-/// Values and output gradients beyond 2^32: the kernels multiply them by sums of up to L·M
-/// features and by each other (⟨∂ℒ/∂out, v⟩), which stays inside f32's range below it.
-const VALUE_LIMIT: f32 = 4_294_967_296.0;
 
 /// Largest grid.y (one block row per (batch, head)).
 const MAX_PROBLEMS: usize = 65_535;
@@ -104,7 +94,7 @@ struct HostHead<'a> {
 
 impl HostHead<'_> {
     fn head(&self, s: AttentionShape) -> Head<'_> {
-        Head { len: s.len, d: s.d, dv: s.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask }
+        Head { len: s.len, kv_len: s.keys(), d: s.d, dv: s.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask }
     }
 }
 
@@ -127,6 +117,17 @@ impl<'a> HostPacked<'a> {
             mask: self.mask.map(|m| &m[(bh / s.heads) * s.len..(bh / s.heads + 1) * s.len]),
         }
     }
+}
+
+/// The CUDA kernels pack queries and keys with one row count: cross-attention (kv_len ≠ len)
+/// is not implemented there yet, and is refused rather than misread.
+fn reject_cross_attention(p: &Problem<'_>) -> Result<()> {
+    if p.shape.is_cross() {
+        return Err(FavorError::Unsupported(
+            "cross-attention (kv_len ≠ len) on the CUDA backend (the CPU backends have it)".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl CudaBackend {
@@ -362,8 +363,9 @@ impl CudaBackend {
         out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
+        reject_cross_attention(p)?;
         let s = p.shape;
-        check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check("out", &out, s.out_len(), dtype, "[batch, heads, len, d_v]")?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
         let risk = self.risk_tracking(p, inputs.key_mask)?;
         let att = self.attention(p, &x, None, Some(&risk))?;
@@ -394,6 +396,7 @@ impl CudaBackend {
         grads: Grads<'_, CudaMem>,
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_inputs(p, &inputs)?;
+        reject_cross_attention(p)?;
         let s = p.shape;
         check("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         check("dq", &grads.dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;

@@ -5,7 +5,7 @@
 //! the GPU when there is one and on the kernel emulator with the `emulator` feature; the error per
 //! scale is printed (`--nocapture`).
 
-use favor_core::testing::{log_denominator_slopes, random_tensor, rel_error, storage_tolerance};
+use favor_core::testing::{cancel_scales, random_tensor, rel_error, storage_tolerance};
 use favor_core::{
     AttentionOptions, AttentionShape, DType, Direction, Elementwise, FavorBackend, FavorError, FeatureMap, Grads,
     HostTensor, Inputs, Problem, Projection, ProjectionConfig, ReferenceBackend,
@@ -58,8 +58,7 @@ const NAMES: [&str; 4] = ["out", "dq", "dk", "dv"];
 /// (saturation at the dtype's largest value; only values beyond it are changed).
 fn reference(p: &Problem<'_>, c: &Case) -> [Vec<f64>; 4] {
     let inputs = Inputs { q: c.q.view(), k: c.k.view(), v: c.v.view(), key_mask: c.mask.as_deref() };
-    let max = if c.q.dtype() == DType::F32 { f32::MAX as f64 } else { 3.389_531_4e38 };
-    let max = if c.q.dtype() == DType::F16 { 65504.0 } else { max };
+    let max = c.q.dtype().largest_finite();
     let stored = |x: Vec<f64>| x.into_iter().map(|y| y.clamp(-max, max)).collect::<Vec<f64>>();
     let out = ReferenceBackend.forward_f64(p, inputs).expect("reference forward");
     let g = ReferenceBackend.backward_f64(p, inputs, c.dout.view()).expect("reference backward");
@@ -79,14 +78,10 @@ fn tol(dtype: DType, gradient: bool) -> f64 {
     storage_tolerance(dtype, if gradient { TOL_GRAD } else { TOL_OUT })
 }
 
-/// The scale of the terms that cancel in dq and dk: √d_v·RMS(dout)·RMS(v)·‖∇log R‖.
+/// The scale of the terms that cancel in dq and dk (favor_core::testing::cancel_scales).
 fn cancel_scale(p: &Problem<'_>, c: &Case) -> f64 {
     let inputs = Inputs { q: c.q.view(), k: c.k.view(), v: c.v.view(), key_mask: c.mask.as_deref() };
-    let rms = |t: &HostTensor| {
-        let x = t.to_f64_vec();
-        (x.iter().map(|y| y * y).sum::<f64>() / x.len().max(1) as f64).sqrt()
-    };
-    (p.shape.dv as f64).sqrt() * rms(&c.dout) * rms(&c.v) * log_denominator_slopes(p, inputs).0
+    cancel_scales(p, inputs, c.dout.view()).0
 }
 
 /// ‖a − b‖ / (scale·√n).

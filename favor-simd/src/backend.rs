@@ -21,6 +21,7 @@ use favor_core::backend::{
     check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_tensor,
     try_with_capacity, validate_feature_call, validate_host_inputs,
 };
+use favor_core::limits::VALUE_LIMIT;
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
     Inputs, ParamGrads, Problem, Result, TensorHandle,
@@ -115,17 +116,20 @@ fn head_in<'a: 'r, 'r>(s: AttentionShape, inputs: &Inputs<'a, Host>, bh: usize, 
         q: inputs.q,
         k: inputs.k,
         v: inputs.v,
-        qk_off: bh * s.len * s.d,
-        v_off: bh * s.len * s.dv,
-        mask: inputs.key_mask.map(|m| &m[b * s.len..(b + 1) * s.len]),
+        q_off: bh * s.len * s.d,
+        k_off: bh * s.keys() * s.d,
+        v_off: bh * s.keys() * s.dv,
+        o_off: bh * s.len * s.dv,
+        mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
         d: s.d,
         dv: s.dv,
     }
 }
 
-/// (head, r0, r1) for every segment of every head, head-major.
-fn tasks(s: AttentionShape) -> Vec<(usize, usize, usize)> {
-    let segs = segments(s.len);
+/// (head, r0, r1) for every segment of `rows` rows of every head, head-major: the query rows
+/// (`s.len`) or the key rows (`s.keys()`, which differ in cross-attention).
+fn segment_tasks(s: AttentionShape, rows: usize) -> Vec<(usize, usize, usize)> {
+    let segs = segments(rows);
     (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect()
 }
 
@@ -167,8 +171,8 @@ impl SimdBackend {
 
     /// Key states of every head (bidirectional).
     fn key_states(&self, plan: &Plan, s: AttentionShape, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
-        let nseg = segments(s.len).len();
-        let stats: Vec<KeyStats> = tasks(s)
+        let nseg = segments(s.keys()).len();
+        let stats: Vec<KeyStats> = segment_tasks(s, s.keys())
             .into_par_iter()
             .map(|(bh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(s, inputs, bh, &[]), r0, r1 }))
             .collect();
@@ -189,14 +193,9 @@ fn risk_flags(s: AttentionShape) -> Vec<AtomicBool> {
     (0..s.problems()).map(|_| AtomicBool::new(false)).collect()
 }
 
-/// Values (and output gradients) beyond 2^32 in magnitude send their head to the f64 path: the
-/// kernels multiply them by sums of up to L·M features and by each other (⟨∂ℒ/∂out, v⟩), which
-/// stays inside f32's range below it, for any length an f32 sum can carry.
-const VALUE_LIMIT: f32 = 4_294_967_296.0;
-
-/// Flags the heads of `t` (`[B, H, L, width]`) holding an entry beyond [`VALUE_LIMIT`].
-fn flag_large_values(s: AttentionShape, t: HostRef<'_>, width: usize, risk: &[AtomicBool]) {
-    let n = s.len * width;
+/// Flags the heads of `t` (`[B, H, rows, width]`) holding an entry beyond [`VALUE_LIMIT`].
+fn flag_large_values(t: HostRef<'_>, rows: usize, width: usize, risk: &[AtomicBool]) {
+    let n = rows * width;
     let beyond = |bh: usize| match t {
         HostRef::F32(x) => x[bh * n..(bh + 1) * n].iter().any(|e| e.abs() > VALUE_LIMIT),
         // f16's largest value is 65504.
@@ -226,7 +225,7 @@ struct F64Head<'a> {
 
 impl F64Head<'_> {
     fn head(&self, s: AttentionShape) -> Head<'_> {
-        Head { len: s.len, d: s.d, dv: s.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask }
+        Head { len: s.len, kv_len: s.keys(), d: s.d, dv: s.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask }
     }
 }
 
@@ -242,14 +241,14 @@ fn f64_head<'a>(
         t.read_f32(off, &mut v)?;
         Ok(v.into_iter().map(f64::from).collect())
     };
-    let (qk, vn) = (s.len * s.d, s.len * s.dv);
+    let (qn, kn, vn, on) = (s.len * s.d, s.keys() * s.d, s.keys() * s.dv, s.len * s.dv);
     let b = bh / s.heads;
     Ok(F64Head {
-        q: widen(&inputs.q, bh * qk, qk)?,
-        k: widen(&inputs.k, bh * qk, qk)?,
+        q: widen(&inputs.q, bh * qn, qn)?,
+        k: widen(&inputs.k, bh * kn, kn)?,
         v: widen(&inputs.v, bh * vn, vn)?,
-        dout: dout.map(|g| widen(&g, bh * vn, vn)).transpose()?,
-        mask: inputs.key_mask.map(|m| &m[b * s.len..(b + 1) * s.len]),
+        dout: dout.map(|g| widen(&g, bh * on, on)).transpose()?,
+        mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
     })
 }
 
@@ -322,11 +321,11 @@ impl FavorBackend for SimdBackend {
         check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         let risk = risk_flags(s);
-        flag_large_values(s, inputs.v, s.dv, &risk);
+        flag_large_values(inputs.v, s.keys(), s.dv, &risk);
         match p.options.direction {
             Direction::Bidirectional => {
                 let keys = self.key_states(&plan, s, &inputs);
-                let tasks = tasks(s);
+                let tasks = segment_tasks(s, s.len);
                 let sizes: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
                 let outs = split_mut(out.reborrow(), &sizes);
                 tasks.into_par_iter().zip(outs).for_each(|((bh, r0, r1), out)| {
@@ -378,8 +377,8 @@ impl FavorBackend for SimdBackend {
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
         let risk = risk_flags(s);
-        flag_large_values(s, inputs.v, s.dv, &risk);
-        flag_large_values(s, dout, s.dv, &risk);
+        flag_large_values(inputs.v, s.keys(), s.dv, &risk);
+        flag_large_values(dout, s.len, s.dv, &risk);
         // Parameter-gradient partials, each with its head (those of recomputed heads are dropped).
         let params: Vec<(usize, ParamAcc)> = match p.options.direction {
             Direction::Bidirectional => {
@@ -392,7 +391,7 @@ impl FavorBackend for SimdBackend {
                         t
                     })
                     .collect();
-                let tasks = tasks(s);
+                let tasks = segment_tasks(s, s.len);
                 let nseg = segments(s.len).len();
                 let dqs = split_mut(dq.reborrow(), &tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect::<Vec<_>>());
                 let qgrads: Vec<_> = tasks
@@ -428,11 +427,12 @@ impl FavorBackend for SimdBackend {
                         (dkv, dkvt, ds)
                     })
                     .collect();
-                let sizes_k: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect();
-                let sizes_v: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
+                let key_tasks = segment_tasks(s, s.keys());
+                let sizes_k: Vec<usize> = key_tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect();
+                let sizes_v: Vec<usize> = key_tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
                 let dks = split_mut(dk.reborrow(), &sizes_k);
                 let dvs = split_mut(dv.reborrow(), &sizes_v);
-                let kparams: Vec<Option<ParamAcc>> = tasks
+                let kparams: Vec<Option<ParamAcc>> = key_tasks
                     .par_iter()
                     .zip(dks.into_par_iter().zip(dvs))
                     .map(|(&(bh, r0, r1), (dk, dv))| {
@@ -452,9 +452,9 @@ impl FavorBackend for SimdBackend {
                         })
                     })
                     .collect();
-                let heads = || tasks.iter().map(|t| t.0);
-                let qparams = heads().zip(qgrads).filter_map(|(bh, g)| g.params.map(|a| (bh, a)));
-                qparams.chain(heads().zip(kparams).filter_map(|(bh, a)| a.map(|a| (bh, a)))).collect()
+                let qparams = tasks.iter().map(|t| t.0).zip(qgrads).filter_map(|(bh, g)| g.params.map(|a| (bh, a)));
+                let kparams = key_tasks.iter().map(|t| t.0).zip(kparams).filter_map(|(bh, a)| a.map(|a| (bh, a)));
+                qparams.chain(kparams).collect()
             }
             Direction::Causal => {
                 let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
@@ -550,8 +550,8 @@ impl FavorBackend for SimdBackend {
                 Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
             };
             dq.write_f64(bh * s.len * s.d, &r.dq)?;
-            dk.write_f64(bh * s.len * s.d, &r.dk)?;
-            dv.write_f64(bh * s.len * s.dv, &r.dv)?;
+            dk.write_f64(bh * s.keys() * s.d, &r.dk)?;
+            dv.write_f64(bh * s.keys() * s.dv, &r.dv)?;
             params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
         }
         Ok(reduce_params(&plan, &params))

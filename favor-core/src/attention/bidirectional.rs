@@ -9,9 +9,9 @@ use crate::FeatureMap;
 /// Key features against the shared stabiliser c = max over unpadded keys; padded rows are zero.
 fn key_features(map: &FeatureMap, h: &Head<'_>) -> (Vec<f64>, f64) {
     let mf = map.feature_dim(h.d);
-    let c = (0..h.len).filter(|&j| h.keep(j)).map(|j| map.log_scale(h.k_row(j))).fold(f64::NEG_INFINITY, f64::max);
-    let mut phi = vec![0.0; h.len * mf];
-    for j in (0..h.len).filter(|&j| h.keep(j)) {
+    let c = (0..h.kv_len).filter(|&j| h.keep(j)).map(|j| map.log_scale(h.k_row(j))).fold(f64::NEG_INFINITY, f64::max);
+    let mut phi = vec![0.0; h.kv_len * mf];
+    for j in (0..h.kv_len).filter(|&j| h.keep(j)) {
         map.features(h.k_row(j), c, &mut phi[j * mf..(j + 1) * mf]);
     }
     (phi, c)
@@ -38,7 +38,7 @@ fn forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Forward {
     let (kf, kc) = key_features(map, h);
     let mut kv = vec![0.0; mf * h.dv];
     let mut ks = vec![0.0; mf];
-    for j in 0..h.len {
+    for j in 0..h.kv_len {
         for f in 0..mf {
             let kjf = kf[j * mf + f];
             ks[f] += kjf;
@@ -66,7 +66,7 @@ fn forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Forward {
     Forward { qf, qc, kf, kc, kv, ks, out, den, invariant }
 }
 
-/// Output (L×d_v) of bidirectional attention with denominator guard `delta`.
+/// Output (L×d_v) of bidirectional attention with denominator guard `delta` (any L_kv).
 pub fn bidirectional_forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Vec<f64> {
     forward(map, delta, h).out
 }
@@ -93,9 +93,9 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
             }
         }
     }
-    let mut dkf = vec![0.0; h.len * mf];
-    let mut dv = vec![0.0; h.len * h.dv];
-    for j in (0..h.len).filter(|&j| h.keep(j)) {
+    let mut dkf = vec![0.0; h.kv_len * mf];
+    let mut dv = vec![0.0; h.kv_len * h.dv];
+    for j in (0..h.kv_len).filter(|&j| h.keep(j)) {
         for f in 0..mf {
             dkf[j * mf + f] = (0..h.dv).map(|e| dkv[f * h.dv + e] * h.v_row(j)[e]).sum::<f64>() + dks[f];
             for e in 0..h.dv {
@@ -105,7 +105,7 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
     }
     let mut params = map.param_grads_f64();
     let mut dq = features_backward_rows(map, h.q, h.d, &fw.qc, None, Some(&fw.invariant), &dqf, &mut params);
-    let mut dk = features_backward_rows(map, h.k, h.d, &vec![fw.kc; h.len], h.mask, None, &dkf, &mut params);
+    let mut dk = features_backward_rows(map, h.k, h.d, &vec![fw.kc; h.kv_len], h.mask, None, &dkf, &mut params);
     for &i in &risky {
         let g = &dout[i * h.dv..(i + 1) * h.dv];
         let out = &fw.out[i * h.dv..(i + 1) * h.dv];
@@ -118,7 +118,7 @@ pub fn bidirectional_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: 
         let dqi = &mut dq[i * h.d..(i + 1) * h.d];
         add_scaled_backward(map, h.q_row(i), fw.qc[i], &y, r, 1.0, fw.invariant[i], dqi, &mut params);
         // dk_j += J_jᵀq'_i·(⟨G_i, v_j⟩ − ⟨G_i, out_i⟩)/R_i, dv_j += (q'_i·k'_j / R_i)·G_i.
-        for j in (0..h.len).filter(|&j| h.keep(j)) {
+        for j in (0..h.kv_len).filter(|&j| h.keep(j)) {
             let t = g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum::<f64>() - g_out;
             add_scaled_backward(map, h.k_row(j), fw.kc, q, r, t, false, &mut dk[j * h.d..(j + 1) * h.d], &mut params);
             let w = q.iter().zip(&fw.kf[j * mf..(j + 1) * mf]).map(|(a, b)| a * b).sum::<f64>() / r;

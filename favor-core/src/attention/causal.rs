@@ -96,14 +96,18 @@ impl CausalState {
     }
 }
 
-/// Output (L×d_v) of causal attention with denominator guard `delta`.
+/// Output (L×d_v) of causal attention with denominator guard `delta`; `h.kv_len` must equal
+/// `h.len` (query i sees keys 0..=i), as [`crate::Problem::validate`] ensures.
 pub fn causal_forward(map: &FeatureMap, delta: f64, h: &Head<'_>) -> Vec<f64> {
+    debug_assert_eq!(h.kv_len, h.len, "causal attention with unequal lengths");
     CausalState::empty(map.feature_dim(h.d), h.dv).advance(map, delta, h)
 }
 
 /// Gradients of causal attention given ∂ℒ/∂out (L×d_v): a forward sweep that recomputes the
-/// prefix states for dq', then a reverse sweep of decayed suffix sums for dk' and dv.
+/// prefix states for dq', then a reverse sweep of decayed suffix sums for dk' and dv
+/// (`h.kv_len == h.len`, as for [`causal_forward`]).
 pub fn causal_backward(map: &FeatureMap, delta: f64, h: &Head<'_>, dout: &[f64]) -> HeadGrads {
+    debug_assert_eq!(h.kv_len, h.len, "causal attention with unequal lengths");
     let mf = map.feature_dim(h.d);
     let (qf, qc) = query_features(map, h);
     let mut state = CausalState::empty(mf, h.dv);

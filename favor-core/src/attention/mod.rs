@@ -47,22 +47,24 @@ pub use causal::{CausalState, causal_backward, causal_forward};
 use crate::FeatureMap;
 use crate::features::ParamGradsF64;
 
-/// One (batch, head) problem in f64: Q, K are L×d, V is L×d_v, row-major.
+/// One (batch, head) problem in f64: Q is L×d, K is L_kv×d, V is L_kv×d_v, row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct Head<'a> {
-    /// Sequence length L.
+    /// Queries L.
     pub len: usize,
+    /// Keys L_kv (= L for self-attention; causal attention requires that).
+    pub kv_len: usize,
     /// Query/key dimension d.
     pub d: usize,
     /// Value dimension d_v.
     pub dv: usize,
     /// Queries (L×d).
     pub q: &'a [f64],
-    /// Keys (L×d).
+    /// Keys (L_kv×d).
     pub k: &'a [f64],
-    /// Values (L×d_v).
+    /// Values (L_kv×d_v).
     pub v: &'a [f64],
-    /// Key padding mask (L, true = keep).
+    /// Key padding mask (L_kv, true = keep).
     pub mask: Option<&'a [bool]>,
 }
 
@@ -86,9 +88,9 @@ impl Head<'_> {
 pub struct HeadGrads {
     /// ∂ℒ/∂Q (L×d).
     pub dq: Vec<f64>,
-    /// ∂ℒ/∂K (L×d).
+    /// ∂ℒ/∂K (L_kv×d).
     pub dk: Vec<f64>,
-    /// ∂ℒ/∂V (L×d_v).
+    /// ∂ℒ/∂V (L_kv×d_v).
     pub dv: Vec<f64>,
     /// Parameter gradients of a learned map.
     pub params: Option<ParamGradsF64>,

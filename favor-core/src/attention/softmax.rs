@@ -6,14 +6,14 @@
 use super::{Head, HeadGrads};
 
 fn visible<'a>(h: &'a Head<'_>, causal: bool, i: usize) -> impl Iterator<Item = usize> + 'a {
-    let end = if causal { i + 1 } else { h.len };
+    let end = if causal { i + 1 } else { h.kv_len };
     (0..end).filter(move |&j| h.keep(j))
 }
 
-/// Row i's attention probabilities (length L, zero where not visible).
+/// Row i's attention probabilities (length L_kv, zero where not visible).
 fn probabilities(h: &Head<'_>, causal: bool, i: usize) -> Vec<f64> {
     let scale = (h.d as f64).sqrt().recip();
-    let mut p = vec![0.0; h.len];
+    let mut p = vec![0.0; h.kv_len];
     let mut max = f64::NEG_INFINITY;
     for j in visible(h, causal, i) {
         p[j] = scale * h.q_row(i).iter().zip(h.k_row(j)).map(|(a, b)| a * b).sum::<f64>();
@@ -49,12 +49,12 @@ pub fn softmax_forward(h: &Head<'_>, causal: bool) -> Vec<f64> {
 pub fn softmax_backward(h: &Head<'_>, causal: bool, dout: &[f64]) -> HeadGrads {
     let scale = (h.d as f64).sqrt().recip();
     let mut dq = vec![0.0; h.len * h.d];
-    let mut dk = vec![0.0; h.len * h.d];
-    let mut dv = vec![0.0; h.len * h.dv];
+    let mut dk = vec![0.0; h.kv_len * h.d];
+    let mut dv = vec![0.0; h.kv_len * h.dv];
     for i in 0..h.len {
         let p = probabilities(h, causal, i);
         let g = &dout[i * h.dv..(i + 1) * h.dv];
-        let dp: Vec<f64> = (0..h.len).map(|j| g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum()).collect();
+        let dp: Vec<f64> = (0..h.kv_len).map(|j| g.iter().zip(h.v_row(j)).map(|(a, b)| a * b).sum()).collect();
         let row: f64 = visible(h, causal, i).map(|j| p[j] * dp[j]).sum();
         for j in visible(h, causal, i) {
             for e in 0..h.dv {

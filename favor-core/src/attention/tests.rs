@@ -28,7 +28,16 @@ impl Data {
     }
 
     fn head(&self) -> Head<'_> {
-        Head { len: self.len, d: self.d, dv: self.dv, q: &self.q, k: &self.k, v: &self.v, mask: self.mask.as_deref() }
+        Head {
+            len: self.len,
+            kv_len: self.len,
+            d: self.d,
+            dv: self.dv,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            mask: self.mask.as_deref(),
+        }
     }
 
     fn keep(&self, j: usize) -> bool {

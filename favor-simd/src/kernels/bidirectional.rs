@@ -61,7 +61,7 @@ impl SimdTask for KeySegment<'_> {
             let kept: Vec<bool> = (0..rows).map(|i| io.keep(r + i)).collect();
             if kept.iter().any(|&k| k) {
                 let span = Span::start(Phase::Io);
-                load_rows(&io.k, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+                load_rows(&io.k, io.k_off, io.d, r, rows, &mut t.x, p.dp);
                 load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
                 let span = span.next(Phase::FeatureMap);
                 t.project::<S>(p, rows);
@@ -181,7 +181,7 @@ impl SimdTask for QueryForward<'_, '_> {
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
-            load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&io.q, io.q_off, io.d, r, rows, &mut t.x, p.dp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows);
@@ -270,8 +270,8 @@ impl SimdTask for QueryBackward<'_, '_> {
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
-            load_rows(&io.q, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
-            load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            load_rows(&io.q, io.q_off, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&self.dout, io.o_off, io.dv, r, rows, &mut g, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows);
@@ -339,7 +339,7 @@ impl SimdTask for KeyBackward<'_, '_> {
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
-            load_rows(&io.k, io.qk_off, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&io.k, io.k_off, io.d, r, rows, &mut t.x, p.dp);
             load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);

@@ -110,7 +110,7 @@ impl Chunk {
     ) -> f64 {
         self.prepare_keys::<S>(p, io, r, rows, c_run, given);
         let t = Span::start(Phase::Io);
-        load_rows(&io.q, io.qk_off, io.d, r, rows, &mut self.tq.x, p.dp);
+        load_rows(&io.q, io.q_off, io.d, r, rows, &mut self.tq.x, p.dp);
         let t = t.next(Phase::FeatureMap);
         self.tq.project::<S>(p, rows);
         self.tq.features::<S>(p, rows);
@@ -153,7 +153,7 @@ impl Chunk {
     ) {
         let dvp = self.dvp;
         let t = Span::start(Phase::Io);
-        load_rows(&io.k, io.qk_off, io.d, r, rows, &mut self.tk.x, p.dp);
+        load_rows(&io.k, io.k_off, io.d, r, rows, &mut self.tk.x, p.dp);
         load_rows(&io.v, io.v_off, io.dv, r, rows, &mut self.vt, dvp);
         let t = t.next(Phase::FeatureMap);
         self.tk.project::<S>(p, rows);
@@ -523,7 +523,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
             let t = Span::start(Phase::Apply);
             normalise::<S>(rows, &mut num, dvp, &den);
             let t = t.next(Phase::Io);
-            load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            load_rows(&self.dout, io.o_off, io.dv, r, rows, &mut g, dvp);
             let t = t.next(Phase::BackwardSweep);
             cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
             for i in 0..rows {
@@ -621,7 +621,7 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             }
             ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
             let t = Span::start(Phase::Io);
-            load_rows(&self.dout, io.v_off, io.dv, r, rows, &mut g, dvp);
+            load_rows(&self.dout, io.o_off, io.dv, r, rows, &mut g, dvp);
             let t = t.next(Phase::BackwardSweep);
             for i in 0..rows {
                 let gi = &mut g[i * dvp..(i + 1) * dvp];

@@ -36,15 +36,7 @@ use crate::math::exp::exp_nonpositive;
 use favor_core::saturate_f32;
 use favor_core::{Elementwise, FeatureMap};
 
-/// Rows with an input entry beyond this magnitude (2^24) are computed in f64 (see the module
-/// docs): below it the projection, its gradient and every product stay far from f32's range.
-pub(crate) const WIDE_INPUT: f32 = 16_777_216.0;
-/// The generic maps keep a row in f32 while its largest feature is 0 or in
-/// [FEATURE_LO, FEATURE_HI] = [2^-24, 2^24]: sums over keys, products with queries and their
-/// cotangents then stay inside f32's range with a wide margin.
-pub(crate) const FEATURE_LO: f32 = 1.0 / 16_777_216.0;
-/// See [`FEATURE_LO`].
-pub(crate) const FEATURE_HI: f32 = 16_777_216.0;
+pub(crate) use favor_core::limits::{FEATURE_HI, FEATURE_LO, WIDE_INPUT};
 
 /// Which formula a plan evaluates.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -25,11 +25,15 @@ pub(crate) struct HeadIn<'a> {
     pub q: HostRef<'a>,
     pub k: HostRef<'a>,
     pub v: HostRef<'a>,
-    /// Element offset of this head in q and k.
-    pub qk_off: usize,
-    /// Element offset of this head in v (and out, dout).
+    /// Element offset of this head in q (and dq).
+    pub q_off: usize,
+    /// Element offset of this head in k (and dk).
+    pub k_off: usize,
+    /// Element offset of this head in v (and dv).
     pub v_off: usize,
-    /// Key padding mask of this head's batch element (len entries).
+    /// Element offset of this head in out and dout (query rows × d_v).
+    pub o_off: usize,
+    /// Key padding mask of this head's batch element (one entry per key).
     pub mask: Option<&'a [bool]>,
     pub d: usize,
     pub dv: usize,

@@ -2,9 +2,7 @@
 //! comparison against favor-core's f64 reference backend.
 #![allow(dead_code)]
 
-use favor_core::testing::{
-    RelError, denominator_condition, log_denominator_slopes, rel_error, rel_error_or_cancelled, storage_tolerance,
-};
+use favor_core::testing::{RelError, denominator_condition, rel_error, rel_error_or_cancelled, storage_tolerance};
 use favor_core::{
     AttentionOptions, AttentionShape, DType, Direction, Elementwise, FavorBackend, FeatureMap, GatedSoftplusParams,
     Grads, HostTensor, Inputs, Linear, ParamGrads, Problem, Projection, ProjectionConfig, ReferenceBackend,
@@ -102,18 +100,18 @@ pub struct Case {
 
 impl Case {
     pub fn new(shape: AttentionShape, dtype: DType, masked: bool, seed: u64) -> Case {
-        let qk = shape.qk_len();
+        let lk = shape.keys();
         let mask = masked.then(|| {
             let mut r = rng(seed + 7);
             // Keep most keys; sometimes a whole prefix is padded (queries that see nothing).
-            (0..shape.mask_len()).map(|i| i % shape.len >= shape.len / 5 || pick(&mut r, 3) == 0).collect()
+            (0..shape.mask_len()).map(|i| i % lk >= lk / 5 || pick(&mut r, 3) == 0).collect()
         });
         Case {
             shape,
-            q: HostTensor::from_f32(dtype, &normal(qk, 0.5, seed)),
-            k: HostTensor::from_f32(dtype, &normal(qk, 0.5, seed + 1)),
+            q: HostTensor::from_f32(dtype, &normal(shape.qk_len(), 0.5, seed)),
+            k: HostTensor::from_f32(dtype, &normal(shape.k_len(), 0.5, seed + 1)),
             v: HostTensor::from_f32(dtype, &normal(shape.v_len(), 1.0, seed + 2)),
-            dout: HostTensor::from_f32(dtype, &normal(shape.v_len(), 1.0, seed + 3)),
+            dout: HostTensor::from_f32(dtype, &normal(shape.out_len(), 1.0, seed + 3)),
             mask,
         }
     }
@@ -123,7 +121,7 @@ impl Case {
     }
 
     pub fn forward(&self, b: &impl FavorBackend<Mem = favor_core::Host>, p: &Problem<'_>) -> Vec<f64> {
-        let mut out = HostTensor::zeros(self.q.dtype(), self.shape.v_len());
+        let mut out = HostTensor::zeros(self.q.dtype(), self.shape.out_len());
         b.forward(p, self.inputs(), out.view_mut()).unwrap();
         out.to_f64_vec()
     }
@@ -163,13 +161,7 @@ impl Case {
     /// dq/dk and for parameter gradients: √d_v·RMS(dout)·RMS(v) (the size of ⟨g_i, v_j⟩) times the
     /// slopes of the log-denominators ([`log_denominator_slopes`]).
     pub fn cancel_scales(&self, p: &Problem<'_>) -> (f64, f64) {
-        let rms = |t: &HostTensor| {
-            let x = t.to_f64_vec();
-            (x.iter().map(|y| y * y).sum::<f64>() / x.len().max(1) as f64).sqrt()
-        };
-        let (x, params) = log_denominator_slopes(p, self.inputs());
-        let gv = (self.shape.dv as f64).sqrt() * rms(&self.dout) * rms(&self.v);
-        ((gv * x).max(f64::MIN_POSITIVE), (gv * params).max(f64::MIN_POSITIVE))
+        favor_core::testing::cancel_scales(p, self.inputs(), self.dout.view())
     }
 
     /// (dq, dk, dv, parameter gradients).
@@ -180,7 +172,7 @@ impl Case {
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<ParamGrads>) {
         let dt = self.q.dtype();
         let mut dq = HostTensor::zeros(dt, self.shape.qk_len());
-        let mut dk = HostTensor::zeros(dt, self.shape.qk_len());
+        let mut dk = HostTensor::zeros(dt, self.shape.k_len());
         let mut dv = HostTensor::zeros(dt, self.shape.v_len());
         let pg = b
             .backward(
