@@ -101,13 +101,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "tests (x86_64)"
 cargo test --workspace
 
-# One invocation, so favor-cuda is built once with the emulator for both test targets.
+# One invocation, so favor-cuda is built once with the emulator for every test target (a second
+# invocation with other packages rebuilds the workspace's crates with other features).
 step "CUDA kernels on the CPU emulator"
-echo "(the real .cu sources against the f64 reference, and favor-bench's CUDA paths on them)"
-cargo test -p favor-cuda -p favor-bench --features favor-cuda/emulator,favor-bench/cuda-emulator \
-    --lib --test cross_backend --test extremes --test cuda
-# The CUDA backend through the `favor` entry point (host slices and device tensors).
-cargo test -p favor --features favor/cuda-emulator --test entry_point
+echo "(the real .cu sources against the f64 reference, favor-bench's CUDA paths and the \`favor\`"
+echo " entry point's CUDA backend on them; favor's own cross_backend rides along, a few seconds)"
+cargo test -p favor-cuda -p favor-bench -p favor \
+    --features favor-cuda/emulator,favor-bench/cuda-emulator,favor/cuda-emulator \
+    --lib --test cross_backend --test extremes --test cuda --test entry_point
 
 step "tests (aarch64, under qemu)"
 if bash scripts/setup-aarch64.sh; then
