@@ -2,7 +2,8 @@
 //!
 //! The benchmark and I/O tool of favor (the `favor-bench` binary): the paper's speed/memory
 //! curves (`curves`), accuracy figures (`accuracy`), this machine's ceilings (`roofline`),
-//! single-kernel profiling (`profile`) and npy round trips (`run`). The library holds the pieces
+//! single-kernel profiling (`profile`), the cost of strided layouts (`layouts`) and npy round
+//! trips (`run`). The library holds the pieces
 //! so that the integration tests and criterion benches use the same code.
 
 pub mod alloc;
@@ -17,6 +18,7 @@ pub mod accuracy;
 pub mod backends;
 pub mod baselines;
 pub mod curves;
+pub mod layouts;
 pub mod measure;
 pub mod npy;
 pub mod profile;

@@ -40,6 +40,8 @@ enum Command {
     Roofline(RooflineArgs),
     /// Run one kernel N times with nothing else (attach perf/ncu/nsys to it).
     Profile(ProfileArgs),
+    /// Time [B, H, L, d] against [B, L, H, d] and packed-QKV tensors (forward, forward + backward).
+    Layouts(LayoutsArgs),
     /// Read Q, K, V (W, mask, dout) from .npy, run attention, write out (and grads) to .npy.
     Run(RunCmdArgs),
     /// List the backends this build can run here.
@@ -183,6 +185,31 @@ struct RooflineArgs {
     /// Output folder.
     #[arg(long, default_value = "results")]
     out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct LayoutsArgs {
+    /// Backend id: best, simd, simd:<isa>, cuda (host tensors) or reference.
+    #[arg(long, default_value = "simd")]
+    backend: String,
+    /// Batch.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    batch: usize,
+    /// Heads.
+    #[arg(long, default_value_t = 8, value_parser = positive)]
+    heads: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    len: usize,
+    /// Head dimension (d = d_v).
+    #[arg(long, default_value_t = 64, value_parser = positive)]
+    d: usize,
+    /// Random features.
+    #[arg(long, default_value_t = 256, value_parser = positive)]
+    m: usize,
+    /// Timed rounds (each calls every layout once).
+    #[arg(long, default_value_t = 15, value_parser = positive)]
+    rounds: usize,
 }
 
 #[derive(Args, Debug)]
@@ -497,6 +524,32 @@ fn profile_cmd(a: ProfileArgs) -> Result<()> {
     Ok(())
 }
 
+fn layouts_cmd(a: LayoutsArgs) -> Result<()> {
+    let cfg = favor_bench::layouts::LayoutsConfig {
+        backend: a.backend,
+        shape: AttentionShape::new(a.batch, a.heads, a.len, a.d),
+        m: a.m,
+        rounds: a.rounds,
+    };
+    let s = cfg.shape;
+    println!(
+        "{} B={} H={} L={} d={} m={} f32, median of {} rounds",
+        cfg.backend, s.batch, s.heads, s.len, s.d, cfg.m, cfg.rounds
+    );
+    println!("{:<14} {:<17} {:<11} {:>10} {:>8}", "direction", "pass", "layout", "median", "ratio");
+    for p in favor_bench::layouts::run(&cfg)? {
+        let dir = format!("{:?}", p.direction).to_lowercase();
+        println!(
+            "{dir:<14} {:<17} {:<11} {:>10} {:>8.3}",
+            p.pass,
+            p.layout,
+            favor_bench::measure::human_time(p.median_s),
+            p.ratio
+        );
+    }
+    Ok(())
+}
+
 fn run_cmd(a: RunCmdArgs) -> Result<()> {
     let args = RunArgs {
         q: a.q,
@@ -532,6 +585,7 @@ fn main() -> ExitCode {
         Command::Roofline(a) => roofline_cmd(a),
         Command::Profile(a) => profile_cmd(a),
         Command::Run(a) => run_cmd(a),
+        Command::Layouts(a) => layouts_cmd(a),
         Command::Backends => {
             for id in backends::available() {
                 let name = backends::open(&id).map_or_else(|e| format!("unavailable: {e}"), |b| b.name());

@@ -6,6 +6,7 @@
 //! without a round trip through host memory. Every backend also offers the host path: CPU
 //! backends natively, GPU backends through a host adapter that copies.
 
+use crate::layout::{RowOrder, TensorDims, check_strides};
 /// Size arithmetic and fallible allocation for backends: a buffer whose size comes from a
 /// caller goes through these, so that it fails with a typed error instead of aborting.
 pub use crate::validate::{check_allocatable, checked_len, try_with_capacity, try_zeroed};
@@ -13,6 +14,7 @@ use crate::{
     AttentionOptions, AttentionShape, DType, Direction, FavorError, FeatureMap, FeatureRole, HostMut, HostRef,
     ParamGrads, Result, TensorHandle,
 };
+use crate::{Layout, Strides, TensorArg};
 
 const QK_DIMS: &str = "[batch, heads, len, d]";
 const K_DIMS: &str = "[batch, heads, kv_len, d]";
@@ -45,12 +47,29 @@ pub struct Problem<'a> {
     pub map: &'a FeatureMap,
     /// Direction and denominator guard.
     pub options: AttentionOptions,
+    /// Strides of each tensor (default: contiguous `[B, H, L, ·]`).
+    pub layout: Layout,
 }
 
 impl<'a> Problem<'a> {
     /// A problem with default (bidirectional) options.
     pub fn new(shape: AttentionShape, map: &'a FeatureMap) -> Self {
-        Self { shape, map, options: AttentionOptions::default() }
+        Self { shape, map, options: AttentionOptions::default(), layout: Layout::default() }
+    }
+
+    /// The same problem with tensors laid out by `layout` (see [`crate::layout`]).
+    pub fn with_layout(self, layout: Layout) -> Self {
+        Self { layout, ..self }
+    }
+
+    /// The strides in effect for one tensor.
+    pub fn strides(&self, arg: TensorArg) -> Strides {
+        self.layout.strides(arg, &self.shape)
+    }
+
+    /// The logical sizes of one tensor.
+    pub fn dims(&self, arg: TensorArg) -> TensorDims {
+        arg.dims(&self.shape)
     }
 
     /// The same problem with other options.
@@ -202,14 +221,39 @@ pub fn check_tensor(arg: &'static str, t: &impl TensorHandle, len: usize, dtype:
     Ok(())
 }
 
+/// Checks one tensor of an attention call: its dtype, and its length against the shape
+/// (contiguous default) or its strides against its length (in range, rows disjoint).
+pub fn check_call_tensor(p: &Problem<'_>, arg: TensorArg, t: &impl TensorHandle, dtype: DType) -> Result<()> {
+    let dims = p.dims(arg);
+    match p.layout.given(arg) {
+        None => {
+            // Validated shapes have exact element counts.
+            let len = dims.total_rows() * dims.width;
+            let text = match arg {
+                TensorArg::Q | TensorArg::Dq => QK_DIMS,
+                TensorArg::K | TensorArg::Dk => K_DIMS,
+                TensorArg::V | TensorArg::Dv => V_DIMS,
+                TensorArg::Out | TensorArg::Dout => OUT_DIMS,
+            };
+            check_tensor(arg.name(), t, len, dtype, text)
+        }
+        Some(strides) => {
+            if t.dtype() != dtype {
+                return Err(FavorError::DType { arg: arg.name(), expected: dtype, actual: t.dtype() });
+            }
+            check_strides(arg.name(), dims, strides, t.len())
+        }
+    }
+}
+
 /// Validates the problem and the inputs of a forward/backward/decode call; returns the dtype.
 pub fn validate_inputs<M: MemorySpace>(p: &Problem<'_>, inputs: &Inputs<'_, M>) -> Result<DType> {
     p.validate()?;
     let s = p.shape;
     let dtype = inputs.q.dtype();
-    check_tensor("q", &inputs.q, s.qk_len(), dtype, QK_DIMS)?;
-    check_tensor("k", &inputs.k, s.k_len(), dtype, K_DIMS)?;
-    check_tensor("v", &inputs.v, s.v_len(), dtype, V_DIMS)?;
+    check_call_tensor(p, TensorArg::Q, &inputs.q, dtype)?;
+    check_call_tensor(p, TensorArg::K, &inputs.k, dtype)?;
+    check_call_tensor(p, TensorArg::V, &inputs.v, dtype)?;
     if let Some(m) = inputs.key_mask
         && m.len() != s.mask_len()
     {
@@ -221,13 +265,13 @@ pub fn validate_inputs<M: MemorySpace>(p: &Problem<'_>, inputs: &Inputs<'_, M>) 
 /// [`validate_inputs`] for host tensors, plus the finiteness check of Q, K and V.
 pub fn validate_host_inputs(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<DType> {
     let dtype = validate_inputs(p, inputs)?;
-    check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
+    check_finite_args(p, &[(TensorArg::Q, inputs.q), (TensorArg::K, inputs.k), (TensorArg::V, inputs.v)])?;
     Ok(dtype)
 }
 
 /// Checks the output of a forward or decode call: `[B, H, L, d_v]` in the call's dtype.
 pub fn check_output(p: &Problem<'_>, out: &impl TensorHandle, dtype: DType) -> Result<()> {
-    check_tensor("out", out, p.shape.out_len(), dtype, OUT_DIMS)
+    check_call_tensor(p, TensorArg::Out, out, dtype)
 }
 
 /// Checks ∂ℒ/∂out and the three gradient outputs of a backward call against the call's dtype.
@@ -237,11 +281,10 @@ pub fn check_backward<M: MemorySpace>(
     grads: &Grads<'_, M>,
     dtype: DType,
 ) -> Result<()> {
-    let s = p.shape;
-    check_tensor("dout", dout, s.out_len(), dtype, OUT_DIMS)?;
-    check_tensor("dq", &grads.dq, s.qk_len(), dtype, QK_DIMS)?;
-    check_tensor("dk", &grads.dk, s.k_len(), dtype, K_DIMS)?;
-    check_tensor("dv", &grads.dv, s.v_len(), dtype, V_DIMS)
+    check_call_tensor(p, TensorArg::Dout, dout, dtype)?;
+    check_call_tensor(p, TensorArg::Dq, &grads.dq, dtype)?;
+    check_call_tensor(p, TensorArg::Dk, &grads.dk, dtype)?;
+    check_call_tensor(p, TensorArg::Dv, &grads.dv, dtype)
 }
 
 /// Validates a feature-map call: the map against d, tokens `x` `[B, H, L, d]` and the feature
@@ -270,6 +313,27 @@ pub fn check_f64_attention_buffers(p: &Problem<'_>) -> Result<()> {
     let (mf, s) = (p.features(), p.shape);
     check_allocatable::<f64>("state", &[mf, s.dv])?;
     check_allocatable::<f64>("phi", &[s.len.max(s.keys()), mf])
+}
+
+/// Reports the first NaN or infinity of host tensors of a call, looking only at the rows their
+/// strides address (a packed or padded buffer may hold anything between them); the index is the
+/// element's position in the tensor's slice. Call it after the tensors were validated.
+pub fn check_finite_args(p: &Problem<'_>, args: &[(TensorArg, HostRef<'_>)]) -> Result<()> {
+    for &(arg, t) in args {
+        if p.layout.given(arg).is_none() {
+            check_finite(&[(arg.name(), t)])?;
+            continue;
+        }
+        let (dims, order) = (p.dims(arg), RowOrder::new(p.dims(arg), p.strides(arg)));
+        for o in 0..order.blocks() {
+            for (_, start) in order.block(o) {
+                if let Some((i, value)) = t.first_non_finite_in(start, dims.width) {
+                    return Err(FavorError::NonFinite { arg: arg.name(), index: start + i, value });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reports the first NaN or infinity of the host inputs (favor's documented policy: non-finite

@@ -258,6 +258,17 @@ impl<'a> HostRef<'a> {
         }
     }
 
+    /// The first non-finite element of `start..start + count` (which must lie in the tensor), if
+    /// any: `(index from start, value)`.
+    pub fn first_non_finite_in(&self, start: usize, count: usize) -> Option<(usize, f32)> {
+        let r = start..start + count;
+        match self {
+            HostRef::F32(s) => HostRef::F32(&s[r]).first_non_finite(),
+            HostRef::F16(s) => HostRef::F16(&s[r]).first_non_finite(),
+            HostRef::Bf16(s) => HostRef::Bf16(&s[r]).first_non_finite(),
+        }
+    }
+
     /// The first non-finite element, if any: `(flat index, value)`.
     pub fn first_non_finite(&self) -> Option<(usize, f32)> {
         match self {

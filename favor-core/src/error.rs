@@ -19,6 +19,14 @@ pub enum FavorError {
         /// What it received.
         actual: String,
     },
+    /// A tensor's strides address rows that overlap (see [`crate::layout`]).
+    #[error("argument `{arg}`: {reason}")]
+    Strides {
+        /// Name of the tensor.
+        arg: &'static str,
+        /// What is wrong with its strides.
+        reason: String,
+    },
     /// A tensor's element type differs from the others in the same call.
     #[error("argument `{arg}`: expected dtype {expected}, got {actual}")]
     DType {

@@ -5,14 +5,15 @@ use crate::attention::{
     self, CausalState, Head, HeadGrads, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward,
 };
 use crate::backend::{
-    Grads, Host, Inputs, Problem, check_backward, check_f64_attention_buffers, check_finite, check_output,
-    check_tensor, validate_feature_call, validate_host_inputs,
+    Grads, Host, Inputs, Problem, check_backward, check_call_tensor, check_f64_attention_buffers, check_finite,
+    check_finite_args, check_output, check_tensor, validate_feature_call, validate_host_inputs,
 };
 use crate::features::ParamGradsF64;
+use crate::layout::{read_head_f64, write_head_f64};
 use crate::validate::try_with_capacity;
 use crate::{
     AttentionOptions, AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
-    Result, StateSignature, TensorHandle,
+    Result, StateSignature, TensorArg, TensorHandle,
 };
 
 /// The f64 reference backend.
@@ -41,8 +42,13 @@ struct Widened {
 }
 
 impl Widened {
-    fn new(inputs: &Inputs<'_, Host>) -> Self {
-        Self { q: inputs.q.to_f64_vec(), k: inputs.k.to_f64_vec(), v: inputs.v.to_f64_vec() }
+    /// Q, K and V widened to f64, contiguous `[B, H, ·, ·]` whatever their layout.
+    fn new(p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Result<Self> {
+        Ok(Self {
+            q: widen(p, TensorArg::Q, &inputs.q)?,
+            k: widen(p, TensorArg::K, &inputs.k)?,
+            v: widen(p, TensorArg::V, &inputs.v)?,
+        })
     }
 
     fn head<'a>(&'a self, s: AttentionShape, mask: Option<&'a [bool]>, bh: usize) -> Head<'a> {
@@ -61,6 +67,31 @@ impl Widened {
     }
 }
 
+/// A validated tensor of the call widened to f64, contiguous `[B, H, rows, width]`.
+fn widen(p: &Problem<'_>, arg: TensorArg, t: &HostRef<'_>) -> Result<Vec<f64>> {
+    if p.layout.given(arg).is_none() {
+        return Ok(t.to_f64_vec());
+    }
+    let (dims, strides) = (p.dims(arg), p.strides(arg));
+    let mut all = try_with_capacity(arg.name(), dims.total_rows() * dims.width)?;
+    for bh in 0..dims.batch * dims.heads {
+        all.extend(read_head_f64(t, dims, strides, bh)?);
+    }
+    Ok(all)
+}
+
+/// Writes contiguous f64 `[B, H, rows, width]` values into a tensor of the call, in its layout.
+fn store(p: &Problem<'_>, arg: TensorArg, t: &mut HostMut<'_>, src: &[f64]) -> Result<()> {
+    if p.layout.given(arg).is_none() {
+        return t.write_f64(0, src);
+    }
+    let (dims, strides) = (p.dims(arg), p.strides(arg));
+    for (bh, head) in src.chunks_exact(dims.rows * dims.width).enumerate() {
+        write_head_f64(t, dims, strides, bh, head)?;
+    }
+    Ok(())
+}
+
 fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
     let (Some(acc), Some(part)) = (acc.as_mut(), part) else { return };
     let add = |a: &mut Vec<f64>, b: &Vec<f64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
@@ -76,11 +107,12 @@ fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
 impl ReferenceBackend {
     /// The forward pass in f64, before the output is rounded to its storage type: the oracle for
     /// 16-bit storage, where rounding the reference to 16 bits too would double the error.
+    /// Contiguous `[B, H, L, d_v]` whatever the problem's layout.
     pub fn forward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>) -> Result<Vec<f64>> {
         validate_host_inputs(p, &inputs)?;
         check_f64_attention_buffers(p)?;
         let s = p.shape;
-        let w = Widened::new(&inputs);
+        let w = Widened::new(p, &inputs)?;
         let delta = p.denominator_guard() as f64;
         let mut out = try_with_capacity("out", s.out_len())?;
         for bh in 0..s.problems() {
@@ -93,16 +125,16 @@ impl ReferenceBackend {
         Ok(out)
     }
 
-    /// The backward pass in f64 (see [`ReferenceBackend::forward_f64`]): dq, dk, dv laid out like
-    /// the inputs, parameter gradients summed over heads.
+    /// The backward pass in f64 (see [`ReferenceBackend::forward_f64`]): dq, dk, dv contiguous
+    /// `[B, H, ·, ·]` whatever the problem's layout, parameter gradients summed over heads.
     pub fn backward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, dout: HostRef<'_>) -> Result<HeadGrads> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
-        check_tensor("dout", &dout, s.out_len(), dtype, "[batch, heads, len, d_v]")?;
-        check_finite(&[("dout", dout)])?;
+        check_call_tensor(p, TensorArg::Dout, &dout, dtype)?;
+        check_finite_args(p, &[(TensorArg::Dout, dout)])?;
         check_f64_attention_buffers(p)?;
-        let w = Widened::new(&inputs);
-        let g = dout.to_f64_vec();
+        let w = Widened::new(p, &inputs)?;
+        let g = widen(p, TensorArg::Dout, &dout)?;
         let delta = p.denominator_guard() as f64;
         let mut all = HeadGrads {
             dq: try_with_capacity("dq", s.qk_len())?,
@@ -195,7 +227,7 @@ impl FavorBackend for ReferenceBackend {
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
         let dtype = validate_host_inputs(p, &inputs)?;
         check_output(p, &out, dtype)?;
-        out.write_f64(0, &self.forward_f64(p, inputs)?)
+        store(p, TensorArg::Out, &mut out, &self.forward_f64(p, inputs)?)
     }
 
     fn backward(
@@ -209,9 +241,9 @@ impl FavorBackend for ReferenceBackend {
         check_backward(p, &dout, &grads, dtype)?;
         let Grads { mut dq, mut dk, mut dv } = grads;
         let g = self.backward_f64(p, inputs, dout)?;
-        dq.write_f64(0, &g.dq)?;
-        dk.write_f64(0, &g.dk)?;
-        dv.write_f64(0, &g.dv)?;
+        store(p, TensorArg::Dq, &mut dq, &g.dq)?;
+        store(p, TensorArg::Dk, &mut dk, &g.dk)?;
+        store(p, TensorArg::Dv, &mut dv, &g.dv)?;
         Ok(g.params.map(|p| p.to_f32()))
     }
 
@@ -238,12 +270,13 @@ impl FavorBackend for ReferenceBackend {
         state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
         check_f64_attention_buffers(p)?;
-        let w = Widened::new(&inputs);
+        let w = Widened::new(p, &inputs)?;
         let delta = p.denominator_guard() as f64;
+        let (dims, strides) = (p.dims(TensorArg::Out), p.strides(TensorArg::Out));
         for (bh, head_state) in state.heads.iter_mut().enumerate() {
             let h = w.head(s, inputs.key_mask, bh);
             let o = head_state.advance(p.map, delta, &h);
-            out.write_f64(bh * s.len * s.dv, &o)?;
+            write_head_f64(&mut out, dims, strides, bh, &o)?;
         }
         Ok(())
     }
@@ -280,7 +313,7 @@ pub fn softmax_attention(
     let p = Problem::new(shape, &map).with_options(AttentionOptions { direction, ..Default::default() });
     let dtype = validate_host_inputs(&p, &inputs)?;
     check_output(&p, &out, dtype)?;
-    let w = Widened::new(&inputs);
+    let w = Widened::new(&p, &inputs)?;
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);
         let o = attention::softmax::softmax_forward(&h, direction == Direction::Causal);
@@ -303,7 +336,7 @@ pub fn softmax_attention_backward(
     check_backward(&p, &dout, &grads, dtype)?;
     check_finite(&[("dout", dout)])?;
     let Grads { mut dq, mut dk, mut dv } = grads;
-    let w = Widened::new(&inputs);
+    let w = Widened::new(&p, &inputs)?;
     let g = dout.to_f64_vec();
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);

@@ -2,8 +2,9 @@
 //!
 //! Layout: Q is `[batch, heads, len, d]`, K `[batch, heads, kv_len, d]`, V
 //! `[batch, heads, kv_len, d_v]` and the output `[batch, heads, len, d_v]`, row-major and
-//! contiguous; `kv_len` is `len` unless set (cross-attention). The optional key padding mask is
-//! `[batch, kv_len]` (true = keep).
+//! contiguous unless the problem's [`crate::Layout`] gives a tensor other strides; `kv_len` is
+//! `len` unless set (cross-attention). The optional key padding mask is `[batch, kv_len]`
+//! (true = keep).
 
 use crate::validate::checked_len;
 use crate::{FavorError, Result};

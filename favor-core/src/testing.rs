@@ -6,9 +6,11 @@
 //! Everything is deterministic: the RNG is `Xoshiro256++` seeded by the caller.
 
 use crate::features::ParamGradsF64;
+use crate::layout::TensorDims;
 use crate::{
-    AttentionShape, DType, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Host, HostRef,
-    Inputs, Linear, Problem, Projection, ProjectionConfig,
+    AttentionShape, DType, Elementwise, FavorBackend, FavorError, FeatureMap, GatedSoftplusParams, Grads, Host,
+    HostMut, HostRef, HostTensor, Inputs, Layout, Linear, Problem, Projection, ProjectionConfig, Strides, TensorArg,
+    TensorHandle,
 };
 use rand_distr::{Distribution, StandardNormal, StandardUniform};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -768,4 +770,245 @@ mod tests {
         let trig = denominator_condition(&Problem::new(s, &FeatureMap::trigonometric(proj)), inputs);
         assert!(trig > 1.5, "{trig}");
     }
+}
+
+/// The contiguous results of one problem (forward, backward and, when causal, a decode in two
+/// chunks), as f64 `[B, H, ·, ·]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayoutRun {
+    /// Forward output.
+    pub out: Vec<f64>,
+    /// ∂ℒ/∂Q.
+    pub dq: Vec<f64>,
+    /// ∂ℒ/∂K.
+    pub dk: Vec<f64>,
+    /// ∂ℒ/∂V.
+    pub dv: Vec<f64>,
+    /// Decode output (causal problems; empty otherwise).
+    pub decoded: Vec<f64>,
+}
+
+/// What fills the elements of a strided output that no row covers: must survive every call.
+const UNTOUCHED: f32 = 7.0;
+
+/// The test layouts of a shape: `[B, L, H, ·]`, sequence-first `[L, B, H, ·]`, `[B, H, L, ·]`
+/// with gaps after every row, head and batch element, and (for self-attention with d_v = d)
+/// packed QKV.
+pub fn test_layouts(s: &AttentionShape) -> Vec<(&'static str, Layout)> {
+    let seq_first = Layout::from_fn(|arg| {
+        let t = arg.dims(s);
+        Some(Strides { batch: t.heads * t.width, head: t.width, token: t.batch * t.heads * t.width })
+    });
+    let gapped = Layout::from_fn(|arg| {
+        let t = arg.dims(s);
+        let token = t.width + 3;
+        let head = t.rows * token + 5;
+        Some(Strides { batch: t.heads * head + 7, head, token })
+    });
+    let mut v = vec![("blhd", Layout::blhd(s)), ("lbhd", seq_first), ("gapped", gapped)];
+    if s.dv == s.d && !s.is_cross() {
+        v.push(("packed-qkv", Layout::packed_qkv(s)));
+    }
+    v
+}
+
+/// Elements `off..` of a tensor.
+fn view_from(t: &HostTensor, off: usize) -> HostRef<'_> {
+    match t {
+        HostTensor::F32(v) => HostRef::F32(&v[off..]),
+        HostTensor::F16(v) => HostRef::F16(&v[off..]),
+        HostTensor::Bf16(v) => HostRef::Bf16(&v[off..]),
+    }
+}
+
+/// Elements `off..` of a tensor, writable.
+fn view_mut_from(t: &mut HostTensor, off: usize) -> HostMut<'_> {
+    match t {
+        HostTensor::F32(v) => HostMut::F32(&mut v[off..]),
+        HostTensor::F16(v) => HostMut::F16(&mut v[off..]),
+        HostTensor::Bf16(v) => HostMut::Bf16(&mut v[off..]),
+    }
+}
+
+/// Which elements of a buffer the rows of `dims`/`strides` (from `off`) cover.
+fn covered(len: usize, off: usize, dims: TensorDims, strides: Strides) -> Vec<bool> {
+    let mut c = vec![false; len];
+    for bh in 0..dims.batch * dims.heads {
+        for r in 0..dims.rows {
+            let start = off + strides.head_base(dims.heads, bh) + r * strides.token;
+            c[start..start + dims.width].iter_mut().for_each(|x| *x = true);
+        }
+    }
+    c
+}
+
+/// A buffer of `dtype` holding `fill` everywhere.
+fn filled(dtype: DType, len: usize, fill: f32) -> HostTensor {
+    HostTensor::from_f32(dtype, &vec![fill; len])
+}
+
+/// Places contiguous tensors into one buffer: `(tensor, dims, strides, offset)` each; elements
+/// no row covers hold NaN, which the finiteness check must not see.
+fn place(dtype: DType, len: usize, parts: &[(&HostTensor, TensorDims, Strides, usize)]) -> HostTensor {
+    let mut buf = filled(dtype, len, f32::NAN);
+    for &(t, dims, strides, off) in parts {
+        crate::layout::scatter(t.view(), view_mut_from(&mut buf, off), dims, strides).expect("test layout fits");
+    }
+    buf
+}
+
+/// Strided outputs: buffers of `UNTOUCHED` with room for the layout's rows.
+struct StridedOut {
+    buf: HostTensor,
+    dims: TensorDims,
+    strides: Strides,
+}
+
+impl StridedOut {
+    fn new(dtype: DType, dims: TensorDims, strides: Strides) -> Self {
+        let len = crate::layout::extent("test", dims, strides).expect("test layout fits") + 5;
+        StridedOut { buf: filled(dtype, len, UNTOUCHED), dims, strides }
+    }
+
+    /// The rows, contiguous; asserts that nothing outside them was written.
+    fn rows(&self, what: &str) -> Vec<f64> {
+        let cover = covered(self.buf.view().len(), 0, self.dims, self.strides);
+        let all = self.buf.to_f64_vec();
+        for (i, (&x, c)) in all.iter().zip(cover).enumerate() {
+            assert!(c || x == UNTOUCHED as f64, "{what}: element {i}, outside every row, was overwritten with {x}");
+        }
+        crate::layout::gather(self.buf.view(), self.dims, self.strides).expect("validated").to_f64_vec()
+    }
+}
+
+/// Runs `p` (whose layout is ignored) with every tensor contiguous and again in each of
+/// [`test_layouts`], from the same random inputs: forward, backward and, for causal problems, a
+/// decode in two chunks read in place from the strided buffers. Asserts that every strided run
+/// equals the contiguous one bit for bit (the kernels' arithmetic does not depend on where rows
+/// live) and writes nothing outside its rows; returns the contiguous run. V and ∂ℒ/∂out have
+/// standard deviation `value_std` (large values send heads to backends' f64 recomputation).
+pub fn assert_layouts_agree<B: FavorBackend<Mem = Host>>(
+    backend: &B,
+    p: &Problem<'_>,
+    dtype: DType,
+    masked: bool,
+    seed: u64,
+    value_std: f32,
+) -> LayoutRun {
+    let s = p.shape;
+    let base = Problem { layout: Layout::default(), ..*p };
+    let t = |arg: TensorArg, k: u64| {
+        let d = arg.dims(&s);
+        let std = if matches!(arg, TensorArg::V | TensorArg::Dout) { value_std } else { 0.5 };
+        HostTensor::from_f32(dtype, &random_tensor(seed * 8 + k, d.total_rows() * d.width, std))
+    };
+    let (q, k, v, g) = (t(TensorArg::Q, 0), t(TensorArg::K, 1), t(TensorArg::V, 2), t(TensorArg::Dout, 3));
+    let mask = masked.then(|| random_mask(&mut rng(seed), s.batch * s.keys(), 0.7));
+    let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: mask.as_deref() };
+    let what = format!("{} {} {:?} {:?} {dtype} mask={masked}", backend.name(), p.map.name(), p.options.direction, s);
+
+    // Contiguous.
+    let zeros = |arg: TensorArg| {
+        let d = arg.dims(&s);
+        HostTensor::zeros(dtype, d.total_rows() * d.width)
+    };
+    let mut out = zeros(TensorArg::Out);
+    backend.forward(&base, inputs, out.view_mut()).unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+    let (mut dq, mut dk, mut dv) = (zeros(TensorArg::Dq), zeros(TensorArg::Dk), zeros(TensorArg::Dv));
+    let grads = Grads { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+    backend.backward(&base, inputs, g.view(), grads).unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let causal = p.options.direction == crate::Direction::Causal;
+    let split = s.len / 2;
+    let chunks: Vec<(usize, usize)> = [(0, split), (split, s.len)].into_iter().filter(|c| c.1 > c.0).collect();
+    let mut decoded = Vec::new();
+    if causal {
+        // The same chunks, each gathered into contiguous tensors.
+        let mut state = backend.new_state(&base).expect("state");
+        let mut outs: Vec<Vec<f64>> = Vec::new();
+        for &(t0, t1) in &chunks {
+            let cs = AttentionShape { len: t1 - t0, ..s };
+            let chunk = |x: &HostTensor, arg: TensorArg| {
+                let d = TensorDims { rows: t1 - t0, ..arg.dims(&s) };
+                let st = Strides::bhld(d.heads, s.len, d.width);
+                crate::layout::gather(view_from(x, t0 * d.width), d, st).expect("chunk")
+            };
+            let (cq, ck, cv) = (chunk(&q, TensorArg::Q), chunk(&k, TensorArg::K), chunk(&v, TensorArg::V));
+            let ci = Inputs { q: cq.view(), k: ck.view(), v: cv.view(), key_mask: None };
+            let mut co = HostTensor::zeros(dtype, cs.out_len());
+            backend.decode(&Problem { shape: cs, ..base }, &mut state, ci, co.view_mut()).expect("decode");
+            outs.push(co.to_f64_vec());
+        }
+        // Interleave the chunks back into [B, H, L, d_v].
+        for bh in 0..s.problems() {
+            for (c, &(t0, t1)) in chunks.iter().enumerate() {
+                let n = (t1 - t0) * s.dv;
+                decoded.extend_from_slice(&outs[c][bh * n..(bh + 1) * n]);
+            }
+        }
+    }
+    let want =
+        LayoutRun { out: out.to_f64_vec(), dq: dq.to_f64_vec(), dk: dk.to_f64_vec(), dv: dv.to_f64_vec(), decoded };
+
+    for (name, layout) in test_layouts(&s) {
+        let lp = Problem { layout, ..base };
+        let what = format!("{what} layout {name}");
+        let st = |arg| lp.strides(arg);
+        let dims = |arg: TensorArg| arg.dims(&s);
+        let span = |arg| crate::layout::extent("test", dims(arg), st(arg)).expect("test layout fits");
+        // Q, K, V: one packed buffer, or one buffer each; NaN between rows.
+        let packed = name == "packed-qkv";
+        let hd = s.heads * s.d;
+        let (qb, kb, vb, offs) = if packed {
+            let len = span(TensorArg::Q) + 2 * hd;
+            let parts = [
+                (&q, dims(TensorArg::Q), st(TensorArg::Q), 0),
+                (&k, dims(TensorArg::K), st(TensorArg::K), hd),
+                (&v, dims(TensorArg::V), st(TensorArg::V), 2 * hd),
+            ];
+            let b = place(dtype, len, &parts);
+            (b.clone(), b.clone(), b, [0, hd, 2 * hd])
+        } else {
+            let one = |x: &HostTensor, arg| place(dtype, span(arg) + 3, &[(x, dims(arg), st(arg), 0)]);
+            (one(&q, TensorArg::Q), one(&k, TensorArg::K), one(&v, TensorArg::V), [0, 0, 0])
+        };
+        let gb = place(dtype, span(TensorArg::Dout) + 3, &[(&g, dims(TensorArg::Dout), st(TensorArg::Dout), 0)]);
+        let li = Inputs {
+            q: view_from(&qb, offs[0]),
+            k: view_from(&kb, offs[1]),
+            v: view_from(&vb, offs[2]),
+            key_mask: mask.as_deref(),
+        };
+        let mut o = StridedOut::new(dtype, dims(TensorArg::Out), st(TensorArg::Out));
+        backend.forward(&lp, li, o.buf.view_mut()).unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+        assert!(o.rows(&what) == want.out, "{what}: forward differs from the contiguous layout");
+        let mut gq = StridedOut::new(dtype, dims(TensorArg::Dq), st(TensorArg::Dq));
+        let mut gk = StridedOut::new(dtype, dims(TensorArg::Dk), st(TensorArg::Dk));
+        let mut gv = StridedOut::new(dtype, dims(TensorArg::Dv), st(TensorArg::Dv));
+        let grads = Grads { dq: gq.buf.view_mut(), dk: gk.buf.view_mut(), dv: gv.buf.view_mut() };
+        backend.backward(&lp, li, gb.view(), grads).unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+        assert!(gq.rows(&what) == want.dq, "{what}: dq differs from the contiguous layout");
+        assert!(gk.rows(&what) == want.dk, "{what}: dk differs from the contiguous layout");
+        assert!(gv.rows(&what) == want.dv, "{what}: dv differs from the contiguous layout");
+        if causal {
+            // Decode the chunks in place: each chunk's tensors start at its first token.
+            let mut state = backend.new_state(&lp).expect("state");
+            let mut o = StridedOut::new(dtype, dims(TensorArg::Out), st(TensorArg::Out));
+            for &(t0, t1) in &chunks {
+                let cp = Problem { shape: AttentionShape { len: t1 - t0, ..s }, ..lp };
+                let at = |arg: TensorArg| t0 * st(arg).token;
+                let ci = Inputs {
+                    q: view_from(&qb, offs[0] + at(TensorArg::Q)),
+                    k: view_from(&kb, offs[1] + at(TensorArg::K)),
+                    v: view_from(&vb, offs[2] + at(TensorArg::V)),
+                    key_mask: None,
+                };
+                let off = at(TensorArg::Out);
+                backend
+                    .decode(&cp, &mut state, ci, view_mut_from(&mut o.buf, off))
+                    .unwrap_or_else(|e| panic!("{what}: decode: {e}"));
+            }
+            assert!(o.rows(&what) == want.decoded, "{what}: decode differs from the contiguous layout");
+        }
+    }
+    want
 }

@@ -797,3 +797,84 @@ fn cross_attention_errors_are_typed() {
     let r = ReferenceBackend.decode(&p, &mut state, inputs, out.as_mut_slice().into());
     assert!(matches!(r, Err(FavorError::InvalidParameter { name: "kv_len", .. })), "{r:?}");
 }
+
+#[test]
+fn strided_layouts_give_the_contiguous_results_bit_for_bit() {
+    let maps = testing::feature_map_catalog(5, 7, 3);
+    // Odd sizes; a cross shape (no packed QKV there) and d_v ≠ d.
+    let shapes = [
+        AttentionShape::new(2, 3, 11, 5),
+        AttentionShape::new(1, 2, 6, 5).with_dv(3),
+        AttentionShape::new(2, 1, 4, 5).with_kv_len(9),
+        AttentionShape::new(1, 1, 1, 5),
+    ];
+    for (i, shape) in shapes.into_iter().enumerate() {
+        for (name, map) in maps.iter().filter(|(n, _)| ["positive", "trigonometric", "relu"].contains(n)) {
+            for (causal, dtype, masked) in
+                [(false, DType::F32, true), (true, DType::F32, false), (true, DType::Bf16, true)]
+            {
+                if causal && shape.is_cross() {
+                    continue;
+                }
+                let p = problem(shape, map, causal);
+                let run = testing::assert_layouts_agree(&ReferenceBackend, &p, dtype, masked, 10 + i as u64, 1.0);
+                assert!(run.out.iter().all(|x| x.is_finite()), "{name} {shape:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn strides_that_overlap_or_run_past_the_buffer_are_typed_errors() {
+    use favor_core::{Layout, Strides};
+    let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(6, 4, 1)).expect("W"));
+    let shape = AttentionShape::new(2, 3, 5, 4);
+    let mut r = testing::rng(1);
+    let t = Tensors::random(&mut r, shape, DType::F32, 0.5);
+    let mut out = HostTensor::zeros(DType::F32, shape.out_len());
+    let blhd = Layout::blhd(&shape);
+    let p = Problem::new(shape, &map).with_layout(blhd);
+    ReferenceBackend.forward(&p, t.inputs(), out.view_mut()).expect("[B, L, H, d] of the same size");
+    // Rows of one head interleaved with another's.
+    let bad = Strides { batch: 60, head: 4, token: 8 };
+    let r = ReferenceBackend.forward(&p.with_layout(Layout { k: Some(bad), ..blhd }), t.inputs(), out.view_mut());
+    assert!(matches!(r, Err(FavorError::Strides { arg: "k", .. })), "{r:?}");
+    // A token stride shorter than a row, on an output.
+    let bad = Strides { batch: 60, head: 20, token: 3 };
+    let r = ReferenceBackend.forward(&p.with_layout(Layout { out: Some(bad), ..blhd }), t.inputs(), out.view_mut());
+    assert!(matches!(r, Err(FavorError::Strides { arg: "out", .. })), "{r:?}");
+    // A slice that ends before the last row.
+    let r = ReferenceBackend.forward(
+        &p,
+        Inputs { v: HostTensor::zeros(DType::F32, 119).view(), ..t.inputs() },
+        out.view_mut(),
+    );
+    assert!(matches!(r, Err(FavorError::Shape { arg: "v", .. })), "{r:?}");
+    // Strides whose extent wraps.
+    let huge = Strides { batch: usize::MAX / 2, head: 4, token: 12 };
+    let r = ReferenceBackend.forward(&p.with_layout(Layout { q: Some(huge), ..blhd }), t.inputs(), out.view_mut());
+    assert!(matches!(r, Err(FavorError::SizeOverflow { arg: "q", .. })), "{r:?}");
+    // Gradients are checked too.
+    let g = HostTensor::zeros(DType::F32, shape.out_len());
+    let (mut dq, mut dk, mut dv) = (out.clone(), out.clone(), out.clone());
+    let bad = Layout { dk: Some(Strides { batch: 60, head: 20, token: 2 }), ..blhd };
+    let grads = Grads { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+    let r = ReferenceBackend.backward(&p.with_layout(bad), t.inputs(), g.view(), grads);
+    assert!(matches!(r, Err(FavorError::Strides { arg: "dk", .. })), "{r:?}");
+    // A NaN inside a row is reported with its index in the slice; NaN between rows is ignored.
+    let gapped = Strides { batch: 80, head: 25, token: 5 };
+    let mut q = vec![f32::NAN; 160];
+    for bh in 0..6 {
+        for row in 0..5 {
+            let at = gapped.head_base(3, bh) + row * 5;
+            q[at..at + 4].copy_from_slice(&[0.1, 0.2, 0.3, 0.4]);
+        }
+    }
+    let lp = p.with_layout(Layout { q: Some(gapped), ..blhd });
+    let qi = Inputs { q: favor_core::HostRef::F32(&q), ..t.inputs() };
+    ReferenceBackend.forward(&lp, qi, out.view_mut()).expect("NaN only between rows");
+    q[gapped.offset(1, 2, 3) + 1] = f32::INFINITY;
+    let qi = Inputs { q: favor_core::HostRef::F32(&q), ..t.inputs() };
+    let r = ReferenceBackend.forward(&lp, qi, out.view_mut());
+    assert!(matches!(r, Err(FavorError::NonFinite { arg: "q", index, .. }) if index == 80 + 50 + 15 + 1), "{r:?}");
+}

@@ -4,10 +4,11 @@
 
 use crate::backend::{CudaBackend, CudaState};
 use crate::memory::DeviceTensor;
-use favor_core::backend::{check_backward, check_finite, check_output, validate_inputs};
+use favor_core::backend::{check_backward, check_finite, check_finite_args, check_output, validate_host_inputs};
+use favor_core::layout::{gather, scatter};
 use favor_core::{
-    AttentionShape, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, Inputs, ParamGrads, Problem,
-    Result, TensorHandle,
+    AttentionShape, DType, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, HostTensor, Inputs,
+    Layout, ParamGrads, Problem, Result, TensorArg, TensorHandle,
 };
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -66,6 +67,51 @@ impl CudaHost {
         self.copies.lock().unwrap_or_else(|e| e.into_inner()).device_to_host += start.elapsed();
         r
     }
+
+    /// Uploads tensor `arg` of a call contiguously: strided host tensors are gathered first (the
+    /// device kernels read `[B, H, L, ·]`; the host path copies anyway).
+    fn up_arg(&self, p: &Problem<'_>, arg: TensorArg, t: HostRef<'_>) -> Result<DeviceTensor> {
+        match p.layout.given(arg) {
+            None => self.up(t),
+            Some(strides) => self.up(gather(t, p.dims(arg), strides)?.view()),
+        }
+    }
+
+    /// Q, K and V uploaded contiguously.
+    fn up_inputs(
+        &self,
+        p: &Problem<'_>,
+        inputs: &Inputs<'_, Host>,
+    ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+        Ok((
+            self.up_arg(p, TensorArg::Q, inputs.q)?,
+            self.up_arg(p, TensorArg::K, inputs.k)?,
+            self.up_arg(p, TensorArg::V, inputs.v)?,
+        ))
+    }
+
+    /// A contiguous device buffer for output `arg` of a call.
+    fn out_arg(&self, p: &Problem<'_>, arg: TensorArg, dtype: DType) -> Result<DeviceTensor> {
+        let dims = p.dims(arg);
+        self.device.alloc(dtype, dims.total_rows() * dims.width)
+    }
+
+    /// Downloads output `arg` of a call into the caller's tensor, in its layout.
+    fn down_arg(&self, p: &Problem<'_>, arg: TensorArg, t: &DeviceTensor, dst: HostMut<'_>) -> Result<()> {
+        match p.layout.given(arg) {
+            None => self.down(t, dst),
+            Some(strides) => {
+                let mut staged = HostTensor::try_zeros(t.dtype(), t.len())?;
+                self.down(t, staged.view_mut())?;
+                scatter(staged.view(), dst, p.dims(arg), strides)
+            }
+        }
+    }
+}
+
+/// The problem the device runs for a host call: every tensor contiguous.
+fn contiguous<'a>(p: &Problem<'a>) -> Problem<'a> {
+    Problem { layout: Layout::default(), ..*p }
 }
 
 impl FavorBackend for CudaHost {
@@ -110,14 +156,13 @@ impl FavorBackend for CudaHost {
     }
 
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_inputs(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         check_output(p, &out, dtype)?;
-        check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
-        let (q, k, v) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?);
-        let mut o = self.zeros_like(&out)?;
+        let (q, k, v) = self.up_inputs(p, &inputs)?;
+        let mut o = self.out_arg(p, TensorArg::Out, dtype)?;
         let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
-        self.device.forward(p, dev, o.as_mut())?;
-        self.down(&o, out)
+        self.device.forward(&contiguous(p), dev, o.as_mut())?;
+        self.down_arg(p, TensorArg::Out, &o, out)
     }
 
     fn backward(
@@ -127,18 +172,21 @@ impl FavorBackend for CudaHost {
         dout: HostRef<'_>,
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
-        let dtype = validate_inputs(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         check_backward(p, &dout, &grads, dtype)?;
-        check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v), ("dout", dout)])?;
-        let (q, k, v, g) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?, self.up(dout)?);
+        check_finite_args(p, &[(TensorArg::Dout, dout)])?;
+        let (q, k, v) = self.up_inputs(p, &inputs)?;
+        let g = self.up_arg(p, TensorArg::Dout, dout)?;
         let Grads { dq, dk, dv } = grads;
-        let (mut dqd, mut dkd, mut dvd) = (self.zeros_like(&dq)?, self.zeros_like(&dk)?, self.zeros_like(&dv)?);
+        let mut dqd = self.out_arg(p, TensorArg::Dq, dtype)?;
+        let mut dkd = self.out_arg(p, TensorArg::Dk, dtype)?;
+        let mut dvd = self.out_arg(p, TensorArg::Dv, dtype)?;
         let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
         let dev_grads = Grads { dq: dqd.as_mut(), dk: dkd.as_mut(), dv: dvd.as_mut() };
-        let params = self.device.backward(p, dev, g.as_ref(), dev_grads)?;
-        self.down(&dqd, dq)?;
-        self.down(&dkd, dk)?;
-        self.down(&dvd, dv)?;
+        let params = self.device.backward(&contiguous(p), dev, g.as_ref(), dev_grads)?;
+        self.down_arg(p, TensorArg::Dq, &dqd, dq)?;
+        self.down_arg(p, TensorArg::Dk, &dkd, dk)?;
+        self.down_arg(p, TensorArg::Dv, &dvd, dv)?;
         Ok(params)
     }
 
@@ -147,14 +195,13 @@ impl FavorBackend for CudaHost {
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut CudaState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_inputs(p, &inputs)?;
+        let dtype = validate_host_inputs(p, &inputs)?;
         check_output(p, &out, dtype)?;
-        check_finite(&[("q", inputs.q), ("k", inputs.k), ("v", inputs.v)])?;
-        let (q, k, v) = (self.up(inputs.q)?, self.up(inputs.k)?, self.up(inputs.v)?);
-        let mut o = self.zeros_like(&out)?;
+        let (q, k, v) = self.up_inputs(p, &inputs)?;
+        let mut o = self.out_arg(p, TensorArg::Out, dtype)?;
         let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
-        self.device.decode(p, state, dev, o.as_mut())?;
-        self.down(&o, out)
+        self.device.decode(&contiguous(p), state, dev, o.as_mut())?;
+        self.down_arg(p, TensorArg::Out, &o, out)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -121,10 +121,18 @@ impl<'a> HostPacked<'a> {
 
 /// The CUDA kernels pack queries and keys with one row count: cross-attention (kv_len ≠ len)
 /// is not implemented there yet, and is refused rather than misread.
-fn reject_cross_attention(p: &Problem<'_>) -> Result<()> {
+/// What the device kernels do not have yet (the CPU backends and the host path do).
+fn reject_unsupported(p: &Problem<'_>) -> Result<()> {
     if p.shape.is_cross() {
         return Err(FavorError::Unsupported(
             "cross-attention (kv_len ≠ len) on the CUDA backend (the CPU backends have it)".into(),
+        ));
+    }
+    if !p.layout.is_contiguous() {
+        return Err(FavorError::Unsupported(
+            "strided device tensors on the CUDA backend: its kernels read contiguous [B, H, L, ·] tensors \
+             (host tensors in any layout work through CudaHost)"
+                .into(),
         ));
     }
     Ok(())
@@ -363,7 +371,7 @@ impl CudaBackend {
         out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
-        reject_cross_attention(p)?;
+        reject_unsupported(p)?;
         let s = p.shape;
         check("out", &out, s.out_len(), dtype, "[batch, heads, len, d_v]")?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
@@ -396,7 +404,7 @@ impl CudaBackend {
         grads: Grads<'_, CudaMem>,
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_inputs(p, &inputs)?;
-        reject_cross_attention(p)?;
+        reject_unsupported(p)?;
         let s = p.shape;
         check("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
         check("dq", &grads.dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
@@ -548,6 +556,7 @@ impl CudaBackend {
         out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
+        reject_unsupported(p)?;
         let s = p.shape;
         state.made_for.check(p)?;
         check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;

@@ -632,3 +632,45 @@ fn softmax_scales_match_reference_and_cross_attention_is_refused() {
     }
     worst.print("softmax_scales_match_reference_and_cross_attention_is_refused");
 }
+
+#[test]
+fn strided_host_tensors_match_the_contiguous_layout_and_strided_device_tensors_are_refused() {
+    let mut worst = Worst::default();
+    for (cuda, emulated) in backends("strided_host_tensors_match_the_contiguous_layout") {
+        let shapes: &[AttentionShape] = if emulated {
+            &[AttentionShape::new(1, 2, 9, 5)]
+        } else {
+            &[AttentionShape::new(1, 2, 9, 5), AttentionShape::new(2, 3, 300, 16).with_dv(8)]
+        };
+        for (i, &shape) in shapes.iter().enumerate() {
+            let proj = Projection::draw(ProjectionConfig::new(12, shape.d, 9 + i as u64)).expect("projection");
+            for map in [positive(proj), FeatureMap::elu_plus_one()] {
+                for opts in directions() {
+                    let p = Problem::new(shape, &map).with_options(opts);
+                    let what = format!("layouts {shape:?} {} {:?}", map.name(), opts.direction);
+                    let run = favor_core::testing::assert_layouts_agree(&cuda, &p, DType::F32, true, 3, 1.0);
+                    let want =
+                        favor_core::testing::assert_layouts_agree(&ReferenceBackend, &p, DType::F32, true, 3, 1.0);
+                    worst.note(
+                        "f32 output".into(),
+                        assert_close(&what, &run.out, &want.out, tolerance(DType::F32, false)),
+                    );
+                    worst.note("f32 dv".into(), assert_close(&what, &run.dv, &want.dv, tolerance(DType::F32, true)));
+                }
+            }
+        }
+        // The device kernels read contiguous tensors only: strides there are refused, not misread.
+        let shape = AttentionShape::new(1, 2, 3, 4);
+        let map = FeatureMap::elu_plus_one();
+        let dev = cuda.device();
+        let t =
+            |n: usize| dev.upload(HostTensor::from_f32(DType::F32, &randn(n, 0.5, n as u64)).view()).expect("upload");
+        let (q, k, v) = (t(shape.qk_len()), t(shape.k_len()), t(shape.v_len()));
+        let mut out = dev.alloc(DType::F32, shape.out_len()).expect("alloc");
+        let inputs = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: None };
+        let p = Problem::new(shape, &map).with_layout(favor_core::Layout::blhd(&shape));
+        let r = dev.forward(&p, inputs, out.as_mut());
+        assert!(matches!(r, Err(FavorError::Unsupported(_))), "{r:?}");
+    }
+    worst.print("strided_host_tensors_match_the_contiguous_layout");
+}

@@ -14,17 +14,19 @@ use crate::kernels::causal::{
 };
 use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
+use crate::kernels::rows::SharedOut;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
-use crate::kernels::{HeadIn, TILE};
+use crate::kernels::{HeadIn, HeadRows, OutRows, TILE};
+use crate::scan::{Scanned, scan_inputs};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
     check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_tensor,
-    try_with_capacity, validate_feature_call, validate_host_inputs,
+    try_with_capacity, validate_feature_call, validate_inputs,
 };
-use favor_core::limits::VALUE_LIMIT;
+use favor_core::layout::read_head_f64;
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
-    Inputs, ParamGrads, Problem, Result, TensorHandle,
+    Inputs, ParamGrads, Problem, Result, TensorArg, TensorHandle,
 };
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,21 +111,28 @@ fn split_mut<'a>(t: HostMut<'a>, sizes: &[usize]) -> Vec<HostMut<'a>> {
 }
 
 /// Head `bh` of the inputs; `risk` holds one at-risk flag per head (empty: not tracked).
-fn head_in<'a: 'r, 'r>(s: AttentionShape, inputs: &Inputs<'a, Host>, bh: usize, risk: &'r [AtomicBool]) -> HeadIn<'r> {
+fn head_in<'a: 'r, 'r>(p: &Problem<'_>, inputs: &Inputs<'a, Host>, bh: usize, risk: &'r [AtomicBool]) -> HeadIn<'r> {
+    let s = p.shape;
     let b = bh / s.heads;
+    let at = |arg| HeadRows::of(p.strides(arg), s.heads, bh);
     HeadIn {
         risk: risk.get(bh),
         q: inputs.q,
         k: inputs.k,
         v: inputs.v,
-        q_off: bh * s.len * s.d,
-        k_off: bh * s.keys() * s.d,
-        v_off: bh * s.keys() * s.dv,
-        o_off: bh * s.len * s.dv,
+        q_at: at(TensorArg::Q),
+        k_at: at(TensorArg::K),
+        v_at: at(TensorArg::V),
+        dout_at: at(TensorArg::Dout),
         mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
         d: s.d,
         dv: s.dv,
     }
+}
+
+/// An output tensor of the call, shared by its tasks.
+fn shared_out<'a>(p: &Problem<'_>, arg: TensorArg, t: HostMut<'a>) -> Result<SharedOut<'a>> {
+    SharedOut::new(t, p.dims(arg), p.strides(arg), arg.name())
 }
 
 /// (head, r0, r1) for every segment of `rows` rows of every head, head-major: the query rows
@@ -140,9 +149,10 @@ impl SimdBackend {
     fn causal_incoming(
         &self,
         plan: &Plan,
-        s: AttentionShape,
+        p: &Problem<'_>,
         inputs: &Inputs<'_, Host>,
     ) -> (Vec<(usize, usize, usize)>, Vec<HeadState>) {
+        let s = p.shape;
         let segs = causal_segments(s.problems(), s.len);
         let nseg = segs.len();
         let tasks: Vec<(usize, usize, usize)> =
@@ -153,7 +163,7 @@ impl SimdBackend {
         let summaries: Vec<HeadState> = tasks
             .par_iter()
             .filter(|&&(_, _, r1)| r1 < s.len)
-            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(s, inputs, bh, &[]), r0, r1 }))
+            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(p, inputs, bh, &[]), r0, r1 }))
             .collect();
         let incoming = summaries
             .par_chunks(nseg - 1)
@@ -170,11 +180,12 @@ impl SimdBackend {
     }
 
     /// Key states of every head (bidirectional).
-    fn key_states(&self, plan: &Plan, s: AttentionShape, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
+    fn key_states(&self, plan: &Plan, p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
+        let s = p.shape;
         let nseg = segments(s.keys()).len();
         let stats: Vec<KeyStats> = segment_tasks(s, s.keys())
             .into_par_iter()
-            .map(|(bh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(s, inputs, bh, &[]), r0, r1 }))
+            .map(|(bh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(p, inputs, bh, &[]), r0, r1 }))
             .collect();
         stats.par_chunks(nseg).map(|parts| combine(plan, s.dv, parts)).collect()
     }
@@ -193,20 +204,16 @@ fn risk_flags(s: AttentionShape) -> Vec<AtomicBool> {
     (0..s.problems()).map(|_| AtomicBool::new(false)).collect()
 }
 
-/// Flags the heads of `t` (`[B, H, rows, width]`) holding an entry beyond [`VALUE_LIMIT`].
-fn flag_large_values(t: HostRef<'_>, rows: usize, width: usize, risk: &[AtomicBool]) {
-    let n = rows * width;
-    let beyond = |bh: usize| match t {
-        HostRef::F32(x) => x[bh * n..(bh + 1) * n].iter().any(|e| e.abs() > VALUE_LIMIT),
-        // f16's largest value is 65504.
-        HostRef::F16(_) => false,
-        HostRef::Bf16(x) => x[bh * n..(bh + 1) * n].iter().any(|e| e.to_f32().abs() > VALUE_LIMIT),
-    };
-    risk.par_iter().enumerate().for_each(|(bh, flag)| {
-        if beyond(bh) {
-            flag.store(true, Ordering::Relaxed);
-        }
-    });
+/// Q, K, V (and ∂ℒ/∂out) for [`scan_inputs`]; V and ∂ℒ/∂out are flagged for large values.
+fn input_scans<'a>(inputs: [HostRef<'a>; 3], dout: Option<HostRef<'a>>) -> Vec<Scanned<'a>> {
+    let [q, k, v] = inputs;
+    let mut v = vec![
+        Scanned { arg: TensorArg::Q, t: q, flag: false },
+        Scanned { arg: TensorArg::K, t: k, flag: false },
+        Scanned { arg: TensorArg::V, t: v, flag: true },
+    ];
+    v.extend(dout.map(|t| Scanned { arg: TensorArg::Dout, t, flag: true }));
+    v
 }
 
 /// The heads with a row at risk, which are recomputed by favor-core's f64 attention.
@@ -229,25 +236,21 @@ impl F64Head<'_> {
     }
 }
 
-/// Head `bh` widened to f64 (the tensors' lengths were validated against the shape).
+/// Head `bh` widened to f64 (the tensors were validated against the shape and layout).
 fn f64_head<'a>(
-    s: AttentionShape,
+    p: &Problem<'_>,
     inputs: &Inputs<'a, Host>,
     dout: Option<HostRef<'_>>,
     bh: usize,
 ) -> Result<F64Head<'a>> {
-    let widen = |t: &HostRef<'_>, off: usize, n: usize| -> Result<Vec<f64>> {
-        let mut v = vec![0.0f32; n];
-        t.read_f32(off, &mut v)?;
-        Ok(v.into_iter().map(f64::from).collect())
-    };
-    let (qn, kn, vn, on) = (s.len * s.d, s.keys() * s.d, s.keys() * s.dv, s.len * s.dv);
+    let s = p.shape;
+    let widen = |arg: TensorArg, t: &HostRef<'_>| read_head_f64(t, p.dims(arg), p.strides(arg), bh);
     let b = bh / s.heads;
     Ok(F64Head {
-        q: widen(&inputs.q, bh * qn, qn)?,
-        k: widen(&inputs.k, bh * kn, kn)?,
-        v: widen(&inputs.v, bh * vn, vn)?,
-        dout: dout.map(|g| widen(&g, bh * on, on)).transpose()?,
+        q: widen(TensorArg::Q, &inputs.q)?,
+        k: widen(TensorArg::K, &inputs.k)?,
+        v: widen(TensorArg::V, &inputs.v)?,
+        dout: dout.map(|g| widen(TensorArg::Dout, &g)).transpose()?,
         mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
     })
 }
@@ -313,33 +316,32 @@ impl FavorBackend for SimdBackend {
         Ok(reduce_params(&plan, &parts))
     }
 
-    fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, mut out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_host_inputs(p, &inputs)?;
+    fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
+        let dtype = validate_inputs(p, &inputs)?;
         let s = p.shape;
         check_output(p, &out, dtype)?;
+        let risk = risk_flags(s);
+        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &risk)?;
+        let mut out = shared_out(p, TensorArg::Out, out)?;
         let plan = Plan::new(p.map, s.d);
         check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
-        let risk = risk_flags(s);
-        flag_large_values(inputs.v, s.keys(), s.dv, &risk);
         match p.options.direction {
             Direction::Bidirectional => {
-                let keys = self.key_states(&plan, s, &inputs);
+                let keys = self.key_states(&plan, p, &inputs);
                 let tasks = segment_tasks(s, s.len);
-                let sizes: Vec<usize> = tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
-                let outs = split_mut(out.reborrow(), &sizes);
+                let outs = out.split(&tasks);
                 tasks.into_par_iter().zip(outs).for_each(|((bh, r0, r1), out)| {
-                    let io = head_in(s, &inputs, bh, &risk);
+                    let io = head_in(p, &inputs, bh, &risk);
                     self.token.run(QueryForward { plan: &plan, io, keys: &keys[bh], delta, r0, r1, out })
                 });
             }
             Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
+                let (tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
                 // Replay every segment from its incoming state.
-                let outs =
-                    split_mut(out.reborrow(), &tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect::<Vec<_>>());
+                let outs = out.split(&tasks);
                 tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((bh, r0, r1), out), mut state)| {
-                    let io = head_in(s, &inputs, bh, &risk);
+                    let io = head_in(p, &inputs, bh, &risk);
                     self.token.run(CausalForward { plan: &plan, io, r0, r1, state: &mut state, delta, out })
                 });
             }
@@ -349,13 +351,13 @@ impl FavorBackend for SimdBackend {
             check_f64_attention_buffers(p)?;
         }
         for bh in redo {
-            let f = f64_head(s, &inputs, None, bh)?;
+            let f = f64_head(p, &inputs, None, bh)?;
             let h = f.head(s);
             let o = match p.options.direction {
                 Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &h),
                 Direction::Causal => causal_forward(p.map, delta as f64, &h),
             };
-            out.write_f64(bh * s.len * s.dv, &o)?;
+            out.head(bh).write_f64(&o)?;
         }
         Ok(())
     }
@@ -367,22 +369,23 @@ impl FavorBackend for SimdBackend {
         dout: HostRef<'_>,
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
-        let dtype = validate_host_inputs(p, &inputs)?;
+        let dtype = validate_inputs(p, &inputs)?;
         let s = p.shape;
         check_backward(p, &dout, &grads, dtype)?;
-        let Grads { mut dq, mut dk, mut dv } = grads;
-        check_finite(&[("dout", dout)])?;
+        let risk = risk_flags(s);
+        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], Some(dout)), &risk)?;
+        let Grads { dq, dk, dv } = grads;
+        let mut dq = shared_out(p, TensorArg::Dq, dq)?;
+        let mut dk = shared_out(p, TensorArg::Dk, dk)?;
+        let mut dv = shared_out(p, TensorArg::Dv, dv)?;
         let plan = Plan::new(p.map, s.d);
         check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
-        let risk = risk_flags(s);
-        flag_large_values(inputs.v, s.keys(), s.dv, &risk);
-        flag_large_values(dout, s.len, s.dv, &risk);
         // Parameter-gradient partials, each with its head (those of recomputed heads are dropped).
         let params: Vec<(usize, ParamAcc)> = match p.options.direction {
             Direction::Bidirectional => {
-                let keys = self.key_states(&plan, s, &inputs);
+                let keys = self.key_states(&plan, p, &inputs);
                 let kvt: Vec<Vec<f32>> = keys
                     .par_iter()
                     .map(|k| {
@@ -393,14 +396,14 @@ impl FavorBackend for SimdBackend {
                     .collect();
                 let tasks = segment_tasks(s, s.len);
                 let nseg = segments(s.len).len();
-                let dqs = split_mut(dq.reborrow(), &tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect::<Vec<_>>());
+                let dqs = dq.split(&tasks);
                 let qgrads: Vec<_> = tasks
                     .par_iter()
                     .zip(dqs)
                     .map(|(&(bh, r0, r1), dq)| {
                         self.token.run(QueryBackward {
                             plan: &plan,
-                            io: head_in(s, &inputs, bh, &risk),
+                            io: head_in(p, &inputs, bh, &risk),
                             dout,
                             keys: &keys[bh],
                             kvt: &kvt[bh],
@@ -428,10 +431,8 @@ impl FavorBackend for SimdBackend {
                     })
                     .collect();
                 let key_tasks = segment_tasks(s, s.keys());
-                let sizes_k: Vec<usize> = key_tasks.iter().map(|&(_, a, b)| (b - a) * s.d).collect();
-                let sizes_v: Vec<usize> = key_tasks.iter().map(|&(_, a, b)| (b - a) * s.dv).collect();
-                let dks = split_mut(dk.reborrow(), &sizes_k);
-                let dvs = split_mut(dv.reborrow(), &sizes_v);
+                let dks = dk.split(&key_tasks);
+                let dvs = dv.split(&key_tasks);
                 let kparams: Vec<Option<ParamAcc>> = key_tasks
                     .par_iter()
                     .zip(dks.into_par_iter().zip(dvs))
@@ -439,7 +440,7 @@ impl FavorBackend for SimdBackend {
                         let (dkv, dkvt, ds) = &sums[bh];
                         self.token.run(KeyBackward {
                             plan: &plan,
-                            io: head_in(s, &inputs, bh, &risk),
+                            io: head_in(p, &inputs, bh, &risk),
                             c: keys[bh].c,
                             dkv,
                             dkvt,
@@ -457,28 +458,25 @@ impl FavorBackend for SimdBackend {
                 qparams.chain(kparams).collect()
             }
             Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, s, &inputs);
+                let (tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
                 let nseg = tasks.len() / s.problems();
                 let place = StashPlace::choose(s.d, s.dv, dtype.size());
-                let (sizes_qk, sizes_v): (Vec<usize>, Vec<usize>) =
-                    tasks.iter().map(|&(_, a, b)| ((b - a) * s.d, (b - a) * s.dv)).unzip();
                 // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
                 let mut sweeps: Vec<SweepOut> = {
-                    let stash_rows: Vec<Option<HostMut<'_>>> = match place {
-                        StashPlace::Dv => split_mut(dv.reborrow(), &sizes_v).into_iter().map(Some).collect(),
-                        StashPlace::Dk => split_mut(dk.reborrow(), &sizes_qk).into_iter().map(Some).collect(),
+                    let stash_rows: Vec<Option<OutRows<'_>>> = match place {
+                        StashPlace::Dv => dv.split(&tasks).into_iter().map(Some).collect(),
+                        StashPlace::Dk => dk.split(&tasks).into_iter().map(Some).collect(),
                         StashPlace::Side => tasks.iter().map(|_| None).collect(),
                     };
-                    let row_len = if place == StashPlace::Dk { s.d } else { s.dv };
                     tasks
                         .par_iter()
                         .zip(incoming)
-                        .zip(split_mut(dq.reborrow(), &sizes_qk).into_par_iter().zip(stash_rows))
+                        .zip(dq.split(&tasks).into_par_iter().zip(stash_rows))
                         .map(|((&(bh, r0, r1), state), (dq, rows))| {
-                            let stash = Stash::new(rows, row_len, r1 - r0);
+                            let stash = Stash::new(rows, dtype.size(), r1 - r0);
                             self.token.run(BackwardForwardSweep {
                                 plan: &plan,
-                                io: head_in(s, &inputs, bh, &risk),
+                                io: head_in(p, &inputs, bh, &risk),
                                 dout,
                                 delta,
                                 r0,
@@ -515,11 +513,11 @@ impl FavorBackend for SimdBackend {
                 let kparams: Vec<Option<ParamAcc>> = tasks
                     .par_iter()
                     .zip(sweeps.into_par_iter().zip(suffixes))
-                    .zip(split_mut(dk.reborrow(), &sizes_qk).into_par_iter().zip(split_mut(dv.reborrow(), &sizes_v)))
+                    .zip(dk.split(&tasks).into_par_iter().zip(dv.split(&tasks)))
                     .map(|((&(bh, r0, r1), (sweep, suffix)), (dk, dv))| {
                         self.token.run(BackwardReverseSweep {
                             plan: &plan,
-                            io: head_in(s, &inputs, bh, &risk),
+                            io: head_in(p, &inputs, bh, &risk),
                             dout,
                             r0,
                             r1,
@@ -542,16 +540,16 @@ impl FavorBackend for SimdBackend {
         }
         let mut params: Vec<ParamAcc> = params.into_iter().filter(|(bh, _)| !redo.contains(bh)).map(|x| x.1).collect();
         for &bh in &redo {
-            let f = f64_head(s, &inputs, Some(dout), bh)?;
+            let f = f64_head(p, &inputs, Some(dout), bh)?;
             let h = f.head(s);
             let g = f.dout.as_deref().unwrap_or_default();
             let r = match p.options.direction {
                 Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
                 Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
             };
-            dq.write_f64(bh * s.len * s.d, &r.dq)?;
-            dk.write_f64(bh * s.keys() * s.d, &r.dk)?;
-            dv.write_f64(bh * s.keys() * s.dv, &r.dv)?;
+            dq.head(bh).write_f64(&r.dq)?;
+            dk.head(bh).write_f64(&r.dk)?;
+            dv.head(bh).write_f64(&r.dv)?;
             params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
         }
         Ok(reduce_params(&plan, &params))
@@ -568,17 +566,21 @@ impl FavorBackend for SimdBackend {
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_host_inputs(p, &inputs)?;
+        let dtype = validate_inputs(p, &inputs)?;
+        // Decoding has no history to recompute from, so large values are not tracked.
+        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &[])?;
         let s = p.shape;
         state.made_for.check(p)?;
         let plan = Plan::new(p.map, s.d);
         check_output(p, &out, dtype)?;
+        let mut out = shared_out(p, TensorArg::Out, out)?;
         let delta = p.denominator_guard();
-        let outs = split_mut(out, &vec![s.len * s.dv; s.problems()]);
+        let tasks: Vec<(usize, usize, usize)> = (0..s.problems()).map(|bh| (bh, 0, s.len)).collect();
+        let outs = out.split(&tasks);
         state.heads.par_iter_mut().zip(outs).enumerate().for_each(|(bh, (state, out))| {
             // Decoding has no history to recompute from: rows at risk keep their f32 result
             // (divided in f64, finite).
-            let io = head_in(s, &inputs, bh, &[]);
+            let io = head_in(p, &inputs, bh, &[]);
             self.token.run(CausalForward { plan: &plan, io, r0: 0, r1: s.len, state, delta, out })
         });
         Ok(())

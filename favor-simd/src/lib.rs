@@ -44,6 +44,7 @@ mod isa;
 mod kernels;
 mod math;
 pub mod phases;
+mod scan;
 
 pub use backend::{SimdBackend, SimdState};
 pub use isa::{ISA_ENV, Isa, best_isa};

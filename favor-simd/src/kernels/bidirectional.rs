@@ -16,11 +16,11 @@
 
 use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale};
-use super::{HeadIn, TILE, load_rows, store_rows};
+use super::{HeadIn, OutRows, TILE, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
+use favor_core::HostRef;
 use favor_core::saturate_f32;
-use favor_core::{HostMut, HostRef};
 
 /// Sums over one key segment, relative to its own maximum `c`.
 pub(crate) struct KeyStats {
@@ -61,8 +61,8 @@ impl SimdTask for KeySegment<'_> {
             let kept: Vec<bool> = (0..rows).map(|i| io.keep(r + i)).collect();
             if kept.iter().any(|&k| k) {
                 let span = Span::start(Phase::Io);
-                load_rows(&io.k, io.k_off, io.d, r, rows, &mut t.x, p.dp);
-                load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
+                load_rows(&io.k, io.k_at, io.d, r, rows, &mut t.x, p.dp);
+                load_rows(&io.v, io.v_at, io.dv, r, rows, &mut vt, dvp);
                 let span = span.next(Phase::FeatureMap);
                 t.project::<S>(p, rows);
                 let tile_max = (0..rows).filter(|&i| kept[i]).map(|i| t.s[i]).fold(f64::NEG_INFINITY, f64::max);
@@ -165,7 +165,7 @@ pub(crate) struct QueryForward<'a, 'o> {
     pub delta: f32,
     pub r0: usize,
     pub r1: usize,
-    pub out: HostMut<'o>,
+    pub out: OutRows<'o>,
 }
 
 impl SimdTask for QueryForward<'_, '_> {
@@ -181,7 +181,7 @@ impl SimdTask for QueryForward<'_, '_> {
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
-            load_rows(&io.q, io.q_off, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&io.q, io.q_at, io.d, r, rows, &mut t.x, p.dp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows);
@@ -196,7 +196,7 @@ impl SimdTask for QueryForward<'_, '_> {
             }
             normalise::<S>(rows, &mut num, dvp, &den);
             let span = span.next(Phase::Io);
-            store_rows(&mut self.out, io.dv, r - self.r0, rows, &num, dvp);
+            store_rows(&mut self.out, r - self.r0, rows, &num, dvp);
             span.end();
             r += rows;
         }
@@ -246,7 +246,7 @@ pub(crate) struct QueryBackward<'a, 'o> {
     pub delta: f32,
     pub r0: usize,
     pub r1: usize,
-    pub dq: HostMut<'o>,
+    pub dq: OutRows<'o>,
     pub params: Option<ParamAcc>,
 }
 
@@ -270,8 +270,8 @@ impl SimdTask for QueryBackward<'_, '_> {
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
-            load_rows(&io.q, io.q_off, io.d, r, rows, &mut t.x, p.dp);
-            load_rows(&self.dout, io.o_off, io.dv, r, rows, &mut g, dvp);
+            load_rows(&io.q, io.q_at, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows);
@@ -298,7 +298,7 @@ impl SimdTask for QueryBackward<'_, '_> {
             let span = span.next(Phase::FeatureBackward);
             t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, out.params.as_mut());
             let span = span.next(Phase::Io);
-            store_rows(&mut self.dq, io.d, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dq, r - self.r0, rows, &dx, p.dp);
             span.end();
             r += rows;
         }
@@ -317,8 +317,8 @@ pub(crate) struct KeyBackward<'a, 'o> {
     pub ds: &'a [f32],
     pub r0: usize,
     pub r1: usize,
-    pub dk: HostMut<'o>,
-    pub dv: HostMut<'o>,
+    pub dk: OutRows<'o>,
+    pub dv: OutRows<'o>,
     pub params: Option<ParamAcc>,
 }
 
@@ -339,8 +339,8 @@ impl SimdTask for KeyBackward<'_, '_> {
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
-            load_rows(&io.k, io.k_off, io.d, r, rows, &mut t.x, p.dp);
-            load_rows(&io.v, io.v_off, io.dv, r, rows, &mut vt, dvp);
+            load_rows(&io.k, io.k_at, io.d, r, rows, &mut t.x, p.dp);
+            load_rows(&io.v, io.v_at, io.dv, r, rows, &mut vt, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.c[..rows].fill(self.c);
@@ -362,8 +362,8 @@ impl SimdTask for KeyBackward<'_, '_> {
                 dx[i * p.dp..(i + 1) * p.dp].fill(0.0);
             }
             let span = span.next(Phase::Io);
-            store_rows(&mut self.dk, io.d, r - self.r0, rows, &dx, p.dp);
-            store_rows(&mut self.dv, io.dv, r - self.r0, rows, &dvt, dvp);
+            store_rows(&mut self.dk, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dv, r - self.r0, rows, &dvt, dvp);
             span.end();
             r += rows;
         }

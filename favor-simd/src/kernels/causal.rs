@@ -26,12 +26,12 @@
 use super::bidirectional::{RISK_DEN, at_risk, cotangents, guard, guard_fires, normalise};
 use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
-use super::{HeadIn, load_rows, store_rows};
+use super::{HeadIn, OutRows, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
 use crate::math::exp::{decay, exp_nonpositive};
 use crate::phases::{Phase, Span};
 use favor_core::backend::{checked_len, try_zeroed};
-use favor_core::{HostMut, HostRef, Result, TensorHandle};
+use favor_core::{HostMut, HostRef, Result};
 
 /// Tokens per causal chunk. The intra-chunk products cost O(CHUNK) per token (about a quarter
 /// of the forward + backward work at 64) while the state products do not depend on it; 32 halves
@@ -110,7 +110,7 @@ impl Chunk {
     ) -> f64 {
         self.prepare_keys::<S>(p, io, r, rows, c_run, given);
         let t = Span::start(Phase::Io);
-        load_rows(&io.q, io.q_off, io.d, r, rows, &mut self.tq.x, p.dp);
+        load_rows(&io.q, io.q_at, io.d, r, rows, &mut self.tq.x, p.dp);
         let t = t.next(Phase::FeatureMap);
         self.tq.project::<S>(p, rows);
         self.tq.features::<S>(p, rows);
@@ -153,8 +153,8 @@ impl Chunk {
     ) {
         let dvp = self.dvp;
         let t = Span::start(Phase::Io);
-        load_rows(&io.k, io.k_off, io.d, r, rows, &mut self.tk.x, p.dp);
-        load_rows(&io.v, io.v_off, io.dv, r, rows, &mut self.vt, dvp);
+        load_rows(&io.k, io.k_at, io.d, r, rows, &mut self.tk.x, p.dp);
+        load_rows(&io.v, io.v_at, io.dv, r, rows, &mut self.vt, dvp);
         let t = t.next(Phase::FeatureMap);
         self.tk.project::<S>(p, rows);
         let mut c = c_run;
@@ -276,7 +276,7 @@ pub(crate) struct CausalForward<'a, 'o> {
     pub r1: usize,
     pub state: &'a mut HeadState,
     pub delta: f32,
-    pub out: HostMut<'o>,
+    pub out: OutRows<'o>,
 }
 
 impl SimdTask for CausalForward<'_, '_> {
@@ -294,7 +294,7 @@ impl SimdTask for CausalForward<'_, '_> {
             ch.prepare::<S>(p, &io, r, rows, self.state.c, None);
             ch.outputs::<S>(p, &io, rows, self.state, self.delta, &mut num, &mut den);
             normalise::<S>(rows, &mut num, dvp, &den);
-            store_rows(&mut self.out, io.dv, r - self.r0, rows, &num, dvp);
+            store_rows(&mut self.out, r - self.r0, rows, &num, dvp);
             ch.advance::<S>(p, rows, self.state);
             r += rows;
         }
@@ -354,13 +354,12 @@ impl StashEntry {
     }
 }
 
-/// The bytes of row `row` of a `[.., row_len]` tensor.
-fn row_bytes<'t>(t: &'t mut HostMut<'_>, row_len: usize, row: usize) -> &'t mut [u8] {
-    let span = row * row_len..(row + 1) * row_len;
-    match t {
-        HostMut::F32(s) => bytemuck::cast_slice_mut(&mut s[span]),
-        HostMut::F16(s) => bytemuck::cast_slice_mut(&mut s[span]),
-        HostMut::Bf16(s) => bytemuck::cast_slice_mut(&mut s[span]),
+/// The bytes of a row.
+fn row_bytes<'t>(row: &'t mut HostMut<'_>) -> &'t mut [u8] {
+    match row {
+        HostMut::F32(s) => bytemuck::cast_slice_mut(s),
+        HostMut::F16(s) => bytemuck::cast_slice_mut(s),
+        HostMut::Bf16(s) => bytemuck::cast_slice_mut(s),
     }
 }
 
@@ -368,7 +367,7 @@ fn row_bytes<'t>(t: &'t mut HostMut<'_>, row_len: usize, row: usize) -> &'t mut 
 /// the kernels need no per-token memory of their own), or, for rows narrower than 16 bytes, in a
 /// side buffer.
 pub(crate) enum Stash<'o> {
-    Rows { t: HostMut<'o>, row_len: usize },
+    Rows(OutRows<'o>),
     Side(Vec<StashEntry>),
 }
 
@@ -378,27 +377,19 @@ impl<'o> Stash<'o> {
         row_len * elem_size >= StashEntry::BYTES
     }
 
-    /// In `rows` (`n` rows of `row_len` elements) when they are wide enough, else a side buffer.
-    pub(crate) fn new(rows: Option<HostMut<'o>>, row_len: usize, n: usize) -> Self {
+    /// In `rows` (`n` rows of `elem_size`-byte elements) when they are wide enough, else a side
+    /// buffer.
+    pub(crate) fn new(rows: Option<OutRows<'o>>, elem_size: usize, n: usize) -> Self {
         match rows {
-            Some(t) if Self::fits(row_len, t.dtype().size()) => Stash::Rows { t, row_len },
+            Some(t) if Self::fits(t.width, elem_size) => Stash::Rows(t),
             _ => Stash::Side(vec![StashEntry::default(); n]),
         }
     }
 
     fn put(&mut self, row: usize, e: StashEntry) {
         match self {
-            Stash::Rows { t, row_len } => {
-                row_bytes(t, *row_len, row)[..StashEntry::BYTES].copy_from_slice(&e.to_bytes())
-            }
+            Stash::Rows(t) => row_bytes(&mut t.row(row))[..StashEntry::BYTES].copy_from_slice(&e.to_bytes()),
             Stash::Side(v) => v[row] = e,
-        }
-    }
-
-    fn get(&mut self, row: usize) -> StashEntry {
-        match self {
-            Stash::Rows { t, row_len } => StashEntry::from_bytes(row_bytes(t, *row_len, row)),
-            Stash::Side(v) => v[row],
         }
     }
 }
@@ -459,10 +450,9 @@ impl Suffix {
     }
 }
 
-/// Entry `row` of a stash kept in rows of `t`.
-fn stash_get(t: HostMut<'_>, row_len: usize, row: usize) -> StashEntry {
-    let mut st = Stash::Rows { t, row_len };
-    st.get(row)
+/// Entry `row` of a stash kept in the rows of `t`.
+fn stash_get(t: &mut OutRows<'_>, row: usize) -> StashEntry {
+    StashEntry::from_bytes(row_bytes(&mut t.row(row)))
 }
 
 /// What a forward sweep of the causal backward returns.
@@ -488,7 +478,7 @@ pub(crate) struct BackwardForwardSweep<'a, 'o> {
     pub r1: usize,
     pub state: HeadState,
     pub suffix: bool,
-    pub dq: HostMut<'o>,
+    pub dq: OutRows<'o>,
     pub stash: Stash<'o>,
     pub params: Option<ParamAcc>,
 }
@@ -523,7 +513,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
             let t = Span::start(Phase::Apply);
             normalise::<S>(rows, &mut num, dvp, &den);
             let t = t.next(Phase::Io);
-            load_rows(&self.dout, io.o_off, io.dv, r, rows, &mut g, dvp);
+            load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
             let t = t.next(Phase::BackwardSweep);
             cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
             for i in 0..rows {
@@ -546,7 +536,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
             let t = t.next(Phase::FeatureBackward);
             ch.tq.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
             let t = t.next(Phase::Io);
-            store_rows(&mut self.dq, io.d, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dq, r - self.r0, rows, &dx, p.dp);
             t.end();
             if let Some(sfx) = suffix.as_mut() {
                 sfx.add_queries::<S>(p, &mut ch, rows, c_in, &g, &gbar);
@@ -556,7 +546,7 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
         }
         let side = match self.stash {
             Stash::Side(v) => Some(v),
-            Stash::Rows { .. } => None,
+            Stash::Rows(_) => None,
         };
         SweepOut { params: self.params, c_in, suffix, side }
     }
@@ -574,8 +564,8 @@ pub(crate) struct BackwardReverseSweep<'a, 'o> {
     pub suffix: Suffix,
     pub place: StashPlace,
     pub side: Option<Vec<StashEntry>>,
-    pub dk: HostMut<'o>,
-    pub dv: HostMut<'o>,
+    pub dk: OutRows<'o>,
+    pub dv: OutRows<'o>,
     pub params: Option<ParamAcc>,
 }
 
@@ -583,8 +573,8 @@ impl BackwardReverseSweep<'_, '_> {
     /// Stash entry of segment row `row`.
     fn stashed(&mut self, row: usize) -> StashEntry {
         match self.place {
-            StashPlace::Dv => stash_get(self.dv.reborrow(), self.io.dv, row),
-            StashPlace::Dk => stash_get(self.dk.reborrow(), self.io.d, row),
+            StashPlace::Dv => stash_get(&mut self.dv, row),
+            StashPlace::Dk => stash_get(&mut self.dk, row),
             StashPlace::Side => self.side.as_ref().map_or(StashEntry::default(), |v| v[row]),
         }
     }
@@ -621,7 +611,7 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             }
             ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
             let t = Span::start(Phase::Io);
-            load_rows(&self.dout, io.o_off, io.dv, r, rows, &mut g, dvp);
+            load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
             let t = t.next(Phase::BackwardSweep);
             for i in 0..rows {
                 let gi = &mut g[i * dvp..(i + 1) * dvp];
@@ -664,8 +654,8 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             // (it lies in the chunk before, which is still intact).
             let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1).c) } else { None };
             let t = t.next(Phase::Io);
-            store_rows(&mut self.dk, io.d, r - self.r0, rows, &dx, p.dp);
-            store_rows(&mut self.dv, io.dv, r - self.r0, rows, &dvo, dvp);
+            store_rows(&mut self.dk, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dv, r - self.r0, rows, &dvo, dvp);
             t.end();
             if let Some(c_prev) = c_prev {
                 // Re-reference the suffix sums to the last key maximum before this chunk.

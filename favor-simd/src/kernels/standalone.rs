@@ -2,7 +2,7 @@
 //! (batch, head) per task, tile by tile.
 
 use super::features::{ParamAcc, Plan, Tile};
-use super::{TILE, load_rows, store_rows};
+use super::{HeadRows, TILE, load_rows};
 use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
 use favor_core::{FeatureRole, HostMut, HostRef};
@@ -30,7 +30,7 @@ fn head_max<S: SimdF32>(p: &Plan, x: &HostRef<'_>, off: usize, len: usize, t: &m
     let mut r = 0;
     while r < len {
         let rows = TILE.min(len - r);
-        load_rows(x, off, p.d, r, rows, &mut t.x, p.dp);
+        load_rows(x, HeadRows { base: off, stride: p.d }, p.d, r, rows, &mut t.x, p.dp);
         t.project::<S>(p, rows);
         c = t.s[..rows].iter().copied().fold(c, f64::max);
         r += rows;
@@ -62,14 +62,14 @@ impl SimdTask for FeatureMapTask<'_, '_> {
         while r < self.len {
             let rows = TILE.min(self.len - r);
             let _span = Span::start(Phase::FeatureMap);
-            load_rows(&self.x, self.off, p.d, r, rows, &mut t.x, p.dp);
+            load_rows(&self.x, HeadRows { base: self.off, stride: p.d }, p.d, r, rows, &mut t.x, p.dp);
             t.project::<S>(p, rows);
             set_stabilisers(&mut t, rows, self.role, shared, &mut run);
             t.features::<S>(p, rows);
             for i in 0..rows {
                 p.to_external(&t.phi[i * p.mfp..(i + 1) * p.mfp], &mut ext[i * p.mf..(i + 1) * p.mf]);
             }
-            store_rows(&mut self.phi, p.mf, r, rows, &ext, p.mf);
+            store_contiguous(&mut self.phi, p.mf, r, rows, &ext, p.mf);
             r += rows;
         }
     }
@@ -106,7 +106,7 @@ impl SimdTask for FeatureBackwardTask<'_, '_> {
         while r < self.len {
             let rows = TILE.min(self.len - r);
             let _span = Span::start(Phase::FeatureBackward);
-            load_rows(&self.x, self.off, p.d, r, rows, &mut t.x, p.dp);
+            load_rows(&self.x, HeadRows { base: self.off, stride: p.d }, p.d, r, rows, &mut t.x, p.dp);
             for i in 0..rows {
                 self.dphi
                     .read_f32(self.phi_off + (r + i) * p.mf, &mut ext)
@@ -116,9 +116,18 @@ impl SimdTask for FeatureBackwardTask<'_, '_> {
             t.project::<S>(p, rows);
             set_stabilisers(&mut t, rows, self.role, shared, &mut run);
             t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
-            store_rows(&mut self.dx, p.d, r, rows, &dx, p.dp);
+            store_contiguous(&mut self.dx, p.d, r, rows, &dx, p.dp);
             r += rows;
         }
         self.params
+    }
+}
+
+/// Rounds rows of `src` (stride ld) into rows r0.. of a contiguous `[.., row_len]` piece.
+#[inline(always)]
+fn store_contiguous(dst: &mut HostMut<'_>, row_len: usize, r0: usize, rows: usize, src: &[f32], ld: usize) {
+    for i in 0..rows {
+        dst.write_f32((r0 + i) * row_len, &src[i * ld..i * ld + row_len])
+            .expect("rows lie within the tensors validated against the shape");
     }
 }
