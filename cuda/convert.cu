@@ -8,28 +8,42 @@
 //   dO (dtype) --pack--> G;  (G, O1) --cotangent--> G1 = [G/R, −<G, out>/R]  (rows × (d_v + 1))
 //
 // One thread per element; grid-stride loops so any row count works.
+//
+// The kernels that touch the caller's tensors (pack, unpack, normalize) read and write them in
+// the caller's layout: row r = (b·heads + h)·len + t starts at element b·bs + h·hs + t·ts (the
+// row's elements contiguous), so [B, L, H, d] and packed QKV tensors are used in place.
 #include "common.cuh"
+
+// First element of row r of a strided tensor (see above).
+__device__ __forceinline__ i64 row_at(i64 r, i64 len, i64 heads, i64 bs, i64 hs, i64 ts) {
+    const i64 bh = r / len;
+    return (bh / heads) * bs + (bh % heads) * hs + (r % len) * ts;
+}
+#define FAVOR_ROWS_PARAMS i64 len, i64 heads, i64 bs, i64 hs, i64 ts
+#define FAVOR_ROWS_ARGS len, heads, bs, hs, ts
 
 // dst[r, 0..n) = src[r, 0..n) widened; dst[r, n] = 1 when `ones` (the normaliser column).
 template <typename T>
-__device__ void pack(const T* __restrict__ src, i64 rows, int n, float* __restrict__ dst, int ld, int ones) {
+__device__ void pack(const T* __restrict__ src, i64 rows, int n, float* __restrict__ dst, int ld, int ones,
+                     FAVOR_ROWS_PARAMS) {
     const int width = n + (ones ? 1 : 0);
     const i64 total = rows * width;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 r = idx / width;
         const int e = (int)(idx % width);
-        dst[r * ld + e] = e < n ? to_f32(src[r * n + e]) : 1.0f;
+        dst[r * ld + e] = e < n ? to_f32(src[row_at(r, FAVOR_ROWS_ARGS) + e]) : 1.0f;
     }
 }
 
 // dst[r, 0..n) = src[r, 0..n) rounded to T.
 template <typename T>
-__device__ void unpack(const float* __restrict__ src, int ld, i64 rows, int n, T* __restrict__ dst) {
+__device__ void unpack(const float* __restrict__ src, int ld, i64 rows, int n, T* __restrict__ dst,
+                       FAVOR_ROWS_PARAMS) {
     const i64 total = rows * n;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 r = idx / n;
         const int e = (int)(idx % n);
-        dst[idx] = from_f32<T>(src[r * ld + e]);
+        dst[row_at(r, FAVOR_ROWS_ARGS) + e] = from_f32<T>(src[r * ld + e]);
     }
 }
 
@@ -45,7 +59,7 @@ __device__ __forceinline__ float guard(float r, float delta) {
 template <typename T>
 __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float delta, T* __restrict__ out,
                           float* __restrict__ r_out, const int* __restrict__ first_seen, int len,
-                          int* __restrict__ risk) {
+                          int* __restrict__ risk, i64 out_len, i64 heads, i64 bs, i64 hs, i64 ts) {
     const i64 total = rows * dv;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 r = idx / dv;
@@ -54,7 +68,7 @@ __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float 
         const float num = o1[r * (dv + 1) + e];
         const bool tiny = fabsf(den) < FAVOR_RISK_DEN;
         const float q = den == 0.0f ? 0.0f : (tiny ? (float)((double)num / (double)den) : num / den);
-        out[idx] = from_f32<T>(q);
+        out[row_at(r, out_len, heads, bs, hs, ts) + e] = from_f32<T>(q);
         if (e == 0 && r_out != nullptr) r_out[r] = den;
         // Every writer stores the same value: the race is benign.
         if (e == 0 && at_risk(den, r, len, first_seen)) risk[r / len] = 1;
@@ -62,16 +76,19 @@ __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float 
 }
 
 #define FAVOR_EDGE_KERNELS(NAME, T)                                                                         \
-    extern "C" __global__ void favor_pack_##NAME(const T* src, i64 rows, int n, float* dst, int ld, int ones) { \
-        pack<T>(src, rows, n, dst, ld, ones);                                                              \
+    extern "C" __global__ void favor_pack_##NAME(const T* src, i64 rows, int n, float* dst, int ld, int ones, \
+                                                 FAVOR_ROWS_PARAMS) {                                      \
+        pack<T>(src, rows, n, dst, ld, ones, FAVOR_ROWS_ARGS);                                             \
     }                                                                                                      \
-    extern "C" __global__ void favor_unpack_##NAME(const float* src, int ld, i64 rows, int n, T* dst) {    \
-        unpack<T>(src, ld, rows, n, dst);                                                                  \
+    extern "C" __global__ void favor_unpack_##NAME(const float* src, int ld, i64 rows, int n, T* dst,      \
+                                                   FAVOR_ROWS_PARAMS) {                                    \
+        unpack<T>(src, ld, rows, n, dst, FAVOR_ROWS_ARGS);                                                 \
     }                                                                                                      \
     extern "C" __global__ void favor_normalize_##NAME(const float* o1, i64 rows, int dv, float delta, T* out, \
                                                       float* r_out, const int* first_seen, int len,        \
-                                                      int* risk) {                                         \
-        normalize<T>(o1, rows, dv, delta, out, r_out, first_seen, len, risk);                              \
+                                                      int* risk, i64 out_len, i64 heads, i64 bs, i64 hs,   \
+                                                      i64 ts) {                                            \
+        normalize<T>(o1, rows, dv, delta, out, r_out, first_seen, len, risk, out_len, heads, bs, hs, ts);  \
     }
 
 FAVOR_EDGE_KERNELS(f32, float)

@@ -46,6 +46,16 @@ pub enum BackendState {
     Reference(ReferenceState),
 }
 
+/// CUDA device `ordinal`, opened (or refused) once per process.
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Arc<CudaHost>> {
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+    static OPENED: OnceLock<Mutex<BTreeMap<usize, Result<Arc<CudaHost>>>>> = OnceLock::new();
+    let mut opened = OPENED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    opened.entry(ordinal).or_insert_with(|| CudaBackend::new(ordinal).map(|b| Arc::new(CudaHost::new(b)))).clone()
+}
+
 fn bad_id(id: &str, why: impl std::fmt::Display) -> FavorError {
     FavorError::InvalidParameter { name: "backend", reason: format!("`{id}`: {why}") }
 }
@@ -75,11 +85,14 @@ impl Backend {
 
     /// CUDA device `ordinal`, or [`FavorError::NotAvailable`] with the reason (built without
     /// the `cuda` feature or without nvcc, no driver, driver older than CUDA 13.0, no such
-    /// device). Never panics.
+    /// device). Never panics. Each device is opened once per process (context, stream and
+    /// kernels), and every `cuda(ordinal)` shares it, so listing backends repeatedly costs
+    /// nothing; an engine that wants its own stream calls `with_stream` on
+    /// [`Backend::cuda_device`].
     pub fn cuda(ordinal: usize) -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
-            CudaBackend::new(ordinal).map(|b| Backend::Cuda(Arc::new(CudaHost::new(b))))
+            open_cuda(ordinal).map(Backend::Cuda)
         }
         #[cfg(not(feature = "cuda"))]
         {

@@ -8,8 +8,8 @@ use favor::{
     Problem, ReferenceBackend, TensorHandle,
 };
 use favor_core::testing::{
-    RelError, cancel_scales, denominator_condition, feature_map_catalog, flat_param_grads, random_mask, random_tensor,
-    rel_error, rel_error_or_cancelled, rng, storage_tolerance,
+    RelError, cancel_scales, decode_in_chunks, denominator_condition, feature_map_catalog, flat_param_grads,
+    random_mask, random_tensor, rel_error, rel_error_or_cancelled, rng, storage_tolerance,
 };
 use std::collections::BTreeMap;
 
@@ -215,32 +215,8 @@ fn decoding_through_the_entry_point_equals_full_causal_attention() {
             }
             backend.forward(&p, inputs, full.as_mut_slice().into()).unwrap();
 
-            // Chunks of 10, 1, 5, 7 tokens, gathered per (batch, head) into [B, H, T, ·].
-            let mut state = backend.new_state(&p).unwrap();
-            let mut decoded = vec![0f32; s.v_len()];
-            let mut start = 0;
-            for t in [10, 1, 5, 7] {
-                let gather = |x: &[f32], w: usize| -> Vec<f32> {
-                    (0..s.problems())
-                        .flat_map(|bh| x[(bh * s.len + start) * w..(bh * s.len + start + t) * w].to_vec())
-                        .collect()
-                };
-                let (qc, kc, vc) = (gather(&q, s.d), gather(&k, s.d), gather(&v, s.dv));
-                let mut oc = vec![0f32; s.problems() * t * s.dv];
-                let chunk = Problem::new(AttentionShape { len: t, ..s }, &map);
-                let inputs = Inputs {
-                    q: qc.as_slice().into(),
-                    k: kc.as_slice().into(),
-                    v: vc.as_slice().into(),
-                    key_mask: None,
-                };
-                backend.decode(&chunk, &mut state, inputs, oc.as_mut_slice().into()).unwrap();
-                for bh in 0..s.problems() {
-                    let dst = (bh * s.len + start) * s.dv;
-                    decoded[dst..dst + t * s.dv].copy_from_slice(&oc[bh * t * s.dv..(bh + 1) * t * s.dv]);
-                }
-                start += t;
-            }
+            // Chunks of 10, 1, 5, 7 tokens, read in place from the full tensors.
+            let decoded = decode_in_chunks(&backend, &p, [&q, &k, &v], &[10, 1, 5, 7]).unwrap();
             let f = |x: &[f32]| x.iter().map(|&y| y as f64).collect::<Vec<f64>>();
             let what = format!("{} {name}: decode vs full", backend.name());
             // The same backend's f32 sums, per chunk and over the whole sequence: measured worst

@@ -79,7 +79,7 @@ mod cuda {
         AttentionOptions, AttentionShape, Backend, DType, Direction, FavorBackend, FavorError, FeatureMap, Grads,
         HostTensor, Inputs, Linear, Problem, Projection, ProjectionConfig, ReferenceBackend,
     };
-    use favor_core::testing::{random_tensor, rel_error, storage_tolerance};
+    use favor_core::testing::{decode_in_chunks, random_tensor, rel_error, storage_tolerance};
 
     /// The CUDA backends the entry point offers here: the GPU, and the emulator when built in.
     fn cuda_backends() -> Vec<Backend> {
@@ -169,31 +169,7 @@ mod cuda {
             let inputs =
                 Inputs { q: q.as_slice().into(), k: k.as_slice().into(), v: v.as_slice().into(), key_mask: None };
             let want = ReferenceBackend.forward_f64(&p, inputs).unwrap();
-            let mut state = backend.new_state(&p).unwrap();
-            let mut decoded = vec![0f32; s.v_len()];
-            let mut start = 0;
-            for t in [30, 1, 1, 5] {
-                let rows = |x: &[f32], w: usize| -> Vec<f32> {
-                    (0..s.problems())
-                        .flat_map(|bh| x[(bh * s.len + start) * w..(bh * s.len + start + t) * w].to_vec())
-                        .collect()
-                };
-                let (qc, kc, vc) = (rows(&q, s.d), rows(&k, s.d), rows(&v, s.dv));
-                let mut oc = vec![0f32; s.problems() * t * s.dv];
-                let chunk = Problem::new(AttentionShape { len: t, ..s }, map);
-                let ci = Inputs {
-                    q: qc.as_slice().into(),
-                    k: kc.as_slice().into(),
-                    v: vc.as_slice().into(),
-                    key_mask: None,
-                };
-                backend.decode(&chunk, &mut state, ci, oc.as_mut_slice().into()).unwrap();
-                for bh in 0..s.problems() {
-                    let dst = (bh * s.len + start) * s.dv;
-                    decoded[dst..dst + t * s.dv].copy_from_slice(&oc[bh * t * s.dv..(bh + 1) * t * s.dv]);
-                }
-                start += t;
-            }
+            let decoded = decode_in_chunks(&backend, &p, [&q, &k, &v], &[30, 1, 1, 5]).unwrap();
             let got: Vec<f64> = decoded.iter().map(|&x| x as f64).collect();
             let err = rel_error("decode through the entry point", &got, &want);
             assert!(err <= TOL_F32, "{}: decode error {err:.2e}", backend.id());

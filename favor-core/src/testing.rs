@@ -1012,3 +1012,36 @@ pub fn assert_layouts_agree<B: FavorBackend<Mem = Host>>(
     }
     want
 }
+
+/// Decodes causal problem `p` (contiguous `[B, H, L, ·]` f32 tensors, no mask) in chunks of the
+/// given lengths (summing to L) into a contiguous output. Each chunk is read and written in place
+/// in the full tensors through strides (a chunk starting at token t is the buffer sliced at
+/// t × the token stride), as an engine decoding from its own buffers does.
+pub fn decode_in_chunks<B: FavorBackend<Mem = Host>>(
+    backend: &B,
+    p: &Problem<'_>,
+    [q, k, v]: [&[f32]; 3],
+    chunks: &[usize],
+) -> crate::Result<Vec<f32>> {
+    let s = p.shape;
+    let full = Layout::from_fn(|arg| {
+        let t = arg.dims(&s);
+        Some(Strides::bhld(t.heads, t.rows, t.width))
+    });
+    let mut state = backend.new_state(p)?;
+    let mut out = vec![0f32; s.out_len()];
+    let mut start = 0;
+    for &t in chunks {
+        let chunk = Problem { shape: AttentionShape { len: t, ..s }, layout: full, ..*p };
+        let inputs = Inputs {
+            q: q[start * s.d..].into(),
+            k: k[start * s.d..].into(),
+            v: v[start * s.dv..].into(),
+            key_mask: None,
+        };
+        backend.decode(&chunk, &mut state, inputs, (&mut out[start * s.dv..]).into())?;
+        start += t;
+    }
+    assert_eq!(start, s.len, "the chunks cover the sequence");
+    Ok(out)
+}

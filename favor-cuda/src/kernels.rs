@@ -66,6 +66,50 @@ fn internal(what: String) -> FavorError {
 }
 
 /// Fails unless `buf` holds at least `n` elements.
+/// Where the rows of a caller's tensor lie for the kernels that read or write it (pack, unpack,
+/// normalize): row r = (b·heads + h)·len + t starts at element b·batch + h·head + t·token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowMap {
+    pub len: usize,
+    pub heads: usize,
+    pub strides: favor_core::Strides,
+    /// Elements the rows span (one past the last addressed element).
+    pub extent: usize,
+}
+
+impl RowMap {
+    /// `rows` contiguous rows of `n` elements.
+    pub(crate) fn contiguous(rows: usize, n: usize) -> RowMap {
+        let whole = rows * n;
+        RowMap {
+            len: rows.max(1),
+            heads: 1,
+            strides: favor_core::Strides { batch: whole, head: whole, token: n },
+            extent: whole,
+        }
+    }
+
+    /// Tensor `arg` of a validated call, in its layout.
+    pub(crate) fn of(p: &favor_core::Problem<'_>, arg: favor_core::TensorArg) -> Result<RowMap> {
+        let (dims, strides) = (p.dims(arg), p.strides(arg));
+        let extent = favor_core::layout::extent(arg.name(), dims, strides)?;
+        Ok(RowMap { len: dims.rows, heads: dims.heads, strides, extent })
+    }
+
+    /// The rows of head `bh` alone (for writing one head): its base offset and map.
+    pub(crate) fn head(&self, bh: usize, width: usize) -> (usize, RowMap) {
+        let base = self.strides.head_base(self.heads, bh);
+        let extent = (self.len - 1) * self.strides.token + width;
+        let strides = favor_core::Strides { batch: 0, head: 0, token: self.strides.token };
+        (base, RowMap { len: self.len, heads: 1, strides, extent })
+    }
+
+    fn args(&self) -> Result<[i64; 5]> {
+        let i = |x: usize| i64::try_from(x).map_err(|_| internal(format!("row map value {x} exceeds i64")));
+        Ok([i(self.len)?, i(self.heads)?, i(self.strides.batch)?, i(self.strides.head)?, i(self.strides.token)?])
+    }
+}
+
 fn need(buf: DevPtr, n: usize, name: &str) -> Result<u64> {
     if buf.len < n {
         return Err(internal(format!("{name} holds {} elements, the kernel needs {n}", buf.len)));
@@ -351,12 +395,14 @@ impl Exec {
         Launch { exec: self, name, args: Vec::with_capacity(16) }
     }
 
-    /// `favor_pack_<dtype>(src, rows, n, dst, ld, ones)`: dst (fp32, rows × ld) ← src (dtype,
-    /// rows × n), plus a ones column at n when `ones`.
+    /// `favor_pack_<dtype>(src, rows, n, dst, ld, ones, map…)`: dst (fp32, rows × ld) ← the rows
+    /// of src (dtype, n per row, where `map` puts them), plus a ones column at n when `ones`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_pack(
         &self,
         dtype: DType,
         src: DevPtr,
+        map: RowMap,
         rows: usize,
         n: usize,
         dst: DevPtr,
@@ -364,21 +410,28 @@ impl Exec {
         ones: bool,
     ) -> Result<()> {
         let width = n + usize::from(ones);
-        if ld < width {
-            return Err(internal(format!("pack ld {ld} < width {width}")));
+        if ld < width || map.len * map.heads == 0 || !rows.is_multiple_of(map.len * map.heads) {
+            return Err(internal(format!("pack ld {ld} < width {width} or rows {rows} not whole heads of {map:?}")));
         }
-        let src = need(src, rows * n, "pack src")?;
+        let src = need(src, map.extent, "pack src")?;
         let dst = need(dst, rows * ld, "pack dst")?;
         let (rows_i, n_i, ld_i, ones_i) = (rows as i64, int(n, "n")?, int(ld, "ld")?, i32::from(ones));
         let mut b = self.builder(per_dtype_name("pack", dtype));
         b.arg(&src).arg(&rows_i).arg(&n_i).arg(&dst).arg(&ld_i).arg(&ones_i);
-        // SAFETY: (const T* src [rows·n], i64 rows, int n, float* dst [rows·ld], int ld, int ones);
-        // both sizes were checked above and T matches `dtype` (the caller's tensor dtype).
+        for a in map.args()? {
+            b.arg(&a);
+        }
+        // SAFETY: (const T* src, i64 rows, int n, float* dst [rows·ld], int ld, int ones, i64 len,
+        // i64 heads, i64 bs, i64 hs, i64 ts); the rows `map` addresses end within its extent
+        // (validated by the layout checks), which src holds; dst's size was checked above; T
+        // matches `dtype` (the caller's tensor dtype).
         unsafe { b.launch(grid_1d(rows * width, 256)) }?;
         Ok(())
     }
 
-    /// `favor_unpack_<dtype>(src, ld, rows, n, dst)`: dst (dtype, rows × n) ← src (fp32, rows × ld).
+    /// `favor_unpack_<dtype>(src, ld, rows, n, dst, map…)`: the rows of dst (dtype, n per row,
+    /// where `map` puts them) ← src (fp32, rows × ld).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_unpack(
         &self,
         dtype: DType,
@@ -387,17 +440,22 @@ impl Exec {
         rows: usize,
         n: usize,
         dst: DevPtr,
+        map: RowMap,
     ) -> Result<()> {
-        if ld < n {
-            return Err(internal(format!("unpack ld {ld} < n {n}")));
+        if ld < n || map.len * map.heads == 0 || !rows.is_multiple_of(map.len * map.heads) {
+            return Err(internal(format!("unpack ld {ld} < n {n} or rows {rows} not whole heads of {map:?}")));
         }
         let src = need(src, rows * ld, "unpack src")?;
-        let dst = need(dst, rows * n, "unpack dst")?;
+        let dst = need(dst, map.extent, "unpack dst")?;
         let (ld_i, rows_i, n_i) = (int(ld, "ld")?, rows as i64, int(n, "n")?);
         let mut b = self.builder(per_dtype_name("unpack", dtype));
         b.arg(&src).arg(&ld_i).arg(&rows_i).arg(&n_i).arg(&dst);
-        // SAFETY: (const float* src [rows·ld], int ld, i64 rows, int n, T* dst [rows·n]); sizes
-        // checked above, T matches `dtype`.
+        for a in map.args()? {
+            b.arg(&a);
+        }
+        // SAFETY: (const float* src [rows·ld], int ld, i64 rows, int n, T* dst, i64 len, i64 heads,
+        // i64 bs, i64 hs, i64 ts); src's size was checked above, the rows `map` addresses end
+        // within its extent, which dst holds; T matches `dtype`.
         unsafe { b.launch(grid_1d(rows * n, 256)) }?;
         Ok(())
     }
@@ -413,20 +471,28 @@ impl Exec {
         dv: usize,
         delta: f32,
         out: DevPtr,
+        out_map: RowMap,
         r_out: Option<DevPtr>,
         risk: Option<RiskArgs>,
     ) -> Result<()> {
+        if out_map.len * out_map.heads == 0 || !rows.is_multiple_of(out_map.len * out_map.heads) {
+            return Err(internal(format!("normalize rows {rows} not whole heads of {out_map:?}")));
+        }
         let o1 = need(o1, rows * (dv + 1), "normalize o1")?;
-        let out = need(out, rows * dv, "normalize out")?;
+        let out = need(out, out_map.extent, "normalize out")?;
         let r_out = opt(r_out, rows, "normalize r_out")?;
         let (first_seen, len, flags) = risk_args(risk, rows)?;
         let (rows_i, dv_i) = (rows as i64, int(dv, "dv")?);
         let mut b = self.builder(per_dtype_name("normalize", dtype));
         b.arg(&o1).arg(&rows_i).arg(&dv_i).arg(&delta).arg(&out).arg(&r_out);
         b.arg(&first_seen).arg(&len).arg(&flags);
-        // SAFETY: (const float* o1 [rows·(dv+1)], i64 rows, int dv, float delta, T* out [rows·dv],
-        // float* r_out [rows] or null, const int* first_seen [rows/len] or null, int len ≥ 1
-        // dividing rows, int* risk [rows/len] or null); sizes checked above, T matches `dtype`.
+        for a in out_map.args()? {
+            b.arg(&a);
+        }
+        // SAFETY: (const float* o1 [rows·(dv+1)], i64 rows, int dv, float delta, T* out, float*
+        // r_out [rows] or null, const int* first_seen [rows/len] or null, int len ≥ 1 dividing
+        // rows, int* risk [rows/len] or null, i64 out_len, i64 heads, i64 bs, i64 hs, i64 ts);
+        // sizes checked above (out: the extent of the rows `out_map` addresses), T matches `dtype`.
         unsafe { b.launch(grid_1d(rows * dv, 256)) }?;
         Ok(())
     }

@@ -125,6 +125,13 @@ impl<'a> DeviceRef<'a> {
         self.ptr
     }
 
+    /// The elements from `start` on, with the same home stream: K and V of a packed QKV
+    /// buffer are `qkv.skip(heads·d)` and `qkv.skip(2·heads·d)`. `None` past the end.
+    pub fn skip(self, start: usize) -> Option<DeviceRef<'a>> {
+        let DevPtr { ptr, len } = self.raw().slice(start, self.len.checked_sub(start)?, self.dtype.size())?;
+        Some(DeviceRef { ptr, len, ..self })
+    }
+
     pub(crate) fn raw(&self) -> DevPtr {
         DevPtr { ptr: self.ptr, len: self.len }
     }

@@ -18,14 +18,14 @@
 //! backward recomputes φ.
 
 use crate::backend::{CudaBackend, CudaState, check};
-use crate::kernels::{FeatureKind, MapArgs, MaskArgs, RiskArgs, SMEM_LIMIT, StabMode, scan_value_tile};
+use crate::kernels::{FeatureKind, MapArgs, MaskArgs, RiskArgs, RowMap, SMEM_LIMIT, StabMode, scan_value_tile};
 use crate::memory::{CudaMem, DevPtr, DeviceMut, DeviceRef, Scratch};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
-use favor_core::backend::validate_inputs;
+use favor_core::backend::{check_backward, check_output, validate_inputs};
 use favor_core::limits::{FEATURE_HI, FEATURE_LO, VALUE_LIMIT, WIDE_INPUT};
 use favor_core::{
     AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, ParamGrads,
-    Problem, Result, TensorHandle, saturate_f32,
+    Problem, Result, TensorArg, TensorHandle, saturate_f32,
 };
 
 /// Largest grid.y (one block row per (batch, head)).
@@ -121,18 +121,11 @@ impl<'a> HostPacked<'a> {
 
 /// The CUDA kernels pack queries and keys with one row count: cross-attention (kv_len ≠ len)
 /// is not implemented there yet, and is refused rather than misread.
-/// What the device kernels do not have yet (the CPU backends and the host path do).
+/// What the device kernels do not have yet (the CPU backends do).
 fn reject_unsupported(p: &Problem<'_>) -> Result<()> {
     if p.shape.is_cross() {
         return Err(FavorError::Unsupported(
             "cross-attention (kv_len ≠ len) on the CUDA backend (the CPU backends have it)".into(),
-        ));
-    }
-    if !p.layout.is_contiguous() {
-        return Err(FavorError::Unsupported(
-            "strided device tensors on the CUDA backend: its kernels read contiguous [B, H, L, ·] tensors \
-             (host tensors in any layout work through CudaHost)"
-                .into(),
         ));
     }
     Ok(())
@@ -197,16 +190,28 @@ impl CudaBackend {
         let map = self.map_args(p.map, s.d)?;
         self.check_sizes(s, &map.args)?;
         let rows = s.problems() * s.len;
-        let q = self.pack(dtype, inputs.q.raw(), rows, s.d, s.d, false)?;
-        let k = self.pack(dtype, inputs.k.raw(), rows, s.d, s.d, false)?;
-        let v1 = self.pack(dtype, inputs.v.raw(), rows, s.dv, s.dv + 1, true)?;
+        let q = self.pack(dtype, inputs.q.raw(), RowMap::of(p, TensorArg::Q)?, rows, s.d, s.d, false)?;
+        let k = self.pack(dtype, inputs.k.raw(), RowMap::of(p, TensorArg::K)?, rows, s.d, s.d, false)?;
+        let v1 = self.pack(dtype, inputs.v.raw(), RowMap::of(p, TensorArg::V)?, rows, s.dv, s.dv + 1, true)?;
         let mask = inputs.key_mask.map(|m| self.scratch_mask(m)).transpose()?;
         Ok(Packed { q, k, v1, mask, map, rows })
     }
 
-    fn pack(&self, dtype: DType, src: DevPtr, rows: usize, n: usize, ld: usize, ones: bool) -> Result<Scratch<f32>> {
+    /// The rows of a caller's tensor (where `map` puts them) widened into fp32 scratch, `ld` per
+    /// row (plus a ones column at n when `ones`).
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        &self,
+        dtype: DType,
+        src: DevPtr,
+        map: RowMap,
+        rows: usize,
+        n: usize,
+        ld: usize,
+        ones: bool,
+    ) -> Result<Scratch<f32>> {
         let dst = self.scratch(rows * ld)?;
-        self.exec.launch_pack(dtype, src, rows, n, dst.ptr(), ld, ones)?;
+        self.exec.launch_pack(dtype, src, map, rows, n, dst.ptr(), ld, ones)?;
         Ok(dst)
     }
 
@@ -373,12 +378,23 @@ impl CudaBackend {
         let dtype = validate_inputs(p, &inputs)?;
         reject_unsupported(p)?;
         let s = p.shape;
-        check("out", &out, s.out_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
         let risk = self.risk_tracking(p, inputs.key_mask)?;
         let att = self.attention(p, &x, None, Some(&risk))?;
         let delta = p.denominator_guard();
-        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, delta, out.raw(), None, Some(risk.args()))?;
+        let out_map = RowMap::of(p, TensorArg::Out)?;
+        self.exec.launch_normalize(
+            dtype,
+            att.o1.ptr(),
+            x.rows,
+            s.dv,
+            delta,
+            out.raw(),
+            out_map,
+            None,
+            Some(risk.args()),
+        )?;
         drop(att);
         let flagged = self.flagged_heads(&risk)?;
         if flagged.is_empty() {
@@ -391,7 +407,7 @@ impl CudaBackend {
                 Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &f.head(s)),
                 Direction::Causal => causal_forward(p.map, delta as f64, &f.head(s)),
             };
-            self.write_head(dtype, &o, out.raw(), bh)?;
+            self.write_head(dtype, &o, out.raw(), RowMap::of(p, TensorArg::Out)?, s.dv, bh)?;
         }
         Ok(())
     }
@@ -406,17 +422,14 @@ impl CudaBackend {
         let dtype = validate_inputs(p, &inputs)?;
         reject_unsupported(p)?;
         let s = p.shape;
-        check("dout", &dout, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
-        check("dq", &grads.dq, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check("dk", &grads.dk, s.qk_len(), dtype, "[batch, heads, len, d]")?;
-        check("dv", &grads.dv, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_backward(p, &dout, &grads, dtype)?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
         let risk = self.risk_tracking(p, inputs.key_mask)?;
         let att = self.attention(p, &x, None, Some(&risk))?;
         let map = &x.map.args;
         let (rows, mf, dv1) = (x.rows, map.features(), s.dv + 1);
 
-        let g = self.pack(dtype, dout.raw(), rows, s.dv, s.dv, false)?;
+        let g = self.pack(dtype, dout.raw(), RowMap::of(p, TensorArg::Dout)?, rows, s.dv, s.dv, false)?;
         let g1 = self.scratch(rows * dv1)?;
         let invariant = self.scratch_bytes(rows)?;
         let delta = p.denominator_guard();
@@ -469,9 +482,9 @@ impl CudaBackend {
             dk32.ptr(),
         )?;
         let Grads { dq, dk, dv } = grads;
-        kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw())?;
-        kern.launch_unpack(dtype, dk32.ptr(), s.d, rows, s.d, dk.raw())?;
-        kern.launch_unpack(dtype, dv32.ptr(), s.dv, rows, s.dv, dv.raw())?;
+        kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw(), RowMap::of(p, TensorArg::Dq)?)?;
+        kern.launch_unpack(dtype, dk32.ptr(), s.d, rows, s.d, dk.raw(), RowMap::of(p, TensorArg::Dk)?)?;
+        kern.launch_unpack(dtype, dv32.ptr(), s.dv, rows, s.dv, dv.raw(), RowMap::of(p, TensorArg::Dv)?)?;
         if let Some((host, g)) = fallback {
             for bh in flagged {
                 let f = host.head(s, bh);
@@ -480,9 +493,9 @@ impl CudaBackend {
                     Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &f.head(s), &gh),
                     Direction::Causal => causal_backward(p.map, delta as f64, &f.head(s), &gh),
                 };
-                self.write_head(dtype, &hg.dq, dq.raw(), bh)?;
-                self.write_head(dtype, &hg.dk, dk.raw(), bh)?;
-                self.write_head(dtype, &hg.dv, dv.raw(), bh)?;
+                self.write_head(dtype, &hg.dq, dq.raw(), RowMap::of(p, TensorArg::Dq)?, s.d, bh)?;
+                self.write_head(dtype, &hg.dk, dk.raw(), RowMap::of(p, TensorArg::Dk)?, s.d, bh)?;
+                self.write_head(dtype, &hg.dv, dv.raw(), RowMap::of(p, TensorArg::Dv)?, s.dv, bh)?;
             }
         }
         Ok(None)
@@ -527,14 +540,24 @@ impl CudaBackend {
 
     /// Writes one head's rows (`values`: len × n in f64, saturated to f32 then rounded to the
     /// storage type) into head `bh` of `dst` ([B, H, len, n]).
-    fn write_head(&self, dtype: DType, values: &[f64], dst: DevPtr, bh: usize) -> Result<()> {
-        let n = values.len();
+    /// Writes head `bh` of a caller's tensor (where `map` puts its rows of `width` elements)
+    /// from contiguous f64 rows.
+    fn write_head(
+        &self,
+        dtype: DType,
+        values: &[f64],
+        dst: DevPtr,
+        map: RowMap,
+        width: usize,
+        bh: usize,
+    ) -> Result<()> {
         let narrowed: Vec<f32> = values.iter().map(|&v| saturate_f32(v)).collect();
         let src = self.scratch_from(&narrowed)?;
+        let (base, head) = map.head(bh, width);
         let dst = dst
-            .slice(bh * n, n, dtype.size())
+            .slice(base, head.extent, dtype.size())
             .ok_or_else(|| FavorError::Backend { backend: "cuda", reason: format!("head {bh} outside its tensor") })?;
-        self.exec.launch_unpack(dtype, src.ptr(), n, 1, n, dst)
+        self.exec.launch_unpack(dtype, src.ptr(), width, map.len, width, dst, head)
     }
 
     pub(crate) fn new_state_device(&self, p: &Problem<'_>) -> Result<CudaState> {
@@ -559,13 +582,24 @@ impl CudaBackend {
         reject_unsupported(p)?;
         let s = p.shape;
         state.made_for.check(p)?;
-        check("out", &out, s.v_len(), dtype, "[batch, heads, len, d_v]")?;
+        check_output(p, &out, dtype)?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
         let att = self.attention(p, &x, Some(state), None)?;
         // Decoding has no history to recompute from: rows with tiny denominators keep their
         // quotient (formed in double, finite), and rows beyond the f32 kernels' range (see
         // `Risk`) are not recomputed.
-        self.exec.launch_normalize(dtype, att.o1.ptr(), x.rows, s.dv, p.denominator_guard(), out.raw(), None, None)
+        let out_map = RowMap::of(p, TensorArg::Out)?;
+        self.exec.launch_normalize(
+            dtype,
+            att.o1.ptr(),
+            x.rows,
+            s.dv,
+            p.denominator_guard(),
+            out.raw(),
+            out_map,
+            None,
+            None,
+        )
     }
 
     /// Stabilisers of `role` for feature-map calls (no padding mask).
@@ -616,7 +650,7 @@ impl CudaBackend {
         let m = self.map_args(map, shape.d)?;
         self.check_sizes(sq, &m.args)?;
         let rows = shape.problems() * shape.len;
-        let x32 = self.pack(x.dtype(), x.raw(), rows, shape.d, shape.d, false)?;
+        let x32 = self.pack(x.dtype(), x.raw(), RowMap::contiguous(rows, shape.d), rows, shape.d, shape.d, false)?;
         Ok((m, x32, rows))
     }
 
@@ -643,7 +677,7 @@ impl CudaBackend {
             shape.len,
             Some((phi32.ptr(), mf)),
         )?;
-        self.exec.launch_unpack(x.dtype(), phi32.ptr(), mf, rows, mf, phi.raw())
+        self.exec.launch_unpack(x.dtype(), phi32.ptr(), mf, rows, mf, phi.raw(), RowMap::contiguous(rows, mf))
     }
 
     pub(crate) fn feature_map_backward_device(
@@ -659,7 +693,7 @@ impl CudaBackend {
         check("dx", &dx, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
         let mf = m.args.features();
         let c = self.role_stabilisers(x32.ptr(), shape, &m.args, role)?;
-        let g32 = self.pack(x.dtype(), dphi.raw(), rows, mf, mf, false)?;
+        let g32 = self.pack(x.dtype(), dphi.raw(), RowMap::contiguous(rows, mf), rows, mf, mf, false)?;
         let dx32 = self.scratch(rows * shape.d)?;
         self.exec.launch_features_bwd(
             x32.ptr(),
@@ -673,7 +707,15 @@ impl CudaBackend {
             shape.len,
             dx32.ptr(),
         )?;
-        self.exec.launch_unpack(x.dtype(), dx32.ptr(), shape.d, rows, shape.d, dx.raw())?;
+        self.exec.launch_unpack(
+            x.dtype(),
+            dx32.ptr(),
+            shape.d,
+            rows,
+            shape.d,
+            dx.raw(),
+            RowMap::contiguous(rows, shape.d),
+        )?;
         Ok(None)
     }
 }

@@ -633,8 +633,36 @@ fn softmax_scales_match_reference_and_cross_attention_is_refused() {
     worst.print("softmax_scales_match_reference_and_cross_attention_is_refused");
 }
 
+/// Forward and backward on device tensors; (out, dq, dk, dv) rows downloaded and gathered
+/// contiguous.
+fn device_run(
+    dev: &CudaBackend,
+    p: &Problem<'_>,
+    inputs: Inputs<'_, favor_cuda::CudaMem>,
+    dout: favor_cuda::DeviceRef<'_>,
+) -> [Vec<f64>; 4] {
+    use favor_core::TensorArg as A;
+    let s = p.shape;
+    // Exactly the tensor's size, or what its strides reach.
+    let zeros = |arg: A, n: usize| {
+        let n = p.layout.given(arg).map_or(n, |st| favor_core::layout::extent("t", p.dims(arg), st).expect("extent"));
+        dev.alloc(DType::F32, n).expect("alloc")
+    };
+    let (mut o, mut dq) = (zeros(A::Out, s.out_len()), zeros(A::Dq, s.qk_len()));
+    let (mut dk, mut dv) = (zeros(A::Dk, s.k_len()), zeros(A::Dv, s.v_len()));
+    dev.forward(p, inputs, o.as_mut()).expect("device forward");
+    let grads = Grads { dq: dq.as_mut(), dk: dk.as_mut(), dv: dv.as_mut() };
+    dev.backward(p, inputs, dout, grads).expect("device backward");
+    let down = |x: &favor_cuda::DeviceTensor, arg: A| {
+        let mut h = HostTensor::zeros(DType::F32, x.len());
+        dev.download(x, h.view_mut()).expect("download");
+        favor_core::layout::gather(h.view(), p.dims(arg), p.strides(arg)).expect("rows").to_f64_vec()
+    };
+    [down(&o, A::Out), down(&dq, A::Dq), down(&dk, A::Dk), down(&dv, A::Dv)]
+}
+
 #[test]
-fn strided_host_tensors_match_the_contiguous_layout_and_strided_device_tensors_are_refused() {
+fn strided_host_and_device_tensors_match_the_contiguous_layout() {
     let mut worst = Worst::default();
     for (cuda, emulated) in backends("strided_host_tensors_match_the_contiguous_layout") {
         let shapes: &[AttentionShape] = if emulated {
@@ -659,18 +687,60 @@ fn strided_host_tensors_match_the_contiguous_layout_and_strided_device_tensors_a
                 }
             }
         }
-        // The device kernels read contiguous tensors only: strides there are refused, not misread.
-        let shape = AttentionShape::new(1, 2, 3, 4);
+        // Device tensors in the caller's layout: the kernels read and write them in place and
+        // give what the contiguous layout gives, bit for bit.
+        let shape = AttentionShape::new(2, 3, 7, 4);
         let map = FeatureMap::elu_plus_one();
         let dev = cuda.device();
-        let t =
-            |n: usize| dev.upload(HostTensor::from_f32(DType::F32, &randn(n, 0.5, n as u64)).view()).expect("upload");
-        let (q, k, v) = (t(shape.qk_len()), t(shape.k_len()), t(shape.v_len()));
-        let mut out = dev.alloc(DType::F32, shape.out_len()).expect("alloc");
-        let inputs = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: None };
-        let p = Problem::new(shape, &map).with_layout(favor_core::Layout::blhd(&shape));
-        let r = dev.forward(&p, inputs, out.as_mut());
-        assert!(matches!(r, Err(FavorError::Unsupported(_))), "{r:?}");
+        for opts in directions() {
+            let base = Problem::new(shape, &map).with_options(opts);
+            let t = |n: usize, seed: u64| HostTensor::from_f32(DType::F32, &randn(n, 0.5, seed));
+            let (q, k, v, g) = (t(shape.qk_len(), 1), t(shape.k_len(), 2), t(shape.v_len(), 3), t(shape.out_len(), 4));
+            let up = |x: &HostTensor| dev.upload(x.view()).expect("upload");
+            let (qd, kd, vd, gd) = (up(&q), up(&k), up(&v), up(&g));
+            let contiguous = {
+                let inputs = Inputs { q: qd.as_ref(), k: kd.as_ref(), v: vd.as_ref(), key_mask: None };
+                device_run(dev, &base, inputs, gd.as_ref())
+            };
+            for (name, layout) in favor_core::testing::test_layouts(&shape) {
+                let p = base.with_layout(layout);
+                let place = |x: &HostTensor, arg: favor_core::TensorArg, buf: &mut HostTensor, off: usize| {
+                    let HostTensor::F32(b) = buf else { unreachable!() };
+                    favor_core::layout::scatter(x.view(), (&mut b[off..]).into(), p.dims(arg), p.strides(arg))
+                        .expect("fits");
+                };
+                use favor_core::TensorArg as A;
+                let hd = shape.heads * shape.d;
+                let span = |arg| favor_core::layout::extent("t", p.dims(arg), p.strides(arg)).expect("extent");
+                let nan = |n: usize| HostTensor::from_f32(DType::F32, &vec![f32::NAN; n]);
+                let what = format!("device layout {name} {:?}", opts.direction);
+                let got = if name == "packed-qkv" {
+                    let mut buf = nan(span(A::Q) + 2 * hd);
+                    place(&q, A::Q, &mut buf, 0);
+                    place(&k, A::K, &mut buf, hd);
+                    place(&v, A::V, &mut buf, 2 * hd);
+                    let mut gb = nan(span(A::Dout));
+                    place(&g, A::Dout, &mut gb, 0);
+                    let (b, gbd) = (up(&buf), up(&gb));
+                    let qkv = b.as_ref();
+                    let inputs =
+                        Inputs { q: qkv, k: qkv.skip(hd).expect("k"), v: qkv.skip(2 * hd).expect("v"), key_mask: None };
+                    device_run(dev, &p, inputs, gbd.as_ref())
+                } else {
+                    let one = |x: &HostTensor, arg| {
+                        let mut buf = nan(span(arg));
+                        place(x, arg, &mut buf, 0);
+                        up(&buf)
+                    };
+                    let (qs, ks, vs, gs) = (one(&q, A::Q), one(&k, A::K), one(&v, A::V), one(&g, A::Dout));
+                    let inputs = Inputs { q: qs.as_ref(), k: ks.as_ref(), v: vs.as_ref(), key_mask: None };
+                    device_run(dev, &p, inputs, gs.as_ref())
+                };
+                for (i, (a, b)) in got.iter().zip(&contiguous).enumerate() {
+                    assert!(a == b, "{what}: tensor {i} (out, dq, dk, dv) differs from the contiguous layout");
+                }
+            }
+        }
     }
     worst.print("strided_host_tensors_match_the_contiguous_layout");
 }
