@@ -5,7 +5,8 @@
 //! * [`FavorBackend`]: the trait every backend implements (feature map, attention forward and
 //!   backward in both directions, recurrent decoding, synchronize), with tensors in the
 //!   backend's [`MemorySpace`];
-//! * tensor views ([`HostRef`], [`HostMut`]) over f32, f16 and bf16 storage;
+//! * tensor views ([`HostRef`], [`HostMut`]) over f32, f16 and bf16 storage, in the caller's
+//!   layout ([`Layout`]: per-tensor batch/head/token strides, checked for overlapping rows);
 //! * every feature map ([`FeatureMap`]) with forward and backward;
 //! * random projections ([`Projection`]): iid and block-orthogonal, seeded and reproducible;
 //! * [`ReferenceBackend`]: the f64 oracle, and exact softmax attention
