@@ -40,12 +40,14 @@ pub struct LayoutPoint {
     pub ratio: f64,
 }
 
-/// Buffers of one layout: Q, K, V as slices of `qkv` at `offsets`, output and gradients.
+/// Buffers of one layout: Q, K, V as `span`-element slices of `qkv` at `offsets`, output and
+/// gradients.
 struct Placed {
     name: &'static str,
     layout: Layout,
     qkv: Vec<f32>,
     offsets: [usize; 3],
+    span: usize,
     out: Vec<f32>,
     dout: Vec<f32>,
     grads: [Vec<f32>; 3],
@@ -61,12 +63,16 @@ impl Placed {
                 .map(|i| (((i as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as f32 / 16_777_216.0) - 0.5)
                 .collect()
         };
-        let offsets = if name == "packed-qkv" { [0, s.heads * s.d, 2 * s.heads * s.d] } else { [0, n, 2 * n] };
+        // Packed: one interleaved buffer, each slice to its end; separate: exact slices (the
+        // contiguous default checks lengths exactly).
+        let hd = s.heads * s.d;
+        let (offsets, span) = if name == "packed-qkv" { ([0, hd, 2 * hd], 3 * n - 2 * hd) } else { ([0, n, 2 * n], n) };
         Placed {
             name,
             layout,
             qkv: fill(3 * n, 1),
             offsets,
+            span,
             out: vec![0.0; s.out_len()],
             dout: fill(s.out_len(), 2),
             grads: [vec![0.0; n], vec![0.0; n], vec![0.0; n]],
@@ -75,9 +81,7 @@ impl Placed {
 
     fn call(&mut self, backend: &Backend, p: &Problem<'_>, backward: bool) -> Result<()> {
         let p = p.with_layout(self.layout);
-        // Separate tensors are exact slices (the contiguous default checks lengths exactly).
-        let n = if self.name == "packed-qkv" { self.qkv.len() - self.offsets[2] } else { p.shape.qk_len() };
-        let at = |i: usize| HostRef::F32(&self.qkv[self.offsets[i]..self.offsets[i] + n]);
+        let at = |i: usize| HostRef::F32(&self.qkv[self.offsets[i]..self.offsets[i] + self.span]);
         let inputs = Inputs { q: at(0), k: at(1), v: at(2), key_mask: None };
         backend.forward(&p, inputs, HostMut::F32(&mut self.out))?;
         if backward {

@@ -9,7 +9,7 @@ use crate::backend::{
     check_finite_args, check_output, check_tensor, validate_feature_call, validate_host_inputs,
 };
 use crate::features::ParamGradsF64;
-use crate::layout::{read_head_f64, write_head_f64};
+use crate::layout::{gather, write_head_f64};
 use crate::validate::try_with_capacity;
 use crate::{
     AttentionOptions, AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
@@ -72,12 +72,7 @@ fn widen(p: &Problem<'_>, arg: TensorArg, t: &HostRef<'_>) -> Result<Vec<f64>> {
     if p.layout.given(arg).is_none() {
         return Ok(t.to_f64_vec());
     }
-    let (dims, strides) = (p.dims(arg), p.strides(arg));
-    let mut all = try_with_capacity(arg.name(), dims.total_rows() * dims.width)?;
-    for bh in 0..dims.batch * dims.heads {
-        all.extend(read_head_f64(t, dims, strides, bh)?);
-    }
-    Ok(all)
+    Ok(gather(*t, p.dims(arg), p.strides(arg))?.to_f64_vec())
 }
 
 /// Writes contiguous f64 `[B, H, rows, width]` values into a tensor of the call, in its layout.
