@@ -10,17 +10,19 @@
 // One thread per element; grid-stride loops so any row count works.
 //
 // The kernels that touch the caller's tensors (pack, unpack, normalize) read and write them in
-// the caller's layout: row r = (b·heads + h)·len + t starts at element b·bs + h·hs + t·ts (the
-// row's elements contiguous), so [B, L, H, d] and packed QKV tensors are used in place.
+// the caller's layout: row r = (b·heads + h)·len + t starts at element b·bs + (h / group)·hs +
+// t·ts (the row's elements contiguous), so [B, L, H, d] and packed QKV tensors are used in
+// place. `group` > 1 packs the key/value head h / group for each of `heads` query heads
+// (grouped-query attention); unpack sums such a group's rows back into one.
 #include "common.cuh"
 
 // First element of row r of a strided tensor (see above).
-__device__ __forceinline__ i64 row_at(i64 r, i64 len, i64 heads, i64 bs, i64 hs, i64 ts) {
+__device__ __forceinline__ i64 row_at(i64 r, i64 len, i64 heads, i64 group, i64 bs, i64 hs, i64 ts) {
     const i64 bh = r / len;
-    return (bh / heads) * bs + (bh % heads) * hs + (r % len) * ts;
+    return (bh / heads) * bs + ((bh % heads) / group) * hs + (r % len) * ts;
 }
-#define FAVOR_ROWS_PARAMS i64 len, i64 heads, i64 bs, i64 hs, i64 ts
-#define FAVOR_ROWS_ARGS len, heads, bs, hs, ts
+#define FAVOR_ROWS_PARAMS i64 len, i64 heads, i64 group, i64 bs, i64 hs, i64 ts
+#define FAVOR_ROWS_ARGS len, heads, group, bs, hs, ts
 
 // dst[r, 0..n) = src[r, 0..n) widened; dst[r, n] = 1 when `ones` (the normaliser column).
 template <typename T>
@@ -35,15 +37,20 @@ __device__ void pack(const T* __restrict__ src, i64 rows, int n, float* __restri
     }
 }
 
-// dst[r, 0..n) = src[r, 0..n) rounded to T.
+// dst[r, 0..n) = the sum of the `sums` source rows (bh·sums + j)·len + t, j = 0..sums (bh = r /
+// len, t = r % len), in order, rounded to T: one row per head (sums = 1), or a key/value head's
+// gradient summed over its query heads, which are consecutive.
 template <typename T>
-__device__ void unpack(const float* __restrict__ src, int ld, i64 rows, int n, T* __restrict__ dst,
+__device__ void unpack(const float* __restrict__ src, int ld, i64 rows, int n, T* __restrict__ dst, int sums,
                        FAVOR_ROWS_PARAMS) {
     const i64 total = rows * n;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 r = idx / n;
         const int e = (int)(idx % n);
-        dst[row_at(r, FAVOR_ROWS_ARGS) + e] = from_f32<T>(src[r * ld + e]);
+        const i64 first = (r / len) * sums * len + r % len;
+        float acc = 0.0f;
+        for (int j = 0; j < sums; ++j) acc += src[(first + j * len) * ld + e];
+        dst[row_at(r, FAVOR_ROWS_ARGS) + e] = from_f32<T>(acc);
     }
 }
 
@@ -59,7 +66,7 @@ __device__ __forceinline__ float guard(float r, float delta) {
 template <typename T>
 __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float delta, T* __restrict__ out,
                           float* __restrict__ r_out, const int* __restrict__ first_seen, int len,
-                          int* __restrict__ risk, i64 out_len, i64 heads, i64 bs, i64 hs, i64 ts) {
+                          int* __restrict__ risk, i64 out_len, i64 heads, i64 group, i64 bs, i64 hs, i64 ts) {
     const i64 total = rows * dv;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 r = idx / dv;
@@ -68,7 +75,7 @@ __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float 
         const float num = o1[r * (dv + 1) + e];
         const bool tiny = fabsf(den) < FAVOR_RISK_DEN;
         const float q = den == 0.0f ? 0.0f : (tiny ? (float)((double)num / (double)den) : num / den);
-        out[row_at(r, out_len, heads, bs, hs, ts) + e] = from_f32<T>(q);
+        out[row_at(r, out_len, heads, group, bs, hs, ts) + e] = from_f32<T>(q);
         if (e == 0 && r_out != nullptr) r_out[r] = den;
         // Every writer stores the same value: the race is benign.
         if (e == 0 && at_risk(den, r, len, first_seen)) risk[r / len] = 1;
@@ -81,14 +88,14 @@ __device__ void normalize(const float* __restrict__ o1, i64 rows, int dv, float 
         pack<T>(src, rows, n, dst, ld, ones, FAVOR_ROWS_ARGS);                                             \
     }                                                                                                      \
     extern "C" __global__ void favor_unpack_##NAME(const float* src, int ld, i64 rows, int n, T* dst,      \
-                                                   FAVOR_ROWS_PARAMS) {                                    \
-        unpack<T>(src, ld, rows, n, dst, FAVOR_ROWS_ARGS);                                                 \
+                                                   int sums, FAVOR_ROWS_PARAMS) {                          \
+        unpack<T>(src, ld, rows, n, dst, sums, FAVOR_ROWS_ARGS);                                           \
     }                                                                                                      \
     extern "C" __global__ void favor_normalize_##NAME(const float* o1, i64 rows, int dv, float delta, T* out, \
                                                       float* r_out, const int* first_seen, int len,        \
-                                                      int* risk, i64 out_len, i64 heads, i64 bs, i64 hs,   \
-                                                      i64 ts) {                                            \
-        normalize<T>(o1, rows, dv, delta, out, r_out, first_seen, len, risk, out_len, heads, bs, hs, ts);  \
+                                                      int* risk, i64 out_len, i64 heads, i64 group,        \
+                                                      i64 bs, i64 hs, i64 ts) {                            \
+        normalize<T>(o1, rows, dv, delta, out, r_out, first_seen, len, risk, out_len, heads, group, bs, hs, ts); \
     }
 
 FAVOR_EDGE_KERNELS(f32, float)

@@ -65,8 +65,8 @@ impl Placed {
         };
         // Packed: one interleaved buffer, each slice to its end; separate: exact slices (the
         // contiguous default checks lengths exactly).
-        let hd = s.heads * s.d;
-        let (offsets, span) = if name == "packed-qkv" { ([0, hd, 2 * hd], 3 * n - 2 * hd) } else { ([0, n, 2 * n], n) };
+        let packed = Layout::packed_qkv_offsets(s);
+        let (offsets, span) = if name == "packed-qkv" { (packed, 3 * n - packed[2]) } else { ([0, n, 2 * n], n) };
         Placed {
             name,
             layout,

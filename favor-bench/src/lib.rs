@@ -2,7 +2,7 @@
 //!
 //! The benchmark and I/O tool of favor (the `favor-bench` binary): the paper's speed/memory
 //! curves (`curves`), accuracy figures (`accuracy`), this machine's ceilings (`roofline`),
-//! single-kernel profiling (`profile`), the cost of strided layouts (`layouts`) and npy round
+//! single-kernel profiling (`profile`), the cost of strided layouts (`layouts`), what grouped key/value heads save (`groups`) and npy round
 //! trips (`run`). The library holds the pieces
 //! so that the integration tests and criterion benches use the same code.
 
@@ -18,6 +18,7 @@ pub mod accuracy;
 pub mod backends;
 pub mod baselines;
 pub mod curves;
+pub mod groups;
 pub mod layouts;
 pub mod measure;
 pub mod npy;

@@ -42,6 +42,9 @@ enum Command {
     Profile(ProfileArgs),
     /// Time [B, H, L, d] against [B, L, H, d] and packed-QKV tensors (forward, forward + backward).
     Layouts(LayoutsArgs),
+    /// Grouped-query and multi-query attention against one key/value head per query head: time
+    /// and heap per call.
+    Groups(GroupsArgs),
     /// Read Q, K, V (W, mask, dout) from .npy, run attention, write out (and grads) to .npy.
     Run(RunCmdArgs),
     /// List the backends this build can run here.
@@ -209,6 +212,34 @@ struct LayoutsArgs {
     m: usize,
     /// Timed rounds (each calls every layout once).
     #[arg(long, default_value_t = 15, value_parser = positive)]
+    rounds: usize,
+}
+
+#[derive(Args, Debug)]
+struct GroupsArgs {
+    /// Backend id: best, simd, simd:<isa>, cuda (host tensors) or reference.
+    #[arg(long, default_value = "simd")]
+    backend: String,
+    /// Batch.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    batch: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
+    heads: usize,
+    /// Key/value head counts to compare (each dividing --heads); the first is the baseline.
+    #[arg(long, value_delimiter = ',', default_value = "32,8,1", value_parser = positive)]
+    kv_heads: Vec<usize>,
+    /// Sequence length.
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    len: usize,
+    /// Head dimension (d = d_v).
+    #[arg(long, default_value_t = 64, value_parser = positive)]
+    d: usize,
+    /// Random features.
+    #[arg(long, default_value_t = 256, value_parser = positive)]
+    m: usize,
+    /// Timed rounds (each calls every variant once).
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     rounds: usize,
 }
 
@@ -550,6 +581,39 @@ fn layouts_cmd(a: LayoutsArgs) -> Result<()> {
     Ok(())
 }
 
+fn groups_cmd(a: GroupsArgs) -> Result<()> {
+    let cfg = favor_bench::groups::GroupsConfig {
+        backend: a.backend,
+        shape: AttentionShape::new(a.batch, a.heads, a.len, a.d),
+        kv_heads: a.kv_heads,
+        m: a.m,
+        rounds: a.rounds,
+    };
+    let s = cfg.shape;
+    println!(
+        "{} B={} H={} L={} d={} m={} f32, median of {} rounds",
+        cfg.backend, s.batch, s.heads, s.len, s.d, cfg.m, cfg.rounds
+    );
+    println!(
+        "{:<14} {:<17} {:>8} {:>10} {:>7} {:>13} {:>13}",
+        "direction", "pass", "kv_heads", "median", "ratio", "call heap MiB", "tensors MiB"
+    );
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    for p in favor_bench::groups::run(&cfg)? {
+        let dir = format!("{:?}", p.direction).to_lowercase();
+        println!(
+            "{dir:<14} {:<17} {:>8} {:>10} {:>7.3} {:>13.1} {:>13.1}",
+            p.pass,
+            p.kv_heads,
+            favor_bench::measure::human_time(p.median_s),
+            p.ratio,
+            mib(p.call_heap_bytes),
+            mib(p.tensor_bytes)
+        );
+    }
+    Ok(())
+}
+
 fn run_cmd(a: RunCmdArgs) -> Result<()> {
     let args = RunArgs {
         q: a.q,
@@ -586,6 +650,7 @@ fn main() -> ExitCode {
         Command::Profile(a) => profile_cmd(a),
         Command::Run(a) => run_cmd(a),
         Command::Layouts(a) => layouts_cmd(a),
+        Command::Groups(a) => groups_cmd(a),
         Command::Backends => {
             for id in backends::available() {
                 let name = backends::open(&id).map_or_else(|e| format!("unavailable: {e}"), |b| b.name());

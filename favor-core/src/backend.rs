@@ -297,7 +297,7 @@ pub fn validate_feature_call(
     features: &impl TensorHandle,
 ) -> Result<usize> {
     // One tensor of `len` tokens: `kv_len` plays no part.
-    AttentionShape { dv: shape.d, kv_len: None, ..shape }.validate()?;
+    AttentionShape { dv: shape.d, kv_len: None, kv_heads: None, ..shape }.validate()?;
     map.validate(shape.d)?;
     let mf = map.feature_dim(shape.d);
     let features_len = checked_len(features_arg, &[shape.batch, shape.heads, shape.len, mf])?;

@@ -19,6 +19,7 @@ use crate::{AttentionShape, FavorError, FeatureMap, Problem, Projection, Result}
 pub struct StateSignature {
     batch: usize,
     heads: usize,
+    kv_heads: usize,
     d: usize,
     dv: usize,
     map: &'static str,
@@ -30,7 +31,8 @@ pub struct StateSignature {
 
 impl StateSignature {
     /// Validates `problem` for a new state (its `len` is ignored) and records what the state is
-    /// made for. The state's size, batch·heads·M·(d_v + 1) values, must not overflow.
+    /// made for. The state's size, batch·heads·M·(d_v + 1) values, must not overflow (backends
+    /// that keep one state per key/value head need less).
     pub fn new(problem: &Problem<'_>) -> Result<Self> {
         let shape = AttentionShape { len: 1, kv_len: None, ..problem.shape };
         Problem { shape, ..*problem }.validate()?;
@@ -48,6 +50,7 @@ impl StateSignature {
         Self {
             batch: s.batch,
             heads: s.heads,
+            kv_heads: s.key_heads(),
             d: s.d,
             dv: s.dv,
             map: map.name(),
@@ -60,7 +63,8 @@ impl StateSignature {
 
     /// The shape the state was made for, with `len = 1`.
     pub fn shape(&self) -> AttentionShape {
-        AttentionShape::new(self.batch, self.heads, 1, self.d).with_dv(self.dv)
+        let s = AttentionShape::new(self.batch, self.heads, 1, self.d).with_dv(self.dv);
+        if self.kv_heads == self.heads { s } else { s.with_kv_heads(self.kv_heads) }
     }
 
     /// Ok when a state made for `self` may continue with `problem` (any `len`);
@@ -75,9 +79,10 @@ impl StateSignature {
         }
         let want = Self::of(problem.shape, problem.map);
         let hex = |x: Option<u64>| x.map_or_else(|| "none".to_string(), |x| format!("{x:016x}"));
-        let fields: [(&'static str, String, String); 9] = [
+        let fields: [(&'static str, String, String); 10] = [
             ("batch", want.batch.to_string(), self.batch.to_string()),
             ("heads", want.heads.to_string(), self.heads.to_string()),
+            ("kv_heads", want.kv_heads.to_string(), self.kv_heads.to_string()),
             ("d", want.d.to_string(), self.d.to_string()),
             ("d_v", want.dv.to_string(), self.dv.to_string()),
             ("feature map", want.map.to_string(), self.map.to_string()),

@@ -38,10 +38,11 @@ impl Strides {
         Strides { batch: len.saturating_mul(token), head: width, token }
     }
 
-    /// One of Q, K or V in a packed `[batch, len, 3, heads, d]` tensor. Pass the buffer sliced
-    /// at 0, `heads·d` and `2·heads·d` as Q, K and V.
-    pub fn packed_qkv(heads: usize, len: usize, d: usize) -> Strides {
-        let token = heads.saturating_mul(d).saturating_mul(3);
+    /// One of Q, K or V in a packed `[batch, len, heads + 2·kv_heads, d]` tensor (`[batch, len,
+    /// 3, heads, d]` without grouping): each token holds its query heads, then its key heads, then
+    /// its value heads. Pass the buffer sliced at [`Layout::packed_qkv_offsets`] as Q, K and V.
+    pub fn packed_qkv(heads: usize, kv_heads: usize, len: usize, d: usize) -> Strides {
+        let token = heads.saturating_add(kv_heads.saturating_mul(2)).saturating_mul(d);
         Strides { batch: len.saturating_mul(token), head: d, token }
     }
 
@@ -98,8 +99,8 @@ impl TensorArg {
     pub fn dims(self, s: &AttentionShape) -> TensorDims {
         let (heads, rows, width) = match self {
             TensorArg::Q | TensorArg::Dq => (s.heads, s.len, s.d),
-            TensorArg::K | TensorArg::Dk => (s.heads, s.keys(), s.d),
-            TensorArg::V | TensorArg::Dv => (s.heads, s.keys(), s.dv),
+            TensorArg::K | TensorArg::Dk => (s.key_heads(), s.keys(), s.d),
+            TensorArg::V | TensorArg::Dv => (s.key_heads(), s.keys(), s.dv),
             TensorArg::Out | TensorArg::Dout => (s.heads, s.len, s.dv),
         };
         TensorDims { batch: s.batch, heads, rows, width }
@@ -163,13 +164,20 @@ impl Layout {
         })
     }
 
-    /// Q, K and V in one packed `[B, L, 3, H, d]` tensor; the output, ∂ℒ/∂out and the gradients
+    /// Q, K and V in one packed `[B, L, H + 2·H_kv, d]` tensor (`[B, L, 3, H, d]` without
+    /// grouped key/value heads), sliced at [`Layout::packed_qkv_offsets`]; the output, ∂ℒ/∂out and the gradients
     /// `[B, L, H, ·]` (three tensors written by one call cannot share one mutable Rust slice;
     /// set `dq`, `dk` and `dv` to packed strides for separate buffers in that layout). Needs
     /// d_v = d and equal query and key lengths.
     pub fn packed_qkv(s: &AttentionShape) -> Layout {
-        let packed = Some(Strides::packed_qkv(s.heads, s.len, s.d));
+        let packed = Some(Strides::packed_qkv(s.heads, s.key_heads(), s.len, s.d));
         Layout { q: packed, k: packed, v: packed, ..Layout::blhd(s) }
+    }
+
+    /// Where Q, K and V start in a packed QKV buffer ([`Layout::packed_qkv`]): 0, `heads·d` and
+    /// `(heads + kv_heads)·d`.
+    pub fn packed_qkv_offsets(s: &AttentionShape) -> [usize; 3] {
+        [0, s.heads * s.d, (s.heads + s.key_heads()) * s.d]
     }
 
     /// A layout from the strides of each tensor.
@@ -403,7 +411,7 @@ mod tests {
         }
         // Packed: K's slice starts H·d into the buffer; its strides reach 2·H·d short of the
         // buffer's end, within the slice.
-        let p = Strides::packed_qkv(3, 5, 4);
+        let p = Strides::packed_qkv(3, 3, 5, 4);
         assert_eq!(extent("k", t, p), Ok(2 * 5 * 3 * 3 * 4 - 2 * 3 * 4));
         assert_eq!(check_disjoint_rows("k", t, p), Ok(()));
     }

@@ -51,17 +51,18 @@ impl Widened {
         })
     }
 
+    /// Query head `bh` with the key/value head it reads.
     fn head<'a>(&'a self, s: AttentionShape, mask: Option<&'a [bool]>, bh: usize) -> Head<'a> {
         let (l, lk, d, dv) = (s.len, s.keys(), s.d, s.dv);
-        let b = bh / s.heads;
+        let (b, kvh) = (bh / s.heads, s.kv_head_of(bh));
         Head {
             len: l,
             kv_len: lk,
             d,
             dv,
             q: &self.q[bh * l * d..(bh + 1) * l * d],
-            k: &self.k[bh * lk * d..(bh + 1) * lk * d],
-            v: &self.v[bh * lk * dv..(bh + 1) * lk * dv],
+            k: &self.k[kvh * lk * d..(kvh + 1) * lk * d],
+            v: &self.v[kvh * lk * dv..(kvh + 1) * lk * dv],
             mask: mask.map(|m| &m[b * lk..(b + 1) * lk]),
         }
     }
@@ -85,6 +86,13 @@ fn store(p: &Problem<'_>, arg: TensorArg, t: &mut HostMut<'_>, src: &[f64]) -> R
         write_head_f64(t, dims, strides, bh, head)?;
     }
     Ok(())
+}
+
+/// `n` zeros, or an allocation error.
+fn zeroed(arg: &'static str, n: usize) -> Result<Vec<f64>> {
+    let mut v = try_with_capacity(arg, n)?;
+    v.resize(n, 0.0);
+    Ok(v)
 }
 
 fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
@@ -121,7 +129,8 @@ impl ReferenceBackend {
     }
 
     /// The backward pass in f64 (see [`ReferenceBackend::forward_f64`]): dq, dk, dv contiguous
-    /// `[B, H, ·, ·]` whatever the problem's layout, parameter gradients summed over heads.
+    /// `[B, H, ·, ·]` (`[B, H_kv, ·, ·]` for dk and dv) whatever the problem's layout, dk and dv
+    /// summed over the query heads of each key/value head, parameter gradients over heads.
     pub fn backward_f64(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, dout: HostRef<'_>) -> Result<HeadGrads> {
         let dtype = validate_host_inputs(p, &inputs)?;
         let s = p.shape;
@@ -133,10 +142,11 @@ impl ReferenceBackend {
         let delta = p.denominator_guard() as f64;
         let mut all = HeadGrads {
             dq: try_with_capacity("dq", s.qk_len())?,
-            dk: try_with_capacity("dk", s.k_len())?,
-            dv: try_with_capacity("dv", s.v_len())?,
+            dk: zeroed("dk", s.k_len())?,
+            dv: zeroed("dv", s.v_len())?,
             params: p.map.param_grads_f64(),
         };
+        let (nk, nv) = (s.keys() * s.d, s.keys() * s.dv);
         for bh in 0..s.problems() {
             let h = w.head(s, inputs.key_mask, bh);
             let gh = &g[bh * s.len * s.dv..(bh + 1) * s.len * s.dv];
@@ -145,8 +155,10 @@ impl ReferenceBackend {
                 Direction::Causal => causal_backward(p.map, delta, &h, gh),
             };
             all.dq.extend(dq);
-            all.dk.extend(dk);
-            all.dv.extend(dv);
+            let kvh = s.kv_head_of(bh);
+            let add = |acc: &mut [f64], part: &[f64]| acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            add(&mut all.dk[kvh * nk..(kvh + 1) * nk], &dk);
+            add(&mut all.dv[kvh * nv..(kvh + 1) * nv], &dv);
             add_params(&mut all.params, params);
         }
         Ok(all)
@@ -333,13 +345,18 @@ pub fn softmax_attention_backward(
     let Grads { mut dq, mut dk, mut dv } = grads;
     let w = Widened::new(&p, &inputs)?;
     let g = dout.to_f64_vec();
+    let (mut gk, mut gv) = (zeroed("dk", shape.k_len())?, zeroed("dv", shape.v_len())?);
+    let (nk, nv) = (shape.keys() * shape.d, shape.keys() * shape.dv);
+    let add = |acc: &mut [f64], part: &[f64]| acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);
         let gh = &g[bh * shape.len * shape.dv..(bh + 1) * shape.len * shape.dv];
         let r = attention::softmax::softmax_backward(&h, direction == Direction::Causal, gh);
         dq.write_f64(bh * shape.len * shape.d, &r.dq)?;
-        dk.write_f64(bh * shape.keys() * shape.d, &r.dk)?;
-        dv.write_f64(bh * shape.keys() * shape.dv, &r.dv)?;
+        let kvh = shape.kv_head_of(bh);
+        add(&mut gk[kvh * nk..(kvh + 1) * nk], &r.dk);
+        add(&mut gv[kvh * nv..(kvh + 1) * nv], &r.dv);
     }
-    Ok(())
+    dk.write_f64(0, &gk)?;
+    dv.write_f64(0, &gv)
 }

@@ -25,17 +25,62 @@ pub struct AttentionShape {
     /// Keys (and values) per sequence when they differ from the queries (cross-attention:
     /// bidirectional only); `None` is `len`.
     pub kv_len: Option<usize>,
+    /// Key/value heads per batch element when fewer than the query heads (grouped-query
+    /// attention; 1 is multi-query): query head h reads key/value head h / (heads / kv_heads).
+    /// Must divide `heads`; `None` is `heads`.
+    pub kv_heads: Option<usize>,
 }
 
 impl AttentionShape {
     /// A shape with `d_v = d`.
     pub fn new(batch: usize, heads: usize, len: usize, d: usize) -> Self {
-        Self { batch, heads, len, d, dv: d, kv_len: None }
+        Self { batch, heads, len, d, dv: d, kv_len: None, kv_heads: None }
     }
 
     /// The same shape with `kv_len` keys per sequence (cross-attention; bidirectional only).
     pub fn with_kv_len(self, kv_len: usize) -> Self {
         Self { kv_len: Some(kv_len), ..self }
+    }
+
+    /// The same shape with `kv_heads` key/value heads per batch element (grouped-query
+    /// attention; `kv_heads` must divide `heads`).
+    pub fn with_kv_heads(self, kv_heads: usize) -> Self {
+        Self { kv_heads: Some(kv_heads), ..self }
+    }
+
+    /// Key/value heads per batch element: `kv_heads`, or `heads` when unset.
+    pub fn key_heads(&self) -> usize {
+        self.kv_heads.unwrap_or(self.heads)
+    }
+
+    /// Query heads per key/value head (1 without grouping). The shape must be valid.
+    pub fn group(&self) -> usize {
+        self.heads / self.key_heads().max(1)
+    }
+
+    /// Whether key/value heads are shared by several query heads.
+    pub fn is_grouped(&self) -> bool {
+        self.key_heads() != self.heads
+    }
+
+    /// The key/value head (batch-major, of `batch · key_heads`) read by query head `bh`
+    /// (batch-major, of `batch · heads`).
+    pub fn kv_head_of(&self, bh: usize) -> usize {
+        let (b, h) = (bh / self.heads, bh % self.heads);
+        b * self.key_heads() + h / self.group()
+    }
+
+    /// The query heads (batch-major) that read key/value head `kvh`: consecutive.
+    pub fn query_heads_of(&self, kvh: usize) -> std::ops::Range<usize> {
+        let (b, j) = (kvh / self.key_heads(), kvh % self.key_heads());
+        let first = b * self.heads + j * self.group();
+        first..first + self.group()
+    }
+
+    /// Independent (batch, key/value head) problems; saturates like
+    /// [`AttentionShape::problems`].
+    pub fn kv_problems(&self) -> usize {
+        self.batch.saturating_mul(self.key_heads())
     }
 
     /// Keys (and values) per sequence: `kv_len`, or `len` when unset.
@@ -59,7 +104,7 @@ impl AttentionShape {
         self.batch.saturating_mul(self.heads)
     }
 
-    /// Elements of Q (and of K without `kv_len`). Saturates at `usize::MAX`, a length no tensor
+    /// Elements of Q (and of K without `kv_len` or `kv_heads`). Saturates at `usize::MAX`, a length no tensor
     /// has, when the product overflows; [`AttentionShape::checked_qk_len`] reports that as an
     /// error.
     pub fn qk_len(&self) -> usize {
@@ -68,10 +113,10 @@ impl AttentionShape {
 
     /// Elements of K; saturates like [`AttentionShape::qk_len`].
     pub fn k_len(&self) -> usize {
-        checked_len("k", &[self.batch, self.heads, self.keys(), self.d]).unwrap_or(usize::MAX)
+        checked_len("k", &[self.batch, self.key_heads(), self.keys(), self.d]).unwrap_or(usize::MAX)
     }
 
-    /// Elements of V (and of the output without `kv_len`); saturates like
+    /// Elements of V (and of the output without `kv_len` or `kv_heads`); saturates like
     /// [`AttentionShape::qk_len`].
     pub fn v_len(&self) -> usize {
         self.checked_v_len().unwrap_or(usize::MAX)
@@ -94,7 +139,7 @@ impl AttentionShape {
 
     /// Elements of V, or [`FavorError::SizeOverflow`].
     pub fn checked_v_len(&self) -> Result<usize> {
-        checked_len("v", &[self.batch, self.heads, self.keys(), self.dv])
+        checked_len("v", &[self.batch, self.key_heads(), self.keys(), self.dv])
     }
 
     /// Elements of the key padding mask, or [`FavorError::SizeOverflow`].
@@ -110,6 +155,7 @@ impl AttentionShape {
             ("heads", self.heads),
             ("len", self.len),
             ("kv_len", self.keys()),
+            ("kv_heads", self.key_heads()),
             ("d", self.d),
             ("dv", self.dv),
         ] {
@@ -117,9 +163,19 @@ impl AttentionShape {
                 return Err(FavorError::ZeroSize { arg });
             }
         }
+        if !self.heads.is_multiple_of(self.key_heads()) {
+            return Err(FavorError::param(
+                "kv_heads",
+                format!(
+                    "must divide heads (query head h reads key/value head h / (heads / kv_heads)), got {} query heads and {} key/value heads",
+                    self.heads,
+                    self.key_heads()
+                ),
+            ));
+        }
         self.checked_qk_len()?;
         self.checked_v_len()?;
-        checked_len("k", &[self.batch, self.heads, self.keys(), self.d])?;
+        checked_len("k", &[self.batch, self.key_heads(), self.keys(), self.d])?;
         checked_len("out", &[self.batch, self.heads, self.len, self.dv])?;
         Ok(())
     }

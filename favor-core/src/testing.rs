@@ -174,7 +174,8 @@ pub fn log_denominator_slopes(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> (f64
     let (mut slope, mut param_slope) = (0.0f64, 0.0f64);
     for bh in 0..s.problems() {
         let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * lk + j]);
-        let (qh, kh) = (q[bh * l * d..(bh + 1) * l * d].to_vec(), k[bh * lk * d..(bh + 1) * lk * d].to_vec());
+        let kvh = s.kv_head_of(bh);
+        let (qh, kh) = (q[bh * l * d..(bh + 1) * l * d].to_vec(), k[kvh * lk * d..(kvh + 1) * lk * d].to_vec());
         // Features of each row at its own log-scale, and their sums (the scale of each row drops
         // out of its log-slope).
         let feats = |x: &[f64], kept: &dyn Fn(usize) -> bool| {
@@ -240,7 +241,8 @@ pub fn denominator_condition(p: &Problem<'_>, inputs: Inputs<'_, Host>) -> f64 {
     let mut worst = 1.0f64;
     for bh in 0..s.problems() {
         let keep = |j: usize| inputs.key_mask.is_none_or(|m| m[(bh / s.heads) * lk + j]);
-        let (qh, kh) = (&q[bh * l * d..(bh + 1) * l * d], &k[bh * lk * d..(bh + 1) * lk * d]);
+        let kvh = s.kv_head_of(bh);
+        let (qh, kh) = (&q[bh * l * d..(bh + 1) * l * d], &k[kvh * lk * d..(kvh + 1) * lk * d]);
         // Any common key stabiliser gives the same ratio: the largest log-scale of a kept key.
         let c = (0..lk).filter(|&j| keep(j)).map(|j| p.map.log_scale(&kh[j * d..(j + 1) * d])).fold(f64::MIN, f64::max);
         let mut kf = vec![0.0; lk * mf];
@@ -957,16 +959,16 @@ pub fn assert_layouts_agree<B: FavorBackend<Mem = Host>>(
         let span = |arg| crate::layout::extent("test", dims(arg), st(arg)).expect("test layout fits");
         // Q, K, V: one packed buffer, or one buffer each; NaN between rows.
         let packed = name == "packed-qkv";
-        let hd = s.heads * s.d;
         let (qb, kb, vb, offs) = if packed {
-            let len = span(TensorArg::Q) + 2 * hd;
+            let offs = Layout::packed_qkv_offsets(&s);
+            let len = span(TensorArg::Q) + offs[2];
             let parts = [
-                (&q, dims(TensorArg::Q), st(TensorArg::Q), 0),
-                (&k, dims(TensorArg::K), st(TensorArg::K), hd),
-                (&v, dims(TensorArg::V), st(TensorArg::V), 2 * hd),
+                (&q, dims(TensorArg::Q), st(TensorArg::Q), offs[0]),
+                (&k, dims(TensorArg::K), st(TensorArg::K), offs[1]),
+                (&v, dims(TensorArg::V), st(TensorArg::V), offs[2]),
             ];
             let b = place(dtype, len, &parts);
-            (b.clone(), b.clone(), b, [0, hd, 2 * hd])
+            (b.clone(), b.clone(), b, offs)
         } else {
             let one = |x: &HostTensor, arg| place(dtype, span(arg) + 3, &[(x, dims(arg), st(arg), 0)]);
             (one(&q, TensorArg::Q), one(&k, TensorArg::K), one(&v, TensorArg::V), [0, 0, 0])

@@ -28,7 +28,7 @@ impl Tensors {
         Self {
             shape,
             q: t(r, shape.qk_len(), std),
-            k: t(r, shape.qk_len(), std),
+            k: t(r, shape.k_len(), std),
             v: t(r, shape.v_len(), 1.0),
             mask: None,
         }

@@ -65,13 +65,16 @@ fn internal(what: String) -> FavorError {
     FavorError::Backend { backend: "cuda", reason: format!("internal size check failed: {what}") }
 }
 
-/// Fails unless `buf` holds at least `n` elements.
 /// Where the rows of a caller's tensor lie for the kernels that read or write it (pack, unpack,
-/// normalize): row r = (b·heads + h)·len + t starts at element b·batch + h·head + t·token.
+/// normalize): row r = (b·heads + h)·len + t starts at element b·batch + (h / group)·head +
+/// t·token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RowMap {
     pub len: usize,
     pub heads: usize,
+    /// Query heads per key/value head when packing K or V for every query head (1 otherwise):
+    /// row head h reads the tensor's head h / group.
+    pub group: usize,
     pub strides: favor_core::Strides,
     /// Elements the rows span (one past the last addressed element).
     pub extent: usize,
@@ -84,6 +87,7 @@ impl RowMap {
         RowMap {
             len: rows.max(1),
             heads: 1,
+            group: 1,
             strides: favor_core::Strides { batch: whole, head: whole, token: n },
             extent: whole,
         }
@@ -93,7 +97,14 @@ impl RowMap {
     pub(crate) fn of(p: &favor_core::Problem<'_>, arg: favor_core::TensorArg) -> Result<RowMap> {
         let (dims, strides) = (p.dims(arg), p.strides(arg));
         let extent = favor_core::layout::extent(arg.name(), dims, strides)?;
-        Ok(RowMap { len: dims.rows, heads: dims.heads, strides, extent })
+        Ok(RowMap { len: dims.rows, heads: dims.heads, group: 1, strides, extent })
+    }
+
+    /// K or V of a validated call read once per query head: a grouped key/value head is
+    /// packed for each query head of its group.
+    pub(crate) fn per_query_head(p: &favor_core::Problem<'_>, arg: favor_core::TensorArg) -> Result<RowMap> {
+        let m = RowMap::of(p, arg)?;
+        Ok(RowMap { heads: p.shape.heads, group: p.shape.group(), ..m })
     }
 
     /// The rows of head `bh` alone (for writing one head): its base offset and map.
@@ -101,15 +112,17 @@ impl RowMap {
         let base = self.strides.head_base(self.heads, bh);
         let extent = (self.len - 1) * self.strides.token + width;
         let strides = favor_core::Strides { batch: 0, head: 0, token: self.strides.token };
-        (base, RowMap { len: self.len, heads: 1, strides, extent })
+        (base, RowMap { len: self.len, heads: 1, group: 1, strides, extent })
     }
 
-    fn args(&self) -> Result<[i64; 5]> {
+    fn args(&self) -> Result<[i64; 6]> {
         let i = |x: usize| i64::try_from(x).map_err(|_| internal(format!("row map value {x} exceeds i64")));
-        Ok([i(self.len)?, i(self.heads)?, i(self.strides.batch)?, i(self.strides.head)?, i(self.strides.token)?])
+        let s = self.strides;
+        Ok([i(self.len)?, i(self.heads)?, i(self.group.max(1))?, i(s.batch)?, i(s.head)?, i(s.token)?])
     }
 }
 
+/// Fails unless `buf` holds at least `n` elements.
 fn need(buf: DevPtr, n: usize, name: &str) -> Result<u64> {
     if buf.len < n {
         return Err(internal(format!("{name} holds {} elements, the kernel needs {n}", buf.len)));
@@ -422,15 +435,16 @@ impl Exec {
             b.arg(&a);
         }
         // SAFETY: (const T* src, i64 rows, int n, float* dst [rows·ld], int ld, int ones, i64 len,
-        // i64 heads, i64 bs, i64 hs, i64 ts); the rows `map` addresses end within its extent
-        // (validated by the layout checks), which src holds; dst's size was checked above; T
-        // matches `dtype` (the caller's tensor dtype).
+        // i64 heads, i64 group, i64 bs, i64 hs, i64 ts); the rows `map` addresses end within its
+        // extent (validated by the layout checks; a group reads heads below heads / group), which
+        // src holds; dst's size was checked above; T matches `dtype` (the caller's tensor dtype).
         unsafe { b.launch(grid_1d(rows * width, 256)) }?;
         Ok(())
     }
 
-    /// `favor_unpack_<dtype>(src, ld, rows, n, dst, map…)`: the rows of dst (dtype, n per row,
-    /// where `map` puts them) ← src (fp32, rows × ld).
+    /// `favor_unpack_<dtype>(src, ld, rows, n, dst, sums, map…)`: the rows of dst (dtype, n per
+    /// row, where `map` puts them) ← src (fp32, rows·sums × ld), each the sum of `sums`
+    /// consecutive heads' rows (a key/value head's gradient over its query heads; 1: a copy).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_unpack(
         &self,
@@ -441,21 +455,30 @@ impl Exec {
         n: usize,
         dst: DevPtr,
         map: RowMap,
+        sums: usize,
     ) -> Result<()> {
-        if ld < n || map.len * map.heads == 0 || !rows.is_multiple_of(map.len * map.heads) {
-            return Err(internal(format!("unpack ld {ld} < n {n} or rows {rows} not whole heads of {map:?}")));
+        if ld < n
+            || sums == 0
+            || map.group != 1
+            || map.len * map.heads == 0
+            || !rows.is_multiple_of(map.len * map.heads)
+        {
+            return Err(internal(format!(
+                "unpack ld {ld} < n {n}, sums {sums} or rows {rows} not whole heads of {map:?}"
+            )));
         }
-        let src = need(src, rows * ld, "unpack src")?;
+        let src = need(src, rows * sums * ld, "unpack src")?;
         let dst = need(dst, map.extent, "unpack dst")?;
-        let (ld_i, rows_i, n_i) = (int(ld, "ld")?, rows as i64, int(n, "n")?);
+        let (ld_i, rows_i, n_i, sums_i) = (int(ld, "ld")?, rows as i64, int(n, "n")?, int(sums, "sums")?);
         let mut b = self.builder(per_dtype_name("unpack", dtype));
-        b.arg(&src).arg(&ld_i).arg(&rows_i).arg(&n_i).arg(&dst);
+        b.arg(&src).arg(&ld_i).arg(&rows_i).arg(&n_i).arg(&dst).arg(&sums_i);
         for a in map.args()? {
             b.arg(&a);
         }
-        // SAFETY: (const float* src [rows·ld], int ld, i64 rows, int n, T* dst, i64 len, i64 heads,
-        // i64 bs, i64 hs, i64 ts); src's size was checked above, the rows `map` addresses end
-        // within its extent, which dst holds; T matches `dtype`.
+        // SAFETY: (const float* src [rows·sums·ld], int ld, i64 rows, int n, T* dst, int sums,
+        // i64 len, i64 heads, i64 group = 1, i64 bs, i64 hs, i64 ts); src's size was checked
+        // above, the rows `map` addresses end within its extent, which dst holds; T matches
+        // `dtype`.
         unsafe { b.launch(grid_1d(rows * n, 256)) }?;
         Ok(())
     }
@@ -491,7 +514,8 @@ impl Exec {
         }
         // SAFETY: (const float* o1 [rows·(dv+1)], i64 rows, int dv, float delta, T* out, float*
         // r_out [rows] or null, const int* first_seen [rows/len] or null, int len ≥ 1 dividing
-        // rows, int* risk [rows/len] or null, i64 out_len, i64 heads, i64 bs, i64 hs, i64 ts);
+        // rows, int* risk [rows/len] or null, i64 out_len, i64 heads, i64 group, i64 bs, i64 hs,
+        // i64 ts);
         // sizes checked above (out: the extent of the rows `out_map` addresses), T matches `dtype`.
         unsafe { b.launch(grid_1d(rows * dv, 256)) }?;
         Ok(())

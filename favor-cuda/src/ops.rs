@@ -191,8 +191,11 @@ impl CudaBackend {
         self.check_sizes(s, &map.args)?;
         let rows = s.problems() * s.len;
         let q = self.pack(dtype, inputs.q.raw(), RowMap::of(p, TensorArg::Q)?, rows, s.d, s.d, false)?;
-        let k = self.pack(dtype, inputs.k.raw(), RowMap::of(p, TensorArg::K)?, rows, s.d, s.d, false)?;
-        let v1 = self.pack(dtype, inputs.v.raw(), RowMap::of(p, TensorArg::V)?, rows, s.dv, s.dv + 1, true)?;
+        // Grouped key/value heads are packed once per query head: the current kernels work per
+        // (batch, query head).
+        let (km, vm) = (RowMap::per_query_head(p, TensorArg::K)?, RowMap::per_query_head(p, TensorArg::V)?);
+        let k = self.pack(dtype, inputs.k.raw(), km, rows, s.d, s.d, false)?;
+        let v1 = self.pack(dtype, inputs.v.raw(), vm, rows, s.dv, s.dv + 1, true)?;
         let mask = inputs.key_mask.map(|m| self.scratch_mask(m)).transpose()?;
         Ok(Packed { q, k, v1, mask, map, rows })
     }
@@ -482,20 +485,32 @@ impl CudaBackend {
             dk32.ptr(),
         )?;
         let Grads { dq, dk, dv } = grads;
-        kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw(), RowMap::of(p, TensorArg::Dq)?)?;
-        kern.launch_unpack(dtype, dk32.ptr(), s.d, rows, s.d, dk.raw(), RowMap::of(p, TensorArg::Dk)?)?;
-        kern.launch_unpack(dtype, dv32.ptr(), s.dv, rows, s.dv, dv.raw(), RowMap::of(p, TensorArg::Dv)?)?;
-        if let Some((host, g)) = fallback {
-            for bh in flagged {
-                let f = host.head(s, bh);
-                let gh: Vec<f64> = g[bh * s.len * s.dv..(bh + 1) * s.len * s.dv].iter().map(|&e| e as f64).collect();
-                let hg = match p.options.direction {
-                    Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &f.head(s), &gh),
-                    Direction::Causal => causal_backward(p.map, delta as f64, &f.head(s), &gh),
-                };
-                self.write_head(dtype, &hg.dq, dq.raw(), RowMap::of(p, TensorArg::Dq)?, s.d, bh)?;
-                self.write_head(dtype, &hg.dk, dk.raw(), RowMap::of(p, TensorArg::Dk)?, s.d, bh)?;
-                self.write_head(dtype, &hg.dv, dv.raw(), RowMap::of(p, TensorArg::Dv)?, s.dv, bh)?;
+        // dk and dv of a key/value head: the sum of its query heads' rows.
+        let (kv_rows, g) = (s.kv_problems() * s.len, s.group());
+        kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw(), RowMap::of(p, TensorArg::Dq)?, 1)?;
+        kern.launch_unpack(dtype, dk32.ptr(), s.d, kv_rows, s.d, dk.raw(), RowMap::of(p, TensorArg::Dk)?, g)?;
+        kern.launch_unpack(dtype, dv32.ptr(), s.dv, kv_rows, s.dv, dv.raw(), RowMap::of(p, TensorArg::Dv)?, g)?;
+        if let Some((host, gout)) = fallback {
+            // A group with a flagged query head is recomputed whole: its dk and dv sum every
+            // query head's share.
+            let mut groups: Vec<usize> = flagged.iter().map(|&bh| s.kv_head_of(bh)).collect();
+            groups.dedup();
+            for kvh in groups {
+                let (mut gk, mut gv) = (vec![0.0; s.len * s.d], vec![0.0; s.len * s.dv]);
+                for bh in s.query_heads_of(kvh) {
+                    let f = host.head(s, bh);
+                    let rows = bh * s.len * s.dv..(bh + 1) * s.len * s.dv;
+                    let gh: Vec<f64> = gout[rows].iter().map(|&e| e as f64).collect();
+                    let hg = match p.options.direction {
+                        Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &f.head(s), &gh),
+                        Direction::Causal => causal_backward(p.map, delta as f64, &f.head(s), &gh),
+                    };
+                    self.write_head(dtype, &hg.dq, dq.raw(), RowMap::of(p, TensorArg::Dq)?, s.d, bh)?;
+                    gk.iter_mut().zip(&hg.dk).for_each(|(a, b)| *a += b);
+                    gv.iter_mut().zip(&hg.dv).for_each(|(a, b)| *a += b);
+                }
+                self.write_head(dtype, &gk, dk.raw(), RowMap::of(p, TensorArg::Dk)?, s.d, kvh)?;
+                self.write_head(dtype, &gv, dv.raw(), RowMap::of(p, TensorArg::Dv)?, s.dv, kvh)?;
             }
         }
         Ok(None)
@@ -557,7 +572,7 @@ impl CudaBackend {
         let dst = dst
             .slice(base, head.extent, dtype.size())
             .ok_or_else(|| FavorError::Backend { backend: "cuda", reason: format!("head {bh} outside its tensor") })?;
-        self.exec.launch_unpack(dtype, src.ptr(), width, map.len, width, dst, head)
+        self.exec.launch_unpack(dtype, src.ptr(), width, map.len, width, dst, head, 1)
     }
 
     pub(crate) fn new_state_device(&self, p: &Problem<'_>) -> Result<CudaState> {
@@ -677,7 +692,7 @@ impl CudaBackend {
             shape.len,
             Some((phi32.ptr(), mf)),
         )?;
-        self.exec.launch_unpack(x.dtype(), phi32.ptr(), mf, rows, mf, phi.raw(), RowMap::contiguous(rows, mf))
+        self.exec.launch_unpack(x.dtype(), phi32.ptr(), mf, rows, mf, phi.raw(), RowMap::contiguous(rows, mf), 1)
     }
 
     pub(crate) fn feature_map_backward_device(
@@ -715,6 +730,7 @@ impl CudaBackend {
             shape.d,
             dx.raw(),
             RowMap::contiguous(rows, shape.d),
+            1,
         )?;
         Ok(None)
     }

@@ -744,3 +744,91 @@ fn strided_host_and_device_tensors_match_the_contiguous_layout() {
     }
     worst.print("strided_host_tensors_match_the_contiguous_layout");
 }
+
+#[test]
+fn grouped_heads_match_reference() {
+    let mut worst = Worst::default();
+    for (cuda, emulated) in backends("grouped_heads_match_reference") {
+        // (batch, heads, kv_heads, len, d, d_v, m): groups of 2 and 3, multi-query.
+        let mut shapes = vec![(2, 4, 2, 9, 5, 3, 9), (1, 3, 1, 33, 8, 5, 17)];
+        if !emulated {
+            shapes.push((2, 8, 2, 700, 64, 64, 256));
+        }
+        for (i, &(b, h, hk, l, d, dv, m)) in shapes.iter().enumerate() {
+            let shape = AttentionShape::new(b, h, l, d).with_dv(dv).with_kv_heads(hk);
+            let seed = 500 + 10 * i as u64;
+            let mask: Vec<bool> = (0..b * l).map(|j| j % l == 0 || j % 3 != 1).collect();
+            let proj = || Projection::draw(ProjectionConfig::new(m, d, seed)).expect("projection");
+            for map in [positive(proj()), FeatureMap::trigonometric(proj()), FeatureMap::elu_plus_one()] {
+                let std = qk_std(&map, d);
+                for opts in directions() {
+                    for dtype in [DType::F32, DType::Bf16] {
+                        let t = |n: usize, s: f32, k: u64| HostTensor::from_f32(dtype, &randn(n, s, seed + k));
+                        let (q, k, v) = (t(shape.qk_len(), std, 1), t(shape.k_len(), std, 2), t(shape.v_len(), 1.0, 3));
+                        let g = t(shape.out_len(), 1.0, 4);
+                        let p = Problem::new(shape, &map).with_options(opts);
+                        let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: Some(&mask) };
+                        let what = format!("grouped {shape:?} {} {:?} {dtype}", map.name(), opts.direction);
+                        let kappa = denominator_condition(&p, inputs);
+                        assert!(kappa <= TRIG_KAPPA_MAX, "{what}: ill-conditioned denominators (κ = {kappa:.1e})");
+                        let want = ReferenceBackend.forward_f64(&p, inputs).expect("reference");
+                        let mut out = HostTensor::zeros(dtype, shape.out_len());
+                        cuda.forward(&p, inputs, out.view_mut()).expect("cuda forward");
+                        worst.note(
+                            format!("{dtype} output"),
+                            assert_close(&what, &out.to_f64_vec(), &want, tolerance(dtype, false)),
+                        );
+                        let zeros = |n| HostTensor::zeros(dtype, n);
+                        let (mut gq, mut gk, mut gv) =
+                            (zeros(shape.qk_len()), zeros(shape.k_len()), zeros(shape.v_len()));
+                        let grads = Grads { dq: gq.view_mut(), dk: gk.view_mut(), dv: gv.view_mut() };
+                        cuda.backward(&p, inputs, g.view(), grads).expect("cuda backward");
+                        check_grads(&what, &p, inputs, &g, [&gq, &gk, &gv], &mut worst);
+                    }
+                }
+            }
+            // Every layout (packed QKV with fewer key/value heads included) bit for bit, and
+            // chunked decoding continues the grouped causal state.
+            let map = positive(proj());
+            for opts in directions() {
+                let p = Problem::new(shape, &map).with_options(opts);
+                favor_core::testing::assert_layouts_agree(&cuda, &p, DType::F32, true, seed, 1.0);
+            }
+            let p = Problem::new(shape, &map).with_options(AttentionOptions::causal());
+            let (q, k, v) = (
+                randn(shape.qk_len(), 0.5, seed),
+                randn(shape.k_len(), 0.5, seed + 1),
+                randn(shape.v_len(), 1.0, seed + 2),
+            );
+            let got = favor_core::testing::decode_in_chunks(&cuda, &p, [&q, &k, &v], &[l / 2, 1, l - l / 2 - 1])
+                .expect("decode");
+            let inputs = Inputs { q: q[..].into(), k: k[..].into(), v: v[..].into(), key_mask: None };
+            let want = ReferenceBackend.forward_f64(&p, inputs).expect("reference");
+            let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+            worst.note("f32 decode".into(), assert_close(&format!("grouped decode {shape:?}"), &got, &want, TOL_OUT));
+            // V of the last key/value head beyond the f32 range: its group is recomputed in f64.
+            let mut vb = v.clone();
+            let n = l * dv;
+            vb[(shape.kv_problems() - 1) * n..].iter_mut().for_each(|x| *x *= 1e10);
+            let g = randn(shape.out_len(), 1.0, seed + 3);
+            for opts in directions() {
+                let p = Problem::new(shape, &map).with_options(opts);
+                let inputs = Inputs { q: q[..].into(), k: k[..].into(), v: vb[..].into(), key_mask: None };
+                let gt = HostTensor::from_f32(DType::F32, &g);
+                let (mut gq, mut gk, mut gv) = (
+                    HostTensor::zeros(DType::F32, shape.qk_len()),
+                    HostTensor::zeros(DType::F32, shape.k_len()),
+                    HostTensor::zeros(DType::F32, shape.v_len()),
+                );
+                let grads = Grads { dq: gq.view_mut(), dk: gk.view_mut(), dv: gv.view_mut() };
+                cuda.backward(&p, inputs, gt.view(), grads).expect("cuda backward");
+                let what = format!("grouped large V {shape:?} {:?}", opts.direction);
+                let want = ReferenceBackend.backward_f64(&p, inputs, gt.view()).expect("reference");
+                for (name, got, want) in [("dq", &gq, &want.dq), ("dk", &gk, &want.dk), ("dv", &gv, &want.dv)] {
+                    assert_close(&format!("{what} {name}"), &got.to_f64_vec(), want, 1e-4);
+                }
+            }
+        }
+    }
+    worst.print("grouped_heads_match_reference");
+}

@@ -16,14 +16,14 @@ use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
 use crate::kernels::rows::SharedOut;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
-use crate::kernels::{HeadIn, HeadRows, OutRows, TILE};
+use crate::kernels::{HeadIn, HeadRows, OutRows, TILE, store_rows};
 use crate::scan::{Scanned, scan_inputs};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
     check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_tensor,
-    try_with_capacity, validate_feature_call, validate_inputs,
+    try_with_capacity, try_zeroed, validate_feature_call, validate_inputs,
 };
-use favor_core::layout::read_head_f64;
+use favor_core::layout::{Strides, TensorDims, read_head_f64};
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
     Inputs, ParamGrads, Problem, Result, TensorArg, TensorHandle,
@@ -66,7 +66,8 @@ impl SimdBackend {
     }
 }
 
-/// Decoding state: one [`HeadState`] per (batch, head), batch-major.
+/// Decoding state: one [`HeadState`] per (batch, key/value head), batch-major: the query heads
+/// of a group share their key/value head's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimdState {
     made_for: favor_core::StateSignature,
@@ -83,8 +84,9 @@ fn segments(len: usize) -> Vec<(usize, usize)> {
 
 /// Causal segments of one head: the causal forward pays an extra summary pass (about a third
 /// of its work; the backward pays it and a suffix-sum product, about a sixth of its work) to
-/// split a sequence, so it splits only when there are fewer than 8
-/// (batch, head) problems, into at most 8 / problems segments of at least 1024 tokens.
+/// split a sequence, so it splits only when there are fewer than 8 (batch, key/value head)
+/// problems (the tasks: a group's query heads run inside its key/value head's task), into at
+/// most 8 / problems segments of at least 1024 tokens.
 /// Depends on the shape alone.
 fn causal_segments(problems: usize, len: usize) -> Vec<(usize, usize)> {
     let n = if problems >= 8 { 1 } else { (8 / problems).min(len / 1024).max(1) };
@@ -110,19 +112,21 @@ fn split_mut<'a>(t: HostMut<'a>, sizes: &[usize]) -> Vec<HostMut<'a>> {
     }
 }
 
-/// Head `bh` of the inputs; `risk` holds one at-risk flag per head (empty: not tracked).
+/// Query head `bh` of the inputs with the key/value head it reads; `risk` holds one at-risk flag
+/// per query head (empty: not tracked).
 fn head_in<'a: 'r, 'r>(p: &Problem<'_>, inputs: &Inputs<'a, Host>, bh: usize, risk: &'r [AtomicBool]) -> HeadIn<'r> {
     let s = p.shape;
     let b = bh / s.heads;
     let at = |arg| HeadRows::of(p.strides(arg), s.heads, bh);
+    let kv_at = |arg| HeadRows::of(p.strides(arg), s.key_heads(), s.kv_head_of(bh));
     HeadIn {
         risk: risk.get(bh),
         q: inputs.q,
         k: inputs.k,
         v: inputs.v,
         q_at: at(TensorArg::Q),
-        k_at: at(TensorArg::K),
-        v_at: at(TensorArg::V),
+        k_at: kv_at(TensorArg::K),
+        v_at: kv_at(TensorArg::V),
         dout_at: at(TensorArg::Dout),
         mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
         d: s.d,
@@ -135,17 +139,49 @@ fn shared_out<'a>(p: &Problem<'_>, arg: TensorArg, t: HostMut<'a>) -> Result<Sha
     SharedOut::new(t, p.dims(arg), p.strides(arg), arg.name())
 }
 
-/// (head, r0, r1) for every segment of `rows` rows of every head, head-major: the query rows
-/// (`s.len`) or the key rows (`s.keys()`, which differ in cross-attention).
-fn segment_tasks(s: AttentionShape, rows: usize) -> Vec<(usize, usize, usize)> {
+/// (head, r0, r1) for every segment of `rows` rows of each of `heads` heads, head-major: the
+/// query rows (`s.len`) of the query heads or the key rows (`s.keys()`, which differ in
+/// cross-attention) of the key/value heads.
+fn segment_tasks(heads: usize, rows: usize) -> Vec<(usize, usize, usize)> {
     let segs = segments(rows);
-    (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect()
+    (0..heads).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect()
+}
+
+/// The first query head reading key/value head `kvh`: it stands for the group in tasks that
+/// read only keys and values.
+fn lead(s: AttentionShape, kvh: usize) -> usize {
+    s.query_heads_of(kvh).start
+}
+
+/// Splits an output over the query heads of every key/value-head task `(kvh, r0, r1)`
+/// (head-major, `nseg` per key/value head): one row range per query head of the group, in
+/// head order.
+fn group_rows<'o>(
+    out: &'o mut SharedOut<'_>,
+    s: AttentionShape,
+    kv_tasks: &[(usize, usize, usize)],
+) -> Vec<Vec<OutRows<'o>>> {
+    let nseg = kv_tasks.len() / s.kv_problems();
+    let g = s.group();
+    // Query-head tasks sorted by head and row, as the split needs.
+    let q_tasks: Vec<(usize, usize, usize)> = kv_tasks
+        .chunks(nseg)
+        .enumerate()
+        .flat_map(|(kvh, segs)| s.query_heads_of(kvh).flat_map(move |qh| segs.iter().map(move |&(_, a, b)| (qh, a, b))))
+        .collect();
+    let mut rows: Vec<Option<OutRows<'o>>> = out.split(&q_tasks).into_iter().map(Some).collect();
+    (0..kv_tasks.len())
+        .map(|t| {
+            let (kvh, seg) = (t / nseg, t % nseg);
+            (0..g).map(|gi| rows[(kvh * g + gi) * nseg + seg].take().expect("each piece once")).collect()
+        })
+        .collect()
 }
 
 impl SimdBackend {
-    /// The causal segments of every head, (head, r0, r1) head-major, and the state entering
-    /// each: a summary pass over every segment but the last (from an empty state, in parallel),
-    /// then an ordered combination per head (cheap: O(M·d_v) per segment).
+    /// The causal segments of every key/value head, (kv head, r0, r1) head-major, and the state
+    /// entering each: a summary pass over every segment but the last (from an empty state, in
+    /// parallel), then an ordered combination per head (cheap: O(M·d_v) per segment).
     fn causal_incoming(
         &self,
         plan: &Plan,
@@ -153,17 +189,19 @@ impl SimdBackend {
         inputs: &Inputs<'_, Host>,
     ) -> (Vec<(usize, usize, usize)>, Vec<HeadState>) {
         let s = p.shape;
-        let segs = causal_segments(s.problems(), s.len);
+        let segs = causal_segments(s.kv_problems(), s.len);
         let nseg = segs.len();
         let tasks: Vec<(usize, usize, usize)> =
-            (0..s.problems()).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect();
+            (0..s.kv_problems()).flat_map(|kvh| segs.iter().map(move |&(a, b)| (kvh, a, b))).collect();
         if nseg == 1 {
-            return (tasks, vec![HeadState::new(plan, s.dv); s.problems()]);
+            return (tasks, vec![HeadState::new(plan, s.dv); s.kv_problems()]);
         }
         let summaries: Vec<HeadState> = tasks
             .par_iter()
             .filter(|&&(_, _, r1)| r1 < s.len)
-            .map(|&(bh, r0, r1)| self.token.run(CausalSummary { plan, io: head_in(p, inputs, bh, &[]), r0, r1 }))
+            .map(|&(kvh, r0, r1)| {
+                self.token.run(CausalSummary { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1 })
+            })
             .collect();
         let incoming = summaries
             .par_chunks(nseg - 1)
@@ -179,13 +217,13 @@ impl SimdBackend {
         (tasks, incoming)
     }
 
-    /// Key states of every head (bidirectional).
+    /// Key states of every key/value head (bidirectional), shared by its query heads.
     fn key_states(&self, plan: &Plan, p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
         let s = p.shape;
         let nseg = segments(s.keys()).len();
-        let stats: Vec<KeyStats> = segment_tasks(s, s.keys())
+        let stats: Vec<KeyStats> = segment_tasks(s.kv_problems(), s.keys())
             .into_par_iter()
-            .map(|(bh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(p, inputs, bh, &[]), r0, r1 }))
+            .map(|(kvh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1 }))
             .collect();
         stats.par_chunks(nseg).map(|parts| combine(plan, s.dv, parts)).collect()
     }
@@ -236,7 +274,8 @@ impl F64Head<'_> {
     }
 }
 
-/// Head `bh` widened to f64 (the tensors were validated against the shape and layout).
+/// Query head `bh` and its key/value head widened to f64 (the tensors were validated against
+/// the shape and layout).
 fn f64_head<'a>(
     p: &Problem<'_>,
     inputs: &Inputs<'a, Host>,
@@ -244,15 +283,145 @@ fn f64_head<'a>(
     bh: usize,
 ) -> Result<F64Head<'a>> {
     let s = p.shape;
-    let widen = |arg: TensorArg, t: &HostRef<'_>| read_head_f64(t, p.dims(arg), p.strides(arg), bh);
-    let b = bh / s.heads;
+    let widen = |arg: TensorArg, t: &HostRef<'_>, h| read_head_f64(t, p.dims(arg), p.strides(arg), h);
+    let (b, kvh) = (bh / s.heads, s.kv_head_of(bh));
     Ok(F64Head {
-        q: widen(TensorArg::Q, &inputs.q)?,
-        k: widen(TensorArg::K, &inputs.k)?,
-        v: widen(TensorArg::V, &inputs.v)?,
-        dout: dout.map(|g| widen(TensorArg::Dout, &g)).transpose()?,
+        q: widen(TensorArg::Q, &inputs.q, bh)?,
+        k: widen(TensorArg::K, &inputs.k, kvh)?,
+        v: widen(TensorArg::V, &inputs.v, kvh)?,
+        dout: dout.map(|g| widen(TensorArg::Dout, &g, bh)).transpose()?,
         mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
     })
+}
+
+/// `acc += part` elementwise (`acc` empty: a copy).
+fn add_f64(acc: &mut Vec<f64>, part: &[f64]) {
+    if acc.is_empty() {
+        acc.extend_from_slice(part);
+    } else {
+        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Writes each key/value head's rows of `out` (rows of `width`) as the sum of its query heads'
+/// rows in `per_query` (f32 `[B, H, L_k, width]`), in head order, one task per segment.
+fn sum_groups(
+    s: AttentionShape,
+    kv_tasks: &[(usize, usize, usize)],
+    per_query: &[f32],
+    width: usize,
+    out: &mut SharedOut<'_>,
+) {
+    let rows_per_head = s.keys() * width;
+    let pieces = out.split(kv_tasks);
+    kv_tasks.par_iter().zip(pieces).for_each(|(&(kvh, r0, r1), mut rows)| {
+        let mut acc = vec![0.0f32; (r1 - r0) * width];
+        for qh in s.query_heads_of(kvh) {
+            let src = &per_query[qh * rows_per_head + r0 * width..qh * rows_per_head + r1 * width];
+            acc.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        }
+        store_rows(&mut rows, 0, r1 - r0, &acc, width);
+    });
+}
+
+/// The causal backward's two sweeps over query-head tasks `(head, r0, r1)` (head-major), each
+/// from its incoming state, writing dq and the dk/dv rows of the same head (the stash lives in
+/// those rows, elements of `elem_size` bytes). Returns the parameter-gradient partials with
+/// their query heads.
+struct CausalSweeps<'p, 'a, 'g> {
+    plan: &'p Plan,
+    p: &'p Problem<'p>,
+    inputs: &'p Inputs<'a, Host>,
+    dout: HostRef<'g>,
+    delta: f32,
+    risk: &'p [AtomicBool],
+}
+
+impl CausalSweeps<'_, '_, '_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        backend: &SimdBackend,
+        tasks: &[(usize, usize, usize)],
+        incoming: Vec<HeadState>,
+        dq: &mut SharedOut<'_>,
+        dk: &mut SharedOut<'_>,
+        dv: &mut SharedOut<'_>,
+        elem_size: usize,
+    ) -> Vec<(usize, ParamAcc)> {
+        let (plan, p, inputs, dout, delta, risk) = (self.plan, self.p, self.inputs, self.dout, self.delta, self.risk);
+        let s = p.shape;
+        let nseg = tasks.len() / s.problems();
+        let place = StashPlace::choose(s.d, s.dv, elem_size);
+        // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
+        let mut sweeps: Vec<SweepOut> = {
+            let stash_rows: Vec<Option<OutRows<'_>>> = match place {
+                StashPlace::Dv => dv.split(tasks).into_iter().map(Some).collect(),
+                StashPlace::Dk => dk.split(tasks).into_iter().map(Some).collect(),
+                StashPlace::Side => tasks.iter().map(|_| None).collect(),
+            };
+            tasks
+                .par_iter()
+                .zip(incoming)
+                .zip(dq.split(tasks).into_par_iter().zip(stash_rows))
+                .map(|((&(bh, r0, r1), state), (dq, rows))| {
+                    let stash = Stash::new(rows, elem_size, r1 - r0);
+                    backend.token.run(BackwardForwardSweep {
+                        plan,
+                        io: head_in(p, inputs, bh, risk),
+                        dout,
+                        delta,
+                        r0,
+                        r1,
+                        state,
+                        suffix: r0 > 0,
+                        dq,
+                        stash,
+                        params: ParamAcc::new(plan, p.map),
+                    })
+                })
+                .collect()
+        };
+        // The suffix sums entering each segment from its end, chained from the last segment
+        // back: segment k − 1 gets segment k's share plus what entered segment k, moved from
+        // segment k's final maximum (segment k + 1's incoming one) to segment k's own.
+        let mut suffixes: Vec<Suffix> = Vec::with_capacity(tasks.len());
+        for head in sweeps.chunks_mut(nseg) {
+            let mut chain = vec![Suffix::new(plan, s.dv)];
+            for k in (1..nseg).rev() {
+                let share = head[k].suffix.take().unwrap_or_else(|| Suffix::new(plan, s.dv));
+                let c_end = head.get(k + 1).map_or(head[k].c_in, |h| h.c_in);
+                let entering = chain.last().cloned().unwrap_or_else(|| Suffix::new(plan, s.dv));
+                chain.push(Suffix::chain(entering, head[k].c_in, c_end, &share));
+            }
+            suffixes.extend(chain.into_iter().rev());
+        }
+        let mut params: Vec<(usize, ParamAcc)> =
+            tasks.iter().zip(sweeps.iter_mut()).filter_map(|(t, w)| w.params.take().map(|a| (t.0, a))).collect();
+        // Sweep 2: dk and dv, last chunk first in every segment.
+        let kparams: Vec<Option<ParamAcc>> = tasks
+            .par_iter()
+            .zip(sweeps.into_par_iter().zip(suffixes))
+            .zip(dk.split(tasks).into_par_iter().zip(dv.split(tasks)))
+            .map(|((&(bh, r0, r1), (sweep, suffix)), (dk, dv))| {
+                backend.token.run(BackwardReverseSweep {
+                    plan,
+                    io: head_in(p, inputs, bh, risk),
+                    dout,
+                    r0,
+                    r1,
+                    suffix,
+                    place,
+                    side: sweep.side,
+                    dk,
+                    dv,
+                    params: ParamAcc::new(plan, p.map),
+                })
+            })
+            .collect();
+        params.extend(tasks.iter().zip(kparams).filter_map(|(t, a)| a.map(|a| (t.0, a))));
+        params
+    }
 }
 
 impl FavorBackend for SimdBackend {
@@ -329,20 +498,22 @@ impl FavorBackend for SimdBackend {
         match p.options.direction {
             Direction::Bidirectional => {
                 let keys = self.key_states(&plan, p, &inputs);
-                let tasks = segment_tasks(s, s.len);
+                let tasks = segment_tasks(s.problems(), s.len);
                 let outs = out.split(&tasks);
                 tasks.into_par_iter().zip(outs).for_each(|((bh, r0, r1), out)| {
                     let io = head_in(p, &inputs, bh, &risk);
-                    self.token.run(QueryForward { plan: &plan, io, keys: &keys[bh], delta, r0, r1, out })
+                    let keys = &keys[s.kv_head_of(bh)];
+                    self.token.run(QueryForward { plan: &plan, io, keys, delta, r0, r1, out })
                 });
             }
             Direction::Causal => {
                 let (tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
-                // Replay every segment from its incoming state.
-                let outs = out.split(&tasks);
-                tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((bh, r0, r1), out), mut state)| {
-                    let io = head_in(p, &inputs, bh, &risk);
-                    self.token.run(CausalForward { plan: &plan, io, r0, r1, state: &mut state, delta, out })
+                // Replay every segment of every key/value head from its incoming state, with the
+                // group's query heads inside.
+                let outs = group_rows(&mut out, s, &tasks);
+                tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((kvh, r0, r1), outs), mut state)| {
+                    let heads = s.query_heads_of(kvh).map(|qh| head_in(p, &inputs, qh, &risk)).zip(outs).collect();
+                    self.token.run(CausalForward { plan: &plan, heads, r0, r1, state: &mut state, delta })
                 });
             }
         }
@@ -382,7 +553,8 @@ impl FavorBackend for SimdBackend {
         check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
-        // Parameter-gradient partials, each with its head (those of recomputed heads are dropped).
+        // Parameter-gradient partials, each with its key/value head (those of recomputed groups
+        // are dropped).
         let params: Vec<(usize, ParamAcc)> = match p.options.direction {
             Direction::Bidirectional => {
                 let keys = self.key_states(&plan, p, &inputs);
@@ -394,19 +566,20 @@ impl FavorBackend for SimdBackend {
                         t
                     })
                     .collect();
-                let tasks = segment_tasks(s, s.len);
+                let tasks = segment_tasks(s.problems(), s.len);
                 let nseg = segments(s.len).len();
                 let dqs = dq.split(&tasks);
                 let qgrads: Vec<_> = tasks
                     .par_iter()
                     .zip(dqs)
                     .map(|(&(bh, r0, r1), dq)| {
+                        let kvh = s.kv_head_of(bh);
                         self.token.run(QueryBackward {
                             plan: &plan,
                             io: head_in(p, &inputs, bh, &risk),
                             dout,
-                            keys: &keys[bh],
-                            kvt: &kvt[bh],
+                            keys: &keys[kvh],
+                            kvt: &kvt[kvh],
                             delta,
                             r0,
                             r1,
@@ -415,9 +588,10 @@ impl FavorBackend for SimdBackend {
                         })
                     })
                     .collect();
-                // dKV, ds and their transposes per head, summed in segment order.
+                // dKV, ds and their transposes per key/value head, summed over its query heads
+                // (consecutive) and their segments, in task order.
                 let sums: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = qgrads
-                    .par_chunks(nseg)
+                    .par_chunks(nseg * s.group())
                     .map(|parts| {
                         let mut dkv = vec![0.0f32; mfp * dvp];
                         let mut ds = vec![0.0f32; mfp];
@@ -430,18 +604,18 @@ impl FavorBackend for SimdBackend {
                         (dkv, dkvt, ds)
                     })
                     .collect();
-                let key_tasks = segment_tasks(s, s.keys());
+                let key_tasks = segment_tasks(s.kv_problems(), s.keys());
                 let dks = dk.split(&key_tasks);
                 let dvs = dv.split(&key_tasks);
                 let kparams: Vec<Option<ParamAcc>> = key_tasks
                     .par_iter()
                     .zip(dks.into_par_iter().zip(dvs))
-                    .map(|(&(bh, r0, r1), (dk, dv))| {
-                        let (dkv, dkvt, ds) = &sums[bh];
+                    .map(|(&(kvh, r0, r1), (dk, dv))| {
+                        let (dkv, dkvt, ds) = &sums[kvh];
                         self.token.run(KeyBackward {
                             plan: &plan,
-                            io: head_in(p, &inputs, bh, &risk),
-                            c: keys[bh].c,
+                            io: head_in(p, &inputs, lead(s, kvh), &risk),
+                            c: keys[kvh].c,
                             dkv,
                             dkvt,
                             ds,
@@ -453,104 +627,80 @@ impl FavorBackend for SimdBackend {
                         })
                     })
                     .collect();
-                let qparams = tasks.iter().map(|t| t.0).zip(qgrads).filter_map(|(bh, g)| g.params.map(|a| (bh, a)));
-                let kparams = key_tasks.iter().map(|t| t.0).zip(kparams).filter_map(|(bh, a)| a.map(|a| (bh, a)));
+                let qparams = tasks
+                    .iter()
+                    .map(|t| s.kv_head_of(t.0))
+                    .zip(qgrads)
+                    .filter_map(|(kvh, g)| g.params.map(|a| (kvh, a)));
+                let kparams = key_tasks.iter().map(|t| t.0).zip(kparams).filter_map(|(kvh, a)| a.map(|a| (kvh, a)));
                 qparams.chain(kparams).collect()
             }
             Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
-                let nseg = tasks.len() / s.problems();
-                let place = StashPlace::choose(s.d, s.dv, dtype.size());
-                // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
-                let mut sweeps: Vec<SweepOut> = {
-                    let stash_rows: Vec<Option<OutRows<'_>>> = match place {
-                        StashPlace::Dv => dv.split(&tasks).into_iter().map(Some).collect(),
-                        StashPlace::Dk => dk.split(&tasks).into_iter().map(Some).collect(),
-                        StashPlace::Side => tasks.iter().map(|_| None).collect(),
+                let (kv_tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
+                let sweeps = CausalSweeps { plan: &plan, p, inputs: &inputs, dout, delta, risk: &risk };
+                if !s.is_grouped() {
+                    sweeps.run(self, &kv_tasks, incoming, &mut dq, &mut dk, &mut dv, dtype.size())
+                } else {
+                    // Each query head's dk and dv go to f32 rows of their own, summed over the
+                    // group afterwards (in head order).
+                    let nseg = kv_tasks.len() / s.kv_problems();
+                    let tasks: Vec<(usize, usize, usize)> = (0..s.kv_problems())
+                        .flat_map(|kvh| {
+                            let segs = &kv_tasks[kvh * nseg..(kvh + 1) * nseg];
+                            s.query_heads_of(kvh).flat_map(move |qh| segs.iter().map(move |&(_, a, b)| (qh, a, b)))
+                        })
+                        .collect();
+                    let states: Vec<HeadState> = tasks
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &(qh, _, _))| incoming[s.kv_head_of(qh) * nseg + t % nseg].clone())
+                        .collect();
+                    let per_query = |arg: TensorArg| {
+                        let d = p.dims(arg);
+                        TensorDims { heads: s.heads, ..d }
                     };
-                    tasks
-                        .par_iter()
-                        .zip(incoming)
-                        .zip(dq.split(&tasks).into_par_iter().zip(stash_rows))
-                        .map(|((&(bh, r0, r1), state), (dq, rows))| {
-                            let stash = Stash::new(rows, dtype.size(), r1 - r0);
-                            self.token.run(BackwardForwardSweep {
-                                plan: &plan,
-                                io: head_in(p, &inputs, bh, &risk),
-                                dout,
-                                delta,
-                                r0,
-                                r1,
-                                state,
-                                suffix: r0 > 0,
-                                dq,
-                                stash,
-                                params: ParamAcc::new(&plan, p.map),
-                            })
-                        })
-                        .collect()
-                };
-                // The suffix sums entering each segment from its end, chained from the last segment
-                // back: segment k − 1 gets segment k's share plus what entered segment k, moved
-                // from segment k's final maximum (segment k + 1's incoming one) to segment k's own.
-                let mut suffixes: Vec<Suffix> = Vec::with_capacity(tasks.len());
-                for head in sweeps.chunks_mut(nseg) {
-                    let mut chain = vec![Suffix::new(&plan, s.dv)];
-                    for k in (1..nseg).rev() {
-                        let share = head[k].suffix.take().unwrap_or_else(|| Suffix::new(&plan, s.dv));
-                        let c_end = head.get(k + 1).map_or(head[k].c_in, |h| h.c_in);
-                        let entering = chain.last().cloned().unwrap_or_else(|| Suffix::new(&plan, s.dv));
-                        chain.push(Suffix::chain(entering, head[k].c_in, c_end, &share));
-                    }
-                    suffixes.extend(chain.into_iter().rev());
+                    let (kd, vd) = (per_query(TensorArg::Dk), per_query(TensorArg::Dv));
+                    let mut gk = try_zeroed::<f32>("dk", kd.total_rows() * kd.width)?;
+                    let mut gv = try_zeroed::<f32>("dv", vd.total_rows() * vd.width)?;
+                    let params = {
+                        let bhld = |d: TensorDims| Strides::bhld(d.heads, d.rows, d.width);
+                        let mut qk = SharedOut::new(HostMut::F32(&mut gk), kd, bhld(kd), "dk")?;
+                        let mut qv = SharedOut::new(HostMut::F32(&mut gv), vd, bhld(vd), "dv")?;
+                        let params = sweeps.run(self, &tasks, states, &mut dq, &mut qk, &mut qv, 4);
+                        params.into_iter().map(|(qh, a)| (s.kv_head_of(qh), a)).collect()
+                    };
+                    sum_groups(s, &kv_tasks, &gk, kd.width, &mut dk);
+                    sum_groups(s, &kv_tasks, &gv, vd.width, &mut dv);
+                    params
                 }
-                let mut params: Vec<(usize, ParamAcc)> = tasks
-                    .iter()
-                    .zip(sweeps.iter_mut())
-                    .filter_map(|(t, w)| w.params.take().map(|a| (t.0, a)))
-                    .collect();
-                // Sweep 2: dk and dv, last chunk first in every segment.
-                let kparams: Vec<Option<ParamAcc>> = tasks
-                    .par_iter()
-                    .zip(sweeps.into_par_iter().zip(suffixes))
-                    .zip(dk.split(&tasks).into_par_iter().zip(dv.split(&tasks)))
-                    .map(|((&(bh, r0, r1), (sweep, suffix)), (dk, dv))| {
-                        self.token.run(BackwardReverseSweep {
-                            plan: &plan,
-                            io: head_in(p, &inputs, bh, &risk),
-                            dout,
-                            r0,
-                            r1,
-                            suffix,
-                            place,
-                            side: sweep.side,
-                            dk,
-                            dv,
-                            params: ParamAcc::new(&plan, p.map),
-                        })
-                    })
-                    .collect();
-                params.extend(tasks.iter().zip(kparams).filter_map(|(t, a)| a.map(|a| (t.0, a))));
-                params
             }
         };
-        let redo = flagged(&risk);
+        // Groups with a query head at risk are recomputed in f64 as a whole: their dk and dv
+        // sum every query head's share.
+        let mut redo: Vec<usize> = flagged(&risk).into_iter().map(|bh| s.kv_head_of(bh)).collect();
+        redo.dedup();
         if !redo.is_empty() {
             check_f64_attention_buffers(p)?;
         }
-        let mut params: Vec<ParamAcc> = params.into_iter().filter(|(bh, _)| !redo.contains(bh)).map(|x| x.1).collect();
-        for &bh in &redo {
-            let f = f64_head(p, &inputs, Some(dout), bh)?;
-            let h = f.head(s);
-            let g = f.dout.as_deref().unwrap_or_default();
-            let r = match p.options.direction {
-                Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
-                Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
-            };
-            dq.head(bh).write_f64(&r.dq)?;
-            dk.head(bh).write_f64(&r.dk)?;
-            dv.head(bh).write_f64(&r.dv)?;
-            params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
+        let mut params: Vec<ParamAcc> =
+            params.into_iter().filter(|(kvh, _)| !redo.contains(kvh)).map(|x| x.1).collect();
+        for &kvh in &redo {
+            let (mut gk, mut gv) = (Vec::new(), Vec::new());
+            for bh in s.query_heads_of(kvh) {
+                let f = f64_head(p, &inputs, Some(dout), bh)?;
+                let h = f.head(s);
+                let g = f.dout.as_deref().unwrap_or_default();
+                let r = match p.options.direction {
+                    Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
+                    Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
+                };
+                dq.head(bh).write_f64(&r.dq)?;
+                add_f64(&mut gk, &r.dk);
+                add_f64(&mut gv, &r.dv);
+                params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
+            }
+            dk.head(kvh).write_f64(&gk)?;
+            dv.head(kvh).write_f64(&gv)?;
         }
         Ok(reduce_params(&plan, &params))
     }
@@ -558,8 +708,8 @@ impl FavorBackend for SimdBackend {
     fn new_state(&self, p: &Problem<'_>) -> Result<SimdState> {
         let made_for = favor_core::StateSignature::new(p)?;
         let (plan, shape) = (Plan::new(p.map, p.shape.d), made_for.shape());
-        let mut heads = try_with_capacity("state", shape.problems())?;
-        for _ in 0..shape.problems() {
+        let mut heads = try_with_capacity("state", shape.kv_problems())?;
+        for _ in 0..shape.kv_problems() {
             heads.push(HeadState::try_new(&plan, shape.dv)?);
         }
         Ok(SimdState { made_for, heads })
@@ -575,13 +725,13 @@ impl FavorBackend for SimdBackend {
         check_output(p, &out, dtype)?;
         let mut out = shared_out(p, TensorArg::Out, out)?;
         let delta = p.denominator_guard();
-        let tasks: Vec<(usize, usize, usize)> = (0..s.problems()).map(|bh| (bh, 0, s.len)).collect();
-        let outs = out.split(&tasks);
-        state.heads.par_iter_mut().zip(outs).enumerate().for_each(|(bh, (state, out))| {
+        let tasks: Vec<(usize, usize, usize)> = (0..s.kv_problems()).map(|kvh| (kvh, 0, s.len)).collect();
+        let outs = group_rows(&mut out, s, &tasks);
+        state.heads.par_iter_mut().zip(outs).enumerate().for_each(|(kvh, (state, outs))| {
             // Decoding has no history to recompute from: rows at risk keep their f32 result
             // (divided in f64, finite).
-            let io = head_in(p, &inputs, bh, &[]);
-            self.token.run(CausalForward { plan: &plan, io, r0: 0, r1: s.len, state, delta, out })
+            let heads = s.query_heads_of(kvh).map(|qh| head_in(p, &inputs, qh, &[])).zip(outs).collect();
+            self.token.run(CausalForward { plan: &plan, heads, r0: 0, r1: s.len, state, delta })
         });
         Ok(())
     }

@@ -44,7 +44,7 @@ fn row_state(t: &HostRef<'_>, start: usize, width: usize) -> (bool, bool) {
 }
 
 /// Scans `tensors` of the call (validated against its shape and layout); sets `risk[bh]` for
-/// heads of flagged tensors with values beyond the limit (`risk` may be empty: not tracked).
+/// the query heads of flagged tensors with values beyond the limit (`risk` may be empty: not tracked).
 /// A NaN or an infinity anywhere is [`favor_core::FavorError::NonFinite`], the first one of
 /// the first tensor holding one.
 pub(crate) fn scan_inputs(p: &Problem<'_>, tensors: &[Scanned<'_>], risk: &[AtomicBool]) -> Result<()> {
@@ -73,11 +73,15 @@ pub(crate) fn scan_inputs(p: &Problem<'_>, tensors: &[Scanned<'_>], risk: &[Atom
                     if non_finite {
                         bad.store(true, Ordering::Relaxed);
                     }
-                    if large
-                        && s.flag
-                        && let Some(f) = risk.get(bh)
-                    {
-                        f.store(true, Ordering::Relaxed);
+                    if large && s.flag {
+                        // Rows of K and V belong to a key/value head: every query head reading it
+                        // is at risk.
+                        let heads = if matches!(s.arg, TensorArg::K | TensorArg::V) {
+                            p.shape.query_heads_of(bh)
+                        } else {
+                            bh..bh + 1
+                        };
+                        heads.filter_map(|h| risk.get(h)).for_each(|f| f.store(true, Ordering::Relaxed));
                     }
                 }
             }

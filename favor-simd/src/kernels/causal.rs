@@ -109,15 +109,18 @@ impl Chunk {
         given: Option<&[f64]>,
     ) -> f64 {
         self.prepare_keys::<S>(p, io, r, rows, c_run, given);
-        let t = Span::start(Phase::Io);
-        load_rows(&io.q, io.q_at, io.d, r, rows, &mut self.tq.x, p.dp);
-        let t = t.next(Phase::FeatureMap);
-        self.tq.project::<S>(p, rows);
-        self.tq.features::<S>(p, rows);
-        let t = t.next(Phase::Apply);
+        self.finish_keys::<S>(p, rows);
+        self.prepare_queries::<S>(p, io, r, rows);
+        self.cj[rows - 1]
+    }
+
+    /// φ(K)ᵀ and the decay mask of the chunk whose keys [`Chunk::prepare_keys`] loaded: what
+    /// every query head reading these keys shares.
+    #[inline(always)]
+    fn finish_keys<S: SimdF32>(&mut self, p: &Plan, rows: usize) {
+        let _t = Span::start(Phase::Apply);
         self.phikt.fill(0.0);
         transpose::<S>(rows, p.mfp, &self.tk.phi, p.mfp, &mut self.phikt, CHUNK);
-        gemm::<S>(rows, p.mfp, CHUNK, &self.tq.phi, p.mfp, 1, &self.phikt, CHUNK, &mut self.att, CHUNK, true);
         let constant = self.cj[0] == self.cj[rows - 1];
         for i in 0..rows {
             let mrow = &mut self.mask[i * CHUNK..(i + 1) * CHUNK];
@@ -127,16 +130,31 @@ impl Chunk {
                 decay_row::<S>(&self.cj, self.cj[i], mrow);
             }
             mrow[i + 1..].fill(0.0);
+        }
+    }
+
+    /// Loads the queries of rows r..r+rows of one head reading the chunk's keys, computes φ(Q)
+    /// and Q'K'ᵀ ⊙ M (after [`Chunk::finish_keys`]).
+    #[inline(always)]
+    fn prepare_queries<S: SimdF32>(&mut self, p: &Plan, io: &HeadIn<'_>, r: usize, rows: usize) {
+        let t = Span::start(Phase::Io);
+        load_rows(&io.q, io.q_at, io.d, r, rows, &mut self.tq.x, p.dp);
+        let t = t.next(Phase::FeatureMap);
+        self.tq.project::<S>(p, rows);
+        self.tq.features::<S>(p, rows);
+        let t = t.next(Phase::Apply);
+        gemm::<S>(rows, p.mfp, CHUNK, &self.tq.phi, p.mfp, 1, &self.phikt, CHUNK, &mut self.att, CHUNK, true);
+        let constant = self.cj[0] == self.cj[rows - 1];
+        for i in 0..rows {
             let arow = &mut self.att[i * CHUNK..(i + 1) * CHUNK];
             if !constant {
-                for (a, &m) in arow[..=i].iter_mut().zip(mrow.iter()) {
+                for (a, &m) in arow[..=i].iter_mut().zip(&self.mask[i * CHUNK..(i + 1) * CHUNK]) {
                     *a *= m;
                 }
             }
             arow[i + 1..].fill(0.0);
         }
         t.end();
-        self.cj[rows - 1]
     }
 
     /// Loads keys and values of rows r..r+rows and computes φ(K) against the running maxima
@@ -267,34 +285,40 @@ fn build_b<S: SimdF32>(ch: &Chunk, rows: usize, dv: usize, g: &[f32], gbar: &[f3
     }
 }
 
-/// Causal forward (or prefill/decode) of rows r0..r1 of one head from `state` (the state after
-/// row r0 − 1), writing those rows to `out`.
+/// Causal forward (or prefill/decode) of rows r0..r1 of one key/value head and the query
+/// heads reading it, from `state` (the state after row r0 − 1), writing each query head's rows
+/// to its output. φ(K), the mask and the state update are computed once for the group.
 pub(crate) struct CausalForward<'a, 'o> {
     pub plan: &'a Plan,
-    pub io: HeadIn<'a>,
+    /// The query heads (with their outputs) of one key/value head; their K and V rows agree.
+    pub heads: Vec<(HeadIn<'a>, OutRows<'o>)>,
     pub r0: usize,
     pub r1: usize,
     pub state: &'a mut HeadState,
     pub delta: f32,
-    pub out: OutRows<'o>,
 }
 
 impl SimdTask for CausalForward<'_, '_> {
     type Output = ();
     #[inline(always)]
     fn run<S: SimdF32>(mut self) {
-        let (p, io) = (self.plan, self.io);
-        let mut ch = Chunk::new(p, io.dv);
+        let p = self.plan;
+        let Some(&(keys, _)) = self.heads.first() else { return };
+        let mut ch = Chunk::new(p, keys.dv);
         let dvp = ch.dvp;
         let mut num = vec![0.0; CHUNK * dvp];
         let mut den = [0.0f32; CHUNK];
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
-            ch.prepare::<S>(p, &io, r, rows, self.state.c, None);
-            ch.outputs::<S>(p, &io, rows, self.state, self.delta, &mut num, &mut den);
-            normalise::<S>(rows, &mut num, dvp, &den);
-            store_rows(&mut self.out, r - self.r0, rows, &num, dvp);
+            ch.prepare_keys::<S>(p, &keys, r, rows, self.state.c, None);
+            ch.finish_keys::<S>(p, rows);
+            for (io, out) in self.heads.iter_mut() {
+                ch.prepare_queries::<S>(p, io, r, rows);
+                ch.outputs::<S>(p, io, rows, self.state, self.delta, &mut num, &mut den);
+                normalise::<S>(rows, &mut num, dvp, &den);
+                store_rows(out, r - self.r0, rows, &num, dvp);
+            }
             ch.advance::<S>(p, rows, self.state);
             r += rows;
         }
