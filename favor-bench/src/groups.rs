@@ -7,6 +7,7 @@
 use crate::alloc;
 use crate::error::Result;
 use crate::measure::median;
+use crate::workload::gaussian;
 use favor::Backend;
 use favor_core::{
     AttentionOptions, AttentionShape, Direction, FavorBackend, FeatureMap, Grads, HostMut, HostRef, Inputs, Problem,
@@ -61,12 +62,7 @@ struct Tensors {
 
 impl Tensors {
     fn new(shape: AttentionShape) -> Tensors {
-        // Cheap deterministic values in [-0.5, 0.5).
-        let fill = |len: usize, seed: u64| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as f32 / 16_777_216.0) - 0.5)
-                .collect()
-        };
+        let fill = |len: usize, seed: u64| gaussian(len, seed, 0.5);
         Tensors {
             shape,
             q: fill(shape.qk_len(), 1),

@@ -95,15 +95,19 @@ fn zeroed(arg: &'static str, n: usize) -> Result<Vec<f64>> {
     Ok(v)
 }
 
+/// `acc += part` elementwise.
+fn add_into(acc: &mut [f64], part: &[f64]) {
+    acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+}
+
 fn add_params(acc: &mut Option<ParamGradsF64>, part: Option<ParamGradsF64>) {
     let (Some(acc), Some(part)) = (acc.as_mut(), part) else { return };
-    let add = |a: &mut Vec<f64>, b: &Vec<f64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-    add(&mut acc.w, &part.w);
+    add_into(&mut acc.w, &part.w);
     if let (Some(a), Some(b)) = (acc.bias.as_mut(), part.bias.as_ref()) {
-        add(a, b);
+        add_into(a, b);
     }
     if let (Some(a), Some(b)) = (acc.w_gate.as_mut(), part.w_gate.as_ref()) {
-        add(a, b);
+        add_into(a, b);
     }
 }
 
@@ -156,9 +160,8 @@ impl ReferenceBackend {
             };
             all.dq.extend(dq);
             let kvh = s.kv_head_of(bh);
-            let add = |acc: &mut [f64], part: &[f64]| acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-            add(&mut all.dk[kvh * nk..(kvh + 1) * nk], &dk);
-            add(&mut all.dv[kvh * nv..(kvh + 1) * nv], &dv);
+            add_into(&mut all.dk[kvh * nk..(kvh + 1) * nk], &dk);
+            add_into(&mut all.dv[kvh * nv..(kvh + 1) * nv], &dv);
             add_params(&mut all.params, params);
         }
         Ok(all)
@@ -347,15 +350,14 @@ pub fn softmax_attention_backward(
     let g = dout.to_f64_vec();
     let (mut gk, mut gv) = (zeroed("dk", shape.k_len())?, zeroed("dv", shape.v_len())?);
     let (nk, nv) = (shape.keys() * shape.d, shape.keys() * shape.dv);
-    let add = |acc: &mut [f64], part: &[f64]| acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     for bh in 0..shape.problems() {
         let h = w.head(shape, inputs.key_mask, bh);
         let gh = &g[bh * shape.len * shape.dv..(bh + 1) * shape.len * shape.dv];
         let r = attention::softmax::softmax_backward(&h, direction == Direction::Causal, gh);
         dq.write_f64(bh * shape.len * shape.d, &r.dq)?;
         let kvh = shape.kv_head_of(bh);
-        add(&mut gk[kvh * nk..(kvh + 1) * nk], &r.dk);
-        add(&mut gv[kvh * nv..(kvh + 1) * nv], &r.dv);
+        add_into(&mut gk[kvh * nk..(kvh + 1) * nk], &r.dk);
+        add_into(&mut gv[kvh * nv..(kvh + 1) * nv], &r.dv);
     }
     dk.write_f64(0, &gk)?;
     dv.write_f64(0, &gv)

@@ -153,6 +153,17 @@ fn lead(s: AttentionShape, kvh: usize) -> usize {
     s.query_heads_of(kvh).start
 }
 
+/// The key/value-head tasks `(kvh, r0, r1)` (head-major, the same segments for every head)
+/// repeated for each query head of the group: query-head tasks sorted by head and row.
+fn query_tasks(s: AttentionShape, kv_tasks: &[(usize, usize, usize)]) -> Vec<(usize, usize, usize)> {
+    let nseg = kv_tasks.len() / s.kv_problems();
+    kv_tasks
+        .chunks(nseg)
+        .enumerate()
+        .flat_map(|(kvh, segs)| s.query_heads_of(kvh).flat_map(move |qh| segs.iter().map(move |&(_, a, b)| (qh, a, b))))
+        .collect()
+}
+
 /// Splits an output over the query heads of every key/value-head task `(kvh, r0, r1)`
 /// (head-major, `nseg` per key/value head): one row range per query head of the group, in
 /// head order.
@@ -163,13 +174,7 @@ fn group_rows<'o>(
 ) -> Vec<Vec<OutRows<'o>>> {
     let nseg = kv_tasks.len() / s.kv_problems();
     let g = s.group();
-    // Query-head tasks sorted by head and row, as the split needs.
-    let q_tasks: Vec<(usize, usize, usize)> = kv_tasks
-        .chunks(nseg)
-        .enumerate()
-        .flat_map(|(kvh, segs)| s.query_heads_of(kvh).flat_map(move |qh| segs.iter().map(move |&(_, a, b)| (qh, a, b))))
-        .collect();
-    let mut rows: Vec<Option<OutRows<'o>>> = out.split(&q_tasks).into_iter().map(Some).collect();
+    let mut rows: Vec<Option<OutRows<'o>>> = out.split(&query_tasks(s, kv_tasks)).into_iter().map(Some).collect();
     (0..kv_tasks.len())
         .map(|t| {
             let (kvh, seg) = (t / nseg, t % nseg);
@@ -292,15 +297,6 @@ fn f64_head<'a>(
         dout: dout.map(|g| widen(TensorArg::Dout, &g, bh)).transpose()?,
         mask: inputs.key_mask.map(|m| &m[b * s.keys()..(b + 1) * s.keys()]),
     })
-}
-
-/// `acc += part` elementwise (`acc` empty: a copy).
-fn add_f64(acc: &mut Vec<f64>, part: &[f64]) {
-    if acc.is_empty() {
-        acc.extend_from_slice(part);
-    } else {
-        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-    }
 }
 
 /// Writes each key/value head's rows of `out` (rows of `width`) as the sum of its query heads'
@@ -644,12 +640,7 @@ impl FavorBackend for SimdBackend {
                     // Each query head's dk and dv go to f32 rows of their own, summed over the
                     // group afterwards (in head order).
                     let nseg = kv_tasks.len() / s.kv_problems();
-                    let tasks: Vec<(usize, usize, usize)> = (0..s.kv_problems())
-                        .flat_map(|kvh| {
-                            let segs = &kv_tasks[kvh * nseg..(kvh + 1) * nseg];
-                            s.query_heads_of(kvh).flat_map(move |qh| segs.iter().map(move |&(_, a, b)| (qh, a, b)))
-                        })
-                        .collect();
+                    let tasks = query_tasks(s, &kv_tasks);
                     let states: Vec<HeadState> = tasks
                         .iter()
                         .enumerate()
@@ -685,7 +676,7 @@ impl FavorBackend for SimdBackend {
         let mut params: Vec<ParamAcc> =
             params.into_iter().filter(|(kvh, _)| !redo.contains(kvh)).map(|x| x.1).collect();
         for &kvh in &redo {
-            let (mut gk, mut gv) = (Vec::new(), Vec::new());
+            let (mut gk, mut gv) = (vec![0.0; s.keys() * s.d], vec![0.0; s.keys() * s.dv]);
             for bh in s.query_heads_of(kvh) {
                 let f = f64_head(p, &inputs, Some(dout), bh)?;
                 let h = f.head(s);
@@ -695,8 +686,8 @@ impl FavorBackend for SimdBackend {
                     Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
                 };
                 dq.head(bh).write_f64(&r.dq)?;
-                add_f64(&mut gk, &r.dk);
-                add_f64(&mut gv, &r.dv);
+                gk.iter_mut().zip(&r.dk).for_each(|(a, b)| *a += b);
+                gv.iter_mut().zip(&r.dv).for_each(|(a, b)| *a += b);
                 params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
             }
             dk.head(kvh).write_f64(&gk)?;
