@@ -8,7 +8,7 @@
 use favor_core::backend::{Grads, Host, Inputs, Problem};
 use favor_core::{
     AttentionShape, FavorBackend, FavorError, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads, ReferenceBackend,
-    ReferenceState, Result,
+    ReferenceState, Result, SlotChunks, SlotState, StateSignature,
 };
 #[cfg(feature = "cuda")]
 use favor_cuda::{CudaBackend, CudaHost, CudaState};
@@ -217,6 +217,21 @@ macro_rules! dispatch {
     };
 }
 
+/// Runs `$call` with the backend and its own kind of state, or fails when the state was made
+/// by another kind of backend.
+macro_rules! with_state {
+    ($self:expr, $state:expr, ($b:ident, $s:ident) => $call:expr) => {
+        match ($self, $state) {
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda($b), BackendState::Cuda($s)) => $call,
+            (Backend::Simd($b), BackendState::Simd($s)) => $call,
+            (Backend::Reference($b), BackendState::Reference($s)) => $call,
+            #[allow(unreachable_patterns)]
+            _ => Err(mismatched_state($self)),
+        }
+    };
+}
+
 impl FavorBackend for Backend {
     type Mem = Host;
     type State = BackendState;
@@ -278,13 +293,43 @@ impl FavorBackend for Backend {
         inputs: Inputs<'_, Host>,
         out: HostMut<'_>,
     ) -> Result<()> {
-        match (self, state) {
+        with_state!(self, state, (b, s) => b.decode(problem, s, inputs, out))
+    }
+
+    fn state_signature<'s>(&self, state: &'s BackendState) -> &'s StateSignature {
+        match state {
             #[cfg(feature = "cuda")]
-            (Backend::Cuda(b), BackendState::Cuda(s)) => b.decode(problem, s, inputs, out),
-            (Backend::Simd(b), BackendState::Simd(s)) => b.decode(problem, s, inputs, out),
-            (Backend::Reference(b), BackendState::Reference(s)) => b.decode(problem, s, inputs, out),
-            _ => Err(mismatched_state(self)),
+            BackendState::Cuda(s) => s.signature(),
+            BackendState::Simd(s) => s.signature(),
+            BackendState::Reference(s) => s.signature(),
         }
+    }
+
+    fn decode_slots(
+        &self,
+        problem: &Problem<'_>,
+        state: &mut BackendState,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, Host>,
+        out: HostMut<'_>,
+    ) -> Result<()> {
+        with_state!(self, state, (b, s) => b.decode_slots(problem, s, chunks, inputs, out))
+    }
+
+    fn read_slot(&self, state: &BackendState, slot: usize) -> Result<SlotState> {
+        with_state!(self, state, (b, s) => b.read_slot(s, slot))
+    }
+
+    fn write_slot(&self, state: &mut BackendState, slot: usize, value: &SlotState) -> Result<()> {
+        with_state!(self, state, (b, s) => b.write_slot(s, slot, value))
+    }
+
+    fn reset_slot(&self, state: &mut BackendState, slot: usize) -> Result<()> {
+        with_state!(self, state, (b, s) => b.reset_slot(s, slot))
+    }
+
+    fn copy_slot(&self, state: &mut BackendState, from: usize, to: usize) -> Result<()> {
+        with_state!(self, state, (b, s) => b.copy_slot(s, from, to))
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -229,6 +229,18 @@ fn decoding_through_the_entry_point_equals_full_causal_attention() {
 }
 
 #[test]
+fn slot_decoding_through_the_entry_point_equals_full_causal_attention() {
+    use favor_core::testing::slots::{assert_slot_decoding, assert_slot_errors, slot_cases};
+    let want = assert_slot_errors(&favor_core::ReferenceBackend);
+    for backend in Backend::available() {
+        for case in slot_cases() {
+            assert_slot_decoding(&backend, &case, 1e-4);
+        }
+        assert_eq!(assert_slot_errors(&backend), want, "{}", backend.name());
+    }
+}
+
+#[test]
 fn a_state_from_another_backend_is_a_typed_error() {
     let backends = Backend::available();
     let (Some(a), Some(b)) = (backends.first(), backends.last()) else { panic!("no backend") };
@@ -241,4 +253,9 @@ fn a_state_from_another_backend_is_a_typed_error() {
     let inputs = Inputs { q: x.as_slice().into(), k: x.as_slice().into(), v: x.as_slice().into(), key_mask: None };
     let r = a.decode(&p, &mut state, inputs, out.as_mut_slice().into());
     assert!(matches!(r, Err(FavorError::InvalidParameter { name: "state", .. })), "{r:?}");
+    let r = a.decode_slots(&p, &mut state, favor::SlotChunks::new(&[0], &[0, 1]), inputs, out.as_mut_slice().into());
+    assert!(matches!(r, Err(FavorError::InvalidParameter { name: "state", .. })), "{r:?}");
+    for r in [a.reset_slot(&mut state, 0), a.copy_slot(&mut state, 0, 0), a.read_slot(&state, 0).map(|_| ())] {
+        assert!(matches!(r, Err(FavorError::InvalidParameter { name: "state", .. })), "{r:?}");
+    }
 }

@@ -7,12 +7,13 @@
 //! backends natively, GPU backends through a host adapter that copies.
 
 use crate::layout::{RowOrder, TensorDims, check_strides};
+use crate::slots::{SlotChunks, SlotState};
 /// Size arithmetic and fallible allocation for backends: a buffer whose size comes from a
 /// caller goes through these, so that it fails with a typed error instead of aborting.
 pub use crate::validate::{check_allocatable, checked_len, try_with_capacity, try_zeroed};
 use crate::{
     AttentionOptions, AttentionShape, DType, Direction, FavorError, FeatureMap, FeatureRole, HostMut, HostRef,
-    ParamGrads, Result, TensorHandle,
+    ParamGrads, Result, StateSignature, TensorHandle,
 };
 use crate::{Layout, Strides, TensorArg};
 
@@ -202,8 +203,71 @@ pub trait FavorBackend: Send + Sync {
         out: <Self::Mem as MemorySpace>::Mut<'_>,
     ) -> Result<()>;
 
+    /// What `state` was made for; its batch is the state's number of slots.
+    fn state_signature<'s>(&self, state: &'s Self::State) -> &'s StateSignature;
+
+    /// Continues some of the state's slots, each by its own chunk of tokens, in one call (see
+    /// [`crate::slots`]): the tensors hold the chunks back to back (batch 1, `len` = their total
+    /// tokens, any layout) and `chunks` says which tokens continue which slot. Each chunk's
+    /// output equals full causal attention over everything its slot has consumed.
+    fn decode_slots(
+        &self,
+        problem: &Problem<'_>,
+        state: &mut Self::State,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, Self::Mem>,
+        out: <Self::Mem as MemorySpace>::Mut<'_>,
+    ) -> Result<()>;
+
+    /// A backend-independent copy of one slot (to export, or to copy elsewhere).
+    fn read_slot(&self, state: &Self::State, slot: usize) -> Result<SlotState>;
+
+    /// Overwrites one slot with `value`, which must be made for the same problem
+    /// ([`FavorError::StateMismatch`] otherwise).
+    fn write_slot(&self, state: &mut Self::State, slot: usize, value: &SlotState) -> Result<()>;
+
+    /// Empties one slot, as if it had consumed nothing.
+    fn reset_slot(&self, state: &mut Self::State, slot: usize) -> Result<()> {
+        let made_for = self.state_signature(state);
+        made_for.check_slot("slot", slot)?;
+        let empty = SlotState::empty(made_for.slot_signature())?;
+        self.write_slot(state, slot, &empty)
+    }
+
+    /// Copies slot `from` over slot `to` (beam search, a shared prompt prefix).
+    fn copy_slot(&self, state: &mut Self::State, from: usize, to: usize) -> Result<()> {
+        let made_for = self.state_signature(state);
+        made_for.check_slot("from", from)?;
+        made_for.check_slot("to", to)?;
+        let value = self.read_slot(state, from)?;
+        self.write_slot(state, to, &value)
+    }
+
     /// Wait for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
+}
+
+/// Checks a [`FavorBackend::write_slot`] call: the slot is in range and `value` is made for
+/// the state's problem.
+pub fn check_slot_write(made_for: &StateSignature, slot: usize, value: &SlotState) -> Result<()> {
+    made_for.check_slot("slot", slot)?;
+    made_for.slot_signature().check(value.signature())
+}
+
+/// Validates a slot-decoding call: the problem and the packed inputs, the state's problem, the
+/// chunks and the output; returns the dtype.
+pub fn validate_slot_call<M: MemorySpace>(
+    p: &Problem<'_>,
+    made_for: &StateSignature,
+    chunks: &SlotChunks<'_>,
+    inputs: &Inputs<'_, M>,
+    out: &impl TensorHandle,
+) -> Result<DType> {
+    let dtype = validate_inputs(p, inputs)?;
+    made_for.check_slot_call(p)?;
+    chunks.validate(p, made_for)?;
+    check_output(p, out, dtype)?;
+    Ok(dtype)
 }
 
 /// Checks one tensor's length and dtype.

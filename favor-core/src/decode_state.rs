@@ -78,6 +78,51 @@ impl StateSignature {
             ));
         }
         let want = Self::of(problem.shape, problem.map);
+        self.first_difference(&want)
+    }
+
+    /// [`StateSignature::check`] for a slot-decoding call (see [`crate::slots`]), whose one
+    /// packed batch element is not the state's batch of slots.
+    pub fn check_slot_call(&self, problem: &Problem<'_>) -> Result<()> {
+        let shape = AttentionShape { batch: self.batch, ..problem.shape };
+        self.check(&Problem { shape, ..*problem })
+    }
+
+    /// Batch elements of the state: its slots (see [`crate::slots`]).
+    pub fn slots(&self) -> usize {
+        self.batch
+    }
+
+    /// Ok when `slot` is one of the state's slots.
+    pub fn check_slot(&self, arg: &'static str, slot: usize) -> Result<()> {
+        if slot < self.batch {
+            return Ok(());
+        }
+        Err(FavorError::param(arg, format!("slot {slot} is out of range of a state of {} slots", self.batch)))
+    }
+
+    /// What one slot of the state holds: the signature without the batch size, its identity
+    /// (map kind, W, parameters) folded into a fingerprint.
+    pub fn slot_signature(&self) -> SlotSignature {
+        let mut h = Fingerprint::new();
+        h.word(self.map.len() as u64);
+        self.map.bytes().for_each(|b| h.word(b as u64));
+        h.word(self.seed.map_or(u64::MAX, |s| s.rotate_left(1) ^ 1));
+        h.word(self.projection.unwrap_or(0));
+        h.word(self.projection.is_some() as u64);
+        h.word(self.params);
+        SlotSignature {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            d: self.d,
+            dv: self.dv,
+            features: self.features,
+            map: h.finish(),
+        }
+    }
+
+    /// The first field where a state made for `want` differs from `self`.
+    fn first_difference(&self, want: &StateSignature) -> Result<()> {
         let hex = |x: Option<u64>| x.map_or_else(|| "none".to_string(), |x| format!("{x:016x}"));
         let fields: [(&'static str, String, String); 10] = [
             ("batch", want.batch.to_string(), self.batch.to_string()),
@@ -109,6 +154,50 @@ fn map_projection(map: &FeatureMap) -> Option<&Projection> {
         | FeatureMap::Trigonometric { projection, .. } => Some(projection),
         FeatureMap::Generalized { projection, .. } => projection.as_ref(),
         FeatureMap::Softplus(_) | FeatureMap::GatedSoftplus(_) => None,
+    }
+}
+
+/// What one slot of a decoding state is made for: sizes, and a fingerprint of the feature
+/// map's kind, projection W and parameters. Slot values carry it so that importing a slot into a
+/// state made for another problem fails with [`FavorError::StateMismatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SlotSignature {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Query/key dimension.
+    pub d: usize,
+    /// Value dimension.
+    pub dv: usize,
+    /// Feature count M.
+    pub features: usize,
+    /// Fingerprint of the map kind, W and the map's parameters.
+    pub map: u64,
+}
+
+impl SlotSignature {
+    /// Ok when values made for `actual` may be written into a slot made for `self`; otherwise
+    /// [`FavorError::StateMismatch`] naming the first field that differs (`expected` is this
+    /// state's value, `actual` the imported one's).
+    pub fn check(&self, actual: &SlotSignature) -> Result<()> {
+        let fields: [(&'static str, u64, u64); 6] = [
+            ("heads", self.heads as u64, actual.heads as u64),
+            ("kv_heads", self.kv_heads as u64, actual.kv_heads as u64),
+            ("d", self.d as u64, actual.d as u64),
+            ("d_v", self.dv as u64, actual.dv as u64),
+            ("features", self.features as u64, actual.features as u64),
+            ("feature map (fingerprint)", self.map, actual.map),
+        ];
+        match fields.into_iter().find(|(_, e, a)| e != a) {
+            Some((field, e, a)) if field.ends_with("(fingerprint)") => {
+                Err(FavorError::StateMismatch { field, expected: format!("{e:016x}"), actual: format!("{a:016x}") })
+            }
+            Some((field, e, a)) => {
+                Err(FavorError::StateMismatch { field, expected: e.to_string(), actual: a.to_string() })
+            }
+            None => Ok(()),
+        }
     }
 }
 

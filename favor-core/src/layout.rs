@@ -342,9 +342,22 @@ pub fn read_head_f64(t: &HostRef<'_>, dims: TensorDims, strides: Strides, bh: us
 /// Writes head `bh` of a host tensor from contiguous f64 rows (rounded like
 /// [`HostMut::write_f64`]).
 pub fn write_head_f64(t: &mut HostMut<'_>, dims: TensorDims, strides: Strides, bh: usize, src: &[f64]) -> Result<()> {
+    write_rows_f64(t, dims, strides, bh, 0, src)
+}
+
+/// Writes rows `first..` of head `bh` of a host tensor from contiguous f64 rows (at most up to
+/// the head's last row).
+pub fn write_rows_f64(
+    t: &mut HostMut<'_>,
+    dims: TensorDims,
+    strides: Strides,
+    bh: usize,
+    first: usize,
+    src: &[f64],
+) -> Result<()> {
     let base = strides.head_base(dims.heads, bh);
-    for (r, row) in src.chunks_exact(dims.width).take(dims.rows).enumerate() {
-        t.write_f64(base + r * strides.token, row)?;
+    for (r, row) in src.chunks_exact(dims.width).take(dims.rows.saturating_sub(first)).enumerate() {
+        t.write_f64(base + (first + r) * strides.token, row)?;
     }
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! The backend-agnostic foundation of favor, a FAVOR+ (Performer) attention library:
 //!
 //! * [`FavorBackend`]: the trait every backend implements (feature map, attention forward and
-//!   backward in both directions, recurrent decoding, synchronize), with tensors in the
+//!   backward in both directions, recurrent decoding of many independent sequences ([`slots`]),
+//!   synchronize), with tensors in the
 //!   backend's [`MemorySpace`];
 //! * tensor views ([`HostRef`], [`HostMut`]) over f32, f16 and bf16 storage, in the caller's
 //!   layout ([`Layout`]: per-tensor batch/head/token strides, checked for overlapping rows);
@@ -27,13 +28,14 @@ pub mod limits;
 mod projection;
 pub mod reference;
 mod shape;
+pub mod slots;
 /// Test utilities shared with other crates' tests (the `testing` feature).
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod validate;
 
 pub use backend::{FavorBackend, Grads, Host, Inputs, MemorySpace, Problem};
-pub use decode_state::StateSignature;
+pub use decode_state::{SlotSignature, StateSignature};
 pub use dtype::{DType, Element, HostMut, HostRef, HostTensor, TensorHandle, saturate_f32};
 pub use error::{FavorError, Result};
 pub use features::{Elementwise, FeatureMap, FeatureRole, GatedSoftplusParams, Linear, PARAM_LIMIT, ParamGrads};
@@ -41,3 +43,4 @@ pub use layout::{Layout, Strides, TensorArg};
 pub use projection::{Projection, ProjectionConfig, ProjectionKind, RowNorms};
 pub use reference::{ReferenceBackend, ReferenceState};
 pub use shape::{AttentionOptions, AttentionShape, Direction};
+pub use slots::{SlotChunks, SlotHead, SlotState};

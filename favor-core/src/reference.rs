@@ -6,14 +6,15 @@ use crate::attention::{
 };
 use crate::backend::{
     Grads, Host, Inputs, Problem, check_backward, check_call_tensor, check_f64_attention_buffers, check_finite,
-    check_finite_args, check_output, check_tensor, validate_feature_call, validate_host_inputs,
+    check_finite_args, check_output, check_slot_write, check_tensor, validate_feature_call, validate_host_inputs,
+    validate_slot_call,
 };
 use crate::features::ParamGradsF64;
-use crate::layout::{gather, write_head_f64};
+use crate::layout::{gather, write_head_f64, write_rows_f64};
 use crate::validate::try_with_capacity;
 use crate::{
     AttentionOptions, AttentionShape, Direction, FavorBackend, FeatureMap, FeatureRole, HostMut, HostRef, ParamGrads,
-    Result, StateSignature, TensorArg, TensorHandle,
+    Result, SlotChunks, SlotHead, SlotState, StateSignature, TensorArg, TensorHandle,
 };
 
 /// The f64 reference backend.
@@ -28,6 +29,11 @@ pub struct ReferenceState {
 }
 
 impl ReferenceState {
+    /// What the state was made for (its batch is its number of slots).
+    pub fn signature(&self) -> &StateSignature {
+        &self.made_for
+    }
+
     /// Per-(batch, head) states, batch-major.
     pub fn heads(&self) -> &[CausalState] {
         &self.heads
@@ -287,6 +293,64 @@ impl FavorBackend for ReferenceBackend {
             let h = w.head(s, inputs.key_mask, bh);
             let o = head_state.advance(p.map, delta, &h);
             write_head_f64(&mut out, dims, strides, bh, &o)?;
+        }
+        Ok(())
+    }
+
+    fn state_signature<'s>(&self, state: &'s ReferenceState) -> &'s StateSignature {
+        &state.made_for
+    }
+
+    fn decode_slots(
+        &self,
+        p: &Problem<'_>,
+        state: &mut ReferenceState,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, Host>,
+        mut out: HostMut<'_>,
+    ) -> Result<()> {
+        validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
+        check_finite_args(p, &[(TensorArg::Q, inputs.q), (TensorArg::K, inputs.k), (TensorArg::V, inputs.v)])?;
+        check_f64_attention_buffers(p)?;
+        let s = p.shape;
+        let w = Widened::new(p, &inputs)?;
+        let delta = p.denominator_guard() as f64;
+        let (dims, strides) = (p.dims(TensorArg::Out), p.strides(TensorArg::Out));
+        for (slot, r0, r1) in chunks.sequences() {
+            for h in 0..s.heads {
+                let head = w.head(s, inputs.key_mask, h).tokens(r0, r1);
+                let o = state.heads[slot * s.heads + h].advance(p.map, delta, &head);
+                write_rows_f64(&mut out, dims, strides, h, r0, &o)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_slot(&self, state: &ReferenceState, slot: usize) -> Result<SlotState> {
+        state.made_for.check_slot("slot", slot)?;
+        let s = state.made_for.shape();
+        // The query heads of a group hold equal states (the same keys): read the first.
+        let heads = (0..s.key_heads())
+            .map(|kvh| {
+                let h = &state.heads[slot * s.heads + s.query_heads_of(kvh).start];
+                SlotHead { c: h.c, z: h.z.clone(), s: h.s.clone() }
+            })
+            .collect();
+        let tokens = state.heads[slot * s.heads].tokens as u64;
+        SlotState::new(state.made_for.slot_signature(), tokens, heads)
+    }
+
+    fn write_slot(&self, state: &mut ReferenceState, slot: usize, value: &SlotState) -> Result<()> {
+        check_slot_write(&state.made_for, slot, value)?;
+        let s = state.made_for.shape();
+        for (kvh, v) in value.heads().iter().enumerate() {
+            for h in s.query_heads_of(kvh) {
+                let st = &mut state.heads[slot * s.heads + h];
+                st.c = v.c;
+                st.z.copy_from_slice(&v.z);
+                st.s.copy_from_slice(&v.s);
+                st.tokens = value.tokens() as usize;
+            }
         }
         Ok(())
     }

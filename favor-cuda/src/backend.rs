@@ -2,11 +2,13 @@
 //! [`FavorBackend`] implementation on device memory ([`CudaMem`]).
 
 use crate::kernels::{Exec, Kernels, driver_err, kernels_built};
-use crate::memory::{Buf, CudaMem, DeviceMut, DeviceRef, DeviceTensor, MemCounters, MemoryUsage, Scratch, TensorData};
+use crate::memory::{
+    Buf, CudaMem, DevPtr, DeviceMut, DeviceRef, DeviceTensor, MemCounters, MemoryUsage, Scratch, TensorData,
+};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits, sys};
 use favor_core::{
     AttentionShape, DType, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, HostMut, HostRef, Inputs,
-    ParamGrads, Problem, Result, TensorHandle,
+    ParamGrads, Problem, Result, SlotChunks, SlotState, TensorHandle,
 };
 use std::sync::Arc;
 
@@ -240,6 +242,60 @@ impl CudaBackend {
         }
     }
 
+    /// Copies elements `start..start + dst.len()` of `buf` into `dst` and waits for the stream.
+    pub(crate) fn buf_range_to_host<T: DeviceRepr + bytemuck::Pod>(
+        &self,
+        buf: &Buf<T>,
+        start: usize,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let range = start..start + dst.len();
+        if range.end > buf.len() {
+            return Err(FavorError::OutOfRange { start, count: dst.len(), len: buf.len() });
+        }
+        match (buf, &self.exec) {
+            (Buf::Device(b), Exec::Cuda { stream, .. }) => {
+                stream.memcpy_dtoh(&b.slice(range), dst).map_err(driver_err)?;
+                stream.synchronize().map_err(driver_err)
+            }
+            #[cfg(feature = "emulator")]
+            (Buf::Host(h), Exec::Emulator) => {
+                h.copy_range_to(start, dst);
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(FavorError::Backend { backend: "cuda", reason: "buffer of another backend kind".into() }),
+        }
+    }
+
+    /// Copies `src` into elements `start..start + src.len()` of `buf` (ordered on the stream
+    /// before later launches; `src` is read before this returns).
+    pub(crate) fn buf_range_from_host<T: DeviceRepr + bytemuck::Pod>(
+        &self,
+        buf: &mut Buf<T>,
+        start: usize,
+        src: &[T],
+    ) -> Result<()> {
+        let range = start..start + src.len();
+        if range.end > buf.len() {
+            return Err(FavorError::OutOfRange { start, count: src.len(), len: buf.len() });
+        }
+        match (buf, &self.exec) {
+            (Buf::Device(b), Exec::Cuda { stream, .. }) => {
+                stream.memcpy_htod(src, &mut b.slice_mut(range)).map_err(driver_err)?;
+                // Pageable host memory: wait so that the copy has read `src`.
+                stream.synchronize().map_err(driver_err)
+            }
+            #[cfg(feature = "emulator")]
+            (Buf::Host(h), Exec::Emulator) => {
+                h.copy_range_from(start, src);
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(FavorError::Backend { backend: "cuda", reason: "buffer of another backend kind".into() }),
+        }
+    }
+
     /// A zeroed device tensor.
     pub fn alloc(&self, dtype: DType, len: usize) -> Result<DeviceTensor> {
         let data = match dtype {
@@ -352,13 +408,42 @@ pub struct CudaState {
     pub(crate) made_for: favor_core::StateSignature,
     pub(crate) s: Scratch<f32>,
     pub(crate) c: Scratch<f64>,
-    pub(crate) tokens: usize,
+    /// Tokens each slot (batch element) has consumed.
+    pub(crate) tokens: Vec<usize>,
+}
+
+/// The (S, c) rows of the (batch, head) problems a launch continues.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StateRows {
+    pub(crate) s: DevPtr,
+    pub(crate) c: DevPtr,
 }
 
 impl CudaState {
-    /// Tokens consumed so far.
-    pub fn tokens(&self) -> usize {
-        self.tokens
+    /// What the state was made for (its batch is its number of slots).
+    pub fn signature(&self) -> &favor_core::StateSignature {
+        &self.made_for
+    }
+
+    /// Tokens each slot (batch element) has consumed so far.
+    pub fn tokens(&self) -> &[usize] {
+        &self.tokens
+    }
+
+    /// Every row of the state.
+    pub(crate) fn rows(&self) -> StateRows {
+        StateRows { s: self.s.ptr(), c: self.c.ptr() }
+    }
+
+    /// The rows of one slot (`slot` checked by the caller).
+    pub(crate) fn slot_rows(&self, slot: usize) -> StateRows {
+        let heads = self.made_for.shape().heads;
+        let per = self.s.buf.len() / self.tokens.len();
+        let all = self.rows();
+        StateRows {
+            s: all.s.slice(slot * per, per, size_of::<f32>()).expect("slot in range"),
+            c: all.c.slice(slot * heads, heads, size_of::<f64>()).expect("slot in range"),
+        }
     }
 
     /// Copies (S, c) to the host: S is `[B·H, M, d_v + 1]` (the last column is z), c is `[B·H]`.
@@ -443,6 +528,33 @@ impl FavorBackend for CudaBackend {
         let join = self.join(&[&homes[..], &[st_s.as_deref(), st_c.as_deref()]].concat())?;
         self.decode_device(problem, state, inputs, out)?;
         join.finish()
+    }
+
+    fn state_signature<'s>(&self, state: &'s CudaState) -> &'s favor_core::StateSignature {
+        &state.made_for
+    }
+
+    fn decode_slots(
+        &self,
+        problem: &Problem<'_>,
+        state: &mut CudaState,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, CudaMem>,
+        out: DeviceMut<'_>,
+    ) -> Result<()> {
+        let homes = [inputs.q.home(), inputs.k.home(), inputs.v.home(), out.home()];
+        let (st_s, st_c) = (state.s.buf.home().cloned(), state.c.buf.home().cloned());
+        let join = self.join(&[&homes[..], &[st_s.as_deref(), st_c.as_deref()]].concat())?;
+        self.decode_slots_device(problem, state, chunks, inputs, out)?;
+        join.finish()
+    }
+
+    fn read_slot(&self, state: &CudaState, slot: usize) -> Result<SlotState> {
+        self.read_slot_device(state, slot)
+    }
+
+    fn write_slot(&self, state: &mut CudaState, slot: usize, value: &SlotState) -> Result<()> {
+        self.write_slot_device(state, slot, value)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -89,6 +89,20 @@ impl<T: bytemuck::Pod> HostBuf<T> {
         dst.copy_from_slice(&self.all()[GUARD..GUARD + dst.len()]);
     }
 
+    /// Elements `start..start + dst.len()` (the caller checked the range).
+    pub(crate) fn copy_range_to(&self, start: usize, dst: &mut [T]) {
+        dst.copy_from_slice(&self.all()[GUARD + start..GUARD + start + dst.len()]);
+    }
+
+    /// Overwrites elements `start..start + src.len()` (the caller checked the range).
+    pub(crate) fn copy_range_from(&mut self, start: usize, src: &[T]) {
+        let n = self.len + 2 * GUARD;
+        // SAFETY: base owns n initialised elements (from_slice) and `&mut self` excludes other
+        // access; no kernel runs concurrently (emulated launches are synchronous).
+        let all = unsafe { std::slice::from_raw_parts_mut(self.base, n) };
+        all[GUARD + start..GUARD + start + src.len()].copy_from_slice(src);
+    }
+
     fn all(&self) -> &[T] {
         // SAFETY: base owns GUARD + len + GUARD initialised elements (from_slice); no kernel runs
         // concurrently (emulated launches are synchronous).

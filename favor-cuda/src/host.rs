@@ -8,7 +8,7 @@ use favor_core::backend::{check_backward, check_finite, check_finite_args, check
 use favor_core::layout::{gather, scatter};
 use favor_core::{
     AttentionShape, DType, FavorBackend, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef, HostTensor, Inputs,
-    Layout, ParamGrads, Problem, Result, TensorArg, TensorHandle,
+    Layout, ParamGrads, Problem, Result, SlotChunks, SlotState, TensorArg, TensorHandle,
 };
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -202,6 +202,35 @@ impl FavorBackend for CudaHost {
         let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
         self.device.decode(&contiguous(p), state, dev, o.as_mut())?;
         self.down_arg(p, TensorArg::Out, &o, out)
+    }
+
+    fn state_signature<'s>(&self, state: &'s CudaState) -> &'s favor_core::StateSignature {
+        self.device.state_signature(state)
+    }
+
+    fn decode_slots(
+        &self,
+        p: &Problem<'_>,
+        state: &mut CudaState,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, Host>,
+        out: HostMut<'_>,
+    ) -> Result<()> {
+        let dtype = validate_host_inputs(p, &inputs)?;
+        check_output(p, &out, dtype)?;
+        let (q, k, v) = self.up_inputs(p, &inputs)?;
+        let mut o = self.out_arg(p, TensorArg::Out, dtype)?;
+        let dev = Inputs { q: q.as_ref(), k: k.as_ref(), v: v.as_ref(), key_mask: inputs.key_mask };
+        self.device.decode_slots(&contiguous(p), state, chunks, dev, o.as_mut())?;
+        self.down_arg(p, TensorArg::Out, &o, out)
+    }
+
+    fn read_slot(&self, state: &CudaState, slot: usize) -> Result<SlotState> {
+        self.device.read_slot(state, slot)
+    }
+
+    fn write_slot(&self, state: &mut CudaState, slot: usize, value: &SlotState) -> Result<()> {
+        self.device.write_slot(state, slot, value)
     }
 
     fn synchronize(&self) -> Result<()> {

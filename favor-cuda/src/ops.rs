@@ -17,15 +17,15 @@
 //! differentiated through each token's own log-scale. Nothing is stored between calls: the
 //! backward recomputes φ.
 
-use crate::backend::{CudaBackend, CudaState, check};
+use crate::backend::{CudaBackend, CudaState, StateRows, check};
 use crate::kernels::{FeatureKind, MapArgs, MaskArgs, RiskArgs, RowMap, SMEM_LIMIT, StabMode, scan_value_tile};
 use crate::memory::{CudaMem, DevPtr, DeviceMut, DeviceRef, Scratch};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
-use favor_core::backend::{check_backward, check_output, validate_inputs};
+use favor_core::backend::{check_backward, check_output, check_slot_write, validate_inputs, validate_slot_call};
 use favor_core::limits::{FEATURE_HI, FEATURE_LO, VALUE_LIMIT, WIDE_INPUT};
 use favor_core::{
-    AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, ParamGrads,
-    Problem, Result, TensorArg, TensorHandle, saturate_f32,
+    AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, Layout,
+    ParamGrads, Problem, Result, SlotChunks, SlotHead, SlotState, TensorArg, TensorHandle, saturate_f32,
 };
 
 /// Largest grid.y (one block row per (batch, head)).
@@ -335,7 +335,7 @@ impl CudaBackend {
         &self,
         p: &Problem<'_>,
         x: &Packed,
-        state: Option<&mut CudaState>,
+        state: Option<StateRows>,
         risk: Option<&Risk>,
     ) -> Result<Attention> {
         let s = p.shape;
@@ -350,7 +350,7 @@ impl CudaBackend {
             self.exec.launch_flag_wide(x.v1.ptr(), x.rows, s.dv + 1, (0.0, VALUE_LIMIT), r.args())?;
         }
         let (qf, qc) = self.query_features(x.q.ptr(), x.rows, s.len, map)?;
-        let c_init = state.as_ref().map(|st| st.c.ptr());
+        let c_init = state.map(|st| st.c);
         let kc = self.key_stabilisers(x.k.ptr(), s, map, mask, causal, c_init)?;
         let kf = self.key_features(x.k.ptr(), s, map, &kc, mask)?;
         if let Some(r) = risk.filter(|_| !map.kind.is_exp()) {
@@ -360,11 +360,10 @@ impl CudaBackend {
         let o1 = self.scratch(x.rows * (s.dv + 1))?;
         let (q, k, v1, o) = ((qf.ptr(), mf), (kf.ptr(), mf), (x.v1.ptr(), s.dv + 1), (o1.ptr(), s.dv + 1));
         if causal {
-            let st = state.as_ref().map(|st| (st.s.ptr(), st.c.ptr()));
+            let st = state.map(|st| (st.s, st.c));
             self.exec.launch_causal_scan(q, k, mf, v1, s.dv + 1, kc.ptr(), s.problems(), s.len, false, o, st)?;
             if let Some(st) = state {
-                self.exec.launch_state_c_update(kc.ptr(), s.len, s.problems(), st.c.ptr())?;
-                st.tokens += s.len;
+                self.exec.launch_state_c_update(kc.ptr(), s.len, s.problems(), st.c)?;
             }
         } else {
             self.bidirectional(s, q, k, mf, v1, s.dv + 1, o)?;
@@ -583,7 +582,7 @@ impl CudaBackend {
         let mf = map.args.features();
         let s = self.scratch(shape.problems() * mf * (shape.dv + 1))?;
         let c = self.scratch_f64_from(&vec![f64::NEG_INFINITY; shape.problems()])?;
-        Ok(CudaState { made_for, s, c, tokens: 0 })
+        Ok(CudaState { made_for, s, c, tokens: vec![0; shape.batch] })
     }
 
     pub(crate) fn decode_device(
@@ -595,11 +594,24 @@ impl CudaBackend {
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
         reject_unsupported(p)?;
-        let s = p.shape;
         state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
-        let x = self.pack_inputs(p, &inputs, dtype)?;
-        let att = self.attention(p, &x, Some(state), None)?;
+        self.continue_rows(p, state.rows(), &inputs, out.raw(), dtype)?;
+        state.tokens.iter_mut().for_each(|t| *t += p.shape.len);
+        Ok(())
+    }
+
+    /// Continues `rows` (a whole state or one slot of it) by the call's tokens.
+    fn continue_rows(
+        &self,
+        p: &Problem<'_>,
+        rows: StateRows,
+        inputs: &Inputs<'_, CudaMem>,
+        out: DevPtr,
+        dtype: DType,
+    ) -> Result<()> {
+        let x = self.pack_inputs(p, inputs, dtype)?;
+        let att = self.attention(p, &x, Some(rows), None)?;
         // Decoding has no history to recompute from: rows with tiny denominators keep their
         // quotient (formed in double, finite), and rows beyond the f32 kernels' range (see
         // `Risk`) are not recomputed.
@@ -608,13 +620,107 @@ impl CudaBackend {
             dtype,
             att.o1.ptr(),
             x.rows,
-            s.dv,
+            p.shape.dv,
             p.denominator_guard(),
-            out.raw(),
+            out,
             out_map,
             None,
             None,
         )
+    }
+
+    /// Slot decoding: each sequence continues its slot's rows of the state in turn (the
+    /// current kernels take one state row range per launch).
+    pub(crate) fn decode_slots_device(
+        &self,
+        p: &Problem<'_>,
+        state: &mut CudaState,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, CudaMem>,
+        out: DeviceMut<'_>,
+    ) -> Result<()> {
+        let dtype = validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
+        reject_unsupported(p)?;
+        let layout = Layout {
+            q: Some(p.strides(TensorArg::Q)),
+            k: Some(p.strides(TensorArg::K)),
+            v: Some(p.strides(TensorArg::V)),
+            out: Some(p.strides(TensorArg::Out)),
+            ..Layout::default()
+        };
+        // Validated strides keep every row inside its tensor.
+        let gone = || FavorError::Backend { backend: "cuda", reason: "a sequence lies past its tensor".into() };
+        fn at<'t>(p: &Problem<'_>, t: DeviceRef<'t>, arg: TensorArg, r0: usize) -> Option<DeviceRef<'t>> {
+            t.skip(r0 * p.strides(arg).token)
+        }
+        for (slot, r0, r1) in chunks.sequences() {
+            if r0 == r1 {
+                continue;
+            }
+            let shape = AttentionShape { len: r1 - r0, ..p.shape };
+            let sub = Problem { shape, layout, ..*p };
+            let sub_inputs = Inputs {
+                q: at(p, inputs.q, TensorArg::Q, r0).ok_or_else(gone)?,
+                k: at(p, inputs.k, TensorArg::K, r0).ok_or_else(gone)?,
+                v: at(p, inputs.v, TensorArg::V, r0).ok_or_else(gone)?,
+                key_mask: inputs.key_mask.map(|m| &m[r0..r1]),
+            };
+            let start = r0 * p.strides(TensorArg::Out).token;
+            let sub_out = out.raw().slice(start, out.len() - start, dtype.size()).ok_or_else(gone)?;
+            self.continue_rows(&sub, state.slot_rows(slot), &sub_inputs, sub_out, dtype)?;
+            state.tokens[slot] += r1 - r0;
+        }
+        Ok(())
+    }
+
+    /// One slot of a state as [`SlotState`] (waits for the stream).
+    pub(crate) fn read_slot_device(&self, state: &CudaState, slot: usize) -> Result<SlotState> {
+        state.made_for.check_slot("slot", slot)?;
+        let sig = state.made_for.slot_signature();
+        let (heads, mf, dv) = (sig.heads, sig.features, sig.dv);
+        let per = mf * (dv + 1);
+        let mut sv = vec![0.0f32; heads * per];
+        let mut c = vec![0.0f64; heads];
+        self.buf_range_to_host(&state.s.buf, slot * heads * per, &mut sv)?;
+        self.buf_range_to_host(&state.c.buf, slot * heads, &mut c)?;
+        let shape = state.made_for.shape();
+        // The query heads of a group hold equal states (the same keys): read the first.
+        let values = (0..sig.kv_heads)
+            .map(|kvh| {
+                let h = shape.query_heads_of(kvh).start;
+                let rows = &sv[h * per..(h + 1) * per];
+                SlotHead {
+                    c: c[h],
+                    z: rows.chunks_exact(dv + 1).map(|r| r[dv] as f64).collect(),
+                    s: rows.chunks_exact(dv + 1).flat_map(|r| r[..dv].iter().map(|&x| x as f64)).collect(),
+                }
+            })
+            .collect();
+        SlotState::new(sig, state.tokens[slot] as u64, values)
+    }
+
+    /// Overwrites one slot of a state (waits for the stream).
+    pub(crate) fn write_slot_device(&self, state: &mut CudaState, slot: usize, value: &SlotState) -> Result<()> {
+        check_slot_write(&state.made_for, slot, value)?;
+        let sig = state.made_for.slot_signature();
+        let (heads, mf, dv) = (sig.heads, sig.features, sig.dv);
+        let per = mf * (dv + 1);
+        let shape = state.made_for.shape();
+        let mut sv = vec![0.0f32; heads * per];
+        let mut c = vec![0.0f64; heads];
+        for (kvh, v) in value.heads().iter().enumerate() {
+            for h in shape.query_heads_of(kvh) {
+                c[h] = v.c;
+                for (f, row) in sv[h * per..(h + 1) * per].chunks_exact_mut(dv + 1).enumerate() {
+                    row[..dv].iter_mut().zip(&v.s[f * dv..(f + 1) * dv]).for_each(|(d, &x)| *d = saturate_f32(x));
+                    row[dv] = saturate_f32(v.z[f]);
+                }
+            }
+        }
+        self.buf_range_from_host(&mut state.s.buf, slot * heads * per, &sv)?;
+        self.buf_range_from_host(&mut state.c.buf, slot * heads, &c)?;
+        state.tokens[slot] = value.tokens() as usize;
+        Ok(())
     }
 
     /// Stabilisers of `role` for feature-map calls (no padding mask).

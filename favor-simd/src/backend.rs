@@ -20,13 +20,13 @@ use crate::kernels::{HeadIn, HeadRows, OutRows, TILE, store_rows};
 use crate::scan::{Scanned, scan_inputs};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
-    check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_tensor,
-    try_with_capacity, try_zeroed, validate_feature_call, validate_inputs,
+    check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_slot_write,
+    check_tensor, try_with_capacity, try_zeroed, validate_feature_call, validate_inputs, validate_slot_call,
 };
 use favor_core::layout::{Strides, TensorDims, read_head_f64};
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
-    Inputs, ParamGrads, Problem, Result, TensorArg, TensorHandle,
+    Inputs, ParamGrads, Problem, Result, SlotChunks, SlotHead, SlotState, TensorArg, TensorHandle, saturate_f32,
 };
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +72,15 @@ impl SimdBackend {
 pub struct SimdState {
     made_for: favor_core::StateSignature,
     heads: Vec<HeadState>,
+    /// Tokens each slot (batch element) has consumed.
+    tokens: Vec<usize>,
+}
+
+impl SimdState {
+    /// What the state was made for (its batch is its number of slots).
+    pub fn signature(&self) -> &favor_core::StateSignature {
+        &self.made_for
+    }
 }
 
 /// Sequence segments of one head: fixed by the length alone (at most 8, at least 256 tokens,
@@ -703,7 +712,9 @@ impl FavorBackend for SimdBackend {
         for _ in 0..shape.kv_problems() {
             heads.push(HeadState::try_new(&plan, shape.dv)?);
         }
-        Ok(SimdState { made_for, heads })
+        let mut tokens = try_with_capacity("state", shape.batch)?;
+        tokens.resize(shape.batch, 0);
+        Ok(SimdState { made_for, heads, tokens })
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
@@ -724,6 +735,91 @@ impl FavorBackend for SimdBackend {
             let heads = s.query_heads_of(kvh).map(|qh| head_in(p, &inputs, qh, &[])).zip(outs).collect();
             self.token.run(CausalForward { plan: &plan, heads, r0: 0, r1: s.len, state, delta })
         });
+        state.tokens.iter_mut().for_each(|t| *t += s.len);
+        Ok(())
+    }
+
+    fn state_signature<'s>(&self, state: &'s SimdState) -> &'s favor_core::StateSignature {
+        &state.made_for
+    }
+
+    fn decode_slots(
+        &self,
+        p: &Problem<'_>,
+        state: &mut SimdState,
+        chunks: SlotChunks<'_>,
+        inputs: Inputs<'_, Host>,
+        out: HostMut<'_>,
+    ) -> Result<()> {
+        validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
+        // Decoding has no history to recompute from, so large values are not tracked.
+        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &[])?;
+        let s = p.shape;
+        let plan = Plan::new(p.map, s.d);
+        let mut out = shared_out(p, TensorArg::Out, out)?;
+        let delta = p.denominator_guard();
+        // Output pieces head-major, then by sequence (the offsets never decrease): the order
+        // `split` wants.
+        let nseq = chunks.slots.len();
+        let tasks: Vec<(usize, usize, usize)> =
+            (0..s.heads).flat_map(|h| chunks.sequences().map(move |(_, r0, r1)| (h, r0, r1))).collect();
+        let mut pieces: Vec<Option<OutRows<'_>>> = out.split(&tasks).into_iter().map(Some).collect();
+        let kvn = s.key_heads();
+        // The slots are distinct, so every (slot, key/value head) state is handed out once.
+        let mut states: Vec<Option<&mut HeadState>> = state.heads.iter_mut().map(Some).collect();
+        let mut work = Vec::with_capacity(nseq * kvn);
+        for (i, (slot, r0, r1)) in chunks.sequences().enumerate() {
+            for kvh in 0..kvn {
+                let st = states[slot * kvn + kvh].take().expect("distinct slots");
+                let heads: Vec<(HeadIn<'_>, OutRows<'_>)> = s
+                    .query_heads_of(kvh)
+                    .map(|qh| (head_in(p, &inputs, qh, &[]), pieces[qh * nseq + i].take().expect("each piece once")))
+                    .collect();
+                work.push((st, heads, r0, r1));
+            }
+        }
+        work.into_par_iter().for_each(|(state, heads, r0, r1)| {
+            // As in `decode`: rows at risk keep their f32 result (divided in f64, finite).
+            self.token.run(CausalForward { plan: &plan, heads, r0, r1, state, delta })
+        });
+        for (slot, r0, r1) in chunks.sequences() {
+            state.tokens[slot] += r1 - r0;
+        }
+        Ok(())
+    }
+
+    fn read_slot(&self, state: &SimdState, slot: usize) -> Result<SlotState> {
+        state.made_for.check_slot("slot", slot)?;
+        let s = state.made_for.shape();
+        let (mf, dv, dvp) = (state.made_for.slot_signature().features, s.dv, pad(s.dv));
+        let kvn = s.key_heads();
+        let heads = state.heads[slot * kvn..(slot + 1) * kvn]
+            .iter()
+            .map(|h| SlotHead {
+                c: h.c,
+                z: h.z[..mf].iter().map(|&x| x as f64).collect(),
+                s: (0..mf).flat_map(|f| h.s[f * dvp..f * dvp + dv].iter().map(|&x| x as f64)).collect(),
+            })
+            .collect();
+        SlotState::new(state.made_for.slot_signature(), state.tokens[slot] as u64, heads)
+    }
+
+    fn write_slot(&self, state: &mut SimdState, slot: usize, value: &SlotState) -> Result<()> {
+        check_slot_write(&state.made_for, slot, value)?;
+        let s = state.made_for.shape();
+        let (mf, dv, dvp) = (value.signature().features, s.dv, pad(s.dv));
+        let kvn = s.key_heads();
+        for (h, v) in state.heads[slot * kvn..(slot + 1) * kvn].iter_mut().zip(value.heads()) {
+            // The padding stays zero, as in a state that consumed the same tokens.
+            h.s.fill(0.0);
+            h.z.fill(0.0);
+            h.c = v.c;
+            h.z[..mf].iter_mut().zip(&v.z).for_each(|(d, &x)| *d = saturate_f32(x));
+            for (f, row) in v.s.chunks_exact(dv).enumerate() {
+                h.s[f * dvp..f * dvp + dv].iter_mut().zip(row).for_each(|(d, &x)| *d = saturate_f32(x));
+            }
+        }
+        state.tokens[slot] = value.tokens() as usize;
         Ok(())
     }
 

@@ -68,7 +68,24 @@ pub struct Head<'a> {
     pub mask: Option<&'a [bool]>,
 }
 
-impl Head<'_> {
+impl<'a> Head<'a> {
+    /// Tokens `r0..r1` of a self-attention head (`r0 ≤ r1 ≤ len = kv_len`): one sequence of a
+    /// packed call, as a head of its own.
+    pub fn tokens(&self, r0: usize, r1: usize) -> Head<'a> {
+        debug_assert!(self.kv_len == self.len && r0 <= r1 && r1 <= self.len);
+        let (d, dv) = (self.d, self.dv);
+        Head {
+            len: r1 - r0,
+            kv_len: r1 - r0,
+            d,
+            dv,
+            q: &self.q[r0 * d..r1 * d],
+            k: &self.k[r0 * d..r1 * d],
+            v: &self.v[r0 * dv..r1 * dv],
+            mask: self.mask.map(|m| &m[r0..r1]),
+        }
+    }
+
     pub(crate) fn keep(&self, j: usize) -> bool {
         self.mask.is_none_or(|m| m[j])
     }
