@@ -241,6 +241,18 @@ fn slot_decoding_through_the_entry_point_equals_full_causal_attention() {
 }
 
 #[test]
+fn ragged_batches_through_the_entry_point_match_separate_calls() {
+    use favor_core::testing::ragged::{assert_ragged_errors, assert_ragged_matches, ragged_cases};
+    let want = assert_ragged_errors(&favor_core::ReferenceBackend);
+    for backend in Backend::available() {
+        for case in ragged_cases() {
+            assert_ragged_matches(&backend, &case, 1e-4, 2e-4);
+        }
+        assert_eq!(assert_ragged_errors(&backend), want, "{}", backend.name());
+    }
+}
+
+#[test]
 fn a_state_from_another_backend_is_a_typed_error() {
     let backends = Backend::available();
     let (Some(a), Some(b)) = (backends.first(), backends.last()) else { panic!("no backend") };

@@ -7,6 +7,7 @@
 //! backends natively, GPU backends through a host adapter that copies.
 
 use crate::layout::{RowOrder, TensorDims, check_strides};
+use crate::ragged::{Ragged, Sequence};
 use crate::slots::{SlotChunks, SlotState};
 /// Size arithmetic and fallible allocation for backends: a buffer whose size comes from a
 /// caller goes through these, so that it fails with a typed error instead of aborting.
@@ -28,6 +29,12 @@ pub trait MemorySpace: 'static {
     type Ref<'a>: TensorHandle + Copy;
     /// Writable tensor handle.
     type Mut<'a>: TensorHandle;
+
+    /// Elements `start..` of a tensor (`None` past its end): one sequence of a packed call.
+    fn skip<'t>(t: Self::Ref<'t>, start: usize) -> Option<Self::Ref<'t>>;
+
+    /// Elements `start..` of a writable tensor, reborrowed (`None` past its end).
+    fn skip_mut<'s>(t: &'s mut Self::Mut<'_>, start: usize) -> Option<Self::Mut<'s>>;
 }
 
 /// Host memory: tensors are [`HostRef`] / [`HostMut`] slices.
@@ -37,6 +44,86 @@ pub struct Host;
 impl MemorySpace for Host {
     type Ref<'a> = HostRef<'a>;
     type Mut<'a> = HostMut<'a>;
+
+    fn skip<'t>(t: Self::Ref<'t>, start: usize) -> Option<Self::Ref<'t>> {
+        Some(match t {
+            HostRef::F32(s) => HostRef::F32(s.get(start..)?),
+            HostRef::F16(s) => HostRef::F16(s.get(start..)?),
+            HostRef::Bf16(s) => HostRef::Bf16(s.get(start..)?),
+        })
+    }
+
+    fn skip_mut<'s>(t: &'s mut Self::Mut<'_>, start: usize) -> Option<Self::Mut<'s>> {
+        Some(match t {
+            HostMut::F32(s) => HostMut::F32(s.get_mut(start..)?),
+            HostMut::F16(s) => HostMut::F16(s.get_mut(start..)?),
+            HostMut::Bf16(s) => HostMut::Bf16(s.get_mut(start..)?),
+        })
+    }
+}
+
+/// One sequence of a ragged call as a call of its own: batch 1, its lengths, the parent's
+/// strides made explicit (a sequence is a slice of the packed tensors).
+fn sequence_problem<'a>(p: &Problem<'a>, q: &Sequence) -> Problem<'a> {
+    let (nq, nk) = (q.q1 - q.q0, q.k1 - q.k0);
+    let shape = AttentionShape { len: nq, kv_len: p.shape.kv_len.map(|_| nk), ..p.shape };
+    Problem { shape, layout: Layout::from_fn(|arg| Some(p.strides(arg))), ..*p }
+}
+
+/// The first element of a sequence's rows in the tensor `arg` of a ragged call.
+fn sequence_start(p: &Problem<'_>, arg: TensorArg, q: &Sequence) -> usize {
+    let first = match arg {
+        TensorArg::K | TensorArg::V | TensorArg::Dk | TensorArg::Dv => q.k0,
+        _ => q.q0,
+    };
+    first * p.strides(arg).token
+}
+
+fn sequence_ref<'t, M: MemorySpace>(
+    p: &Problem<'_>,
+    arg: TensorArg,
+    q: &Sequence,
+    t: M::Ref<'t>,
+) -> Result<M::Ref<'t>> {
+    let start = sequence_start(p, arg, q);
+    M::skip(t, start).ok_or(FavorError::OutOfRange { start, count: 0, len: t.len() })
+}
+
+fn sequence_mut<'s, M: MemorySpace>(
+    p: &Problem<'_>,
+    arg: TensorArg,
+    q: &Sequence,
+    t: &'s mut M::Mut<'_>,
+) -> Result<M::Mut<'s>> {
+    let (start, len) = (sequence_start(p, arg, q), t.len());
+    M::skip_mut(t, start).ok_or(FavorError::OutOfRange { start, count: 0, len })
+}
+
+/// The inputs of one sequence of a ragged call.
+fn sequence_inputs<'t, M: MemorySpace>(p: &Problem<'_>, q: &Sequence, x: &Inputs<'t, M>) -> Result<Inputs<'t, M>> {
+    Ok(Inputs {
+        q: sequence_ref::<M>(p, TensorArg::Q, q, x.q)?,
+        k: sequence_ref::<M>(p, TensorArg::K, q, x.k)?,
+        v: sequence_ref::<M>(p, TensorArg::V, q, x.v)?,
+        key_mask: x.key_mask.map(|m| &m[q.k0..q.k1]),
+    })
+}
+
+/// `acc += part` for the parameter gradients of learned maps.
+fn add_param_grads(acc: &mut Option<ParamGrads>, part: Option<ParamGrads>) {
+    let Some(part) = part else { return };
+    let Some(a) = acc.as_mut() else {
+        *acc = Some(part);
+        return;
+    };
+    let add = |a: &mut Vec<f32>, b: &[f32]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    add(&mut a.w, &part.w);
+    if let (Some(x), Some(y)) = (a.bias.as_mut(), part.bias.as_ref()) {
+        add(x, y);
+    }
+    if let (Some(x), Some(y)) = (a.w_gate.as_mut(), part.w_gate.as_ref()) {
+        add(x, y);
+    }
 }
 
 /// What to compute: sizes, feature map and options.
@@ -188,6 +275,55 @@ pub trait FavorBackend: Send + Sync {
         dout: <Self::Mem as MemorySpace>::Ref<'_>,
         grads: Grads<'_, Self::Mem>,
     ) -> Result<Option<ParamGrads>>;
+
+    /// Attention over a ragged batch (see [`crate::ragged`]): the tensors hold the sequences back
+    /// to back (batch 1, `len` = their total query tokens, any layout), each attending only to
+    /// its own keys. Backends run it sequence by sequence unless they have a kernel for it.
+    fn forward_ragged(
+        &self,
+        problem: &Problem<'_>,
+        ragged: Ragged<'_>,
+        inputs: Inputs<'_, Self::Mem>,
+        mut out: <Self::Mem as MemorySpace>::Mut<'_>,
+    ) -> Result<()> {
+        let dtype = validate_inputs(problem, &inputs)?;
+        ragged.validate(problem)?;
+        check_output(problem, &out, dtype)?;
+        for q in ragged.sequences().filter(|q| q.q1 > q.q0) {
+            let sub = sequence_problem(problem, &q);
+            let x = sequence_inputs(problem, &q, &inputs)?;
+            self.forward(&sub, x, sequence_mut::<Self::Mem>(problem, TensorArg::Out, &q, &mut out)?)?;
+        }
+        Ok(())
+    }
+
+    /// Gradients of [`FavorBackend::forward_ragged`]; parameter gradients summed over the
+    /// sequences.
+    fn backward_ragged(
+        &self,
+        problem: &Problem<'_>,
+        ragged: Ragged<'_>,
+        inputs: Inputs<'_, Self::Mem>,
+        dout: <Self::Mem as MemorySpace>::Ref<'_>,
+        mut grads: Grads<'_, Self::Mem>,
+    ) -> Result<Option<ParamGrads>> {
+        let dtype = validate_inputs(problem, &inputs)?;
+        ragged.validate(problem)?;
+        check_backward(problem, &dout, &grads, dtype)?;
+        let mut params = None;
+        for q in ragged.sequences().filter(|q| q.q1 > q.q0) {
+            let sub = sequence_problem(problem, &q);
+            let x = sequence_inputs(problem, &q, &inputs)?;
+            let g = Grads {
+                dq: sequence_mut::<Self::Mem>(problem, TensorArg::Dq, &q, &mut grads.dq)?,
+                dk: sequence_mut::<Self::Mem>(problem, TensorArg::Dk, &q, &mut grads.dk)?,
+                dv: sequence_mut::<Self::Mem>(problem, TensorArg::Dv, &q, &mut grads.dv)?,
+            };
+            let d = sequence_ref::<Self::Mem>(problem, TensorArg::Dout, &q, dout)?;
+            add_param_grads(&mut params, self.backward(&sub, x, d, g)?);
+        }
+        Ok(params)
+    }
 
     /// An empty decoding state for `problem.shape` (its `len` is ignored).
     fn new_state(&self, problem: &Problem<'_>) -> Result<Self::State>;

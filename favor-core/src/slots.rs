@@ -16,6 +16,7 @@
 //! made for the same problem.
 
 use crate::decode_state::Fingerprint;
+use crate::ragged::check_offsets;
 use crate::validate::{checked_len, try_zeroed};
 use crate::{FavorError, Problem, Result, SlotSignature, StateSignature};
 
@@ -55,35 +56,7 @@ impl<'a> SlotChunks<'a> {
                 ),
             ));
         }
-        if self.offsets.len() != self.slots.len() + 1 {
-            return Err(FavorError::shape(
-                "offsets",
-                format!("{} offsets (one more than the {} slots)", self.slots.len() + 1, self.slots.len()),
-                self.offsets.len(),
-            ));
-        }
-        if self.offsets[0] != 0 {
-            return Err(FavorError::param("offsets", format!("must start at 0, got {}", self.offsets[0])));
-        }
-        if let Some(i) = self.offsets.windows(2).position(|w| w[1] < w[0]) {
-            return Err(FavorError::param(
-                "offsets",
-                format!(
-                    "must not decrease: offsets[{}] = {} > offsets[{}] = {}",
-                    i,
-                    self.offsets[i],
-                    i + 1,
-                    self.offsets[i + 1]
-                ),
-            ));
-        }
-        let last = self.offsets[self.slots.len()];
-        if last != s.len {
-            return Err(FavorError::param(
-                "offsets",
-                format!("the last offset must be the call's len ({} tokens), got {last}", s.len),
-            ));
-        }
+        check_offsets("offsets", self.offsets, self.slots.len() + 1, s.len)?;
         for (i, &slot) in self.slots.iter().enumerate() {
             state.check_slot("slots", slot)?;
             // Calls name few slots: a quadratic scan allocates nothing.

@@ -16,6 +16,7 @@ use rand_distr::{Distribution, StandardNormal, StandardUniform};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 
+pub mod ragged;
 pub mod slots;
 
 /// The value-stable RNG of the test suite.

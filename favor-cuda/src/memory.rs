@@ -42,6 +42,15 @@ pub struct CudaMem;
 impl MemorySpace for CudaMem {
     type Ref<'a> = DeviceRef<'a>;
     type Mut<'a> = DeviceMut<'a>;
+
+    fn skip<'t>(t: Self::Ref<'t>, start: usize) -> Option<Self::Ref<'t>> {
+        t.skip(start)
+    }
+
+    fn skip_mut<'s>(t: &'s mut Self::Mut<'_>, start: usize) -> Option<Self::Mut<'s>> {
+        let DevPtr { ptr, len } = t.raw().slice(start, t.len.checked_sub(start)?, t.dtype.size())?;
+        Some(DeviceMut { ptr, len, dtype: t.dtype, home: t.home, _borrow: PhantomData })
+    }
 }
 
 /// Read-only device tensor handle: pointer, element count and dtype, borrowed for `'a`.

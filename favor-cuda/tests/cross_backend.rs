@@ -847,3 +847,18 @@ fn slots_match_reference() {
         assert_eq!(assert_slot_errors(&cuda), want, "{}", cuda.name());
     }
 }
+
+/// Ragged batches (cu_seqlens offsets, empty and one-token sequences, grouped heads) against
+/// the reference over each sequence alone, forward and backward; misuse gives the reference's
+/// typed errors. Cross-attention and maps without a kernel are unsupported here and skipped.
+#[test]
+fn ragged_batches_match_reference() {
+    use favor_core::testing::ragged::{assert_ragged_errors, assert_ragged_matches, ragged_cases};
+    let want = assert_ragged_errors(&ReferenceBackend);
+    for (cuda, _) in backends("ragged_batches_match_reference") {
+        for case in ragged_cases() {
+            assert_ragged_matches(&cuda, &case, 1e-4, 2e-4);
+        }
+        assert_eq!(assert_ragged_errors(&cuda), want, "{}", cuda.name());
+    }
+}

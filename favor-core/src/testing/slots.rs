@@ -86,7 +86,7 @@ impl History {
 }
 
 /// Token-major `[1, L, heads, width]` rows → `[1, heads, L, width]`.
-fn heads_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
+pub(super) fn heads_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
     let l = x.len() / (heads * width);
     let mut out = Vec::with_capacity(x.len());
     for h in 0..heads {
@@ -98,7 +98,7 @@ fn heads_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
 }
 
 /// Inverse of [`heads_major`].
-fn token_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
+pub(super) fn token_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
     let l = x.len() / (heads * width);
     let mut out = vec![0.0; x.len()];
     for h in 0..heads {
