@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static CALLS: AtomicUsize = AtomicUsize::new(0);
 
-/// The system allocator plus two counters (bytes live now, most bytes live since the last reset).
+/// The system allocator plus counters: bytes live now, most bytes live since the last reset, and
+/// allocations (including reallocations) made.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CountingAlloc;
 
 fn grow(bytes: usize) {
+    CALLS.fetch_add(1, Ordering::Relaxed);
     let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
@@ -61,6 +64,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
         }
         p
     }
+}
+
+/// Allocations and reallocations made since program start (subtract two readings to count a
+/// call's).
+pub fn allocations() -> usize {
+    CALLS.load(Ordering::Relaxed)
 }
 
 /// Bytes live on the heap now.

@@ -2,7 +2,7 @@
 //!
 //! The benchmark and I/O tool of favor (the `favor-bench` binary): the paper's speed/memory
 //! curves (`curves`), accuracy figures (`accuracy`), this machine's ceilings (`roofline`),
-//! single-kernel profiling (`profile`), the cost of strided layouts (`layouts`), what grouped key/value heads save (`groups`) and npy round
+//! single-kernel profiling (`profile`), the cost of strided layouts (`layouts`), what grouped key/value heads save (`groups`), serving-style slot decoding (`serve`) and npy round
 //! trips (`run`). The library holds the pieces
 //! so that the integration tests and criterion benches use the same code.
 
@@ -25,4 +25,5 @@ pub mod npy;
 pub mod profile;
 pub mod roofline;
 pub mod runcmd;
+pub mod serve;
 pub mod workload;

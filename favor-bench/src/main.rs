@@ -45,6 +45,9 @@ enum Command {
     /// Grouped-query and multi-query attention against one key/value head per query head: time
     /// and heap per call.
     Groups(GroupsArgs),
+    /// Serving: one-token decode steps of many slots in one call (time per step, tokens/s,
+    /// allocations per step).
+    Serve(ServeArgs),
     /// Read Q, K, V (W, mask, dout) from .npy, run attention, write out (and grads) to .npy.
     Run(RunCmdArgs),
     /// List the backends this build can run here.
@@ -213,6 +216,34 @@ struct LayoutsArgs {
     /// Timed rounds (each calls every layout once).
     #[arg(long, default_value_t = 15, value_parser = positive)]
     rounds: usize,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Backend id: best, simd, simd:<isa>, cuda (host tensors) or reference.
+    #[arg(long, default_value = "simd")]
+    backend: String,
+    /// Query heads.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
+    heads: usize,
+    /// Key/value heads (dividing --heads; default: --heads).
+    #[arg(long, value_parser = positive)]
+    kv_heads: Option<usize>,
+    /// Head dimension (d = d_v).
+    #[arg(long, default_value_t = 128, value_parser = positive)]
+    d: usize,
+    /// Random features.
+    #[arg(long, default_value_t = 256, value_parser = positive)]
+    m: usize,
+    /// Slot counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64", value_parser = positive)]
+    slots: Vec<usize>,
+    /// Prompt tokens prefilled into every slot first.
+    #[arg(long, default_value_t = 128, value_parser = positive)]
+    prompt: usize,
+    /// Timed one-token steps.
+    #[arg(long, default_value_t = 50, value_parser = positive)]
+    steps: usize,
 }
 
 #[derive(Args, Debug)]
@@ -614,6 +645,39 @@ fn groups_cmd(a: GroupsArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve_cmd(a: ServeArgs) -> Result<()> {
+    let cfg = favor_bench::serve::ServeConfig {
+        backend: a.backend,
+        heads: a.heads,
+        kv_heads: a.kv_heads.unwrap_or(a.heads),
+        d: a.d,
+        m: a.m,
+        slots: a.slots,
+        prompt: a.prompt,
+        steps: a.steps,
+    };
+    println!(
+        "{} heads={} kv_heads={} d={} m={} f32, prompt {} tokens per slot, median of {} one-token steps",
+        cfg.backend, cfg.heads, cfg.kv_heads, cfg.d, cfg.m, cfg.prompt, cfg.steps
+    );
+    println!(
+        "{:>6} {:>10} {:>10} {:>12} {:>12} {:>14}",
+        "slots", "prefill", "step", "tokens/s", "allocs/step", "step heap KiB"
+    );
+    for p in favor_bench::serve::run(&cfg)? {
+        println!(
+            "{:>6} {:>10} {:>10} {:>12.0} {:>12} {:>14.1}",
+            p.slots,
+            favor_bench::measure::human_time(p.prefill_s),
+            favor_bench::measure::human_time(p.step_s),
+            p.tokens_per_s,
+            p.allocations,
+            p.step_heap_bytes as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
+
 fn run_cmd(a: RunCmdArgs) -> Result<()> {
     let args = RunArgs {
         q: a.q,
@@ -651,6 +715,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run_cmd(a),
         Command::Layouts(a) => layouts_cmd(a),
         Command::Groups(a) => groups_cmd(a),
+        Command::Serve(a) => serve_cmd(a),
         Command::Backends => {
             for id in backends::available() {
                 let name = backends::open(&id).map_or_else(|e| format!("unavailable: {e}"), |b| b.name());

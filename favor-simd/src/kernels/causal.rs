@@ -82,11 +82,17 @@ struct Chunk {
 
 impl Chunk {
     fn new(p: &Plan, dv: usize) -> Chunk {
-        let dvp = pad(dv);
+        Chunk::with_rows(p, dv, CHUNK)
+    }
+
+    /// A chunk for at most `rows` ≤ [`CHUNK`] tokens at a time: a short decoding call (one token
+    /// per step) allocates and clears tiles of its own size, not of a whole chunk.
+    fn with_rows(p: &Plan, dv: usize, rows: usize) -> Chunk {
+        let (dvp, rows) = (pad(dv), rows.clamp(1, CHUNK));
         Chunk {
-            tq: Tile::new(p, CHUNK),
-            tk: Tile::new(p, CHUNK),
-            vt: vec![0.0; CHUNK * dvp],
+            tq: Tile::new(p, rows),
+            tk: Tile::new(p, rows),
+            vt: vec![0.0; rows * dvp],
             phikt: vec![0.0; p.mfp * CHUNK],
             mask: vec![0.0; CHUNK * CHUNK],
             att: vec![0.0; CHUNK * CHUNK],
@@ -304,9 +310,10 @@ impl SimdTask for CausalForward<'_, '_> {
     fn run<S: SimdF32>(mut self) {
         let p = self.plan;
         let Some(&(keys, _)) = self.heads.first() else { return };
-        let mut ch = Chunk::new(p, keys.dv);
+        let cap = CHUNK.min(self.r1 - self.r0);
+        let mut ch = Chunk::with_rows(p, keys.dv, cap);
         let dvp = ch.dvp;
-        let mut num = vec![0.0; CHUNK * dvp];
+        let mut num = vec![0.0; cap * dvp];
         let mut den = [0.0f32; CHUNK];
         let mut r = self.r0;
         while r < self.r1 {
