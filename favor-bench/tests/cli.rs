@@ -414,6 +414,21 @@ fn roofline_and_profile_smoke_runs() {
 }
 
 #[test]
+fn serve_smoke_run_prints_one_row_per_slot_count() {
+    let o = run_ok(
+        bin()
+            .args(["serve", "--heads", "4", "--kv-heads", "2", "--d", "8", "--m", "16"])
+            .args(["--slots", "1,3", "--prompt", "5", "--steps", "2"]),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<&str> = stdout.lines().skip(2).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert!(rows[1].trim_start().starts_with('3'), "{stdout}");
+    let e = run_err(bin().args(["serve", "--heads", "4", "--kv-heads", "3"]));
+    assert!(e.contains("kv_heads"), "{e}");
+}
+
+#[test]
 fn run_with_every_backend_present_is_close_to_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let (h, l, d, m) = (2, 33, 16, 20);
