@@ -102,7 +102,7 @@ const HEADER_BYTES: usize = 8 + 4 + 6 * 8 + 8;
 
 impl SlotState {
     /// A slot that has consumed `tokens` tokens with these per-key/value-head sums; checks their
-    /// count and sizes against `signature`.
+    /// count and sizes against `signature`, and that they are finite (c may be −∞: no key yet).
     pub fn new(signature: SlotSignature, tokens: u64, heads: Vec<SlotHead>) -> Result<Self> {
         if heads.len() != signature.kv_heads {
             return Err(FavorError::shape("heads", format!("{} key/value heads", signature.kv_heads), heads.len()));
@@ -115,6 +115,9 @@ impl SlotState {
                     format!("z of {mf} and S of {mf}×{dv} values"),
                     format!("z of {} and S of {} values", h.z.len(), h.s.len()),
                 ));
+            }
+            if h.c.is_nan() || h.c == f64::INFINITY || h.z.iter().chain(&h.s).any(|x| !x.is_finite()) {
+                return Err(FavorError::param("heads", "a stabiliser or sum is not finite"));
             }
         }
         Ok(Self { signature, tokens, heads })
@@ -214,12 +217,9 @@ impl SlotState {
             let c = values.next().expect("sized above");
             let z: Vec<f64> = values.by_ref().take(mf).collect();
             let s: Vec<f64> = values.by_ref().take(mf * dv).collect();
-            if c.is_nan() || c == f64::INFINITY || z.iter().chain(&s).any(|x| !x.is_finite()) {
-                return Err(bad("a stabiliser or sum is not finite".to_string()));
-            }
             heads.push(SlotHead { c, z, s });
         }
-        Self::new(signature, tokens, heads)
+        Self::new(signature, tokens, heads).map_err(|e| bad(e.to_string()))
     }
 }
 

@@ -340,5 +340,10 @@ pub fn assert_slot_errors<B: FavorBackend<Mem = Host>>(backend: &B) -> Vec<Favor
     for bad in [&versioned[..], &bytes[..bytes.len() - 1], &altered[..], b"FAVORSLT"] {
         expect(SlotState::from_bytes(bad).map(|_| ()), "slot bytes");
     }
+    // Values that are not finite never reach a state.
+    let good = SlotState::from_bytes(&bytes).expect("round trip");
+    let mut heads = good.heads().to_vec();
+    heads[0].s[1] = f64::NAN;
+    expect(SlotState::new(*good.signature(), 2, heads).map(|_| ()), "heads");
     errors
 }
