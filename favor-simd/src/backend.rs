@@ -447,7 +447,7 @@ impl FavorBackend for SimdBackend {
     ) -> Result<()> {
         let mf = validate_feature_call(map, shape, &x, "phi", &phi)?;
         check_finite(&[("x", x)])?;
-        let plan = Plan::new(map, shape.d);
+        let plan = Plan::prepared(map, shape.d);
         let pieces = split_mut(phi, &vec![shape.len * mf; shape.problems()]);
         pieces.into_par_iter().enumerate().for_each(|(bh, phi)| {
             self.token.run(FeatureMapTask { plan: &plan, role, x, off: bh * shape.len * shape.d, len: shape.len, phi })
@@ -467,7 +467,7 @@ impl FavorBackend for SimdBackend {
         let mf = validate_feature_call(map, shape, &x, "dphi", &dphi)?;
         check_tensor("dx", &dx, shape.qk_len(), x.dtype(), "[batch, heads, len, d]")?;
         check_finite(&[("x", x), ("dphi", dphi)])?;
-        let plan = Plan::new(map, shape.d);
+        let plan = Plan::prepared(map, shape.d);
         let pieces = split_mut(dx, &vec![shape.len * shape.d; shape.problems()]);
         let parts: Vec<Option<ParamAcc>> = pieces
             .into_par_iter()
@@ -497,7 +497,7 @@ impl FavorBackend for SimdBackend {
         let risk = risk_flags(s);
         scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &risk)?;
         let mut out = shared_out(p, TensorArg::Out, out)?;
-        let plan = Plan::new(p.map, s.d);
+        let plan = Plan::prepared(p.map, s.d);
         check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         match p.options.direction {
@@ -554,7 +554,7 @@ impl FavorBackend for SimdBackend {
         let mut dq = shared_out(p, TensorArg::Dq, dq)?;
         let mut dk = shared_out(p, TensorArg::Dk, dk)?;
         let mut dv = shared_out(p, TensorArg::Dv, dv)?;
-        let plan = Plan::new(p.map, s.d);
+        let plan = Plan::prepared(p.map, s.d);
         check_kernel_sums(&plan, s.dv)?;
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
@@ -707,7 +707,7 @@ impl FavorBackend for SimdBackend {
 
     fn new_state(&self, p: &Problem<'_>) -> Result<SimdState> {
         let made_for = favor_core::StateSignature::new(p)?;
-        let (plan, shape) = (Plan::new(p.map, p.shape.d), made_for.shape());
+        let (plan, shape) = (Plan::prepared(p.map, p.shape.d), made_for.shape());
         let mut heads = try_with_capacity("state", shape.kv_problems())?;
         for _ in 0..shape.kv_problems() {
             heads.push(HeadState::try_new(&plan, shape.dv)?);
@@ -723,7 +723,7 @@ impl FavorBackend for SimdBackend {
         scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &[])?;
         let s = p.shape;
         state.made_for.check(p)?;
-        let plan = Plan::new(p.map, s.d);
+        let plan = Plan::prepared(p.map, s.d);
         check_output(p, &out, dtype)?;
         let mut out = shared_out(p, TensorArg::Out, out)?;
         let delta = p.denominator_guard();
@@ -755,7 +755,7 @@ impl FavorBackend for SimdBackend {
         // Decoding has no history to recompute from, so large values are not tracked.
         scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &[])?;
         let s = p.shape;
-        let plan = Plan::new(p.map, s.d);
+        let plan = Plan::prepared(p.map, s.d);
         let mut out = shared_out(p, TensorArg::Out, out)?;
         let delta = p.denominator_guard();
         // Output pieces head-major, then by sequence (the offsets never decrease): the order

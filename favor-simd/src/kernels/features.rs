@@ -35,6 +35,7 @@ use crate::isa::{SimdF32, pad};
 use crate::math::exp::exp_nonpositive;
 use favor_core::saturate_f32;
 use favor_core::{Elementwise, FeatureMap};
+use std::sync::{Arc, Mutex};
 
 pub(crate) use favor_core::limits::{FEATURE_HI, FEATURE_LO, WIDE_INPUT};
 
@@ -94,7 +95,30 @@ fn transposed(m: usize, d: usize, w: &[f32], s: f32, mp: usize, dp: usize) -> (V
     (wt, ws)
 }
 
+/// Maps prepared by recent calls, most recent first: repeated calls with the same map (every
+/// decoding step, every layer call of an engine) reuse W̃ instead of transposing and padding it
+/// again. A few entries, so that alternating maps (layers, training steps) only cost a lookup;
+/// each keeps its map's W and W̃ alive until pushed out.
+static PREPARED: Mutex<Vec<Arc<Plan>>> = Mutex::new(Vec::new());
+const PREPARED_ENTRIES: usize = 8;
+
 impl Plan {
+    /// [`Plan::new`], reused from an earlier call with an equal map and `d` when there was one.
+    pub(crate) fn prepared(map: &FeatureMap, d: usize) -> Arc<Plan> {
+        let mut cache = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = cache.iter().position(|p| p.d == d && p.map == *map) {
+            let plan = cache.remove(i);
+            cache.insert(0, plan.clone());
+            return plan;
+        }
+        // Preparing holds the lock: concurrent first calls with a new map wait for one
+        // preparation instead of each doing it.
+        let plan = Arc::new(Plan::new(map, d));
+        cache.insert(0, plan.clone());
+        cache.truncate(PREPARED_ENTRIES);
+        plan
+    }
+
     /// Prepares `map` for inputs of dimension `d` (already validated).
     pub(crate) fn new(map: &FeatureMap, d: usize) -> Plan {
         let dp = pad(d);
