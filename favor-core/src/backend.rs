@@ -62,9 +62,9 @@ impl MemorySpace for Host {
     }
 }
 
-/// One sequence of a ragged call as a call of its own: batch 1, its lengths, the parent's
+/// One sequence of a packed (ragged or slot-decoding) call as a call of its own: batch 1, its lengths, the parent's
 /// strides made explicit (a sequence is a slice of the packed tensors).
-fn sequence_problem<'a>(p: &Problem<'a>, q: &Sequence) -> Problem<'a> {
+pub fn sequence_problem<'a>(p: &Problem<'a>, q: &Sequence) -> Problem<'a> {
     let (nq, nk) = (q.q1 - q.q0, q.k1 - q.k0);
     let shape = AttentionShape { len: nq, kv_len: p.shape.kv_len.map(|_| nk), ..p.shape };
     Problem { shape, layout: Layout::from_fn(|arg| Some(p.strides(arg))), ..*p }
@@ -89,7 +89,8 @@ fn sequence_ref<'t, M: MemorySpace>(
     M::skip(t, start).ok_or(FavorError::OutOfRange { start, count: 0, len: t.len() })
 }
 
-fn sequence_mut<'s, M: MemorySpace>(
+/// The writable rows of one sequence in the tensor `arg` of a packed call.
+pub fn sequence_mut<'s, M: MemorySpace>(
     p: &Problem<'_>,
     arg: TensorArg,
     q: &Sequence,
@@ -99,8 +100,8 @@ fn sequence_mut<'s, M: MemorySpace>(
     M::skip_mut(t, start).ok_or(FavorError::OutOfRange { start, count: 0, len })
 }
 
-/// The inputs of one sequence of a ragged call.
-fn sequence_inputs<'t, M: MemorySpace>(p: &Problem<'_>, q: &Sequence, x: &Inputs<'t, M>) -> Result<Inputs<'t, M>> {
+/// The inputs of one sequence of a packed (ragged or slot-decoding) call.
+pub fn sequence_inputs<'t, M: MemorySpace>(p: &Problem<'_>, q: &Sequence, x: &Inputs<'t, M>) -> Result<Inputs<'t, M>> {
     Ok(Inputs {
         q: sequence_ref::<M>(p, TensorArg::Q, q, x.q)?,
         k: sequence_ref::<M>(p, TensorArg::K, q, x.k)?,

@@ -55,15 +55,7 @@ impl<'a> Ragged<'a> {
     /// causal attention, and every sequence either empty or with both queries and keys.
     pub fn validate(&self, p: &Problem<'_>) -> Result<()> {
         let s = p.shape;
-        if s.batch != 1 {
-            return Err(FavorError::param(
-                "batch",
-                format!(
-                    "a ragged call packs its sequences along the tokens of one batch element: batch must be 1, got {}",
-                    s.batch
-                ),
-            ));
-        }
+        check_packed_batch("ragged", p)?;
         if self.offsets.len() < 2 {
             return Err(FavorError::shape("offsets", "at least 2 offsets (one sequence)", self.offsets.len()));
         }
@@ -96,6 +88,20 @@ impl<'a> Ragged<'a> {
         }
         Ok(())
     }
+}
+
+/// Checks that a packed call (`kind`: ragged or slot-decoding) has one batch element.
+pub(crate) fn check_packed_batch(kind: &str, p: &Problem<'_>) -> Result<()> {
+    if p.shape.batch == 1 {
+        return Ok(());
+    }
+    Err(FavorError::param(
+        "batch",
+        format!(
+            "a {kind} call packs its sequences along the tokens of one batch element: batch must be 1, got {}",
+            p.shape.batch
+        ),
+    ))
 }
 
 /// Checks cumulative offsets: `count` of them, from 0 to `total`, never decreasing.

@@ -16,7 +16,7 @@
 //! made for the same problem.
 
 use crate::decode_state::Fingerprint;
-use crate::ragged::check_offsets;
+use crate::ragged::{check_offsets, check_packed_batch};
 use crate::validate::{checked_len, try_zeroed};
 use crate::{FavorError, Problem, Result, SlotSignature, StateSignature};
 
@@ -47,15 +47,7 @@ impl<'a> SlotChunks<'a> {
     /// and distinct.
     pub fn validate(&self, p: &Problem<'_>, state: &StateSignature) -> Result<()> {
         let s = p.shape;
-        if s.batch != 1 {
-            return Err(FavorError::param(
-                "batch",
-                format!(
-                    "a slot-decoding call packs its sequences along the tokens of one batch element: batch must be 1, got {}",
-                    s.batch
-                ),
-            ));
-        }
+        check_packed_batch("slot-decoding", p)?;
         check_offsets("offsets", self.offsets, self.slots.len() + 1, s.len)?;
         for (i, &slot) in self.slots.iter().enumerate() {
             state.check_slot("slots", slot)?;

@@ -426,6 +426,11 @@ pub fn flat_param_grads(g: &ParamGradsF64) -> Vec<f64> {
     g.w.iter().chain(g.bias.iter().flatten()).chain(g.w_gate.iter().flatten()).copied().collect()
 }
 
+/// [`flat_param_grads`] of a backend's f32 parameter gradients, widened.
+pub fn flat_param_grads_f32(g: &crate::ParamGrads) -> Vec<f64> {
+    g.w.iter().chain(g.bias.iter().flatten()).chain(g.w_gate.iter().flatten()).map(|&x| x as f64).collect()
+}
+
 /// Finite-difference gradient w.r.t. a learned map's parameters: `loss(map)` is evaluated at
 /// parameters ± 2^-12 (exact in f32 for quantised parameters) and Richardson-extrapolated with
 /// the ± 2^-13 step, so the truncation error is O(h⁴).

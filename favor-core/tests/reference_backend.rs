@@ -298,13 +298,7 @@ fn host_api_matches_the_f64_functions_across_tail_sizes_and_dtypes() {
             assert_rounded(&format!("{tag} dv"), dtype, &dvt.to_f64_vec(), &wv);
             match (pg, wp) {
                 (Some(got), Some(want)) => {
-                    let got: Vec<f64> = got
-                        .w
-                        .iter()
-                        .chain(got.bias.iter().flatten())
-                        .chain(got.w_gate.iter().flatten())
-                        .map(|&x| x as f64)
-                        .collect();
+                    let got = testing::flat_param_grads_f32(&got);
                     // Parameter gradients are always returned in f32.
                     assert_rounded(&format!("{tag} dθ"), DType::F32, &got, &want);
                 }

@@ -21,11 +21,15 @@ use crate::backend::{CudaBackend, CudaState, StateRows, check};
 use crate::kernels::{FeatureKind, MapArgs, MaskArgs, RiskArgs, RowMap, SMEM_LIMIT, StabMode, scan_value_tile};
 use crate::memory::{CudaMem, DevPtr, DeviceMut, DeviceRef, Scratch};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
-use favor_core::backend::{check_backward, check_output, check_slot_write, validate_inputs, validate_slot_call};
+use favor_core::backend::{
+    check_backward, check_output, check_slot_write, sequence_inputs, sequence_mut, sequence_problem, validate_inputs,
+    validate_slot_call,
+};
 use favor_core::limits::{FEATURE_HI, FEATURE_LO, VALUE_LIMIT, WIDE_INPUT};
+use favor_core::ragged::Sequence;
 use favor_core::{
-    AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, Layout,
-    ParamGrads, Problem, Result, SlotChunks, SlotHead, SlotState, TensorArg, TensorHandle, saturate_f32,
+    AttentionShape, DType, Direction, Elementwise, FavorError, FeatureMap, FeatureRole, Grads, Inputs, ParamGrads,
+    Problem, Result, SlotChunks, SlotHead, SlotState, TensorArg, TensorHandle, saturate_f32,
 };
 
 /// Largest grid.y (one block row per (batch, head)).
@@ -637,37 +641,19 @@ impl CudaBackend {
         state: &mut CudaState,
         chunks: SlotChunks<'_>,
         inputs: Inputs<'_, CudaMem>,
-        out: DeviceMut<'_>,
+        mut out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
         reject_unsupported(p)?;
-        let layout = Layout {
-            q: Some(p.strides(TensorArg::Q)),
-            k: Some(p.strides(TensorArg::K)),
-            v: Some(p.strides(TensorArg::V)),
-            out: Some(p.strides(TensorArg::Out)),
-            ..Layout::default()
-        };
-        // Validated strides keep every row inside its tensor.
-        let gone = || FavorError::Backend { backend: "cuda", reason: "a sequence lies past its tensor".into() };
-        fn at<'t>(p: &Problem<'_>, t: DeviceRef<'t>, arg: TensorArg, r0: usize) -> Option<DeviceRef<'t>> {
-            t.skip(r0 * p.strides(arg).token)
-        }
         for (slot, r0, r1) in chunks.sequences() {
             if r0 == r1 {
                 continue;
             }
-            let shape = AttentionShape { len: r1 - r0, ..p.shape };
-            let sub = Problem { shape, layout, ..*p };
-            let sub_inputs = Inputs {
-                q: at(p, inputs.q, TensorArg::Q, r0).ok_or_else(gone)?,
-                k: at(p, inputs.k, TensorArg::K, r0).ok_or_else(gone)?,
-                v: at(p, inputs.v, TensorArg::V, r0).ok_or_else(gone)?,
-                key_mask: inputs.key_mask.map(|m| &m[r0..r1]),
-            };
-            let start = r0 * p.strides(TensorArg::Out).token;
-            let sub_out = out.raw().slice(start, out.len() - start, dtype.size()).ok_or_else(gone)?;
-            self.continue_rows(&sub, state.slot_rows(slot), &sub_inputs, sub_out, dtype)?;
+            let seq = Sequence { q0: r0, q1: r1, k0: r0, k1: r1 };
+            let sub = sequence_problem(p, &seq);
+            let sub_inputs = sequence_inputs(p, &seq, &inputs)?;
+            let sub_out = sequence_mut::<CudaMem>(p, TensorArg::Out, &seq, &mut out)?;
+            self.continue_rows(&sub, state.slot_rows(slot), &sub_inputs, sub_out.raw(), dtype)?;
             state.tokens[slot] += r1 - r0;
         }
         Ok(())

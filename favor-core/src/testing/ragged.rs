@@ -2,7 +2,7 @@
 //! sequence, the reference's attention and gradients over that sequence alone.
 
 use super::slots::{heads_major, token_major};
-use super::{flat_param_grads, gaussian, index, learned_softplus, max_abs, max_abs_diff, rng};
+use super::{flat_param_grads, flat_param_grads_f32, gaussian, index, learned_softplus, max_abs, max_abs_diff, rng};
 use crate::ragged::Ragged;
 use crate::{
     AttentionOptions, AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, Grads, Host, Inputs, Layout,
@@ -193,13 +193,7 @@ pub fn assert_ragged_matches<B: FavorBackend<Mem = Host>>(backend: &B, case: &Ra
     }
     match (params, want_params) {
         (Some(got), Some(want)) => {
-            let got: Vec<f64> = got
-                .w
-                .iter()
-                .chain(got.bias.iter().flatten())
-                .chain(got.w_gate.iter().flatten())
-                .map(|&x| x as f64)
-                .collect();
+            let got = flat_param_grads_f32(&got);
             let err = max_abs_diff(&got, &want) / max_abs(&want).max(1e-30);
             assert!(err <= grad_tol, "{what}: parameter gradients error {err:.2e} > {grad_tol:.0e}");
         }

@@ -4,10 +4,11 @@
 //! causal attention over the tokens that slot consumed.
 
 use super::{TestRng, gaussian, index, max_abs, max_abs_diff, rng};
+use crate::layout::{TensorDims, gather, scatter};
 use crate::slots::{SlotChunks, SlotState};
 use crate::{
     AttentionOptions, AttentionShape, FavorBackend, FavorError, FeatureMap, Host, Inputs, Layout, Problem, Projection,
-    ProjectionConfig, ReferenceBackend,
+    ProjectionConfig, ReferenceBackend, Strides,
 };
 
 /// One slot-decoding scenario.
@@ -85,28 +86,23 @@ impl History {
     }
 }
 
+/// The dims and `[1, L, heads, width]` strides of token-major rows.
+fn token_rows(x: &[f32], heads: usize, width: usize) -> (TensorDims, Strides) {
+    let rows = x.len() / (heads * width);
+    (TensorDims { batch: 1, heads, rows, width }, Strides::blhd(heads, rows, width))
+}
+
 /// Token-major `[1, L, heads, width]` rows → `[1, heads, L, width]`.
 pub(super) fn heads_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
-    let l = x.len() / (heads * width);
-    let mut out = Vec::with_capacity(x.len());
-    for h in 0..heads {
-        for t in 0..l {
-            out.extend_from_slice(&x[(t * heads + h) * width..(t * heads + h + 1) * width]);
-        }
-    }
-    out
+    let (dims, strides) = token_rows(x, heads, width);
+    gather(x.into(), dims, strides).expect("whole rows").to_f32_vec()
 }
 
 /// Inverse of [`heads_major`].
 pub(super) fn token_major(x: &[f32], heads: usize, width: usize) -> Vec<f32> {
-    let l = x.len() / (heads * width);
+    let (dims, strides) = token_rows(x, heads, width);
     let mut out = vec![0.0; x.len()];
-    for h in 0..heads {
-        for t in 0..l {
-            out[(t * heads + h) * width..(t * heads + h + 1) * width]
-                .copy_from_slice(&x[(h * l + t) * width..(h * l + t + 1) * width]);
-        }
-    }
+    scatter(x.into(), out.as_mut_slice().into(), dims, strides).expect("whole rows");
     out
 }
 
