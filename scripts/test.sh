@@ -3,7 +3,9 @@
 #   1. cargo fmt --check and clippy (-D warnings) on the whole workspace;
 #   2. every test of the workspace on x86_64 (favor-simd tests every ISA this CPU has), with the
 #      CUDA kernels compiled by nvcc from PyPI so that a kernel compile error fails the run
-#      (GPU tests skip with a printed reason where there is no GPU);
+#      (GPU tests skip with a printed reason where there is no GPU); this includes favor-capi's C
+#      test program, compiled with cc against the shared library and, under AddressSanitizer,
+#      the static one, and the check that the committed C header is current;
 #   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference,
 #      favor-bench's CUDA paths (curves, roofline, profile, run) and the `favor` entry point's
 #      CUDA backend on that emulator;

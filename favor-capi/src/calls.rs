@@ -1,0 +1,417 @@
+//! Attention forward and backward (dense and ragged batches) and the feature map on its own.
+
+use crate::handles::{FavorBackend, FavorMap, get};
+use crate::status::{CallResult, Failure, FavorStatus, guard};
+use crate::tensor::{FavorGrads, FavorInputs, FavorProblem, FavorTensor, HostInputs, Span, disjoint, problem, read};
+use favor::{FavorBackend as _, FeatureMap, FeatureRole, Grads, ParamGrads, Ragged, TensorArg};
+
+/// Which stabiliser the feature map gives a batch of tokens.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FavorRole {
+    /// Per-token stabiliser (queries).
+    Query = 0,
+    /// One stabiliser per (batch, head): the maximum over its tokens (bidirectional keys).
+    Key = 1,
+    /// Running maximum along the sequence (causal keys).
+    CausalKey = 2,
+}
+
+fn role_of(code: i32) -> CallResult<FeatureRole> {
+    match code {
+        0 => Ok(FeatureRole::Query),
+        1 => Ok(FeatureRole::Key),
+        2 => Ok(FeatureRole::CausalKey),
+        c => Err(Failure::param("role", format!("unknown role {c} (0 query, 1 key, 2 causal key)"))),
+    }
+}
+
+/// Where a backward call writes the gradients of a learned map's parameters (Softplus, gated
+/// Softplus); same layouts as the parameters. Ignored for maps without parameters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FavorParamGrads {
+    /// ∂L/∂W (∂L/∂W_f for the gated map), m·d floats.
+    pub dw: *mut f32,
+    /// Floats at `dw`.
+    pub dw_len: usize,
+    /// ∂L/∂b (m floats) for maps with a bias; null otherwise.
+    pub dbias: *mut f32,
+    /// Floats at `dbias`.
+    pub dbias_len: usize,
+    /// ∂L/∂W_g (m·d floats) for the gated map; null otherwise.
+    pub dw_gate: *mut f32,
+    /// Floats at `dw_gate`.
+    pub dw_gate_len: usize,
+}
+
+/// A ragged batch: sequences packed back to back (batch 1, `len` = all their query tokens),
+/// `offsets[i]..offsets[i + 1]` the query tokens of sequence i (FlashAttention's `cu_seqlens`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FavorRagged {
+    /// Cumulative query offsets, starting at 0 and ending at `len`.
+    pub offsets: *const usize,
+    /// Entries of `offsets` (sequences + 1).
+    pub n_offsets: usize,
+    /// Cumulative key offsets for cross-attention (ending at `kv_len`); null: the query offsets.
+    pub kv_offsets: *const usize,
+    /// Entries of `kv_offsets`.
+    pub n_kv_offsets: usize,
+}
+
+/// # Safety
+/// `p` null or valid for `n` reads.
+pub(crate) unsafe fn sizes<'a>(p: *const usize, n: usize, arg: &str) -> CallResult<&'a [usize]> {
+    if p.is_null() {
+        return Err(Failure::null(arg));
+    }
+    if !(p as usize).is_multiple_of(align_of::<usize>()) {
+        return Err(Failure::param(arg, "not aligned to size_t"));
+    }
+    // SAFETY: non-null, aligned, `n` entries readable (the caller's contract).
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// The validated parameter-gradient buffers of a call, when the map has parameters and the
+/// caller asked for them.
+struct ParamOut<'a> {
+    w: &'a mut [f32],
+    bias: Option<&'a mut [f32]>,
+    w_gate: Option<&'a mut [f32]>,
+}
+
+/// The byte span of a float buffer, for the overlap check.
+fn float_span(arg: &'static str, b: &[f32]) -> CallResult<Span> {
+    Span::new(arg, b.as_ptr() as usize, size_of_val(b))
+}
+
+/// # Safety
+/// `p` null or valid for `n` float writes, exclusively for `'a`.
+unsafe fn out_floats<'a>(p: *mut f32, n: usize, want: usize, arg: &str) -> CallResult<&'a mut [f32]> {
+    if p.is_null() {
+        return Err(Failure::null(arg));
+    }
+    if n != want {
+        return Err(Failure::new(FavorStatus::Shape, format!("argument `{arg}`: expected {want} floats, got {n}")));
+    }
+    if !(p as usize).is_multiple_of(align_of::<f32>()) {
+        return Err(Failure::param(arg, "not aligned to 4 bytes"));
+    }
+    // SAFETY: non-null, aligned, writable for `n` floats (the caller's contract).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
+}
+
+impl<'a> ParamOut<'a> {
+    /// Checks the buffers against the map's parameters before anything runs.
+    ///
+    /// # Safety
+    /// `g` null or readable; its buffers valid for their lengths and not otherwise accessed.
+    unsafe fn new(map: &FeatureMap, g: *const FavorParamGrads) -> CallResult<Option<ParamOut<'a>>> {
+        let (w, bias, gate) = match map {
+            FeatureMap::Softplus(l) => (l.w.len(), l.bias.as_ref().map(Vec::len), None),
+            FeatureMap::GatedSoftplus(p) => {
+                (p.filter.w.len(), p.filter.bias.as_ref().map(Vec::len), Some(p.gate.w.len()))
+            }
+            _ => return Ok(None),
+        };
+        if g.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: forwarded contract.
+        let g = unsafe { read(g, "param_grads")? };
+        // SAFETY: forwarded contract.
+        unsafe {
+            Ok(Some(ParamOut {
+                w: out_floats(g.dw, g.dw_len, w, "param_grads.dw")?,
+                bias: bias.map(|n| out_floats(g.dbias, g.dbias_len, n, "param_grads.dbias")).transpose()?,
+                w_gate: gate.map(|n| out_floats(g.dw_gate, g.dw_gate_len, n, "param_grads.dw_gate")).transpose()?,
+            }))
+        }
+    }
+
+    /// The buffers' spans (they are outputs too).
+    fn spans(&self) -> CallResult<Vec<Span>> {
+        let mut v = vec![float_span("param_grads.dw", self.w)?];
+        if let Some(b) = &self.bias {
+            v.push(float_span("param_grads.dbias", b)?);
+        }
+        if let Some(g) = &self.w_gate {
+            v.push(float_span("param_grads.dw_gate", g)?);
+        }
+        Ok(v)
+    }
+
+    fn write(self, grads: Option<ParamGrads>) {
+        let Some(g) = grads else { return };
+        let copy = |dst: &mut [f32], src: &[f32]| dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s);
+        copy(self.w, &g.w);
+        if let (Some(dst), Some(src)) = (self.bias, g.bias.as_deref()) {
+            copy(dst, src);
+        }
+        if let (Some(dst), Some(src)) = (self.w_gate, g.w_gate.as_deref()) {
+            copy(dst, src);
+        }
+    }
+}
+
+/// The strides of each tensor of an attention call.
+fn layout_of<'t>(
+    x: &'t HostInputs<'_>,
+    out: &'t [(TensorArg, &'t FavorTensor)],
+) -> impl Fn(TensorArg) -> Option<favor::Strides> + 't {
+    move |arg| match arg {
+        TensorArg::Q => x.strides[0],
+        TensorArg::K => x.strides[1],
+        TensorArg::V => x.strides[2],
+        other => out.iter().find(|(a, _)| *a == other).and_then(|(_, t)| t.strides()),
+    }
+}
+
+/// Attention forward: out `[batch, heads, len, dv]` (any strides) from Q, K, V. Causal or
+/// bidirectional, grouped heads, cross-attention and the softmax scale come from `problem` and
+/// the map.
+///
+/// # Safety
+/// Every pointer null or valid (handles live; tensors valid for their `len` elements, the output
+/// writable and accessed by nothing else during the call).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_forward(
+    backend: *const FavorBackend,
+    map: *const FavorMap,
+    problem_: *const FavorProblem,
+    inputs: *const FavorInputs,
+    out: *const FavorTensor,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let (b, map, p, x, o) = (
+                get(backend, "backend")?,
+                get(map, "map")?,
+                read(problem_, "problem")?,
+                read(inputs, "inputs")?,
+                read(out, "out")?,
+            );
+            let x = HostInputs::new(&x)?;
+            let (out_t, span) = o.host_mut("out")?;
+            disjoint(&[span], &x.spans)?;
+            let outs = [(TensorArg::Out, &o)];
+            let prob = problem(&p, map, layout_of(&x, &outs))?;
+            Ok(b.forward(&prob, x.inputs(), out_t)?)
+        }
+    })
+}
+
+/// Attention backward: dq, dk, dv (any strides) from Q, K, V and ∂L/∂out, and the learned
+/// map's parameter gradients into `param_grads` (null: not wanted).
+///
+/// # Safety
+/// As `favor_forward`; the gradient buffers writable and disjoint from every other buffer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_backward(
+    backend: *const FavorBackend,
+    map: *const FavorMap,
+    problem_: *const FavorProblem,
+    inputs: *const FavorInputs,
+    dout: *const FavorTensor,
+    grads: *const FavorGrads,
+    param_grads: *const FavorParamGrads,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let (b, map, p, x) =
+                (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?, read(inputs, "inputs")?);
+            let (dout, g) = (read(dout, "dout")?, read(grads, "grads")?);
+            let x = HostInputs::new(&x)?;
+            let (dout_t, dout_span) = dout.host_ref("dout")?;
+            let ((dq, sq), (dk, sk), (dv, sv)) = (g.dq.host_mut("dq")?, g.dk.host_mut("dk")?, g.dv.host_mut("dv")?);
+            let mut inputs_spans = x.spans.clone();
+            inputs_spans.push(dout_span);
+            let params = ParamOut::new(map, param_grads)?;
+            let mut outputs = vec![sq, sk, sv];
+            outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
+            disjoint(&outputs, &inputs_spans)?;
+            let outs =
+                [(TensorArg::Dout, &dout), (TensorArg::Dq, &g.dq), (TensorArg::Dk, &g.dk), (TensorArg::Dv, &g.dv)];
+            let prob = problem(&p, map, layout_of(&x, &outs))?;
+            let pg = b.backward(&prob, x.inputs(), dout_t, Grads { dq, dk, dv })?;
+            if let Some(po) = params {
+                po.write(pg);
+            }
+            Ok(())
+        }
+    })
+}
+
+/// # Safety
+/// `r` null or readable, its arrays valid for their lengths.
+unsafe fn ragged_of<'a>(r: *const FavorRagged) -> CallResult<Ragged<'a>> {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let r = read(r, "ragged")?;
+        let ragged = Ragged::new(sizes(r.offsets, r.n_offsets, "ragged.offsets")?);
+        Ok(if r.kv_offsets.is_null() {
+            ragged
+        } else {
+            ragged.with_kv_offsets(sizes(r.kv_offsets, r.n_kv_offsets, "ragged.kv_offsets")?)
+        })
+    }
+}
+
+/// Forward over a ragged batch (`problem.batch` = 1, `problem.len` = all query tokens): each
+/// sequence attends only to its own keys; no work is spent on padding.
+///
+/// # Safety
+/// As `favor_forward`; `ragged` null or readable with its arrays valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_forward_ragged(
+    backend: *const FavorBackend,
+    map: *const FavorMap,
+    problem_: *const FavorProblem,
+    ragged: *const FavorRagged,
+    inputs: *const FavorInputs,
+    out: *const FavorTensor,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let (b, map, p, x, o) = (
+                get(backend, "backend")?,
+                get(map, "map")?,
+                read(problem_, "problem")?,
+                read(inputs, "inputs")?,
+                read(out, "out")?,
+            );
+            let ragged = ragged_of(ragged)?;
+            let x = HostInputs::new(&x)?;
+            let (out_t, span) = o.host_mut("out")?;
+            disjoint(&[span], &x.spans)?;
+            let outs = [(TensorArg::Out, &o)];
+            let prob = problem(&p, map, layout_of(&x, &outs))?;
+            Ok(b.forward_ragged(&prob, ragged, x.inputs(), out_t)?)
+        }
+    })
+}
+
+/// Backward of `favor_forward_ragged`; parameter gradients summed over the sequences.
+///
+/// # Safety
+/// As `favor_backward` and `favor_forward_ragged`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_backward_ragged(
+    backend: *const FavorBackend,
+    map: *const FavorMap,
+    problem_: *const FavorProblem,
+    ragged: *const FavorRagged,
+    inputs: *const FavorInputs,
+    dout: *const FavorTensor,
+    grads: *const FavorGrads,
+    param_grads: *const FavorParamGrads,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let (b, map, p, x) =
+                (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?, read(inputs, "inputs")?);
+            let (dout, g) = (read(dout, "dout")?, read(grads, "grads")?);
+            let ragged = ragged_of(ragged)?;
+            let x = HostInputs::new(&x)?;
+            let (dout_t, dout_span) = dout.host_ref("dout")?;
+            let ((dq, sq), (dk, sk), (dv, sv)) = (g.dq.host_mut("dq")?, g.dk.host_mut("dk")?, g.dv.host_mut("dv")?);
+            let mut inputs_spans = x.spans.clone();
+            inputs_spans.push(dout_span);
+            let params = ParamOut::new(map, param_grads)?;
+            let mut outputs = vec![sq, sk, sv];
+            outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
+            disjoint(&outputs, &inputs_spans)?;
+            let outs =
+                [(TensorArg::Dout, &dout), (TensorArg::Dq, &g.dq), (TensorArg::Dk, &g.dk), (TensorArg::Dv, &g.dv)];
+            let prob = problem(&p, map, layout_of(&x, &outs))?;
+            let pg = b.backward_ragged(&prob, ragged, x.inputs(), dout_t, Grads { dq, dk, dv })?;
+            if let Some(po) = params {
+                po.write(pg);
+            }
+            Ok(())
+        }
+    })
+}
+
+/// Fails for a tensor with strides: the feature map reads and writes contiguous tensors.
+fn contiguous(t: &FavorTensor, arg: &str) -> CallResult {
+    match t.strides() {
+        None => Ok(()),
+        Some(_) => Err(Failure::new(
+            FavorStatus::Unsupported,
+            format!("argument `{arg}`: the feature map takes contiguous tensors (strides 0, 0, 0)"),
+        )),
+    }
+}
+
+/// The feature map alone: φ(x) `[batch, heads, len, M]` from x `[batch, heads, len, d]`
+/// (contiguous; sizes from `problem`'s batch, heads, len and d).
+///
+/// # Safety
+/// As `favor_forward`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_feature_map(
+    backend: *const FavorBackend,
+    map: *const FavorMap,
+    role: i32,
+    problem_: *const FavorProblem,
+    x: *const FavorTensor,
+    phi: *const FavorTensor,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let (b, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (xt, pt) = (read(x, "x")?, read(phi, "phi")?);
+            contiguous(&xt, "x")?;
+            contiguous(&pt, "phi")?;
+            let (xv, sx) = xt.host_ref("x")?;
+            let (phiv, sp) = pt.host_mut("phi")?;
+            disjoint(&[sp], &[sx])?;
+            Ok(b.feature_map(map, role_of(role)?, p.shape(), xv, phiv)?)
+        }
+    })
+}
+
+/// Backward of the feature map: dx from x and ∂L/∂φ, and the learned map's parameter gradients
+/// into `param_grads` (null: not wanted).
+///
+/// # Safety
+/// As `favor_backward`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_feature_map_backward(
+    backend: *const FavorBackend,
+    map: *const FavorMap,
+    role: i32,
+    problem_: *const FavorProblem,
+    x: *const FavorTensor,
+    dphi: *const FavorTensor,
+    dx: *const FavorTensor,
+    param_grads: *const FavorParamGrads,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let (b, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (xt, gt, dt) = (read(x, "x")?, read(dphi, "dphi")?, read(dx, "dx")?);
+            for (t, arg) in [(&xt, "x"), (&gt, "dphi"), (&dt, "dx")] {
+                contiguous(t, arg)?;
+            }
+            let ((xv, sx), (gv, sg), (dxv, sd)) = (xt.host_ref("x")?, gt.host_ref("dphi")?, dt.host_mut("dx")?);
+            let params = ParamOut::new(map, param_grads)?;
+            let mut outputs = vec![sd];
+            outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
+            disjoint(&outputs, &[sx, sg])?;
+            let pg = b.feature_map_backward(map, role_of(role)?, p.shape(), xv, gv, dxv)?;
+            if let Some(po) = params {
+                po.write(pg);
+            }
+            Ok(())
+        }
+    })
+}
