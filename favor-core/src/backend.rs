@@ -66,7 +66,8 @@ impl MemorySpace for Host {
 /// strides made explicit (a sequence is a slice of the packed tensors).
 pub fn sequence_problem<'a>(p: &Problem<'a>, q: &Sequence) -> Problem<'a> {
     let (nq, nk) = (q.q1 - q.q0, q.k1 - q.k0);
-    let shape = AttentionShape { len: nq, kv_len: p.shape.kv_len.map(|_| nk), ..p.shape };
+    // Per-sequence key counts may differ from the query counts even when the totals agree.
+    let shape = AttentionShape { len: nq, kv_len: (nk != nq).then_some(nk), ..p.shape };
     Problem { shape, layout: Layout::from_fn(|arg| Some(p.strides(arg))), ..*p }
 }
 

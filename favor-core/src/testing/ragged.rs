@@ -67,6 +67,17 @@ pub fn ragged_cases() -> Vec<RaggedCase> {
             masked: true,
         },
         RaggedCase {
+            // The totals agree (no kv_len in the shape), the sequences' key counts do not.
+            name: "cross-attention, as many keys as queries in all",
+            shape: AttentionShape::new(1, 2, 1, 6).with_dv(5),
+            map: FeatureMap::positive(draw(12, 6, 8)),
+            direction: Direction::Bidirectional,
+            lens: vec![3, 6, 1],
+            kv_lens: Some(vec![5, 2, 3]),
+            blhd: false,
+            masked: false,
+        },
+        RaggedCase {
             name: "causal mqa, learned map",
             shape: AttentionShape::new(1, 3, 1, 5).with_dv(4).with_kv_heads(1),
             map: learned_softplus(11, 5, 9, true),
@@ -103,7 +114,7 @@ pub fn assert_ragged_matches<B: FavorBackend<Mem = Host>>(backend: &B, case: &Ra
     let kv_lens = case.kv_lens.clone().unwrap_or_else(|| case.lens.clone());
     let (qo, ko) = (offsets(&case.lens), offsets(&kv_lens));
     let (tq, tk) = (*qo.last().unwrap(), *ko.last().unwrap());
-    let shape = AttentionShape { batch: 1, len: tq, kv_len: case.kv_lens.as_ref().map(|_| tk), ..s0 };
+    let shape = AttentionShape { batch: 1, len: tq, kv_len: (tk != tq).then_some(tk), ..s0 };
     // Token-major tensors; rearranged for the [1, H, L, ·] layout.
     let q = random(1, tq * h * d, 0.5);
     let k = random(2, tk * hk * d, 0.5);
