@@ -5,7 +5,8 @@
 #   - aarch64 setup fails, not under CI: skipped with a message, run passes;
 #   - aarch64 setup fails, CI=true: run fails, later steps do not run;
 #   - aarch64 setup fails, via .ci/run: run fails (so .ci/run sets CI);
-#   - aarch64 setup succeeds, CI=true: the aarch64 tests run, run passes;
+#   - aarch64 setup succeeds, CI=true: the aarch64 tests and the Python package's tests run,
+#     run passes;
 #   - a cargo step fails: run fails and the summary names that step.
 # Every case must print a per-step duration and the summary table.
 set -euo pipefail
@@ -38,6 +39,16 @@ echo "cargo $*" >>"$FAKE_CARGO_LOG"
 if [ -n "${FAKE_CARGO_FAIL_ON:-}" ] && [[ " $* " == *" $FAKE_CARGO_FAIL_ON "* ]]; then
     echo "fake cargo: failing on $FAKE_CARGO_FAIL_ON" >&2
     exit 101
+fi
+EOF
+# python3 -m venv DIR makes DIR/bin/python, a stub; both log their arguments with cargo's.
+cat >"$scratch/bin/python3" <<'EOF'
+#!/usr/bin/env bash
+echo "python3 $*" >>"$FAKE_CARGO_LOG"
+if [ "$1 $2" = "-m venv" ]; then
+    mkdir -p "$3/bin"
+    printf '#!/usr/bin/env bash\necho "python $*" >>"$FAKE_CARGO_LOG"\n' >"$3/bin/python"
+    chmod +x "$3/bin/python"
 fi
 EOF
 chmod +x "$scratch"/bin/* "$scratch"/repo/scripts/*.sh "$scratch"/repo/cuda/*.sh "$scratch/repo/.ci/run"
@@ -96,6 +107,8 @@ lacks 'all checks passed'
 
 run_case ci-aarch64-ok 0 scripts/test.sh CI=true FAKE_AARCH64_SETUP=ok
 called 'test --target aarch64-unknown-linux-gnu -p favor-core -p favor-simd'
+called '^python -m pip install -q \./favor-py pytest$'
+called '^python -m pytest -q favor-py/tests$'
 has '^tests \(aarch64, under qemu\) +ok '
 has '^all checks passed$'
 

@@ -10,7 +10,9 @@
 #      favor-bench's CUDA paths (curves, roofline, profile, run) and the `favor` entry point's
 #      CUDA backend on that emulator;
 #   4. favor-core and favor-simd on aarch64 under qemu (favor-simd's NEON and portable ISAs);
-#   5. one pass of every criterion bench (`-- --test`) so benches cannot rot.
+#   5. one pass of every criterion bench (`-- --test`) so benches cannot rot;
+#   6. the Python package exactly as a user installs it (`pip install ./favor-py` in a virtual
+#      environment) and its pytest suite (the torch tests run where torch is installed).
 # Any failure exits non-zero. Each step's duration is printed as it ends, and a summary table
 # (step, status, duration) at the end, also when a step fails.
 #
@@ -128,3 +130,10 @@ fi
 
 step "criterion benches, one pass each"
 cargo bench -p favor-bench -- --test
+
+# Last, so that its release build reuses what the benches built.
+step "Python package: pip install ./favor-py in a venv, pytest"
+python3 -m venv "$root/.venv-py"
+"$root/.venv-py/bin/python" -m pip install -q --upgrade pip
+"$root/.venv-py/bin/python" -m pip install -q ./favor-py pytest
+"$root/.venv-py/bin/python" -m pytest -q favor-py/tests

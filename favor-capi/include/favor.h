@@ -63,7 +63,8 @@ typedef enum FavorDType {
 
 // Feature maps with a random projection W (`FavorMapConfig::kind`).
 typedef enum FavorMapKind {
-  // FAVOR+ positive softmax features exp(Wx − ‖x‖²/2)/√m + ε (m features).
+  // FAVOR+ positive softmax features m^{-1/2}(exp(Wx̃ − ‖x̃‖²/2) + ε·(the token's largest
+  // feature)), x̃ = √τ·x (m features).
   FAVOR_MAP_KIND_POSITIVE = 0,
   // Hyperbolic positive softmax features (2m features from m rows of W).
   FAVOR_MAP_KIND_HYPERBOLIC = 1,

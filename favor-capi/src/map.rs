@@ -9,7 +9,8 @@ use favor::{FeatureMap, GatedSoftplusParams, Linear, Projection, ProjectionConfi
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FavorMapKind {
-    /// FAVOR+ positive softmax features exp(Wx − ‖x‖²/2)/√m + ε (m features).
+    /// FAVOR+ positive softmax features m^{-1/2}(exp(Wx̃ − ‖x̃‖²/2) + ε·(the token's largest
+    /// feature)), x̃ = √τ·x (m features).
     Positive = 0,
     /// Hyperbolic positive softmax features (2m features from m rows of W).
     Hyperbolic = 1,
