@@ -7,8 +7,8 @@
 #      test program, compiled with cc against the shared library and, under AddressSanitizer,
 #      the static one, and the check that the committed C header is current;
 #   3. the CUDA kernels' own sources on a CPU emulator (no GPU needed) against the reference,
-#      favor-bench's CUDA paths (curves, roofline, profile, run) and the `favor` entry point's
-#      CUDA backend on that emulator;
+#      favor-bench's CUDA paths (curves, roofline, profile, run), the `favor` entry point's
+#      CUDA backend and the C ABI's device-pointer path on that emulator;
 #   4. favor-core and favor-simd on aarch64 under qemu (favor-simd's NEON and portable ISAs);
 #   5. one pass of every criterion bench (`-- --test`) so benches cannot rot;
 #   6. the Python package exactly as a user installs it (`pip install ./favor-py` in a virtual
@@ -108,11 +108,12 @@ cargo test --workspace
 # One invocation, so favor-cuda is built once with the emulator for every test target (a second
 # invocation with other packages rebuilds the workspace's crates with other features).
 step "CUDA kernels on the CPU emulator"
-echo "(the real .cu sources against the f64 reference, favor-bench's CUDA paths and the \`favor\`"
-echo " entry point's CUDA backend on them; favor's own cross_backend rides along, a few seconds)"
-cargo test -p favor-cuda -p favor-bench -p favor \
-    --features favor-cuda/emulator,favor-bench/cuda-emulator,favor/cuda-emulator \
-    --lib --test cross_backend --test extremes --test cuda --test entry_point
+echo "(the real .cu sources against the f64 reference, favor-bench's CUDA paths, the \`favor\`"
+echo " entry point's CUDA backend and the C ABI's device-pointer path on them; favor's own"
+echo " cross_backend and the C program's host checks ride along)"
+cargo test -p favor-cuda -p favor-bench -p favor -p favor-capi \
+    --features favor-cuda/emulator,favor-bench/cuda-emulator,favor/cuda-emulator,favor-capi/cuda-emulator \
+    --lib --test cross_backend --test extremes --test cuda --test entry_point --test c_program
 
 step "tests (aarch64, under qemu)"
 if bash scripts/setup-aarch64.sh; then

@@ -124,7 +124,8 @@ typedef struct FavorProblem {
 
 // A strided tensor in host memory: `len` elements of `dtype` from `data`, read as
 // `[batch, heads, rows, width]` with the given strides (in elements; the last dimension is
-// contiguous). All three strides 0 means contiguous `[batch, heads, rows, width]`; a tensor of
+// contiguous), or device memory for a backend opened with `favor_backend_open_device`. All
+// three strides 0 means contiguous `[batch, heads, rows, width]`; a tensor of
 // `[batch, rows, heads, width]` has strides (rows·heads·width, width, heads·width), and a packed
 // `[batch, rows, 3, heads, d]` QKV buffer gives q, k and v the same buffer at element offsets
 // 0, heads·d and 2·heads·d with strides (rows·3·heads·d, d, 3·heads·d) (its `len` counts from
@@ -246,6 +247,26 @@ uint32_t favor_abi_version(void);
 // `id` null or a NUL-terminated string; `out` null or writable.
 enum FavorStatus favor_backend_open(const char *id, struct FavorBackend **out);
 
+// Opens the CUDA backend for **device** tensors: every call through the handle takes device
+// pointers of this device (in `FavorTensor::data`; key masks, offsets and parameter gradients
+// stay in host memory) and enqueues its work on `stream` without a host round trip or a host
+// synchronisation of the call's work (`favor_backend_synchronize` waits for it). `id` is
+// "cuda" or "cuda:N"; `stream` is the caller's `CUstream` / `cudaStream_t` on the device's
+// primary context (the runtime API's context), or null for favor's own stream of the device.
+// Decoding states made with the handle live in device memory. `NOT_AVAILABLE` without a GPU.
+//
+// # Safety
+// `id` null or NUL-terminated; `stream` null or a live stream of that device's primary context
+// that outlives the handle and its calls' work; `out` null or writable.
+enum FavorStatus favor_backend_open_device(const char *id, void *stream, struct FavorBackend **out);
+
+// Writes whether the backend takes device pointers (opened with `favor_backend_open_device`).
+//
+// # Safety
+// `backend` null or live; `device` null or writable.
+enum FavorStatus favor_backend_takes_device_pointers(const struct FavorBackend *backend,
+                                                     bool *device);
+
 // The ids of every backend available here, fastest first, separated by commas
 // ("simd:avx512,simd:avx2,simd:portable,reference"), NUL-terminated into `buf` (`cap` bytes).
 // `*needed` gets the size with the NUL; `BUFFER_TOO_SMALL` when it does not fit (call with a
@@ -299,7 +320,7 @@ enum FavorStatus favor_backend_free(struct FavorBackend *backend);
 //
 // # Safety
 // Every pointer null or valid (handles live; tensors valid for their `len` elements, the output
-// writable and accessed by nothing else during the call).
+// writable and accessed by nothing else during the call; device memory on a device backend).
 enum FavorStatus favor_forward(const struct FavorBackend *backend,
                                const struct FavorMap *map,
                                const struct FavorProblem *problem_,
@@ -307,7 +328,7 @@ enum FavorStatus favor_forward(const struct FavorBackend *backend,
                                const struct FavorTensor *out);
 
 // Attention backward: dq, dk, dv (any strides) from Q, K, V and ∂L/∂out, and the learned
-// map's parameter gradients into `param_grads` (null: not wanted).
+// map's parameter gradients into `param_grads` (host memory; null: not wanted).
 //
 // # Safety
 // As `favor_forward`; the gradient buffers writable and disjoint from every other buffer.
@@ -323,7 +344,7 @@ enum FavorStatus favor_backward(const struct FavorBackend *backend,
 // sequence attends only to its own keys; no work is spent on padding.
 //
 // # Safety
-// As `favor_forward`; `ragged` null or readable with its arrays valid.
+// As `favor_forward`; `ragged` null or readable with its (host) arrays valid.
 enum FavorStatus favor_forward_ragged(const struct FavorBackend *backend,
                                       const struct FavorMap *map,
                                       const struct FavorProblem *problem_,
@@ -357,7 +378,7 @@ enum FavorStatus favor_feature_map(const struct FavorBackend *backend,
                                    const struct FavorTensor *phi);
 
 // Backward of the feature map: dx from x and ∂L/∂φ, and the learned map's parameter gradients
-// into `param_grads` (null: not wanted).
+// into `param_grads` (host memory; null: not wanted).
 //
 // # Safety
 // As `favor_backward`.
@@ -438,7 +459,8 @@ enum FavorStatus favor_map_matrix(const struct FavorMap *map,
 enum FavorStatus favor_map_free(struct FavorMap *map);
 
 // An empty decoding state of `problem.batch` slots for `problem`'s heads, sizes and `map`
-// (`problem.len` is ignored); it keeps its own reference to `backend`.
+// (`problem.len` is ignored); it keeps its own reference to `backend` (and lives in device
+// memory on a device backend).
 //
 // # Safety
 // Handles null or live; `problem_` null or readable; `out` null or writable.
@@ -464,7 +486,7 @@ enum FavorStatus favor_decode(const struct FavorState *state,
 // slots and one-token decoding for others mix freely.
 //
 // # Safety
-// As `favor_forward`; `chunks` null or readable with its arrays valid.
+// As `favor_forward`; `chunks` null or readable with its (host) arrays valid.
 enum FavorStatus favor_decode_slots(const struct FavorState *state,
                                     const struct FavorMap *map,
                                     const struct FavorProblem *problem_,

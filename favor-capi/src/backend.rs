@@ -1,9 +1,20 @@
 //! Backends: open one by id, list what runs here, ask what it is.
 
-use crate::handles::{FavorBackend, emit, free, get};
-use crate::status::{Failure, FavorStatus, guard, write_string};
+use crate::handles::{Engine, FavorBackend, emit, free, get, on_engine};
+use crate::status::{CallResult, Failure, FavorStatus, guard, write_string};
 use favor::{Backend, FavorBackend as _};
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::Arc;
+
+/// # Safety
+/// `id` null or NUL-terminated.
+unsafe fn id_str<'a>(id: *const c_char) -> CallResult<&'a str> {
+    if id.is_null() {
+        return Err(Failure::null("id"));
+    }
+    // SAFETY: non-null and NUL-terminated (the caller's contract).
+    unsafe { CStr::from_ptr(id) }.to_str().map_err(|_| Failure::param("id", "not UTF-8"))
+}
 
 /// Opens a backend by id: "best" (the GPU when one works, else the widest SIMD ISA), "cuda",
 /// "cuda:N", "simd", "simd:avx512", "simd:avx2", "simd:portable" or "reference" (the f64
@@ -14,14 +25,94 @@ use std::ffi::{CStr, c_char};
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn favor_backend_open(id: *const c_char, out: *mut *mut FavorBackend) -> FavorStatus {
     guard(|| {
-        if id.is_null() {
-            return Err(Failure::null("id"));
-        }
-        // SAFETY: non-null and NUL-terminated (the caller's contract).
-        let id = unsafe { CStr::from_ptr(id) }.to_str().map_err(|_| Failure::param("id", "not UTF-8"))?;
-        let backend = Backend::from_id(id)?;
         // SAFETY: forwarded contract.
-        unsafe { emit(out, backend) }
+        let backend = Backend::from_id(unsafe { id_str(id)? })?;
+        // SAFETY: forwarded contract.
+        unsafe { emit(out, Arc::new(Engine::Host(backend))) }
+    })
+}
+
+/// Opens the CUDA backend for **device** tensors: every call through the handle takes device
+/// pointers of this device (in `FavorTensor::data`; key masks, offsets and parameter gradients
+/// stay in host memory) and enqueues its work on `stream` without a host round trip or a host
+/// synchronisation of the call's work (`favor_backend_synchronize` waits for it). `id` is
+/// "cuda" or "cuda:N"; `stream` is the caller's `CUstream` / `cudaStream_t` on the device's
+/// primary context (the runtime API's context), or null for favor's own stream of the device.
+/// Decoding states made with the handle live in device memory. `NOT_AVAILABLE` without a GPU.
+///
+/// # Safety
+/// `id` null or NUL-terminated; `stream` null or a live stream of that device's primary context
+/// that outlives the handle and its calls' work; `out` null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_backend_open_device(
+    id: *const c_char,
+    stream: *mut c_void,
+    out: *mut *mut FavorBackend,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        let id = unsafe { id_str(id)? };
+        // SAFETY: forwarded contract.
+        let engine = unsafe { device_engine(id, stream)? };
+        // SAFETY: forwarded contract.
+        unsafe { emit(out, Arc::new(engine)) }
+    })
+}
+
+/// # Safety
+/// As `favor_backend_open_device`.
+#[cfg(feature = "cuda")]
+unsafe fn device_engine(id: &str, stream: *mut c_void) -> CallResult<Engine> {
+    #[cfg(feature = "cuda-emulator")]
+    if id == "cuda-emulated" {
+        if !stream.is_null() {
+            return Err(Failure::param("stream", "the emulator has no streams; pass null"));
+        }
+        return Ok(Engine::Device(favor::cuda::CudaBackend::emulated()));
+    }
+    let host = Backend::from_id(id)?;
+    let Some(device) = host.cuda_device() else {
+        return Err(Failure::param("id", format!("`{id}` is not a CUDA backend (expected cuda or cuda:N)")));
+    };
+    let device = if stream.is_null() {
+        device.with_stream(device.stream().expect("a device backend has a stream").clone())?
+    } else {
+        // SAFETY: forwarded contract: a live stream of this device's primary context.
+        unsafe { device.with_borrowed_stream(stream)? }
+    };
+    Ok(Engine::Device(device))
+}
+
+/// # Safety
+/// Nothing is dereferenced.
+#[cfg(not(feature = "cuda"))]
+unsafe fn device_engine(_id: &str, _stream: *mut c_void) -> CallResult<Engine> {
+    Err(favor::FavorError::NotAvailable {
+        backend: "cuda",
+        reason: "favor-capi was built without its `cuda` feature".into(),
+    }
+    .into())
+}
+
+/// Writes whether the backend takes device pointers (opened with `favor_backend_open_device`).
+///
+/// # Safety
+/// `backend` null or live; `device` null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn favor_backend_takes_device_pointers(
+    backend: *const FavorBackend,
+    device: *mut bool,
+) -> FavorStatus {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        let e = unsafe { get(backend, "backend")? };
+        if device.is_null() {
+            return Err(Failure::null("device"));
+        }
+        let on_device = !matches!(**e, Engine::Host(_));
+        // SAFETY: non-null, writable.
+        unsafe { device.write(on_device) };
+        Ok(())
     })
 }
 
@@ -55,9 +146,16 @@ pub unsafe extern "C" fn favor_backend_id(
 ) -> FavorStatus {
     guard(|| {
         // SAFETY: forwarded contract.
-        let b = unsafe { get(backend, "backend")? };
+        let e = unsafe { get(backend, "backend")? };
+        let id = match &**e {
+            Engine::Host(b) => b.id(),
+            #[cfg(feature = "cuda")]
+            Engine::Device(b) => {
+                b.context().map_or_else(|| "cuda-emulated".into(), |c| format!("cuda:{}", c.ordinal()))
+            }
+        };
         // SAFETY: forwarded contract.
-        unsafe { write_string(&b.id(), buf, cap, needed) }
+        unsafe { write_string(&id, buf, cap, needed) }
     })
 }
 
@@ -75,9 +173,10 @@ pub unsafe extern "C" fn favor_backend_name(
 ) -> FavorStatus {
     guard(|| {
         // SAFETY: forwarded contract.
-        let b = unsafe { get(backend, "backend")? };
+        let e = unsafe { get(backend, "backend")? };
+        let name = on_engine!(e, b => b.name());
         // SAFETY: forwarded contract.
-        unsafe { write_string(&b.name(), buf, cap, needed) }
+        unsafe { write_string(&name, buf, cap, needed) }
     })
 }
 
@@ -89,12 +188,17 @@ pub unsafe extern "C" fn favor_backend_name(
 pub unsafe extern "C" fn favor_backend_is_gpu(backend: *const FavorBackend, is_gpu: *mut bool) -> FavorStatus {
     guard(|| {
         // SAFETY: forwarded contract.
-        let b = unsafe { get(backend, "backend")? };
+        let e = unsafe { get(backend, "backend")? };
         if is_gpu.is_null() {
             return Err(Failure::null("is_gpu"));
         }
+        let gpu = match &**e {
+            Engine::Host(b) => b.is_gpu(),
+            #[cfg(feature = "cuda")]
+            Engine::Device(_) => true,
+        };
         // SAFETY: non-null, writable.
-        unsafe { is_gpu.write(b.is_gpu()) };
+        unsafe { is_gpu.write(gpu) };
         Ok(())
     })
 }
@@ -107,8 +211,8 @@ pub unsafe extern "C" fn favor_backend_is_gpu(backend: *const FavorBackend, is_g
 pub unsafe extern "C" fn favor_backend_synchronize(backend: *const FavorBackend) -> FavorStatus {
     guard(|| {
         // SAFETY: forwarded contract.
-        let b = unsafe { get(backend, "backend")? };
-        Ok(b.synchronize()?)
+        let e = unsafe { get(backend, "backend")? };
+        Ok(on_engine!(e, b => b.synchronize())?)
     })
 }
 

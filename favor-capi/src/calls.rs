@@ -1,9 +1,11 @@
 //! Attention forward and backward (dense and ragged batches) and the feature map on its own.
 
-use crate::handles::{FavorBackend, FavorMap, get};
+use crate::handles::{FavorBackend, FavorMap, get, on_engine};
 use crate::status::{CallResult, Failure, FavorStatus, guard};
-use crate::tensor::{FavorGrads, FavorInputs, FavorProblem, FavorTensor, HostInputs, Span, disjoint, problem, read};
-use favor::{FavorBackend as _, FeatureMap, FeatureRole, Grads, ParamGrads, Ragged, TensorArg};
+use crate::tensor::{
+    CallInputs, FavorGrads, FavorInputs, FavorProblem, FavorTensor, Space, Span, disjoint, problem, read,
+};
+use favor::{FavorBackend as Calls, FeatureMap, FeatureRole, Grads, ParamGrads, Ragged, TensorArg};
 
 /// Which stabiliser the feature map gives a batch of tokens.
 #[repr(C)]
@@ -156,8 +158,8 @@ impl<'a> ParamOut<'a> {
 }
 
 /// The strides of each tensor of an attention call.
-fn layout_of<'t>(
-    x: &'t HostInputs<'_>,
+pub(crate) fn layout_of<'t, M: Space>(
+    x: &'t CallInputs<'_, M>,
     out: &'t [(TensorArg, &'t FavorTensor)],
 ) -> impl Fn(TensorArg) -> Option<favor::Strides> + 't {
     move |arg| match arg {
@@ -168,13 +170,86 @@ fn layout_of<'t>(
     }
 }
 
+/// A dense or ragged forward on one backend.
+///
+/// # Safety
+/// As `favor_forward`.
+unsafe fn forward_on<B: Calls>(
+    b: &B,
+    map: &FeatureMap,
+    p: &FavorProblem,
+    ragged: Option<Ragged<'_>>,
+    x: &FavorInputs,
+    o: &FavorTensor,
+) -> CallResult
+where
+    B::Mem: Space,
+{
+    // SAFETY: forwarded contract.
+    let x = unsafe { CallInputs::<B::Mem>::new(x)? };
+    // SAFETY: forwarded contract; checked for overlaps before use.
+    let (out, span) = unsafe { <B::Mem as Space>::view_mut(o, "out")? };
+    disjoint(&[span], &x.spans)?;
+    let outs = [(TensorArg::Out, o)];
+    let prob = problem(p, map, layout_of(&x, &outs))?;
+    match ragged {
+        None => Ok(b.forward(&prob, x.inputs(), out)?),
+        Some(r) => Ok(b.forward_ragged(&prob, r, x.inputs(), out)?),
+    }
+}
+
+/// A dense or ragged backward on one backend.
+///
+/// # Safety
+/// As `favor_backward`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_on<B: Calls>(
+    b: &B,
+    map: &FeatureMap,
+    p: &FavorProblem,
+    ragged: Option<Ragged<'_>>,
+    x: &FavorInputs,
+    dout: &FavorTensor,
+    g: &FavorGrads,
+    param_grads: *const FavorParamGrads,
+) -> CallResult
+where
+    B::Mem: Space,
+{
+    // SAFETY: forwarded contract; the outputs are checked for overlaps before use.
+    unsafe {
+        let x = CallInputs::<B::Mem>::new(x)?;
+        let (dout_t, dout_span) = <B::Mem as Space>::view(dout, "dout")?;
+        let (dq, sq) = <B::Mem as Space>::view_mut(&g.dq, "dq")?;
+        let (dk, sk) = <B::Mem as Space>::view_mut(&g.dk, "dk")?;
+        let (dv, sv) = <B::Mem as Space>::view_mut(&g.dv, "dv")?;
+        let mut input_spans = x.spans.clone();
+        input_spans.push(dout_span);
+        let params = ParamOut::new(map, param_grads)?;
+        let mut outputs = vec![sq, sk, sv];
+        outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
+        disjoint(&outputs, &input_spans)?;
+        let outs = [(TensorArg::Dout, dout), (TensorArg::Dq, &g.dq), (TensorArg::Dk, &g.dk), (TensorArg::Dv, &g.dv)];
+        let prob = problem(p, map, layout_of(&x, &outs))?;
+        let grads = Grads { dq, dk, dv };
+        let pg = match ragged {
+            None => b.backward(&prob, x.inputs(), dout_t, grads)?,
+            Some(r) => b.backward_ragged(&prob, r, x.inputs(), dout_t, grads)?,
+        };
+        if let Some(po) = params {
+            po.write(pg);
+        }
+        Ok(())
+    }
+}
+
 /// Attention forward: out `[batch, heads, len, dv]` (any strides) from Q, K, V. Causal or
 /// bidirectional, grouped heads, cross-attention and the softmax scale come from `problem` and
 /// the map.
 ///
 /// # Safety
 /// Every pointer null or valid (handles live; tensors valid for their `len` elements, the output
-/// writable and accessed by nothing else during the call).
+/// writable and accessed by nothing else during the call; device memory on a device backend).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn favor_forward(
     backend: *const FavorBackend,
@@ -186,25 +261,15 @@ pub unsafe extern "C" fn favor_forward(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p, x, o) = (
-                get(backend, "backend")?,
-                get(map, "map")?,
-                read(problem_, "problem")?,
-                read(inputs, "inputs")?,
-                read(out, "out")?,
-            );
-            let x = HostInputs::new(&x)?;
-            let (out_t, span) = o.host_mut("out")?;
-            disjoint(&[span], &x.spans)?;
-            let outs = [(TensorArg::Out, &o)];
-            let prob = problem(&p, map, layout_of(&x, &outs))?;
-            Ok(b.forward(&prob, x.inputs(), out_t)?)
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (x, o) = (read(inputs, "inputs")?, read(out, "out")?);
+            on_engine!(e, b => forward_on(b, map, &p, None, &x, &o))
         }
     })
 }
 
 /// Attention backward: dq, dk, dv (any strides) from Q, K, V and ∂L/∂out, and the learned
-/// map's parameter gradients into `param_grads` (null: not wanted).
+/// map's parameter gradients into `param_grads` (host memory; null: not wanted).
 ///
 /// # Safety
 /// As `favor_forward`; the gradient buffers writable and disjoint from every other buffer.
@@ -221,26 +286,9 @@ pub unsafe extern "C" fn favor_backward(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p, x) =
-                (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?, read(inputs, "inputs")?);
-            let (dout, g) = (read(dout, "dout")?, read(grads, "grads")?);
-            let x = HostInputs::new(&x)?;
-            let (dout_t, dout_span) = dout.host_ref("dout")?;
-            let ((dq, sq), (dk, sk), (dv, sv)) = (g.dq.host_mut("dq")?, g.dk.host_mut("dk")?, g.dv.host_mut("dv")?);
-            let mut inputs_spans = x.spans.clone();
-            inputs_spans.push(dout_span);
-            let params = ParamOut::new(map, param_grads)?;
-            let mut outputs = vec![sq, sk, sv];
-            outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
-            disjoint(&outputs, &inputs_spans)?;
-            let outs =
-                [(TensorArg::Dout, &dout), (TensorArg::Dq, &g.dq), (TensorArg::Dk, &g.dk), (TensorArg::Dv, &g.dv)];
-            let prob = problem(&p, map, layout_of(&x, &outs))?;
-            let pg = b.backward(&prob, x.inputs(), dout_t, Grads { dq, dk, dv })?;
-            if let Some(po) = params {
-                po.write(pg);
-            }
-            Ok(())
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (x, dout, g) = (read(inputs, "inputs")?, read(dout, "dout")?, read(grads, "grads")?);
+            on_engine!(e, b => backward_on(b, map, &p, None, &x, &dout, &g, param_grads))
         }
     })
 }
@@ -264,7 +312,7 @@ unsafe fn ragged_of<'a>(r: *const FavorRagged) -> CallResult<Ragged<'a>> {
 /// sequence attends only to its own keys; no work is spent on padding.
 ///
 /// # Safety
-/// As `favor_forward`; `ragged` null or readable with its arrays valid.
+/// As `favor_forward`; `ragged` null or readable with its (host) arrays valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn favor_forward_ragged(
     backend: *const FavorBackend,
@@ -277,20 +325,10 @@ pub unsafe extern "C" fn favor_forward_ragged(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p, x, o) = (
-                get(backend, "backend")?,
-                get(map, "map")?,
-                read(problem_, "problem")?,
-                read(inputs, "inputs")?,
-                read(out, "out")?,
-            );
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
             let ragged = ragged_of(ragged)?;
-            let x = HostInputs::new(&x)?;
-            let (out_t, span) = o.host_mut("out")?;
-            disjoint(&[span], &x.spans)?;
-            let outs = [(TensorArg::Out, &o)];
-            let prob = problem(&p, map, layout_of(&x, &outs))?;
-            Ok(b.forward_ragged(&prob, ragged, x.inputs(), out_t)?)
+            let (x, o) = (read(inputs, "inputs")?, read(out, "out")?);
+            on_engine!(e, b => forward_on(b, map, &p, Some(ragged), &x, &o))
         }
     })
 }
@@ -313,27 +351,10 @@ pub unsafe extern "C" fn favor_backward_ragged(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p, x) =
-                (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?, read(inputs, "inputs")?);
-            let (dout, g) = (read(dout, "dout")?, read(grads, "grads")?);
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
             let ragged = ragged_of(ragged)?;
-            let x = HostInputs::new(&x)?;
-            let (dout_t, dout_span) = dout.host_ref("dout")?;
-            let ((dq, sq), (dk, sk), (dv, sv)) = (g.dq.host_mut("dq")?, g.dk.host_mut("dk")?, g.dv.host_mut("dv")?);
-            let mut inputs_spans = x.spans.clone();
-            inputs_spans.push(dout_span);
-            let params = ParamOut::new(map, param_grads)?;
-            let mut outputs = vec![sq, sk, sv];
-            outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
-            disjoint(&outputs, &inputs_spans)?;
-            let outs =
-                [(TensorArg::Dout, &dout), (TensorArg::Dq, &g.dq), (TensorArg::Dk, &g.dk), (TensorArg::Dv, &g.dv)];
-            let prob = problem(&p, map, layout_of(&x, &outs))?;
-            let pg = b.backward_ragged(&prob, ragged, x.inputs(), dout_t, Grads { dq, dk, dv })?;
-            if let Some(po) = params {
-                po.write(pg);
-            }
-            Ok(())
+            let (x, dout, g) = (read(inputs, "inputs")?, read(dout, "dout")?, read(grads, "grads")?);
+            on_engine!(e, b => backward_on(b, map, &p, Some(ragged), &x, &dout, &g, param_grads))
         }
     })
 }
@@ -346,6 +367,64 @@ fn contiguous(t: &FavorTensor, arg: &str) -> CallResult {
             FavorStatus::Unsupported,
             format!("argument `{arg}`: the feature map takes contiguous tensors (strides 0, 0, 0)"),
         )),
+    }
+}
+
+/// # Safety
+/// As `favor_feature_map`.
+unsafe fn feature_map_on<B: Calls>(
+    b: &B,
+    map: &FeatureMap,
+    role: i32,
+    p: &FavorProblem,
+    x: &FavorTensor,
+    phi: &FavorTensor,
+) -> CallResult
+where
+    B::Mem: Space,
+{
+    contiguous(x, "x")?;
+    contiguous(phi, "phi")?;
+    // SAFETY: forwarded contract; the output is checked for overlaps before use.
+    let ((xv, sx), (phiv, sp)) =
+        unsafe { (<B::Mem as Space>::view(x, "x")?, <B::Mem as Space>::view_mut(phi, "phi")?) };
+    disjoint(&[sp], &[sx])?;
+    Ok(b.feature_map(map, role_of(role)?, p.shape(), xv, phiv)?)
+}
+
+/// # Safety
+/// As `favor_feature_map_backward`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn feature_map_backward_on<B: Calls>(
+    b: &B,
+    map: &FeatureMap,
+    role: i32,
+    p: &FavorProblem,
+    x: &FavorTensor,
+    dphi: &FavorTensor,
+    dx: &FavorTensor,
+    param_grads: *const FavorParamGrads,
+) -> CallResult
+where
+    B::Mem: Space,
+{
+    for (t, arg) in [(x, "x"), (dphi, "dphi"), (dx, "dx")] {
+        contiguous(t, arg)?;
+    }
+    // SAFETY: forwarded contract; the outputs are checked for overlaps before use.
+    unsafe {
+        let (xv, sx) = <B::Mem as Space>::view(x, "x")?;
+        let (gv, sg) = <B::Mem as Space>::view(dphi, "dphi")?;
+        let (dxv, sd) = <B::Mem as Space>::view_mut(dx, "dx")?;
+        let params = ParamOut::new(map, param_grads)?;
+        let mut outputs = vec![sd];
+        outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
+        disjoint(&outputs, &[sx, sg])?;
+        let pg = b.feature_map_backward(map, role_of(role)?, p.shape(), xv, gv, dxv)?;
+        if let Some(po) = params {
+            po.write(pg);
+        }
+        Ok(())
     }
 }
 
@@ -366,20 +445,15 @@ pub unsafe extern "C" fn favor_feature_map(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
             let (xt, pt) = (read(x, "x")?, read(phi, "phi")?);
-            contiguous(&xt, "x")?;
-            contiguous(&pt, "phi")?;
-            let (xv, sx) = xt.host_ref("x")?;
-            let (phiv, sp) = pt.host_mut("phi")?;
-            disjoint(&[sp], &[sx])?;
-            Ok(b.feature_map(map, role_of(role)?, p.shape(), xv, phiv)?)
+            on_engine!(e, b => feature_map_on(b, map, role, &p, &xt, &pt))
         }
     })
 }
 
 /// Backward of the feature map: dx from x and ∂L/∂φ, and the learned map's parameter gradients
-/// into `param_grads` (null: not wanted).
+/// into `param_grads` (host memory; null: not wanted).
 ///
 /// # Safety
 /// As `favor_backward`.
@@ -397,21 +471,9 @@ pub unsafe extern "C" fn favor_feature_map_backward(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
             let (xt, gt, dt) = (read(x, "x")?, read(dphi, "dphi")?, read(dx, "dx")?);
-            for (t, arg) in [(&xt, "x"), (&gt, "dphi"), (&dt, "dx")] {
-                contiguous(t, arg)?;
-            }
-            let ((xv, sx), (gv, sg), (dxv, sd)) = (xt.host_ref("x")?, gt.host_ref("dphi")?, dt.host_mut("dx")?);
-            let params = ParamOut::new(map, param_grads)?;
-            let mut outputs = vec![sd];
-            outputs.extend(params.as_ref().map(ParamOut::spans).transpose()?.unwrap_or_default());
-            disjoint(&outputs, &[sx, sg])?;
-            let pg = b.feature_map_backward(map, role_of(role)?, p.shape(), xv, gv, dxv)?;
-            if let Some(po) = params {
-                po.write(pg);
-            }
-            Ok(())
+            on_engine!(e, b => feature_map_backward_on(b, map, role, &p, &xt, &gt, &dt, param_grads))
         }
     })
 }

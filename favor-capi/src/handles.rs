@@ -4,7 +4,7 @@
 
 use crate::status::{CallResult, Failure, FavorStatus};
 use favor::{Backend, BackendState, FeatureMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A backend (C: `FavorBackend *`). Thread-safe: any number of threads may call through one
 /// backend handle at once.
@@ -25,10 +25,37 @@ pub struct FavorState {
     _opaque: [u8; 0],
 }
 
+/// What a `FavorBackend` holds: a backend on host tensors (any backend, the CUDA one through
+/// host copies), or the CUDA backend on device tensors.
+pub(crate) enum Engine {
+    Host(Backend),
+    #[cfg(feature = "cuda")]
+    Device(favor::cuda::CudaBackend),
+}
+
+/// Runs `$body` with `$b` bound to the engine's backend (each arm its own type).
+macro_rules! on_engine {
+    ($engine:expr, $b:ident => $body:expr) => {
+        match &**$engine {
+            crate::handles::Engine::Host($b) => $body,
+            #[cfg(feature = "cuda")]
+            crate::handles::Engine::Device($b) => $body,
+        }
+    };
+}
+pub(crate) use on_engine;
+
+/// A decoding state of either kind of engine.
+pub(crate) enum EngineState {
+    Host(BackendState),
+    #[cfg(feature = "cuda")]
+    Device(favor::cuda::CudaState),
+}
+
 /// What a `FavorState` holds: the state and the backend it belongs to.
 pub(crate) struct StateInner {
-    pub backend: Backend,
-    pub state: Mutex<BackendState>,
+    pub engine: Arc<Engine>,
+    pub state: Mutex<EngineState>,
 }
 
 /// The tag, then the value; `repr(C)` keeps the tag at offset 0 for every `T`.
@@ -46,7 +73,7 @@ pub(crate) trait Kind {
 }
 
 impl Kind for FavorBackend {
-    type Value = Backend;
+    type Value = Arc<Engine>;
     const TAG: u64 = u64::from_le_bytes(*b"favorBK\x01");
     const NAME: &'static str = "FavorBackend";
 }

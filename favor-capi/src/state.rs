@@ -1,11 +1,107 @@
 //! Decoding states for serving: many independent sequences ("slots") at their own positions.
 
+use crate::calls::layout_of;
 use crate::calls::sizes;
-use crate::handles::{FavorBackend, FavorMap, FavorState, StateInner, emit, free, get};
+use crate::handles::{EngineState, FavorBackend, FavorMap, FavorState, StateInner, emit, free, get, on_engine};
 use crate::status::{CallResult, Failure, FavorStatus, guard};
-use crate::tensor::{FavorInputs, FavorProblem, FavorTensor, HostInputs, disjoint, problem, read};
-use favor::{BackendState, FavorBackend as _, SlotChunks, SlotState, TensorArg};
+use crate::tensor::{CallInputs, FavorInputs, FavorProblem, FavorTensor, Space, disjoint, problem, read};
+use favor::{Backend, FavorBackend as Calls, FeatureMap, SlotChunks, SlotState, TensorArg};
 use std::sync::MutexGuard;
+
+/// A backend whose states an [`EngineState`] holds.
+trait Stateful: Calls {
+    fn wrap(state: Self::State) -> EngineState;
+    fn state(s: &EngineState) -> CallResult<&Self::State>;
+    fn state_mut(s: &mut EngineState) -> CallResult<&mut Self::State>;
+}
+
+fn foreign_state() -> Failure {
+    // A state keeps the engine that made it, so this is a favor bug.
+    Failure::new(FavorStatus::Internal, "a state held by another kind of backend")
+}
+
+impl Stateful for Backend {
+    fn wrap(state: Self::State) -> EngineState {
+        EngineState::Host(state)
+    }
+    fn state(s: &EngineState) -> CallResult<&Self::State> {
+        match s {
+            EngineState::Host(s) => Ok(s),
+            #[allow(unreachable_patterns)]
+            _ => Err(foreign_state()),
+        }
+    }
+    fn state_mut(s: &mut EngineState) -> CallResult<&mut Self::State> {
+        match s {
+            EngineState::Host(s) => Ok(s),
+            #[allow(unreachable_patterns)]
+            _ => Err(foreign_state()),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Stateful for favor::cuda::CudaBackend {
+    fn wrap(state: Self::State) -> EngineState {
+        EngineState::Device(state)
+    }
+    fn state(s: &EngineState) -> CallResult<&Self::State> {
+        match s {
+            EngineState::Device(s) => Ok(s),
+            _ => Err(foreign_state()),
+        }
+    }
+    fn state_mut(s: &mut EngineState) -> CallResult<&mut Self::State> {
+        match s {
+            EngineState::Device(s) => Ok(s),
+            _ => Err(foreign_state()),
+        }
+    }
+}
+
+/// `b`'s own kind of state inside `s`.
+fn state_of<'s, B: Stateful>(_: &B, s: &'s EngineState) -> CallResult<&'s B::State> {
+    B::state(s)
+}
+
+fn state_mut_of<'s, B: Stateful>(_: &B, s: &'s mut EngineState) -> CallResult<&'s mut B::State> {
+    B::state_mut(s)
+}
+
+fn new_state_on<B: Stateful>(b: &B, p: &favor::Problem<'_>) -> CallResult<EngineState> {
+    Ok(B::wrap(b.new_state(p)?))
+}
+
+/// One decode or slot-decode call on one backend.
+///
+/// # Safety
+/// As `favor_decode` / `favor_decode_slots`.
+unsafe fn decode_on<B: Stateful>(
+    b: &B,
+    state: &mut EngineState,
+    map: &FeatureMap,
+    p: &FavorProblem,
+    chunks: Option<SlotChunks<'_>>,
+    x: &FavorInputs,
+    o: &FavorTensor,
+) -> CallResult
+where
+    B::Mem: Space,
+{
+    // SAFETY: forwarded contract; the output is checked for overlaps before use.
+    unsafe {
+        let x = CallInputs::<B::Mem>::new(x)?;
+        let (out, span) = <B::Mem as Space>::view_mut(o, "out")?;
+        disjoint(&[span], &x.spans)?;
+        let outs = [(TensorArg::Out, o)];
+        let prob = problem(p, map, layout_of(&x, &outs))?;
+        let st = B::state_mut(state)?;
+        match chunks {
+            None => Ok(b.decode(&prob, st, x.inputs(), out)?),
+            Some(c) => Ok(b.decode_slots(&prob, st, c, x.inputs(), out)?),
+        }
+    }
+}
 
 /// Which tokens of a `favor_decode_slots` call continue which slot: sequence i is tokens
 /// `offsets[i]..offsets[i + 1]` of the packed tensors (batch 1) and continues slot `slots[i]`.
@@ -26,7 +122,7 @@ pub struct FavorSlotChunks {
 ///
 /// # Safety
 /// `p` null or a live handle.
-unsafe fn lock<'a>(p: *const FavorState) -> CallResult<(&'a StateInner, MutexGuard<'a, BackendState>)> {
+unsafe fn lock<'a>(p: *const FavorState) -> CallResult<(&'a StateInner, MutexGuard<'a, EngineState>)> {
     // SAFETY: forwarded contract.
     let inner = unsafe { get(p, "state")? };
     let guard = inner.state.lock().map_err(|_| {
@@ -36,7 +132,8 @@ unsafe fn lock<'a>(p: *const FavorState) -> CallResult<(&'a StateInner, MutexGua
 }
 
 /// An empty decoding state of `problem.batch` slots for `problem`'s heads, sizes and `map`
-/// (`problem.len` is ignored); it keeps its own reference to `backend`.
+/// (`problem.len` is ignored); it keeps its own reference to `backend` (and lives in device
+/// memory on a device backend).
 ///
 /// # Safety
 /// Handles null or live; `problem_` null or readable; `out` null or writable.
@@ -50,10 +147,10 @@ pub unsafe extern "C" fn favor_state_new(
     guard(|| {
         // SAFETY: forwarded contract.
         unsafe {
-            let (b, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
+            let (e, map, p) = (get(backend, "backend")?, get(map, "map")?, read(problem_, "problem")?);
             let prob = problem(&p, map, |_| None)?;
-            let state = b.new_state(&prob)?;
-            emit(out, StateInner { backend: b.clone(), state: std::sync::Mutex::new(state) })
+            let state = on_engine!(e, b => new_state_on(b, &prob)?);
+            emit(out, StateInner { engine: e.clone(), state: std::sync::Mutex::new(state) })
         }
     })
 }
@@ -78,17 +175,7 @@ pub unsafe extern "C" fn favor_decode(
             let (inner, mut st) = lock(state)?;
             let (map, p, x, o) =
                 (get(map, "map")?, read(problem_, "problem")?, read(inputs, "inputs")?, read(out, "out")?);
-            let x = HostInputs::new(&x)?;
-            let (out_t, span) = o.host_mut("out")?;
-            disjoint(&[span], &x.spans)?;
-            let prob = problem(&p, map, |arg| match arg {
-                TensorArg::Q => x.strides[0],
-                TensorArg::K => x.strides[1],
-                TensorArg::V => x.strides[2],
-                TensorArg::Out => o.strides(),
-                _ => None,
-            })?;
-            Ok(inner.backend.decode(&prob, &mut st, x.inputs(), out_t)?)
+            on_engine!(&inner.engine, b => decode_on(b, &mut st, map, &p, None, &x, &o))
         }
     })
 }
@@ -98,7 +185,7 @@ pub unsafe extern "C" fn favor_decode(
 /// slots and one-token decoding for others mix freely.
 ///
 /// # Safety
-/// As `favor_forward`; `chunks` null or readable with its arrays valid.
+/// As `favor_forward`; `chunks` null or readable with its (host) arrays valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn favor_decode_slots(
     state: *const FavorState,
@@ -119,17 +206,7 @@ pub unsafe extern "C" fn favor_decode_slots(
                 sizes(c.slots, c.n_slots, "chunks.slots")?,
                 sizes(c.offsets, c.n_offsets, "chunks.offsets")?,
             );
-            let x = HostInputs::new(&x)?;
-            let (out_t, span) = o.host_mut("out")?;
-            disjoint(&[span], &x.spans)?;
-            let prob = problem(&p, map, |arg| match arg {
-                TensorArg::Q => x.strides[0],
-                TensorArg::K => x.strides[1],
-                TensorArg::V => x.strides[2],
-                TensorArg::Out => o.strides(),
-                _ => None,
-            })?;
-            Ok(inner.backend.decode_slots(&prob, &mut st, chunks, x.inputs(), out_t)?)
+            on_engine!(&inner.engine, b => decode_on(b, &mut st, map, &p, Some(chunks), &x, &o))
         }
     })
 }
@@ -147,7 +224,7 @@ pub unsafe extern "C" fn favor_state_slots(state: *const FavorState, slots: *mut
             return Err(Failure::null("slots"));
         }
         // SAFETY: non-null, writable.
-        unsafe { slots.write(inner.backend.state_signature(&st).slots()) };
+        unsafe { slots.write(on_engine!(&inner.engine, b => b.state_signature(state_of(b, &st)?).slots())) };
         Ok(())
     })
 }
@@ -164,7 +241,7 @@ pub unsafe extern "C" fn favor_state_tokens(state: *const FavorState, slot: usiz
         if tokens.is_null() {
             return Err(Failure::null("tokens"));
         }
-        let value = inner.backend.read_slot(&st, slot)?;
+        let value = on_engine!(&inner.engine, b => b.read_slot(state_of(b, &st)?, slot)?);
         // SAFETY: non-null, writable.
         unsafe { tokens.write(value.tokens()) };
         Ok(())
@@ -180,7 +257,7 @@ pub unsafe extern "C" fn favor_state_reset_slot(state: *const FavorState, slot: 
     guard(|| {
         // SAFETY: forwarded contract.
         let (inner, mut st) = unsafe { lock(state)? };
-        Ok(inner.backend.reset_slot(&mut st, slot)?)
+        on_engine!(&inner.engine, b => Ok(b.reset_slot(state_mut_of(b, &mut st)?, slot)?))
     })
 }
 
@@ -193,7 +270,7 @@ pub unsafe extern "C" fn favor_state_copy_slot(state: *const FavorState, from: u
     guard(|| {
         // SAFETY: forwarded contract.
         let (inner, mut st) = unsafe { lock(state)? };
-        Ok(inner.backend.copy_slot(&mut st, from, to)?)
+        on_engine!(&inner.engine, b => Ok(b.copy_slot(state_mut_of(b, &mut st)?, from, to)?))
     })
 }
 
@@ -217,7 +294,7 @@ pub unsafe extern "C" fn favor_state_export_slot(
         if len.is_null() {
             return Err(Failure::null("len"));
         }
-        let bytes = inner.backend.read_slot(&st, slot)?.to_bytes();
+        let bytes = on_engine!(&inner.engine, b => b.read_slot(state_of(b, &st)?, slot)?).to_bytes();
         // SAFETY: non-null, writable.
         unsafe { len.write(bytes.len()) };
         if buf.is_null() || cap < bytes.len() {
@@ -253,7 +330,7 @@ pub unsafe extern "C" fn favor_state_import_slot(
         }
         // SAFETY: non-null, `len` bytes readable (the caller's contract).
         let value = SlotState::from_bytes(unsafe { std::slice::from_raw_parts(bytes, len) })?;
-        Ok(inner.backend.write_slot(&mut st, slot, &value)?)
+        on_engine!(&inner.engine, b => Ok(b.write_slot(state_mut_of(b, &mut st)?, slot, &value)?))
     })
 }
 

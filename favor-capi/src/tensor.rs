@@ -5,8 +5,8 @@
 use crate::status::{CallResult, Failure, FavorStatus};
 use favor::layout::Strides;
 use favor::{
-    AttentionOptions, AttentionShape, DType, Direction, FeatureMap, Host, HostMut, HostRef, Inputs, Layout, Problem,
-    TensorArg,
+    AttentionOptions, AttentionShape, DType, Direction, FeatureMap, Host, HostMut, HostRef, Inputs, Layout,
+    MemorySpace, Problem, TensorArg,
 };
 use half::{bf16, f16};
 use std::ffi::c_void;
@@ -25,7 +25,8 @@ pub enum FavorDType {
 
 /// A strided tensor in host memory: `len` elements of `dtype` from `data`, read as
 /// `[batch, heads, rows, width]` with the given strides (in elements; the last dimension is
-/// contiguous). All three strides 0 means contiguous `[batch, heads, rows, width]`; a tensor of
+/// contiguous), or device memory for a backend opened with `favor_backend_open_device`. All
+/// three strides 0 means contiguous `[batch, heads, rows, width]`; a tensor of
 /// `[batch, rows, heads, width]` has strides (rows·heads·width, width, heads·width), and a packed
 /// `[batch, rows, 3, heads, d]` QKV buffer gives q, k and v the same buffer at element offsets
 /// 0, heads·d and 2·heads·d with strides (rows·3·heads·d, d, 3·heads·d) (its `len` counts from
@@ -231,6 +232,62 @@ impl FavorTensor {
     }
 }
 
+/// Where a call's tensors live: host memory, or (on a device backend) CUDA device memory of its
+/// context, addressed by the same `FavorTensor` fields.
+pub(crate) trait Space: MemorySpace {
+    /// A read-only view of `t`.
+    ///
+    /// # Safety
+    /// As [`FavorTensor::host_ref`], in this memory space.
+    unsafe fn view<'a>(t: &FavorTensor, arg: &'static str) -> CallResult<(Self::Ref<'a>, Span)>;
+
+    /// A writable view of `t`.
+    ///
+    /// # Safety
+    /// As [`FavorTensor::host_mut`], in this memory space.
+    unsafe fn view_mut<'a>(t: &FavorTensor, arg: &'static str) -> CallResult<(Self::Mut<'a>, Span)>;
+
+    /// The same view for a shorter lifetime (every view type is covariant; the generic
+    /// associated type does not say so).
+    fn shorten<'s, 'l: 's>(t: Self::Ref<'l>) -> Self::Ref<'s>;
+}
+
+impl Space for Host {
+    unsafe fn view<'a>(t: &FavorTensor, arg: &'static str) -> CallResult<(HostRef<'a>, Span)> {
+        // SAFETY: forwarded contract.
+        unsafe { t.host_ref(arg) }
+    }
+
+    unsafe fn view_mut<'a>(t: &FavorTensor, arg: &'static str) -> CallResult<(HostMut<'a>, Span)> {
+        // SAFETY: forwarded contract.
+        unsafe { t.host_mut(arg) }
+    }
+
+    fn shorten<'s, 'l: 's>(t: HostRef<'l>) -> HostRef<'s> {
+        t
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Space for favor::cuda::CudaMem {
+    unsafe fn view<'a>(t: &FavorTensor, arg: &'static str) -> CallResult<(favor::cuda::DeviceRef<'a>, Span)> {
+        let (dtype, span) = t.checked(arg)?;
+        // SAFETY: the caller's contract: `len` elements of device memory of the backend's
+        // context, valid and unwritten by other streams until the backend's stream is done.
+        Ok((unsafe { favor::cuda::DeviceRef::from_raw(t.data as u64, t.len, dtype) }, span))
+    }
+
+    unsafe fn view_mut<'a>(t: &FavorTensor, arg: &'static str) -> CallResult<(favor::cuda::DeviceMut<'a>, Span)> {
+        let (dtype, span) = t.checked(arg)?;
+        // SAFETY: as `view`, with exclusive access for the backend's stream.
+        Ok((unsafe { favor::cuda::DeviceMut::from_raw(t.data as u64, t.len, dtype) }, span))
+    }
+
+    fn shorten<'s, 'l: 's>(t: favor::cuda::DeviceRef<'l>) -> favor::cuda::DeviceRef<'s> {
+        t
+    }
+}
+
 /// Fails when an output span overlaps any other span of the call (inputs may share memory with
 /// each other, as a packed QKV buffer does).
 pub(crate) fn disjoint(outputs: &[Span], inputs: &[Span]) -> CallResult {
@@ -250,23 +307,24 @@ pub(crate) fn disjoint(outputs: &[Span], inputs: &[Span]) -> CallResult {
     Ok(())
 }
 
-/// The inputs of a call as favor's views, their layout and their spans.
-pub(crate) struct HostInputs<'a> {
-    pub q: HostRef<'a>,
-    pub k: HostRef<'a>,
-    pub v: HostRef<'a>,
+/// The inputs of a call as favor's views in memory space `M`, their layout and their spans.
+/// The key mask is host memory on every backend.
+pub(crate) struct CallInputs<'a, M: Space> {
+    pub q: M::Ref<'a>,
+    pub k: M::Ref<'a>,
+    pub v: M::Ref<'a>,
     mask: Option<Vec<bool>>,
     pub strides: [Option<Strides>; 3],
     pub spans: Vec<Span>,
 }
 
-impl<'a> HostInputs<'a> {
+impl<'a, M: Space> CallInputs<'a, M> {
     /// # Safety
-    /// Each tensor's `data` is valid for reads of its `len` elements for `'a`, and `key_mask`
-    /// (when not null) for `key_mask_len` bytes.
-    pub(crate) unsafe fn new(x: &FavorInputs) -> CallResult<HostInputs<'a>> {
+    /// Each tensor's `data` is valid for reads of its `len` elements for `'a` (in `M`), and
+    /// `key_mask` (when not null) for `key_mask_len` host bytes.
+    pub(crate) unsafe fn new(x: &FavorInputs) -> CallResult<CallInputs<'a, M>> {
         // SAFETY: forwarded contract.
-        let ((q, sq), (k, sk), (v, sv)) = unsafe { (x.q.host_ref("q")?, x.k.host_ref("k")?, x.v.host_ref("v")?) };
+        let ((q, sq), (k, sk), (v, sv)) = unsafe { (M::view(&x.q, "q")?, M::view(&x.k, "k")?, M::view(&x.v, "v")?) };
         let mut spans = vec![sq, sk, sv];
         let mask = if x.key_mask.is_null() {
             None
@@ -277,11 +335,11 @@ impl<'a> HostInputs<'a> {
             let bytes = unsafe { std::slice::from_raw_parts(x.key_mask, x.key_mask_len) };
             Some(bytes.iter().map(|&b| b != 0).collect())
         };
-        Ok(HostInputs { q, k, v, mask, strides: [x.q.strides(), x.k.strides(), x.v.strides()], spans })
+        Ok(CallInputs { q, k, v, mask, strides: [x.q.strides(), x.k.strides(), x.v.strides()], spans })
     }
 
-    pub(crate) fn inputs(&self) -> Inputs<'_, Host> {
-        Inputs { q: self.q, k: self.k, v: self.v, key_mask: self.mask.as_deref() }
+    pub(crate) fn inputs(&self) -> Inputs<'_, M> {
+        Inputs { q: M::shorten(self.q), k: M::shorten(self.k), v: M::shorten(self.v), key_mask: self.mask.as_deref() }
     }
 }
 

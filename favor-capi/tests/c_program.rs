@@ -46,8 +46,12 @@ fn build(source: &str, static_asan: bool, exe: &Path) {
         .arg(exe);
     if static_asan {
         cc.args(["-fsanitize=address", "-fno-omit-frame-pointer"]).arg(libs.join("libfavor_capi.a"));
-        // What rustc reports for this staticlib (`--print native-static-libs`).
+        // What rustc reports for this staticlib (`--print native-static-libs`), and the C++
+        // runtime of the CUDA emulator when it is built in.
         cc.args(["-ldl", "-lm", "-lrt", "-lpthread", "-lgcc_s", "-lutil", "-lc"]);
+        if cfg!(feature = "cuda-emulator") {
+            cc.arg("-lstdc++");
+        }
     } else {
         cc.arg("-L").arg(&libs).arg("-lfavor_capi").arg(format!("-Wl,-rpath,{}", libs.display())).arg("-lm");
     }
@@ -102,8 +106,16 @@ fn c_program_through_the_shared_library_matches_rust() {
     build("tests/c/favor_test.c", false, &exe);
     let results = dir.join("favor_test_shared.bin");
     // cargo's LD_LIBRARY_PATH would find an older libfavor_capi.so in target/debug first.
-    let text =
-        run(Command::new(&exe).arg(&results).env_remove("LD_LIBRARY_PATH"), "the C test program (shared library)");
+    let mut cmd = Command::new(&exe);
+    cmd.arg(&results).env_remove("LD_LIBRARY_PATH");
+    if cfg!(feature = "cuda-emulator") {
+        // The device path, on the CUDA emulator ("device" memory is host memory there).
+        cmd.arg("device");
+    }
+    let text = run(&mut cmd, "the C test program (shared library)");
+    if cfg!(feature = "cuda-emulator") {
+        assert!(text.contains("device path (CUDA emulator): checked"), "{text}");
+    }
     println!("{text}");
     check_against_rust(&results);
 }

@@ -149,6 +149,23 @@ impl CudaBackend {
         })
     }
 
+    /// The same backend enqueuing on a stream that another library owns and keeps alive: an
+    /// engine's `CUstream` / `cudaStream_t` (from C, or PyTorch's current stream). The backend
+    /// orders its work on that stream like any other call on it; dropping the backend does not
+    /// destroy the stream.
+    ///
+    /// # Safety
+    /// `stream` is a valid stream of this device's primary context (the context favor opened),
+    /// and stays valid while the returned backend, or any call's work it enqueued, may use it.
+    pub unsafe fn with_borrowed_stream(&self, stream: *mut std::ffi::c_void) -> Result<Self> {
+        let Some(ctx) = &self.ctx else {
+            return Err(FavorError::Unsupported("streams on an emulated backend".into()));
+        };
+        // SAFETY: the caller's contract: a live stream of this context that outlives its uses.
+        let borrowed = unsafe { ctx.wrap_borrowed_stream(stream.cast()) };
+        self.with_stream(borrowed)
+    }
+
     /// Orders this backend's stream after the home streams of the buffers a call uses (those
     /// that differ from it), and those streams after the call's work when finished or dropped.
     pub(crate) fn join<'a>(&'a self, homes: &[Option<&'a CudaStream>]) -> Result<StreamJoin<'a>> {

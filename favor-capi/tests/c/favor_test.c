@@ -141,6 +141,14 @@ static void test_status_and_backends(FavorBackend **simd) {
     EXPECT_ERR(favor_backend_open("simd", NULL), FAVOR_STATUS_NULL_POINTER, "`out`");
     EXPECT_ERR(favor_backend_open("cuda:99", simd), FAVOR_STATUS_NOT_AVAILABLE, "cuda");
     CHECK(favor_backend_open("simd", simd));
+    FavorBackend *dev = NULL;
+    EXPECT_ERR(favor_backend_open_device("simd", NULL, &dev), FAVOR_STATUS_INVALID_PARAMETER, "not a CUDA backend");
+    FavorStatus s = favor_backend_open_device("cuda", NULL, &dev);
+    EXPECT(s == FAVOR_STATUS_OK || s == FAVOR_STATUS_NOT_AVAILABLE);
+    if (s == FAVOR_STATUS_OK) CHECK(favor_backend_free(dev));
+    bool device = true;
+    CHECK(favor_backend_takes_device_pointers(*simd, &device));
+    EXPECT(!device);
 
     char id[64], name[64];
     CHECK(favor_backend_id(*simd, id, sizeof id, NULL));
@@ -603,9 +611,72 @@ static void test_state(const FavorBackend *be, const FavorMap *map, const float 
     free(bytes), free(got), free(want);
 }
 
+/* The device path on the CUDA emulator, whose "device" memory is host memory: forward,
+ * backward and decoding through device pointers agree with the CPU backend. */
+static void test_device(const FavorBackend *host, const FavorMap *map, const float *q, const float *k,
+                        const float *v) {
+    FavorBackend *dev = NULL;
+    CHECK(favor_backend_open_device("cuda-emulated", NULL, &dev));
+    EXPECT_ERR(favor_backend_open_device("cuda-emulated", (void *)host, &dev), FAVOR_STATUS_INVALID_PARAMETER, "stream");
+    bool on_device = false;
+    CHECK(favor_backend_takes_device_pointers(dev, &on_device));
+    EXPECT(on_device);
+    char id[32];
+    CHECK(favor_backend_id(dev, id, sizeof id, NULL));
+    EXPECT(strcmp(id, "cuda-emulated") == 0);
+    float *want = alloc_f32(NO), *got = alloc_f32(NO);
+    FavorInputs in = {f32_tensor((float *)q, NQ), f32_tensor((float *)k, NK), f32_tensor((float *)v, NV), NULL, 0};
+    FavorTensor ow = f32_tensor(want, NO), og = f32_tensor(got, NO);
+    for (int causal = 0; causal <= 1; causal++) {
+        FavorProblem p = base_problem(causal);
+        CHECK(favor_forward(host, map, &p, &in, &ow));
+        CHECK(favor_forward(dev, map, &p, &in, &og));
+        CHECK(favor_backend_synchronize(dev));
+        EXPECT(max_abs_diff(got, want, NO) <= 1e-4f);
+    }
+    float *dout = alloc_f32(NO), *dq = alloc_f32(NQ), *dk = alloc_f32(NK), *dv = alloc_f32(NV);
+    float *dq2 = alloc_f32(NQ), *dk2 = alloc_f32(NK), *dv2 = alloc_f32(NV);
+    fill(dout, NO, 4);
+    FavorTensor g = f32_tensor(dout, NO);
+    FavorGrads gh = {f32_tensor(dq, NQ), f32_tensor(dk, NK), f32_tensor(dv, NV)};
+    FavorGrads gd = {f32_tensor(dq2, NQ), f32_tensor(dk2, NK), f32_tensor(dv2, NV)};
+    FavorProblem pc = base_problem(1);
+    CHECK(favor_backward(host, map, &pc, &in, &g, &gh, NULL));
+    CHECK(favor_backward(dev, map, &pc, &in, &g, &gd, NULL));
+    CHECK(favor_backend_synchronize(dev));
+    EXPECT(max_abs_diff(dq, dq2, NQ) <= 1e-3f && max_abs_diff(dk, dk2, NK) <= 1e-3f && max_abs_diff(dv, dv2, NV) <= 1e-3f);
+    /* A device state: prefill all but the last token, then decode it; export a slot. */
+    FavorState *st = NULL;
+    CHECK(favor_state_new(dev, map, &pc, &st));
+    CHECK(favor_forward(host, map, &pc, &in, &ow));
+    for (int part = 0; part < 2; part++) {
+        size_t t0 = part == 0 ? 0 : L - 1, n = part == 0 ? L - 1 : 1;
+        FavorProblem pp = pc;
+        pp.len = n;
+        FavorInputs ins = {{(float *)q + t0 * D, NQ - t0 * D, FAVOR_D_TYPE_F32, (size_t)H * L * D, (size_t)L * D, D},
+                           {(float *)k + t0 * D, NK - t0 * D, FAVOR_D_TYPE_F32, (size_t)KVH * L * D, (size_t)L * D, D},
+                           {(float *)v + t0 * DV, NV - t0 * DV, FAVOR_D_TYPE_F32, (size_t)KVH * L * DV, (size_t)L * DV, DV},
+                           NULL, 0};
+        FavorTensor os = {got + t0 * DV, NO - t0 * DV, FAVOR_D_TYPE_F32, (size_t)H * L * DV, (size_t)L * DV, DV};
+        CHECK(favor_decode(st, map, &pp, &ins, &os));
+    }
+    CHECK(favor_backend_synchronize(dev));
+    EXPECT(max_abs_diff(got, want, NO) <= 1e-4f);
+    uint64_t tokens = 0;
+    CHECK(favor_state_tokens(st, 1, &tokens));
+    EXPECT(tokens == L);
+    size_t len = 0;
+    EXPECT_ERR(favor_state_export_slot(st, 0, NULL, 0, &len), FAVOR_STATUS_BUFFER_TOO_SMALL, "needs");
+    CHECK(favor_state_reset_slot(st, 0));
+    CHECK(favor_state_free(st));
+    CHECK(favor_backend_free(dev));
+    free(want), free(got), free(dout), free(dq), free(dk), free(dv), free(dq2), free(dk2), free(dv2);
+    printf("device path (CUDA emulator): checked\n");
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s OUT.bin\n", argv[0]);
+    if (argc != 2 && !(argc == 3 && strcmp(argv[2], "device") == 0)) {
+        fprintf(stderr, "usage: %s OUT.bin [device]\n", argv[0]);
         return 2;
     }
     FILE *file = fopen(argv[1], "wb");
@@ -623,6 +694,7 @@ int main(int argc, char **argv) {
     test_ragged(be, map);
     test_feature_map(be, map);
     test_state(be, map, q, k, v);
+    if (argc == 3) test_device(be, map, q, k, v);
     EXPECT_ERR(favor_backend_free((FavorBackend *)map), FAVOR_STATUS_WRONG_HANDLE, "FavorBackend");
     CHECK(favor_map_free(map));
     CHECK(favor_backend_free(be));
