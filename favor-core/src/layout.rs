@@ -288,14 +288,13 @@ pub fn extent(arg: &'static str, dims: TensorDims, strides: Strides) -> Result<u
 /// inner ones span (a row of `width` elements innermost). Zero strides (broadcasting) and
 /// interleaved rows are rejected; the three standard layouts all pass.
 pub fn check_disjoint_rows(arg: &'static str, dims: TensorDims, strides: Strides) -> Result<()> {
-    let mut axes: Vec<(usize, usize, &str)> =
-        [(dims.batch, strides.batch, "batch"), (dims.heads, strides.head, "head"), (dims.rows, strides.token, "token")]
-            .into_iter()
-            .filter(|&(n, _, _)| n > 1)
-            .collect();
-    axes.sort_by_key(|&(_, s, _)| s);
+    // On the stack: decoding steps check their output's rows and allocate nothing.
+    let mut axes =
+        [(dims.batch, strides.batch, "batch"), (dims.heads, strides.head, "head"), (dims.rows, strides.token, "token")];
+    // Axes of one element cannot overlap: sorted last (largest key) and skipped.
+    axes.sort_by_key(|&(n, s, _)| (n <= 1, s));
     let mut spanned = dims.width;
-    for (n, stride, name) in axes {
+    for (n, stride, name) in axes.into_iter().take_while(|&(n, _, _)| n > 1) {
         if stride < spanned {
             return Err(FavorError::Strides {
                 arg,

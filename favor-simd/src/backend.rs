@@ -9,8 +9,8 @@ use crate::kernels::bidirectional::{
     KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, combine,
 };
 use crate::kernels::causal::{
-    BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, HeadState, Stash, StashPlace, Suffix,
-    SweepOut, combine_summary,
+    BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, GroupHeads, HeadState, Stash, StashPlace,
+    Suffix, SweepOut, combine_summary,
 };
 use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
@@ -74,7 +74,13 @@ pub struct SimdState {
     heads: Vec<HeadState>,
     /// Tokens each slot (batch element) has consumed.
     tokens: Vec<usize>,
+    /// Scratch of `decode_slots`: the call's sequence continuing each slot, [`NO_SEQUENCE`]
+    /// between calls.
+    sequence_of: Vec<usize>,
 }
+
+/// A slot that no sequence of the call continues.
+const NO_SEQUENCE: usize = usize::MAX;
 
 impl SimdState {
     /// What the state was made for (its batch is its number of slots).
@@ -231,6 +237,42 @@ impl SimdBackend {
         (tasks, incoming)
     }
 
+    /// Continues every (slot, key/value head) state in `heads` (slot-major) whose slot
+    /// `rows_of` maps to (batch element of the tensors, r0, r1) by those rows, writing its query
+    /// heads' rows of `out`; the others are left alone. Allocates nothing (the decoding step).
+    fn continue_slots(
+        &self,
+        p: &Problem<'_>,
+        inputs: &Inputs<'_, Host>,
+        out: &SharedOut<'_>,
+        heads: &mut [HeadState],
+        rows_of: impl Fn(usize) -> Option<(usize, usize, usize)> + Sync,
+    ) {
+        let s = p.shape;
+        let plan = Plan::prepared(p.map, s.d);
+        let (kvn, g, delta) = (s.key_heads(), s.group(), p.denominator_guard());
+        heads.par_iter_mut().enumerate().for_each(|(i, state)| {
+            let (slot, j) = (i / kvn, i % kvn);
+            let Some((b, r0, r1)) = rows_of(slot) else { return };
+            if r1 == r0 {
+                return;
+            }
+            let first = b * s.heads + j * g;
+            let make = |gi: usize| {
+                // SAFETY: this task alone takes query heads first..first + g (those of its key/value
+                // head j of batch element b) and each once per chunk, after the previous one is
+                // dropped; other tasks have other slots (distinct: rows of other batch elements
+                // or other sequences) or other key/value heads (other query heads).
+                let rows = unsafe { out.rows_unchecked(first + gi, r0, r1) };
+                (head_in(p, inputs, first + gi, &[]), rows)
+            };
+            let heads = GroupHeads::Made { count: g, make: &make };
+            // Decoding has no history to recompute from: rows at risk keep their f32 result
+            // (divided in f64, finite).
+            self.token.run(CausalForward { plan: &plan, heads, r0, r1, state, delta })
+        });
+    }
+
     /// Key states of every key/value head (bidirectional), shared by its query heads.
     fn key_states(&self, plan: &Plan, p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
         let s = p.shape;
@@ -266,6 +308,15 @@ fn input_scans<'a>(inputs: [HostRef<'a>; 3], dout: Option<HostRef<'a>>) -> Vec<S
     ];
     v.extend(dout.map(|t| Scanned { arg: TensorArg::Dout, t, flag: true }));
     v
+}
+
+/// Q, K and V for [`scan_inputs`], unflagged, on the stack (decoding tracks no large values).
+fn qkv_scans<'a>(inputs: &Inputs<'a, Host>) -> [Scanned<'a>; 3] {
+    [
+        Scanned { arg: TensorArg::Q, t: inputs.q, flag: false },
+        Scanned { arg: TensorArg::K, t: inputs.k, flag: false },
+        Scanned { arg: TensorArg::V, t: inputs.v, flag: false },
+    ]
 }
 
 /// The heads with a row at risk, which are recomputed by favor-core's f64 attention.
@@ -518,6 +569,7 @@ impl FavorBackend for SimdBackend {
                 let outs = group_rows(&mut out, s, &tasks);
                 tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((kvh, r0, r1), outs), mut state)| {
                     let heads = s.query_heads_of(kvh).map(|qh| head_in(p, &inputs, qh, &risk)).zip(outs).collect();
+                    let heads = GroupHeads::Given(heads);
                     self.token.run(CausalForward { plan: &plan, heads, r0, r1, state: &mut state, delta })
                 });
             }
@@ -714,27 +766,21 @@ impl FavorBackend for SimdBackend {
         }
         let mut tokens = try_with_capacity("state", shape.batch)?;
         tokens.resize(shape.batch, 0);
-        Ok(SimdState { made_for, heads, tokens })
+        let mut sequence_of = try_with_capacity("state", shape.batch)?;
+        sequence_of.resize(shape.batch, NO_SEQUENCE);
+        Ok(SimdState { made_for, heads, tokens, sequence_of })
     }
 
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
         // Decoding has no history to recompute from, so large values are not tracked.
-        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &[])?;
+        scan_inputs(p, &qkv_scans(&inputs), &[])?;
         let s = p.shape;
         state.made_for.check(p)?;
-        let plan = Plan::prepared(p.map, s.d);
         check_output(p, &out, dtype)?;
-        let mut out = shared_out(p, TensorArg::Out, out)?;
-        let delta = p.denominator_guard();
-        let tasks: Vec<(usize, usize, usize)> = (0..s.kv_problems()).map(|kvh| (kvh, 0, s.len)).collect();
-        let outs = group_rows(&mut out, s, &tasks);
-        state.heads.par_iter_mut().zip(outs).enumerate().for_each(|(kvh, (state, outs))| {
-            // Decoding has no history to recompute from: rows at risk keep their f32 result
-            // (divided in f64, finite).
-            let heads = s.query_heads_of(kvh).map(|qh| head_in(p, &inputs, qh, &[])).zip(outs).collect();
-            self.token.run(CausalForward { plan: &plan, heads, r0: 0, r1: s.len, state, delta })
-        });
+        let out = shared_out(p, TensorArg::Out, out)?;
+        // Slot b continues with rows 0..len of batch element b.
+        self.continue_slots(p, &inputs, &out, &mut state.heads, |slot| Some((slot, 0, s.len)));
         state.tokens.iter_mut().for_each(|t| *t += s.len);
         Ok(())
     }
@@ -753,37 +799,21 @@ impl FavorBackend for SimdBackend {
     ) -> Result<()> {
         validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
         // Decoding has no history to recompute from, so large values are not tracked.
-        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &[])?;
-        let s = p.shape;
-        let plan = Plan::prepared(p.map, s.d);
-        let mut out = shared_out(p, TensorArg::Out, out)?;
-        let delta = p.denominator_guard();
-        // Output pieces head-major, then by sequence (the offsets never decrease): the order
-        // `split` wants.
-        let nseq = chunks.slots.len();
-        let tasks: Vec<(usize, usize, usize)> =
-            (0..s.heads).flat_map(|h| chunks.sequences().map(move |(_, r0, r1)| (h, r0, r1))).collect();
-        let mut pieces: Vec<Option<OutRows<'_>>> = out.split(&tasks).into_iter().map(Some).collect();
-        let kvn = s.key_heads();
-        // The slots are distinct, so every (slot, key/value head) state is handed out once.
-        let mut states: Vec<Option<&mut HeadState>> = state.heads.iter_mut().map(Some).collect();
-        let mut work = Vec::with_capacity(nseq * kvn);
-        for (i, (slot, r0, r1)) in chunks.sequences().enumerate() {
-            for kvh in 0..kvn {
-                let st = states[slot * kvn + kvh].take().expect("distinct slots");
-                let heads: Vec<(HeadIn<'_>, OutRows<'_>)> = s
-                    .query_heads_of(kvh)
-                    .map(|qh| (head_in(p, &inputs, qh, &[]), pieces[qh * nseq + i].take().expect("each piece once")))
-                    .collect();
-                work.push((st, heads, r0, r1));
-            }
+        scan_inputs(p, &qkv_scans(&inputs), &[])?;
+        let out = shared_out(p, TensorArg::Out, out)?;
+        // The sequence continuing each slot (validated: distinct slots, increasing offsets).
+        for (i, (slot, _, _)) in chunks.sequences().enumerate() {
+            state.sequence_of[slot] = i;
         }
-        work.into_par_iter().for_each(|(state, heads, r0, r1)| {
-            // As in `decode`: rows at risk keep their f32 result (divided in f64, finite).
-            self.token.run(CausalForward { plan: &plan, heads, r0, r1, state, delta })
-        });
+        let sequence_of = &state.sequence_of;
+        let rows_of = |slot: usize| {
+            let i = *sequence_of.get(slot)?;
+            (i != NO_SEQUENCE).then(|| (0, chunks.offsets[i], chunks.offsets[i + 1]))
+        };
+        self.continue_slots(p, &inputs, &out, &mut state.heads, rows_of);
         for (slot, r0, r1) in chunks.sequences() {
             state.tokens[slot] += r1 - r0;
+            state.sequence_of[slot] = NO_SEQUENCE;
         }
         Ok(())
     }

@@ -16,6 +16,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Most tensors one scan takes: Q, K, V and ∂ℒ/∂out.
+const MAX_SCANNED: usize = 4;
+
 /// One tensor to scan; `flag` marks heads with values beyond [`VALUE_LIMIT`].
 pub(crate) struct Scanned<'a> {
     pub arg: TensorArg,
@@ -48,25 +51,32 @@ fn row_state(t: &HostRef<'_>, start: usize, width: usize) -> (bool, bool) {
 /// A NaN or an infinity anywhere is [`favor_core::FavorError::NonFinite`], the first one of
 /// the first tensor holding one.
 pub(crate) fn scan_inputs(p: &Problem<'_>, tensors: &[Scanned<'_>], risk: &[AtomicBool]) -> Result<()> {
-    let orders: Vec<RowOrder> = tensors.iter().map(|s| RowOrder::new(p.dims(s.arg), p.strides(s.arg))).collect();
+    assert!(tensors.len() <= MAX_SCANNED, "at most {MAX_SCANNED} tensors per scan");
+    // Fixed-size bookkeeping: a decoding step allocates nothing.
+    let order = |j: usize| RowOrder::new(p.dims(tensors[j].arg), p.strides(tensors[j].arg));
     let bad = AtomicBool::new(false);
-    let mut done = vec![false; tensors.len()];
+    let mut done = [false; MAX_SCANNED];
     for i in 0..tensors.len() {
         if done[i] {
             continue;
         }
         // The tensors with the same blocks as this one go in lockstep.
-        let group: Vec<usize> = (i..tensors.len())
-            .filter(|&j| {
-                !done[j] && orders[j].blocks() == orders[i].blocks() && orders[j].block_rows() == orders[i].block_rows()
-            })
-            .collect();
-        group.iter().for_each(|&j| done[j] = true);
+        let lead = order(i);
+        let (mut members, mut n) = ([0usize; MAX_SCANNED], 0);
+        for (j, done) in done.iter_mut().enumerate().take(tensors.len()).skip(i) {
+            let o = order(j);
+            if !*done && o.blocks() == lead.blocks() && o.block_rows() == lead.block_rows() {
+                (members[n], *done) = (j, true);
+                n += 1;
+            }
+        }
+        let group = &members[..n];
+        let orders: [RowOrder; MAX_SCANNED] = std::array::from_fn(|j| order(j.min(tensors.len() - 1)));
         // Blocks of at least ~4K elements per task.
         let per_block: usize = group.iter().map(|&j| orders[j].block_rows() * p.dims(tensors[j].arg).width).sum();
         let min_len = (4096 / per_block.max(1)).max(1);
-        (0..orders[i].blocks()).into_par_iter().with_min_len(min_len).for_each(|o| {
-            for &j in &group {
+        (0..lead.blocks()).into_par_iter().with_min_len(min_len).for_each(|o| {
+            for &j in group {
                 let (s, width) = (&tensors[j], p.dims(tensors[j].arg).width);
                 for (bh, start) in orders[j].block(o) {
                     let (non_finite, large) = row_state(&s.t, start, width);

@@ -24,7 +24,7 @@
 //! segment's reverse sweep starts from the exact suffix sums of the queries after it.
 
 use super::bidirectional::{RISK_DEN, at_risk, cotangents, guard, guard_fires, normalise};
-use super::features::{ParamAcc, Plan, Tile};
+use super::features::{Kind, ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
 use super::{HeadIn, OutRows, load_rows, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
@@ -291,44 +291,111 @@ fn build_b<S: SimdF32>(ch: &Chunk, rows: usize, dv: usize, g: &[f32], gbar: &[f3
     }
 }
 
+/// The query heads of one key/value head, each with its output rows.
+pub(crate) enum GroupHeads<'a, 'o, 'm> {
+    /// Made by the caller.
+    Given(Vec<(HeadIn<'a>, OutRows<'o>)>),
+    /// `count` heads made on demand by `make(i)` (once per chunk): no allocation.
+    Made { count: usize, make: &'m (dyn Fn(usize) -> (HeadIn<'a>, OutRows<'o>) + Sync) },
+}
+
 /// Causal forward (or prefill/decode) of rows r0..r1 of one key/value head and the query
 /// heads reading it, from `state` (the state after row r0 − 1), writing each query head's rows
 /// to its output. φ(K), the mask and the state update are computed once for the group.
-pub(crate) struct CausalForward<'a, 'o> {
+pub(crate) struct CausalForward<'a, 'o, 'm> {
     pub plan: &'a Plan,
     /// The query heads (with their outputs) of one key/value head; their K and V rows agree.
-    pub heads: Vec<(HeadIn<'a>, OutRows<'o>)>,
+    pub heads: GroupHeads<'a, 'o, 'm>,
     pub r0: usize,
     pub r1: usize,
     pub state: &'a mut HeadState,
     pub delta: f32,
 }
 
-impl SimdTask for CausalForward<'_, '_> {
+/// The scratch of one forward task: a chunk and the numerators.
+struct ForwardScratch {
+    ch: Chunk,
+    num: Vec<f32>,
+    /// What it was made for: (d, m, features, gated, padded d_v, rows).
+    key: (usize, usize, usize, bool, usize, usize),
+}
+
+/// Scratch entries kept per thread.
+const SCRATCH_KEPT: usize = 4;
+
+thread_local! {
+    /// This thread's scratch of recent forward tasks, reused while the sizes match, so that
+    /// repeated decoding steps allocate nothing. A chunk reused across calls is what the chunk
+    /// loop already does across the chunks of one call.
+    static FORWARD_SCRATCH: std::cell::RefCell<Vec<ForwardScratch>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl ForwardScratch {
+    fn take(p: &Plan, dv: usize, rows: usize) -> ForwardScratch {
+        let key = (p.dp, p.mp, p.mfp, matches!(p.kind, Kind::GatedSoftplus), pad(dv), rows);
+        let kept = FORWARD_SCRATCH.with(|c| {
+            let mut c = c.borrow_mut();
+            c.iter().position(|s| s.key == key).map(|i| c.swap_remove(i))
+        });
+        kept.unwrap_or_else(|| {
+            let ch = Chunk::with_rows(p, dv, rows);
+            let num = vec![0.0; rows * ch.dvp];
+            ForwardScratch { ch, num, key }
+        })
+    }
+
+    fn give_back(self) {
+        FORWARD_SCRATCH.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() == SCRATCH_KEPT {
+                c.remove(0);
+            }
+            c.push(self);
+        });
+    }
+}
+
+impl SimdTask for CausalForward<'_, '_, '_> {
     type Output = ();
     #[inline(always)]
     fn run<S: SimdF32>(mut self) {
         let p = self.plan;
-        let Some(&(keys, _)) = self.heads.first() else { return };
+        let (count, keys) = match &self.heads {
+            GroupHeads::Given(v) => (v.len(), v.first().map(|h| h.0)),
+            GroupHeads::Made { count, make } => (*count, (*count > 0).then(|| make(0).0)),
+        };
+        let Some(keys) = keys else { return };
         let cap = CHUNK.min(self.r1 - self.r0);
-        let mut ch = Chunk::with_rows(p, keys.dv, cap);
+        let mut scratch = ForwardScratch::take(p, keys.dv, cap);
+        let ForwardScratch { ch, num, .. } = &mut scratch;
         let dvp = ch.dvp;
-        let mut num = vec![0.0; cap * dvp];
         let mut den = [0.0f32; CHUNK];
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
             ch.prepare_keys::<S>(p, &keys, r, rows, self.state.c, None);
             ch.finish_keys::<S>(p, rows);
-            for (io, out) in self.heads.iter_mut() {
+            for i in 0..count {
+                let mut made;
+                let (io, out) = match &mut self.heads {
+                    GroupHeads::Given(v) => {
+                        let (io, out) = &mut v[i];
+                        (&*io, out)
+                    }
+                    GroupHeads::Made { make, .. } => {
+                        made = make(i);
+                        (&made.0, &mut made.1)
+                    }
+                };
                 ch.prepare_queries::<S>(p, io, r, rows);
-                ch.outputs::<S>(p, io, rows, self.state, self.delta, &mut num, &mut den);
-                normalise::<S>(rows, &mut num, dvp, &den);
-                store_rows(out, r - self.r0, rows, &num, dvp);
+                ch.outputs::<S>(p, io, rows, self.state, self.delta, num, &mut den);
+                normalise::<S>(rows, num, dvp, &den);
+                store_rows(out, r - self.r0, rows, num, dvp);
             }
             ch.advance::<S>(p, rows, self.state);
             r += rows;
         }
+        scratch.give_back();
     }
 }
 

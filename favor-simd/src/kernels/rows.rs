@@ -77,8 +77,8 @@ pub(crate) struct SharedOut<'a> {
 // SAFETY: a `SharedOut` is only used to hand out `OutRows` of disjoint memory (see `split`), each
 // of which is used by one thread at a time; the element types are plain data.
 unsafe impl Send for SharedOut<'_> {}
-// SAFETY: as for `Send`: `&SharedOut` gives no access to the memory at all (`split` and `head`
-// take `&mut self`).
+// SAFETY: as for `Send`: through `&SharedOut` only the unsafe `rows_unchecked` reaches the
+// memory, whose callers hand out each row once (`split` and `head` take `&mut self`).
 unsafe impl Sync for SharedOut<'_> {}
 
 impl<'a> SharedOut<'a> {
@@ -118,6 +118,26 @@ impl<'a> SharedOut<'a> {
                 _borrow: PhantomData,
             })
             .collect()
+    }
+
+    /// Rows r0..r1 of head bh through a shared borrow, so that parallel tasks can each take
+    /// their own rows without a task list (a decoding step allocates nothing). Out-of-range
+    /// rows panic before anything is handed out.
+    ///
+    /// # Safety
+    /// No two `OutRows` live at the same time may cover the same row of the same head: the
+    /// caller hands out every (head, row) at most once while they live.
+    pub(crate) unsafe fn rows_unchecked(&self, bh: usize, r0: usize, r1: usize) -> OutRows<'_> {
+        let heads = self.dims.batch * self.dims.heads;
+        assert!(bh < heads && r0 <= r1 && r1 <= self.dims.rows, "output rows {:?} out of range", (bh, r0, r1));
+        OutRows {
+            out: SharedRef { ptr: self.ptr, len: self.len },
+            at: HeadRows::of(self.strides, self.dims.heads, bh),
+            r0,
+            rows: r1 - r0,
+            width: self.dims.width,
+            _borrow: PhantomData,
+        }
     }
 
     /// All rows of head bh, for the serial f64 recomputation of flagged heads.
