@@ -607,6 +607,204 @@ impl PyState {
     }
 }
 
+/// A tensor in CUDA device memory as Python describes it: (pointer, shape, strides in elements,
+/// dtype name), 4-d in the call's axis order.
+#[cfg(feature = "cuda")]
+type DeviceArg = (usize, [usize; 4], [usize; 4], String);
+
+#[cfg(feature = "cuda")]
+fn device_dtype(arg: &str, name: &str) -> PyResult<DType> {
+    match name {
+        "float32" => Ok(DType::F32),
+        "float16" => Ok(DType::F16),
+        "bfloat16" => Ok(DType::Bf16),
+        other => Err(PyTypeError::new_err(format!("`{arg}`: favor takes float32, float16 or bfloat16, got {other}"))),
+    }
+}
+
+/// Sizes, strides and the element count from the first element to the last addressed.
+#[cfg(feature = "cuda")]
+fn device_dims(arg: &str, t: &DeviceArg) -> PyResult<(Dims, usize, DType)> {
+    let strides: Vec<isize> = t.2.iter().map(|&s| s as isize).collect();
+    let d = dims_of(arg, &t.1, &strides)?;
+    Ok((d, extent(&d), device_dtype(arg, &t.3)?))
+}
+
+/// The CUDA backend on device tensors, enqueuing on a stream (PyTorch's current stream).
+#[cfg(feature = "cuda")]
+#[pyclass(name = "DeviceBackend", module = "favor._favor", frozen)]
+struct PyDeviceBackend {
+    backend: favor::cuda::CudaBackend,
+}
+
+#[cfg(feature = "cuda")]
+#[pymethods]
+impl PyDeviceBackend {
+    /// `id` "cuda" or "cuda:N"; `stream` a CUstream handle (0: favor's own stream).
+    #[new]
+    fn new(id: &str, stream: usize) -> PyResult<Self> {
+        #[cfg(feature = "cuda-emulator")]
+        if id == "cuda-emulated" {
+            return Ok(PyDeviceBackend { backend: favor::cuda::CudaBackend::emulated() });
+        }
+        let host = Backend::from_id(id).map_err(py_err)?;
+        let device = host
+            .cuda_device()
+            .ok_or_else(|| PyValueError::new_err(format!("`{id}` is not a CUDA backend (expected cuda or cuda:N)")))?;
+        let backend = match (stream, device.stream()) {
+            (0, Some(own)) => device.with_stream(own.clone()),
+            // SAFETY: PyTorch's stream handle of this device, alive while its tensors are used.
+            _ => unsafe { device.with_borrowed_stream(stream as *mut std::ffi::c_void) },
+        }
+        .map_err(py_err)?;
+        Ok(PyDeviceBackend { backend })
+    }
+
+    /// Waits for the queued work.
+    fn synchronize(&self) -> PyResult<()> {
+        self.backend.synchronize().map_err(py_err)
+    }
+}
+
+/// A checked device tensor: address, elements from the first to the last addressed, dtype.
+#[cfg(feature = "cuda")]
+type RawDevice = (u64, usize, DType);
+
+/// Checks the tensors of one call: their sizes and strides, and what views are made of.
+#[cfg(feature = "cuda")]
+fn device_args(args: &[(&str, &DeviceArg)]) -> PyResult<(Vec<Dims>, Vec<RawDevice>)> {
+    let mut dims = Vec::new();
+    let mut raw = Vec::new();
+    for (arg, t) in args {
+        let (d, n, dtype) = device_dims(arg, t)?;
+        dims.push(d);
+        raw.push((t.0 as u64, n, dtype));
+    }
+    Ok((dims, raw))
+}
+
+/// Fails when any of the first `outputs` device spans overlaps another span.
+#[cfg(feature = "cuda")]
+fn device_disjoint(names: &[&str], raw: &[RawDevice], outputs: std::ops::Range<usize>) -> PyResult<()> {
+    let span = |i: usize| (raw[i].0, raw[i].0 + (raw[i].1 * raw[i].2.size()) as u64);
+    for o in outputs.clone() {
+        for j in 0..raw.len() {
+            let ((a0, a1), (b0, b1)) = (span(o), span(j));
+            if j != o && a0 < b1 && b0 < a1 && !(outputs.contains(&j) && j < o) {
+                return Err(PyValueError::new_err(format!(
+                    "`{}` overlaps `{}`: outputs may not share memory with other tensors",
+                    names[o], names[j]
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attention forward on device tensors (q, k, v, out as (pointer, shape, strides, dtype)).
+#[cfg(feature = "cuda")]
+#[pyfunction]
+#[pyo3(signature = (backend, map, q, k, v, out, causal, layout))]
+#[allow(clippy::too_many_arguments)]
+fn forward_device(
+    py: Python<'_>,
+    backend: &PyDeviceBackend,
+    map: &PyMap,
+    q: DeviceArg,
+    k: DeviceArg,
+    v: DeviceArg,
+    out: DeviceArg,
+    causal: bool,
+    layout: &str,
+) -> PyResult<()> {
+    use favor::cuda::{DeviceMut, DeviceRef};
+    let order = Order::parse(layout)?;
+    let names = ["q", "k", "v", "out"];
+    let (dims, raw) = device_args(&[("q", &q), ("k", &k), ("v", &v), ("out", &out)])?;
+    device_disjoint(&names, &raw, 3..4)?;
+    let [qd, kd, vd, od] = [dims[0], dims[1], dims[2], dims[3]];
+    let p = problem_of(&map.map, order, causal, &qd, &kd, &vd, |arg| {
+        let d = match arg {
+            TensorArg::Q => &qd,
+            TensorArg::K => &kd,
+            TensorArg::V => &vd,
+            _ => &od,
+        };
+        Some(order.read(d).1)
+    });
+    let s = p.shape;
+    check_dims(order, "out", &od, [s.batch, s.heads, s.len, s.dv])?;
+    // SAFETY: PyTorch's tensors: device memory of this device holding these elements, kept
+    // alive by the caller until the stream has run the call (torch's stream semantics).
+    let (qt, kt, vt, ot) = unsafe {
+        (
+            DeviceRef::from_raw(raw[0].0, raw[0].1, raw[0].2),
+            DeviceRef::from_raw(raw[1].0, raw[1].1, raw[1].2),
+            DeviceRef::from_raw(raw[2].0, raw[2].1, raw[2].2),
+            DeviceMut::from_raw(raw[3].0, raw[3].1, raw[3].2),
+        )
+    };
+    let inputs = Inputs { q: qt, k: kt, v: vt, key_mask: None };
+    let b = &backend.backend;
+    py.detach(|| b.forward(&p, inputs, ot)).map_err(py_err)
+}
+
+/// Attention backward on device tensors.
+#[cfg(feature = "cuda")]
+#[pyfunction]
+#[pyo3(signature = (backend, map, q, k, v, dout, dq, dk, dv, causal, layout))]
+#[allow(clippy::too_many_arguments)]
+fn backward_device(
+    py: Python<'_>,
+    backend: &PyDeviceBackend,
+    map: &PyMap,
+    q: DeviceArg,
+    k: DeviceArg,
+    v: DeviceArg,
+    dout: DeviceArg,
+    dq: DeviceArg,
+    dk: DeviceArg,
+    dv: DeviceArg,
+    causal: bool,
+    layout: &str,
+) -> PyResult<()> {
+    use favor::cuda::{DeviceMut, DeviceRef};
+    let order = Order::parse(layout)?;
+    let names = ["q", "k", "v", "dout", "dq", "dk", "dv"];
+    let all = [("q", &q), ("k", &k), ("v", &v), ("dout", &dout), ("dq", &dq), ("dk", &dk), ("dv", &dv)];
+    let (d, raw) = device_args(&all)?;
+    device_disjoint(&names, &raw, 4..7)?;
+    let p = problem_of(&map.map, order, causal, &d[0], &d[1], &d[2], |arg| {
+        let i = match arg {
+            TensorArg::Q => 0,
+            TensorArg::K => 1,
+            TensorArg::V => 2,
+            TensorArg::Out | TensorArg::Dout => 3,
+            TensorArg::Dq => 4,
+            TensorArg::Dk => 5,
+            TensorArg::Dv => 6,
+        };
+        Some(order.read(&d[i]).1)
+    });
+    let s = p.shape;
+    check_dims(order, "dout", &d[3], [s.batch, s.heads, s.len, s.dv])?;
+    for (i, want) in [(4, 0), (5, 1), (6, 2)] {
+        check_dims(order, names[i], &d[i], order.read(&d[want]).0)?;
+    }
+    // SAFETY: as in `forward_device`.
+    let (r, m) = unsafe {
+        (
+            [0, 1, 2, 3].map(|i| DeviceRef::from_raw(raw[i].0, raw[i].1, raw[i].2)),
+            [4, 5, 6].map(|i| DeviceMut::from_raw(raw[i].0, raw[i].1, raw[i].2)),
+        )
+    };
+    let [dqt, dkt, dvt] = m;
+    let inputs = Inputs { q: r[0], k: r[1], v: r[2], key_mask: None };
+    let b = &backend.backend;
+    py.detach(|| b.backward(&p, inputs, r[3], Grads { dq: dqt, dk: dkt, dv: dvt })).map_err(py_err)?;
+    Ok(())
+}
+
 /// The element type favor reads from an array's NumPy dtype name, for messages.
 #[pyfunction]
 fn dtype_name(code: &str) -> PyResult<&'static str> {
@@ -632,5 +830,11 @@ fn _favor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(dtype_name, m)?)?;
+    #[cfg(feature = "cuda")]
+    {
+        m.add_class::<PyDeviceBackend>()?;
+        m.add_function(wrap_pyfunction!(forward_device, m)?)?;
+        m.add_function(wrap_pyfunction!(backward_device, m)?)?;
+    }
     Ok(())
 }

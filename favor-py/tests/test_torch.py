@@ -70,3 +70,20 @@ def test_bfloat16_and_module_options():
         FastAttention(16, ortho_scaling=1)
     with pytest.raises(TypeError):
         attn(*(t.double() for t in tensors(5)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_tensors_run_on_the_device_and_match_the_cpu(causal):
+    q, k, v = tensors(6)
+    attn = FastAttention(dim_heads=16, nb_features=32, causal=causal)
+    want = attn(q, k, v)
+    want.sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    qc, kc, vc = (x.detach().cuda().requires_grad_() for x in (q, k, v))
+    got = attn.cuda()(qc, kc, vc)
+    assert got.is_cuda
+    got.sum().backward()
+    torch.testing.assert_close(got.cpu(), want.detach(), rtol=0, atol=1e-4)
+    for x, g in zip((qc, kc, vc), grads):
+        torch.testing.assert_close(x.grad.cpu(), g, rtol=0, atol=1e-3)

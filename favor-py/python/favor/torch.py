@@ -5,10 +5,12 @@
     out = attn(q, k, v)          # [batch, heads, len, dim_heads], gradients through favor
 
 CPU tensors are shared with favor without a copy (DLPack); bfloat16 tensors are passed as their
-bits. Tensors on another device are copied to the host and back, and run on `backend` (by
-default the fastest here, which is the CUDA backend when one works).
+bits. CUDA tensors go to favor's CUDA backend as device pointers, on PyTorch's current stream,
+without a copy (a key mask sends them through the host instead); tensors on other devices are
+copied to the host and back.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -42,6 +44,36 @@ def _tensor(a, like):
     return t.to(like.device)
 
 
+@functools.lru_cache(maxsize=16)
+def _device_backend(index, stream):
+    return favor._favor.DeviceBackend(f"cuda:{index}", stream)
+
+
+def _on_device(q, options):
+    """The CUDA backend on q's device and PyTorch's current stream there, or None to go through
+    the host."""
+    if q.device.type != "cuda" or options.get("key_mask") is not None or not hasattr(favor._favor, "DeviceBackend"):
+        return None
+    return _device_backend(q.device.index or 0, torch.cuda.current_stream(q.device).cuda_stream)
+
+
+def _described(t):
+    """(pointer, shape, strides, dtype) of a CUDA tensor whose last axis is contiguous, and the
+    tensor (a contiguous copy when it was not)."""
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"favor takes float32, float16 or bfloat16 tensors, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"favor takes 4-d tensors, got shape {list(t.shape)}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype).removeprefix("torch.")), t
+
+
+def _device_map(q, projection, options):
+    w = None if projection is None else projection.detach().cpu().numpy()
+    return favor._map(options.get("feature_map", "positive"), 0 if w is None else w.shape[0], q.shape[-1], 0, True, options.get("scale"), w)
+
+
 class FavorAttention(torch.autograd.Function):
     """favor's forward and backward as an autograd function:
     `FavorAttention.apply(q, k, v, projection, causal, options)` with `options` a dict of
@@ -51,6 +83,13 @@ class FavorAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, projection, causal, options):
         ctx.causal, ctx.options = causal, options
         ctx.save_for_backward(q, k, v, projection)
+        dev = _on_device(q, options)
+        if dev is not None:
+            out = torch.empty(tuple(q.shape[:3]) + (v.shape[3],), dtype=q.dtype, device=q.device)
+            (qd, _q), (kd, _k), (vd, _v), (od, _) = (_described(t.detach()) for t in (q, k, v, out))
+            layout = options.get("layout", "bhld")
+            favor._favor.forward_device(dev, _device_map(q, projection, options), qd, kd, vd, od, causal, layout)
+            return out
         w = None if projection is None else projection.detach().cpu().numpy()
         out = favor.attention(_host(q), _host(k), _host(v), causal=causal, projection=w, **options)
         return _tensor(out, q)
@@ -58,6 +97,14 @@ class FavorAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, projection = ctx.saved_tensors
+        dev = _on_device(q, ctx.options)
+        if dev is not None:
+            grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+            described = [_described(t.detach()) for t in (q, k, v, dout, *grads)]
+            layout = ctx.options.get("layout", "bhld")
+            fmap = _device_map(q, projection, ctx.options)
+            favor._favor.backward_device(dev, fmap, *(d for d, _ in described), ctx.causal, layout)
+            return (*grads, None, None, None)
         w = None if projection is None else projection.detach().cpu().numpy()
         grads = favor.attention_backward(
             _host(q), _host(k), _host(v), _host(dout.contiguous()), causal=ctx.causal, projection=w, **ctx.options
