@@ -3,9 +3,9 @@
 use crate::handles::{FavorBackend, FavorMap, get, on_engine};
 use crate::status::{CallResult, Failure, FavorStatus, guard};
 use crate::tensor::{
-    CallInputs, FavorGrads, FavorInputs, FavorProblem, FavorTensor, Space, Span, disjoint, problem, read,
+    CallInputs, FavorGrads, FavorInputs, FavorProblem, FavorTensor, Space, Span, check_array, disjoint, problem, read,
 };
-use favor::{FavorBackend as Calls, FeatureMap, FeatureRole, Grads, ParamGrads, Ragged, TensorArg};
+use favor::{FavorBackend as Calls, FeatureMap, FeatureRole, Grads, ParamGrads, Problem, Ragged, TensorArg};
 
 /// Which stabiliser the feature map gives a batch of tokens.
 #[repr(C)]
@@ -65,12 +65,7 @@ pub struct FavorRagged {
 /// # Safety
 /// `p` null or valid for `n` reads.
 pub(crate) unsafe fn sizes<'a>(p: *const usize, n: usize, arg: &str) -> CallResult<&'a [usize]> {
-    if p.is_null() {
-        return Err(Failure::null(arg));
-    }
-    if !(p as usize).is_multiple_of(align_of::<usize>()) {
-        return Err(Failure::param(arg, "not aligned to size_t"));
-    }
+    check_array(p, n, None, arg)?;
     // SAFETY: non-null, aligned, `n` entries readable (the caller's contract).
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
@@ -91,15 +86,7 @@ fn float_span(arg: &'static str, b: &[f32]) -> CallResult<Span> {
 /// # Safety
 /// `p` null or valid for `n` float writes, exclusively for `'a`.
 unsafe fn out_floats<'a>(p: *mut f32, n: usize, want: usize, arg: &str) -> CallResult<&'a mut [f32]> {
-    if p.is_null() {
-        return Err(Failure::null(arg));
-    }
-    if n != want {
-        return Err(Failure::new(FavorStatus::Shape, format!("argument `{arg}`: expected {want} floats, got {n}")));
-    }
-    if !(p as usize).is_multiple_of(align_of::<f32>()) {
-        return Err(Failure::param(arg, "not aligned to 4 bytes"));
-    }
+    check_array(p.cast_const(), n, Some(want), arg)?;
     // SAFETY: non-null, aligned, writable for `n` floats (the caller's contract).
     Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
 }
@@ -158,7 +145,7 @@ impl<'a> ParamOut<'a> {
 }
 
 /// The strides of each tensor of an attention call.
-pub(crate) fn layout_of<'t, M: Space>(
+fn layout_of<'t, M: Space>(
     x: &'t CallInputs<'_, M>,
     out: &'t [(TensorArg, &'t FavorTensor)],
 ) -> impl Fn(TensorArg) -> Option<favor::Strides> + 't {
@@ -168,6 +155,25 @@ pub(crate) fn layout_of<'t, M: Space>(
         TensorArg::V => x.strides[2],
         other => out.iter().find(|(a, _)| *a == other).and_then(|(_, t)| t.strides()),
     }
+}
+
+/// The pieces of a call with one output (forward, decoding): its inputs, the output's view
+/// (checked not to overlap them) and the problem with every tensor's strides.
+///
+/// # Safety
+/// As `favor_forward`.
+pub(crate) unsafe fn output_call<'a, 'm, M: Space>(
+    map: &'m FeatureMap,
+    p: &FavorProblem,
+    x: &FavorInputs,
+    o: &FavorTensor,
+) -> CallResult<(CallInputs<'a, M>, M::Mut<'a>, Problem<'m>)> {
+    // SAFETY: forwarded contract; the output is checked for overlaps before it is returned.
+    let (x, (out, span)) = unsafe { (CallInputs::<M>::new(x)?, M::view_mut(o, "out")?) };
+    disjoint(&[span], &x.spans)?;
+    let outs = [(TensorArg::Out, o)];
+    let prob = problem(p, map, layout_of(&x, &outs))?;
+    Ok((x, out, prob))
 }
 
 /// A dense or ragged forward on one backend.
@@ -186,12 +192,7 @@ where
     B::Mem: Space,
 {
     // SAFETY: forwarded contract.
-    let x = unsafe { CallInputs::<B::Mem>::new(x)? };
-    // SAFETY: forwarded contract; checked for overlaps before use.
-    let (out, span) = unsafe { <B::Mem as Space>::view_mut(o, "out")? };
-    disjoint(&[span], &x.spans)?;
-    let outs = [(TensorArg::Out, o)];
-    let prob = problem(p, map, layout_of(&x, &outs))?;
+    let (x, out, prob) = unsafe { output_call::<B::Mem>(map, p, x, o)? };
     match ragged {
         None => Ok(b.forward(&prob, x.inputs(), out)?),
         Some(r) => Ok(b.forward_ragged(&prob, r, x.inputs(), out)?),

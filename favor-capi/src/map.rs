@@ -2,7 +2,7 @@
 
 use crate::handles::{FavorMap, emit, free, get};
 use crate::status::{CallResult, Failure, FavorStatus, guard};
-use crate::tensor::read;
+use crate::tensor::{check_array, read};
 use favor::{FeatureMap, GatedSoftplusParams, Linear, Projection, ProjectionConfig, ProjectionKind, RowNorms};
 
 /// Feature maps with a random projection W (`FavorMapConfig::kind`).
@@ -118,15 +118,7 @@ pub unsafe extern "C" fn favor_map_draw(config: *const FavorMapConfig, out: *mut
 /// # Safety
 /// `p` is null or valid for reads of `len` floats.
 unsafe fn floats(p: *const f32, len: usize, want: usize, arg: &'static str) -> CallResult<Vec<f32>> {
-    if p.is_null() {
-        return Err(Failure::null(arg));
-    }
-    if len != want {
-        return Err(Failure::new(FavorStatus::Shape, format!("argument `{arg}`: expected {want} elements, got {len}")));
-    }
-    if !(p as usize).is_multiple_of(align_of::<f32>()) {
-        return Err(Failure::param(arg, "not aligned to 4 bytes"));
-    }
+    check_array(p, len, Some(want), arg)?;
     // SAFETY: non-null, aligned, `len` floats readable (the caller's contract).
     Ok(unsafe { std::slice::from_raw_parts(p, len) }.to_vec())
 }

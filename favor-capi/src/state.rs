@@ -1,11 +1,11 @@
 //! Decoding states for serving: many independent sequences ("slots") at their own positions.
 
-use crate::calls::layout_of;
+use crate::calls::output_call;
 use crate::calls::sizes;
 use crate::handles::{EngineState, FavorBackend, FavorMap, FavorState, StateInner, emit, free, get, on_engine};
 use crate::status::{CallResult, Failure, FavorStatus, guard};
-use crate::tensor::{CallInputs, FavorInputs, FavorProblem, FavorTensor, Space, disjoint, problem, read};
-use favor::{Backend, FavorBackend as Calls, FeatureMap, SlotChunks, SlotState, TensorArg};
+use crate::tensor::{FavorInputs, FavorProblem, FavorTensor, Space, problem, read};
+use favor::{Backend, FavorBackend as Calls, FeatureMap, SlotChunks, SlotState};
 use std::sync::MutexGuard;
 
 /// A backend whose states an [`EngineState`] holds.
@@ -88,18 +88,12 @@ unsafe fn decode_on<B: Stateful>(
 where
     B::Mem: Space,
 {
-    // SAFETY: forwarded contract; the output is checked for overlaps before use.
-    unsafe {
-        let x = CallInputs::<B::Mem>::new(x)?;
-        let (out, span) = <B::Mem as Space>::view_mut(o, "out")?;
-        disjoint(&[span], &x.spans)?;
-        let outs = [(TensorArg::Out, o)];
-        let prob = problem(p, map, layout_of(&x, &outs))?;
-        let st = B::state_mut(state)?;
-        match chunks {
-            None => Ok(b.decode(&prob, st, x.inputs(), out)?),
-            Some(c) => Ok(b.decode_slots(&prob, st, c, x.inputs(), out)?),
-        }
+    // SAFETY: forwarded contract.
+    let (x, out, prob) = unsafe { output_call::<B::Mem>(map, p, x, o)? };
+    let st = B::state_mut(state)?;
+    match chunks {
+        None => Ok(b.decode(&prob, st, x.inputs(), out)?),
+        Some(c) => Ok(b.decode_slots(&prob, st, c, x.inputs(), out)?),
     }
 }
 

@@ -127,6 +127,21 @@ impl FavorProblem {
     }
 }
 
+/// Checks an array of `n` `T` the caller passes by pointer (argument `arg`): not null, aligned,
+/// and exactly `want` long when a length is required.
+pub(crate) fn check_array<T>(p: *const T, n: usize, want: Option<usize>, arg: &str) -> CallResult {
+    if p.is_null() {
+        return Err(Failure::null(arg));
+    }
+    if let Some(want) = want.filter(|&w| w != n) {
+        return Err(Failure::new(FavorStatus::Shape, format!("argument `{arg}`: expected {want} elements, got {n}")));
+    }
+    if !(p as usize).is_multiple_of(align_of::<T>()) {
+        return Err(Failure::param(arg, format!("not aligned to {} bytes", align_of::<T>())));
+    }
+    Ok(())
+}
+
 /// Reads `*p` (a struct the caller passes by pointer).
 ///
 /// # Safety

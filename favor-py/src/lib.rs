@@ -805,22 +805,6 @@ fn backward_device(
     Ok(())
 }
 
-/// The element type favor reads from an array's NumPy dtype name, for messages.
-#[pyfunction]
-fn dtype_name(code: &str) -> PyResult<&'static str> {
-    let d = match code {
-        "float32" => DType::F32,
-        "float16" => DType::F16,
-        "bfloat16" | "uint16" => DType::Bf16,
-        other => return Err(PyTypeError::new_err(format!("unsupported dtype {other}"))),
-    };
-    Ok(match d {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::Bf16 => "bf16",
-    })
-}
-
 #[pymodule]
 fn _favor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBackend>()?;
@@ -829,7 +813,6 @@ fn _favor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(available_backends, m)?)?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
-    m.add_function(wrap_pyfunction!(dtype_name, m)?)?;
     #[cfg(feature = "cuda")]
     {
         m.add_class::<PyDeviceBackend>()?;

@@ -52,8 +52,15 @@ fn row_state(t: &HostRef<'_>, start: usize, width: usize) -> (bool, bool) {
 /// the first tensor holding one.
 pub(crate) fn scan_inputs(p: &Problem<'_>, tensors: &[Scanned<'_>], risk: &[AtomicBool]) -> Result<()> {
     assert!(tensors.len() <= MAX_SCANNED, "at most {MAX_SCANNED} tensors per scan");
-    // Fixed-size bookkeeping: a decoding step allocates nothing.
-    let order = |j: usize| RowOrder::new(p.dims(tensors[j].arg), p.strides(tensors[j].arg));
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    // Fixed-size bookkeeping: a decoding step allocates nothing (entries past the tensors repeat
+    // the last one and are never read).
+    let orders: [RowOrder; MAX_SCANNED] = std::array::from_fn(|j| {
+        let s = &tensors[j.min(tensors.len() - 1)];
+        RowOrder::new(p.dims(s.arg), p.strides(s.arg))
+    });
     let bad = AtomicBool::new(false);
     let mut done = [false; MAX_SCANNED];
     for i in 0..tensors.len() {
@@ -61,17 +68,16 @@ pub(crate) fn scan_inputs(p: &Problem<'_>, tensors: &[Scanned<'_>], risk: &[Atom
             continue;
         }
         // The tensors with the same blocks as this one go in lockstep.
-        let lead = order(i);
+        let lead = orders[i];
         let (mut members, mut n) = ([0usize; MAX_SCANNED], 0);
         for (j, done) in done.iter_mut().enumerate().take(tensors.len()).skip(i) {
-            let o = order(j);
+            let o = orders[j];
             if !*done && o.blocks() == lead.blocks() && o.block_rows() == lead.block_rows() {
                 (members[n], *done) = (j, true);
                 n += 1;
             }
         }
         let group = &members[..n];
-        let orders: [RowOrder; MAX_SCANNED] = std::array::from_fn(|j| order(j.min(tensors.len() - 1)));
         // Blocks of at least ~4K elements per task.
         let per_block: usize = group.iter().map(|&j| orders[j].block_rows() * p.dims(tensors[j].arg).width).sum();
         let min_len = (4096 / per_block.max(1)).max(1);
