@@ -50,7 +50,10 @@ struct Packed {
     v1: Scratch<f32>,
     mask: Option<Scratch<u8>>,
     map: Map,
+    /// Query rows (batch · heads · len).
     rows: usize,
+    /// Key and value rows (batch · heads · kv_len: grouped heads packed per query head).
+    key_rows: usize,
 }
 
 /// Features and stabilisers of one call, and O1 = [N R].
@@ -85,6 +88,11 @@ impl Risk {
     fn args(&self) -> RiskArgs {
         RiskArgs { first_seen: self.first_seen.ptr(), flags: self.flags.ptr(), len: self.len }
     }
+
+    /// The same flags for key rows, `kv_len` to a head.
+    fn key_args(&self, kv_len: usize) -> RiskArgs {
+        RiskArgs { len: kv_len, ..self.args() }
+    }
 }
 
 /// One (batch, head) of a call on the host in f64, widened from the packed fp32 rows (exact
@@ -112,27 +120,18 @@ struct HostPacked<'a> {
 
 impl<'a> HostPacked<'a> {
     fn head(&self, s: AttentionShape, bh: usize) -> HostHead<'a> {
-        let (qk, rows) = (s.len * s.d, bh * s.len..(bh + 1) * s.len);
+        let (qn, kn, nk) = (s.len * s.d, s.keys() * s.d, s.keys());
         let widen = |x: &[f32]| x.iter().map(|&e| e as f64).collect::<Vec<f64>>();
+        let b = bh / s.heads;
         HostHead {
-            q: widen(&self.q[bh * qk..(bh + 1) * qk]),
-            k: widen(&self.k[bh * qk..(bh + 1) * qk]),
-            v: rows.flat_map(|r| self.v1[r * (s.dv + 1)..r * (s.dv + 1) + s.dv].iter().map(|&e| e as f64)).collect(),
-            mask: self.mask.map(|m| &m[(bh / s.heads) * s.len..(bh / s.heads + 1) * s.len]),
+            q: widen(&self.q[bh * qn..(bh + 1) * qn]),
+            k: widen(&self.k[bh * kn..(bh + 1) * kn]),
+            v: (bh * nk..(bh + 1) * nk)
+                .flat_map(|r| self.v1[r * (s.dv + 1)..r * (s.dv + 1) + s.dv].iter().map(|&e| e as f64))
+                .collect(),
+            mask: self.mask.map(|m| &m[b * nk..(b + 1) * nk]),
         }
     }
-}
-
-/// The CUDA kernels pack queries and keys with one row count: cross-attention (kv_len ≠ len)
-/// is not implemented there yet, and is refused rather than misread.
-/// What the device kernels do not have yet (the CPU backends do).
-fn reject_unsupported(p: &Problem<'_>) -> Result<()> {
-    if p.shape.is_cross() {
-        return Err(FavorError::Unsupported(
-            "cross-attention (kv_len ≠ len) on the CUDA backend (the CPU backends have it)".into(),
-        ));
-    }
-    Ok(())
 }
 
 impl CudaBackend {
@@ -181,8 +180,10 @@ impl CudaBackend {
         if shape.problems() > MAX_PROBLEMS {
             return Err(FavorError::Unsupported(format!("batch × heads = {} > {MAX_PROBLEMS}", shape.problems())));
         }
-        if shape.len > i32::MAX as usize || shape.len * shape.problems() > i64::MAX as usize / 4096 {
-            return Err(FavorError::Unsupported(format!("len = {} is too long for the CUDA kernels", shape.len)));
+        for (what, len) in [("len", shape.len), ("kv_len", shape.keys())] {
+            if len > i32::MAX as usize || len * shape.problems() > i64::MAX as usize / 4096 {
+                return Err(FavorError::Unsupported(format!("{what} = {len} is too long for the CUDA kernels")));
+            }
         }
         scan_value_tile(map.features(), shape.dv + 1)?;
         scan_value_tile(shape.dv + 1, map.features())?;
@@ -193,15 +194,15 @@ impl CudaBackend {
         let s = p.shape;
         let map = self.map_args(p.map, s.d)?;
         self.check_sizes(s, &map.args)?;
-        let rows = s.problems() * s.len;
+        let (rows, key_rows) = (s.problems() * s.len, s.problems() * s.keys());
         let q = self.pack(dtype, inputs.q.raw(), RowMap::of(p, TensorArg::Q)?, rows, s.d, s.d, false)?;
         // Grouped key/value heads are packed once per query head: the current kernels work per
         // (batch, query head).
         let (km, vm) = (RowMap::per_query_head(p, TensorArg::K)?, RowMap::per_query_head(p, TensorArg::V)?);
-        let k = self.pack(dtype, inputs.k.raw(), km, rows, s.d, s.d, false)?;
-        let v1 = self.pack(dtype, inputs.v.raw(), vm, rows, s.dv, s.dv + 1, true)?;
+        let k = self.pack(dtype, inputs.k.raw(), km, key_rows, s.d, s.d, false)?;
+        let v1 = self.pack(dtype, inputs.v.raw(), vm, key_rows, s.dv, s.dv + 1, true)?;
         let mask = inputs.key_mask.map(|m| self.scratch_mask(m)).transpose()?;
-        Ok(Packed { q, k, v1, mask, map, rows })
+        Ok(Packed { q, k, v1, mask, map, rows, key_rows })
     }
 
     /// The rows of a caller's tensor (where `map` puts them) widened into fp32 scratch, `ld` per
@@ -260,22 +261,12 @@ impl CudaBackend {
         causal: bool,
         c_init: Option<DevPtr>,
     ) -> Result<Scratch<f64>> {
-        let rows = shape.problems() * shape.len;
+        let (len, rows) = (shape.keys(), shape.problems() * shape.keys());
         let c = self.scratch_f64(rows)?;
         if map.kind.is_exp() {
             let s = self.scratch_f64(rows)?;
-            self.exec.launch_features(
-                x,
-                rows,
-                map,
-                StabMode::LogScaleOnly,
-                None,
-                Some(s.ptr()),
-                None,
-                shape.len,
-                None,
-            )?;
-            self.exec.launch_stabiliser(s.ptr(), mask, shape.problems(), shape.len, c_init, causal, c.ptr())?;
+            self.exec.launch_features(x, rows, map, StabMode::LogScaleOnly, None, Some(s.ptr()), None, len, None)?;
+            self.exec.launch_stabiliser(s.ptr(), mask, shape.problems(), len, c_init, causal, c.ptr())?;
         }
         Ok(c)
     }
@@ -288,7 +279,7 @@ impl CudaBackend {
         c: &Scratch<f64>,
         mask: Option<MaskArgs>,
     ) -> Result<Scratch<f32>> {
-        let rows = shape.problems() * shape.len;
+        let (len, rows) = (shape.keys(), shape.problems() * shape.keys());
         let mf = map.features();
         let phi = self.scratch(rows * mf)?;
         self.exec.launch_features(
@@ -299,17 +290,18 @@ impl CudaBackend {
             Some(c.ptr()),
             None,
             mask,
-            shape.len,
+            len,
             Some((phi.ptr(), mf)),
         )?;
         Ok(phi)
     }
 
-    /// out_t = A_tᵀ Σ_s B_s V_sᵀ (bidirectional) into `out` (rows × ldo, columns 0..nv).
+    /// out_t = A_tᵀ Σ_s B_s V_sᵀ (bidirectional) into `out` (rows × ldo, columns 0..nv), for
+    /// `problems` heads of `lens.0` rows of B and V (summed) and `lens.1` rows of A and out.
     #[allow(clippy::too_many_arguments)]
     fn bidirectional(
         &self,
-        shape: AttentionShape,
+        (problems, lens): (usize, (usize, usize)),
         a: (DevPtr, usize),
         b: (DevPtr, usize),
         na: usize,
@@ -317,20 +309,20 @@ impl CudaBackend {
         nv: usize,
         out: (DevPtr, usize),
     ) -> Result<()> {
-        let problems = shape.problems();
-        let segments = shape.len.div_ceil(REDUCE_SEGMENT).clamp(1, 64);
+        let (summed, applied) = lens;
+        let segments = summed.div_ceil(REDUCE_SEGMENT).clamp(1, 64);
         let partial = self.scratch(problems * segments * na * nv)?;
         let kv = self.scratch(problems * na * nv)?;
         self.exec.launch_kv_reduce(
             (b.0, b.1, na),
             (v.0, v.1, nv),
             problems,
-            shape.len,
+            summed,
             segments,
             partial.ptr(),
             kv.ptr(),
         )?;
-        self.exec.launch_kv_apply((a.0, a.1, na), kv.ptr(), nv, problems, shape.len, out)
+        self.exec.launch_kv_apply((a.0, a.1, na), kv.ptr(), nv, problems, applied, out)
     }
 
     /// φ(Q), φ(K), stabilisers and O1 = [N R] of a forward pass (optionally continuing a state).
@@ -349,9 +341,10 @@ impl CudaBackend {
         let mask = x.mask(s.heads);
         if let Some(r) = risk {
             self.exec.launch_flag_wide(x.q.ptr(), x.rows, s.d, (0.0, WIDE_INPUT), r.args())?;
-            self.exec.launch_flag_wide(x.k.ptr(), x.rows, s.d, (0.0, WIDE_INPUT), r.args())?;
+            let keys = r.key_args(s.keys());
+            self.exec.launch_flag_wide(x.k.ptr(), x.key_rows, s.d, (0.0, WIDE_INPUT), keys)?;
             // V with its ones column: the extra 1 is inside the range.
-            self.exec.launch_flag_wide(x.v1.ptr(), x.rows, s.dv + 1, (0.0, VALUE_LIMIT), r.args())?;
+            self.exec.launch_flag_wide(x.v1.ptr(), x.key_rows, s.dv + 1, (0.0, VALUE_LIMIT), keys)?;
         }
         let (qf, qc) = self.query_features(x.q.ptr(), x.rows, s.len, map)?;
         let c_init = state.map(|st| st.c);
@@ -359,7 +352,7 @@ impl CudaBackend {
         let kf = self.key_features(x.k.ptr(), s, map, &kc, mask)?;
         if let Some(r) = risk.filter(|_| !map.kind.is_exp()) {
             self.exec.launch_flag_wide(qf.ptr(), x.rows, mf, (FEATURE_LO, FEATURE_HI), r.args())?;
-            self.exec.launch_flag_wide(kf.ptr(), x.rows, mf, (FEATURE_LO, FEATURE_HI), r.args())?;
+            self.exec.launch_flag_wide(kf.ptr(), x.key_rows, mf, (FEATURE_LO, FEATURE_HI), r.key_args(s.keys()))?;
         }
         let o1 = self.scratch(x.rows * (s.dv + 1))?;
         let (q, k, v1, o) = ((qf.ptr(), mf), (kf.ptr(), mf), (x.v1.ptr(), s.dv + 1), (o1.ptr(), s.dv + 1));
@@ -370,7 +363,7 @@ impl CudaBackend {
                 self.exec.launch_state_c_update(kc.ptr(), s.len, s.problems(), st.c)?;
             }
         } else {
-            self.bidirectional(s, q, k, mf, v1, s.dv + 1, o)?;
+            self.bidirectional((s.problems(), (s.keys(), s.len)), q, k, mf, v1, s.dv + 1, o)?;
         }
         Ok(Attention { qf, qc, kf, kc, o1 })
     }
@@ -382,7 +375,6 @@ impl CudaBackend {
         out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
-        reject_unsupported(p)?;
         let s = p.shape;
         check_output(p, &out, dtype)?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
@@ -426,7 +418,6 @@ impl CudaBackend {
         grads: Grads<'_, CudaMem>,
     ) -> Result<Option<ParamGrads>> {
         let dtype = validate_inputs(p, &inputs)?;
-        reject_unsupported(p)?;
         let s = p.shape;
         check_backward(p, &dout, &grads, dtype)?;
         let x = self.pack_inputs(p, &inputs, dtype)?;
@@ -451,15 +442,17 @@ impl CudaBackend {
         };
         drop(g);
 
+        let key_rows = x.key_rows;
         let dqf = self.scratch(rows * mf)?;
-        let dkf = self.scratch(rows * mf)?;
-        let dv32 = self.scratch(rows * s.dv)?;
+        let dkf = self.scratch(key_rows * mf)?;
+        let dv32 = self.scratch(key_rows * s.dv)?;
         let (qf, kf, v1, g1p) = ((att.qf.ptr(), mf), (att.kf.ptr(), mf), (x.v1.ptr(), dv1), (g1.ptr(), dv1));
         match p.options.direction {
             Direction::Bidirectional => {
-                self.bidirectional(s, g1p, v1, dv1, kf, mf, (dqf.ptr(), mf))?;
-                self.bidirectional(s, v1, g1p, dv1, qf, mf, (dkf.ptr(), mf))?;
-                self.bidirectional(s, kf, qf, mf, g1p, s.dv, (dv32.ptr(), s.dv))?;
+                let (n, over_keys, over_queries) = (s.problems(), (s.keys(), s.len), (s.len, s.keys()));
+                self.bidirectional((n, over_keys), g1p, v1, dv1, kf, mf, (dqf.ptr(), mf))?;
+                self.bidirectional((n, over_queries), v1, g1p, dv1, qf, mf, (dkf.ptr(), mf))?;
+                self.bidirectional((n, over_queries), kf, qf, mf, g1p, s.dv, (dv32.ptr(), s.dv))?;
             }
             Direction::Causal => {
                 let (c, n, l) = (att.kc.ptr(), s.problems(), s.len);
@@ -471,25 +464,25 @@ impl CudaBackend {
         }
 
         let dq32 = self.scratch(rows * s.d)?;
-        let dk32 = self.scratch(rows * s.d)?;
+        let dk32 = self.scratch(key_rows * s.d)?;
         let kern = &self.exec;
         let (qc, inv) = (Some(att.qc.ptr()), Some(invariant.ptr()));
         kern.launch_features_bwd(x.q.ptr(), rows, map, qc, inv, dqf.ptr(), mf, None, s.len, dq32.ptr())?;
         kern.launch_features_bwd(
             x.k.ptr(),
-            rows,
+            key_rows,
             map,
             Some(att.kc.ptr()),
             None,
             dkf.ptr(),
             mf,
             x.mask(s.heads),
-            s.len,
+            s.keys(),
             dk32.ptr(),
         )?;
         let Grads { dq, dk, dv } = grads;
         // dk and dv of a key/value head: the sum of its query heads' rows.
-        let (kv_rows, g) = (s.kv_problems() * s.len, s.group());
+        let (kv_rows, g) = (s.kv_problems() * s.keys(), s.group());
         kern.launch_unpack(dtype, dq32.ptr(), s.d, rows, s.d, dq.raw(), RowMap::of(p, TensorArg::Dq)?, 1)?;
         kern.launch_unpack(dtype, dk32.ptr(), s.d, kv_rows, s.d, dk.raw(), RowMap::of(p, TensorArg::Dk)?, g)?;
         kern.launch_unpack(dtype, dv32.ptr(), s.dv, kv_rows, s.dv, dv.raw(), RowMap::of(p, TensorArg::Dv)?, g)?;
@@ -499,7 +492,7 @@ impl CudaBackend {
             let mut groups: Vec<usize> = flagged.iter().map(|&bh| s.kv_head_of(bh)).collect();
             groups.dedup();
             for kvh in groups {
-                let (mut gk, mut gv) = (vec![0.0; s.len * s.d], vec![0.0; s.len * s.dv]);
+                let (mut gk, mut gv) = (vec![0.0; s.keys() * s.d], vec![0.0; s.keys() * s.dv]);
                 for bh in s.query_heads_of(kvh) {
                     let f = host.head(s, bh);
                     let rows = bh * s.len * s.dv..(bh + 1) * s.len * s.dv;
@@ -525,13 +518,19 @@ impl CudaBackend {
         let s = p.shape;
         let causal = p.options.direction == Direction::Causal;
         // len ≤ i32::MAX (check_sizes).
+        // Causal calls have kv_len = len; a bidirectional head without a kept key has zero rows
+        // (none at risk), every other sees a key from row 0.
+        let nk = s.keys();
         let first_seen: Vec<i32> = (0..s.problems())
             .map(|bh| {
-                let first = mask.map_or(0, |m| {
-                    let b = bh / s.heads;
-                    m[b * s.len..(b + 1) * s.len].iter().position(|&keep| keep).unwrap_or(s.len)
-                });
-                (if causal || first == s.len { first } else { 0 }) as i32
+                let b = bh / s.heads;
+                let first = mask.map_or(Some(0), |m| m[b * nk..(b + 1) * nk].iter().position(|&keep| keep));
+                match first {
+                    Some(f) if causal => f,
+                    Some(_) => 0,
+                    None => s.len,
+                }
+                .min(s.len) as i32
             })
             .collect();
         Ok(Risk {
@@ -597,7 +596,6 @@ impl CudaBackend {
         out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
-        reject_unsupported(p)?;
         state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
         self.continue_rows(p, state.rows(), &inputs, out.raw(), dtype)?;
@@ -644,7 +642,6 @@ impl CudaBackend {
         mut out: DeviceMut<'_>,
     ) -> Result<()> {
         let dtype = validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
-        reject_unsupported(p)?;
         for (slot, r0, r1) in chunks.sequences() {
             if r0 == r1 {
                 continue;

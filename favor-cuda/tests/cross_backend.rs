@@ -584,12 +584,11 @@ fn long_sequences_at_the_benchmark_head_size() {
 }
 
 /// Softmax scales other than 1/√d (above and below it) on two shapes with tails, forward and
-/// backward, both directions, masked; and cross-attention, which the kernels do not have yet,
-/// is a typed error rather than a misread.
+/// backward, both directions, masked.
 #[test]
-fn softmax_scales_match_reference_and_cross_attention_is_refused() {
+fn softmax_scales_match_reference() {
     let mut worst = Worst::default();
-    for (cuda, _) in backends("softmax_scales_match_reference_and_cross_attention_is_refused") {
+    for (cuda, _) in backends("softmax_scales_match_reference") {
         for (i, sh) in SHAPES.iter().enumerate().take(4).skip(2) {
             let c = case(i, sh);
             let proj = || Projection::draw(ProjectionConfig::new(sh.5, sh.3, i as u64)).expect("projection");
@@ -621,16 +620,62 @@ fn softmax_scales_match_reference_and_cross_attention_is_refused() {
                 }
             }
         }
+    }
+    worst.print("softmax_scales_match_reference");
+}
+
+/// Cross-attention (bidirectional, kv_len ≠ len): fewer keys than queries and more, one of
+/// either, lengths across the reduction segments on both sides, masked keys, grouped heads,
+/// f32 and bf16 storage, forward and backward.
+#[test]
+fn cross_attention_matches_reference() {
+    const LENGTHS: [(usize, usize); 6] = [(1, 5), (9, 1), (17, 130), (130, 17), (33, 70), (1100, 45)];
+    let mut worst = Worst::default();
+    for (cuda, emulated) in backends("cross_attention_matches_reference") {
+        for (i, &(len, kv_len)) in LENGTHS.iter().enumerate() {
+            if emulated && len > 500 {
+                continue;
+            }
+            let (heads, kv_heads) = if i % 2 == 0 { (2, 1) } else { (3, 3) };
+            let (d, dv, m) = (9, 7, 17);
+            let shape = AttentionShape::new(2, heads, len, d).with_dv(dv).with_kv_len(kv_len).with_kv_heads(kv_heads);
+            let proj = || Projection::draw(ProjectionConfig::new(m, d, 70 + i as u64)).expect("projection");
+            let maps = [positive(proj()), FeatureMap::generalized(Elementwise::EluPlusOne, Some(proj()), true, 1e-3)];
+            for (map, dtype) in maps.iter().flat_map(|m| [(m, DType::F32), (m, DType::Bf16)]) {
+                let t = |n: usize, scale: f32, seed: u64| HostTensor::from_f32(dtype, &randn(n, scale, seed));
+                let (q, k) = (t(shape.qk_len(), 0.6, 1 + i as u64), t(shape.k_len(), 0.6, 2 + i as u64));
+                let (v, g) = (t(shape.v_len(), 1.0, 3 + i as u64), t(shape.out_len(), 1.0, 4 + i as u64));
+                // Every second key of the second sequence dropped (one sequence keeps them all).
+                let mask: Vec<bool> = (0..shape.mask_len()).map(|j| j < kv_len || j % 2 == 0).collect();
+                let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: Some(&mask) };
+                let p = Problem::new(shape, map);
+                let what = format!("cross-attention {len} queries × {kv_len} keys, {} {dtype}", map.name());
+                let zeros = |n| HostTensor::zeros(dtype, n);
+                let mut out = zeros(shape.out_len());
+                cuda.forward(&p, inputs, out.view_mut()).expect("cuda forward");
+                let want = ReferenceBackend.forward_f64(&p, inputs).expect("reference");
+                worst.note(
+                    format!("{dtype} output"),
+                    assert_close(&what, &out.to_f64_vec(), &want, tolerance(dtype, false)),
+                );
+                let (mut dq, mut dk, mut dv) = (zeros(shape.qk_len()), zeros(shape.k_len()), zeros(shape.v_len()));
+                let grads = Grads { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+                cuda.backward(&p, inputs, g.view(), grads).expect("cuda backward");
+                check_grads(&what, &p, inputs, &g, [&dq, &dk, &dv], &mut worst);
+            }
+        }
+        // Causal attention needs a key per query: the reference's typed error.
         let shape = AttentionShape::new(1, 1, 3, 4).with_kv_len(5);
         let map = positive(Projection::draw(ProjectionConfig::new(8, 4, 1)).expect("projection"));
         let t = |n: usize| HostTensor::from_f32(DType::F32, &randn(n, 0.5, n as u64));
         let (q, k, v) = (t(shape.qk_len()), t(shape.k_len()), t(shape.v_len()));
         let mut out = HostTensor::zeros(DType::F32, shape.out_len());
         let inputs = Inputs { q: q.view(), k: k.view(), v: v.view(), key_mask: None };
-        let r = cuda.forward(&Problem::new(shape, &map), inputs, out.view_mut());
-        assert!(matches!(r, Err(FavorError::Unsupported(_))), "{r:?}");
+        let causal = Problem::new(shape, &map).with_options(AttentionOptions::causal());
+        let r = cuda.forward(&causal, inputs, out.view_mut());
+        assert!(matches!(r, Err(FavorError::InvalidParameter { name: "kv_len", .. })), "{r:?}");
     }
-    worst.print("softmax_scales_match_reference_and_cross_attention_is_refused");
+    worst.print("cross_attention_matches_reference");
 }
 
 /// Forward and backward on device tensors; (out, dq, dk, dv) rows downloaded and gathered
