@@ -89,24 +89,108 @@ impl SimdState {
     }
 }
 
-/// Sequence segments of one head: fixed by the length alone (at most 8, at least 256 tokens,
-/// whole tiles) so that a long single-head sequence still spreads over cores.
-fn segments(len: usize) -> Vec<(usize, usize)> {
-    const MAX_SEGMENTS: usize = 8;
-    let seg = (len.div_ceil(MAX_SEGMENTS).div_ceil(TILE) * TILE).max(4 * TILE);
-    (0..len.div_ceil(seg)).map(|s| (s * seg, ((s + 1) * seg).min(len))).collect()
+/// The segments a sequence of one head is cut into: consecutive row ranges of `size` rows
+/// (the last one shorter).
+#[derive(Debug, Clone, Copy)]
+struct Segments {
+    len: usize,
+    size: usize,
 }
 
-/// Causal segments of one head: the causal forward pays an extra summary pass (about a third
-/// of its work; the backward pays it and a suffix-sum product, about a sixth of its work) to
-/// split a sequence, so it splits only when there are fewer than 8 (batch, key/value head)
-/// problems (the tasks: a group's query heads run inside its key/value head's task), into at
-/// most 8 / problems segments of at least 1024 tokens.
-/// Depends on the shape alone.
-fn causal_segments(problems: usize, len: usize) -> Vec<(usize, usize)> {
-    let n = if problems >= 8 { 1 } else { (8 / problems).min(len / 1024).max(1) };
-    let seg = len.div_ceil(n).div_ceil(TILE) * TILE;
-    (0..len.div_ceil(seg)).map(|s| (s * seg, ((s + 1) * seg).min(len))).collect()
+impl Segments {
+    /// Sequence segments of one head: fixed by the length alone (at most 8, at least 256
+    /// tokens, whole tiles) so that a long single-head sequence still spreads over cores.
+    fn of(len: usize) -> Segments {
+        const MAX_SEGMENTS: usize = 8;
+        Segments { len, size: (len.div_ceil(MAX_SEGMENTS).div_ceil(TILE) * TILE).max(4 * TILE) }
+    }
+
+    /// Causal segments of one head: the causal forward pays an extra summary pass (about a
+    /// third of its work; the backward pays it and a suffix-sum product, about a sixth of its
+    /// work) to split a sequence, so it splits only when there are fewer than 8 (batch,
+    /// key/value head) problems (the tasks: a group's query heads run inside its key/value
+    /// head's task), into at most 8 / problems segments of at least 1024 tokens.
+    /// Depends on the shape alone.
+    fn causal(problems: usize, len: usize) -> Segments {
+        let n = if problems >= 8 { 1 } else { (8 / problems).min(len / 1024).max(1) };
+        Segments { len, size: (len.div_ceil(n).div_ceil(TILE) * TILE).max(TILE) }
+    }
+
+    fn count(&self) -> usize {
+        self.len.div_ceil(self.size)
+    }
+
+    /// Rows r0..r1 of segment `i`.
+    fn get(&self, i: usize) -> (usize, usize) {
+        (i * self.size, ((i + 1) * self.size).min(self.len))
+    }
+
+    /// (head, r0, r1) of every segment of each of `heads` heads, head-major.
+    fn tasks(&self, heads: usize) -> Vec<(usize, usize, usize)> {
+        let n = self.count();
+        (0..heads * n).map(|t| (t / n, self.get(t % n).0, self.get(t % n).1)).collect()
+    }
+}
+
+/// The buffers a forward call needs beyond the caller's tensors, kept by the calling thread
+/// between calls so that repeated calls of one shape allocate nothing after the first (the
+/// kernels keep their tile scratch per worker thread likewise). Taken out for the call and
+/// given back at its end: a nested or concurrent call on the same thread makes its own.
+#[derive(Default)]
+struct CallScratch {
+    /// One at-risk flag per (batch, query head).
+    risk: Vec<AtomicBool>,
+    /// Bidirectional: the summary of every key segment, then the key state of every key/value
+    /// head.
+    key_stats: Vec<KeyStats>,
+    key_states: Vec<KeyState>,
+    /// Causal: the state entering every segment of every key/value head, and the summaries of
+    /// all segments but the last.
+    incoming: Vec<HeadState>,
+    summaries: Vec<HeadState>,
+    /// The largest per-head sum (elements) [`check_kernel_sums`] found allocatable: smaller ones
+    /// need no new trial allocation.
+    sums_checked: usize,
+}
+
+thread_local! {
+    static CALL_SCRATCH: std::cell::Cell<Option<Box<CallScratch>>> = const { std::cell::Cell::new(None) };
+}
+
+impl CallScratch {
+    fn take() -> Box<CallScratch> {
+        CALL_SCRATCH.with(|c| c.take()).unwrap_or_default()
+    }
+
+    fn give_back(self: Box<Self>) {
+        CALL_SCRATCH.with(|c| c.set(Some(self)));
+    }
+}
+
+/// One cleared at-risk flag per (batch, query head) of `s`, in `buf` (no allocation once sized).
+fn risk_flags(buf: &mut Vec<AtomicBool>, s: AttentionShape) -> &[AtomicBool] {
+    buf.clear();
+    buf.resize_with(s.problems(), || AtomicBool::new(false));
+    buf
+}
+
+impl CallScratch {
+    /// [`check_kernel_sums`], once per size.
+    fn check_sums(&mut self, plan: &Plan, dv: usize) -> Result<()> {
+        let n = plan.mfp.saturating_mul(pad(dv));
+        if n > self.sums_checked {
+            check_kernel_sums(plan, dv)?;
+            self.sums_checked = n;
+        }
+        Ok(())
+    }
+}
+
+/// `v` at length `n`, every entry an empty state of the plan (no allocation once sized).
+fn reset_states(v: &mut Vec<HeadState>, n: usize, plan: &Plan, dv: usize) {
+    v.resize_with(n, HeadState::empty);
+    v.truncate(n);
+    v.iter_mut().for_each(|h| h.reset(plan, dv));
 }
 
 /// Splits a mutable tensor into consecutive pieces of the given lengths.
@@ -158,8 +242,7 @@ fn shared_out<'a>(p: &Problem<'_>, arg: TensorArg, t: HostMut<'a>) -> Result<Sha
 /// query rows (`s.len`) of the query heads or the key rows (`s.keys()`, which differ in
 /// cross-attention) of the key/value heads.
 fn segment_tasks(heads: usize, rows: usize) -> Vec<(usize, usize, usize)> {
-    let segs = segments(rows);
-    (0..heads).flat_map(|bh| segs.iter().map(move |&(a, b)| (bh, a, b))).collect()
+    Segments::of(rows).tasks(heads)
 }
 
 /// The first query head reading key/value head `kvh`: it stands for the group in tasks that
@@ -179,62 +262,38 @@ fn query_tasks(s: AttentionShape, kv_tasks: &[(usize, usize, usize)]) -> Vec<(us
         .collect()
 }
 
-/// Splits an output over the query heads of every key/value-head task `(kvh, r0, r1)`
-/// (head-major, `nseg` per key/value head): one row range per query head of the group, in
-/// head order.
-fn group_rows<'o>(
-    out: &'o mut SharedOut<'_>,
-    s: AttentionShape,
-    kv_tasks: &[(usize, usize, usize)],
-) -> Vec<Vec<OutRows<'o>>> {
-    let nseg = kv_tasks.len() / s.kv_problems();
-    let g = s.group();
-    let mut rows: Vec<Option<OutRows<'o>>> = out.split(&query_tasks(s, kv_tasks)).into_iter().map(Some).collect();
-    (0..kv_tasks.len())
-        .map(|t| {
-            let (kvh, seg) = (t / nseg, t % nseg);
-            (0..g).map(|gi| rows[(kvh * g + gi) * nseg + seg].take().expect("each piece once")).collect()
-        })
-        .collect()
-}
-
 impl SimdBackend {
-    /// The causal segments of every key/value head, (kv head, r0, r1) head-major, and the state
-    /// entering each: a summary pass over every segment but the last (from an empty state, in
-    /// parallel), then an ordered combination per head (cheap: O(M·d_v) per segment).
+    /// The causal segments of every key/value head and, in `incoming` (head-major, one per
+    /// segment), the state entering each: a summary pass over every segment but the last (from
+    /// an empty state, in parallel), then an ordered combination per head (cheap: O(M·d_v) per
+    /// segment).
     fn causal_incoming(
         &self,
         plan: &Plan,
         p: &Problem<'_>,
         inputs: &Inputs<'_, Host>,
-    ) -> (Vec<(usize, usize, usize)>, Vec<HeadState>) {
+        incoming: &mut Vec<HeadState>,
+        summaries: &mut Vec<HeadState>,
+    ) -> Segments {
         let s = p.shape;
-        let segs = causal_segments(s.kv_problems(), s.len);
-        let nseg = segs.len();
-        let tasks: Vec<(usize, usize, usize)> =
-            (0..s.kv_problems()).flat_map(|kvh| segs.iter().map(move |&(a, b)| (kvh, a, b))).collect();
+        let segs = Segments::causal(s.kv_problems(), s.len);
+        let nseg = segs.count();
+        reset_states(incoming, s.kv_problems() * nseg, plan, s.dv);
         if nseg == 1 {
-            return (tasks, vec![HeadState::new(plan, s.dv); s.kv_problems()]);
+            return segs;
         }
-        let summaries: Vec<HeadState> = tasks
-            .par_iter()
-            .filter(|&&(_, _, r1)| r1 < s.len)
-            .map(|&(kvh, r0, r1)| {
-                self.token.run(CausalSummary { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1 })
-            })
-            .collect();
-        let incoming = summaries
-            .par_chunks(nseg - 1)
-            .flat_map_iter(|sums| {
-                let mut states = vec![HeadState::new(plan, s.dv)];
-                for (k, sum) in sums.iter().enumerate() {
-                    let next = combine_summary(&states[k], sum);
-                    states.push(next);
-                }
-                states
-            })
-            .collect();
-        (tasks, incoming)
+        reset_states(summaries, s.kv_problems() * (nseg - 1), plan, s.dv);
+        summaries.par_iter_mut().enumerate().for_each(|(i, state)| {
+            let (kvh, (r0, r1)) = (i / (nseg - 1), segs.get(i % (nseg - 1)));
+            self.token.run(CausalSummary { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1, state })
+        });
+        incoming.par_chunks_mut(nseg).zip(summaries.par_chunks(nseg - 1)).for_each(|(states, sums)| {
+            for (k, sum) in sums.iter().enumerate() {
+                let (before, after) = states.split_at_mut(k + 1);
+                combine_summary(&before[k], sum, &mut after[0]);
+            }
+        });
+        segs
     }
 
     /// Continues every (slot, key/value head) state in `heads` (slot-major) whose slot
@@ -266,22 +325,35 @@ impl SimdBackend {
                 let rows = unsafe { out.rows_unchecked(first + gi, r0, r1) };
                 (head_in(p, inputs, first + gi, &[]), rows)
             };
-            let heads = GroupHeads::Made { count: g, make: &make };
+            let heads = GroupHeads { count: g, make: &make };
             // Decoding has no history to recompute from: rows at risk keep their f32 result
             // (divided in f64, finite).
             self.token.run(CausalForward { plan: &plan, heads, r0, r1, state, delta })
         });
     }
 
-    /// Key states of every key/value head (bidirectional), shared by its query heads.
-    fn key_states(&self, plan: &Plan, p: &Problem<'_>, inputs: &Inputs<'_, Host>) -> Vec<KeyState> {
+    /// Key states of every key/value head (bidirectional), shared by its query heads, into
+    /// `states` (through the segment summaries in `stats`).
+    fn key_states(
+        &self,
+        plan: &Plan,
+        p: &Problem<'_>,
+        inputs: &Inputs<'_, Host>,
+        stats: &mut Vec<KeyStats>,
+        states: &mut Vec<KeyState>,
+    ) {
         let s = p.shape;
-        let nseg = segments(s.keys()).len();
-        let stats: Vec<KeyStats> = segment_tasks(s.kv_problems(), s.keys())
-            .into_par_iter()
-            .map(|(kvh, r0, r1)| self.token.run(KeySegment { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1 }))
-            .collect();
-        stats.par_chunks(nseg).map(|parts| combine(plan, s.dv, parts)).collect()
+        let segs = Segments::of(s.keys());
+        let nseg = segs.count();
+        stats.resize_with(s.kv_problems() * nseg, KeyStats::default);
+        stats.truncate(s.kv_problems() * nseg);
+        stats.par_iter_mut().enumerate().for_each(|(t, out)| {
+            let (kvh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
+            self.token.run(KeySegment { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1, out })
+        });
+        states.resize_with(s.kv_problems(), KeyState::default);
+        states.truncate(s.kv_problems());
+        states.par_iter_mut().zip(stats.par_chunks(nseg)).for_each(|(out, parts)| combine(plan, s.dv, parts, out));
     }
 }
 
@@ -293,35 +365,19 @@ fn check_kernel_sums(plan: &Plan, dv: usize) -> Result<()> {
     check_allocatable::<f32>("state", &[plan.mfp, pad(dv)])
 }
 
-/// One at-risk flag per (batch, head).
-fn risk_flags(s: AttentionShape) -> Vec<AtomicBool> {
-    (0..s.problems()).map(|_| AtomicBool::new(false)).collect()
-}
-
-/// Q, K, V (and ∂ℒ/∂out) for [`scan_inputs`]; V and ∂ℒ/∂out are flagged for large values.
-fn input_scans<'a>(inputs: [HostRef<'a>; 3], dout: Option<HostRef<'a>>) -> Vec<Scanned<'a>> {
-    let [q, k, v] = inputs;
-    let mut v = vec![
-        Scanned { arg: TensorArg::Q, t: q, flag: false },
-        Scanned { arg: TensorArg::K, t: k, flag: false },
-        Scanned { arg: TensorArg::V, t: v, flag: true },
-    ];
-    v.extend(dout.map(|t| Scanned { arg: TensorArg::Dout, t, flag: true }));
-    v
-}
-
-/// Q, K and V for [`scan_inputs`], unflagged, on the stack (decoding tracks no large values).
-fn qkv_scans<'a>(inputs: &Inputs<'a, Host>) -> [Scanned<'a>; 3] {
+/// Q, K and V for [`scan_inputs`]; with `flag_values`, V is flagged for large values
+/// (decoding tracks none).
+fn qkv_scans<'a>(inputs: &Inputs<'a, Host>, flag_values: bool) -> [Scanned<'a>; 3] {
     [
         Scanned { arg: TensorArg::Q, t: inputs.q, flag: false },
         Scanned { arg: TensorArg::K, t: inputs.k, flag: false },
-        Scanned { arg: TensorArg::V, t: inputs.v, flag: false },
+        Scanned { arg: TensorArg::V, t: inputs.v, flag: flag_values },
     ]
 }
 
 /// The heads with a row at risk, which are recomputed by favor-core's f64 attention.
-fn flagged(risk: &[AtomicBool]) -> Vec<usize> {
-    risk.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).map(|(bh, _)| bh).collect()
+fn flagged(risk: &[AtomicBool]) -> impl Iterator<Item = usize> + '_ {
+    risk.iter().enumerate().filter(|(_, f)| f.load(Ordering::Relaxed)).map(|(bh, _)| bh)
 }
 
 /// One (batch, head) of the inputs (and of ∂ℒ/∂out) widened to f64.
@@ -480,6 +536,253 @@ impl CausalSweeps<'_, '_, '_> {
     }
 }
 
+impl SimdBackend {
+    /// The forward with this call's scratch.
+    fn forward_with(
+        &self,
+        p: &Problem<'_>,
+        inputs: Inputs<'_, Host>,
+        out: HostMut<'_>,
+        ws: &mut CallScratch,
+    ) -> Result<()> {
+        let dtype = validate_inputs(p, &inputs)?;
+        let s = p.shape;
+        check_output(p, &out, dtype)?;
+        let mut risk_buf = std::mem::take(&mut ws.risk);
+        let risk = risk_flags(&mut risk_buf, s);
+        scan_inputs(p, &qkv_scans(&inputs, true), risk)?;
+        let mut out = shared_out(p, TensorArg::Out, out)?;
+        let plan = Plan::prepared(p.map, s.d);
+        ws.check_sums(&plan, s.dv)?;
+        let delta = p.denominator_guard();
+        match p.options.direction {
+            Direction::Bidirectional => {
+                self.key_states(&plan, p, &inputs, &mut ws.key_stats, &mut ws.key_states);
+                let (keys, segs, shared) = (&ws.key_states, Segments::of(s.len), &out);
+                let nseg = segs.count();
+                (0..s.problems() * nseg).into_par_iter().for_each(|t| {
+                    let (bh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
+                    // SAFETY: task t alone takes rows r0..r1 (segment t % nseg) of head t / nseg.
+                    let out = unsafe { shared.rows_unchecked(bh, r0, r1) };
+                    let io = head_in(p, &inputs, bh, risk);
+                    let keys = &keys[s.kv_head_of(bh)];
+                    self.token.run(QueryForward { plan: &plan, io, keys, delta, r0, r1, out })
+                });
+            }
+            Direction::Causal => {
+                let segs = self.causal_incoming(&plan, p, &inputs, &mut ws.incoming, &mut ws.summaries);
+                // Replay every segment of every key/value head from its incoming state, with the
+                // group's query heads inside.
+                let (nseg, g, shared) = (segs.count(), s.group(), &out);
+                ws.incoming.par_iter_mut().enumerate().for_each(|(t, state)| {
+                    let (kvh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
+                    let first = lead(s, kvh);
+                    let make = |gi: usize| {
+                        // SAFETY: this task alone takes rows r0..r1 of query heads first..first + g
+                        // (those of key/value head kvh; other tasks have other segments or other
+                        // key/value heads), each once per chunk after the previous is dropped.
+                        let rows = unsafe { shared.rows_unchecked(first + gi, r0, r1) };
+                        (head_in(p, &inputs, first + gi, risk), rows)
+                    };
+                    let heads = GroupHeads { count: g, make: &make };
+                    self.token.run(CausalForward { plan: &plan, heads, r0, r1, state, delta })
+                });
+            }
+        }
+        let mut redo = flagged(risk).peekable();
+        if redo.peek().is_some() {
+            check_f64_attention_buffers(p)?;
+        }
+        for bh in redo {
+            let f = f64_head(p, &inputs, None, bh)?;
+            let h = f.head(s);
+            let o = match p.options.direction {
+                Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &h),
+                Direction::Causal => causal_forward(p.map, delta as f64, &h),
+            };
+            out.head(bh).write_f64(&o)?;
+        }
+        ws.risk = risk_buf;
+        Ok(())
+    }
+
+    fn backward_with(
+        &self,
+        p: &Problem<'_>,
+        inputs: Inputs<'_, Host>,
+        dout: HostRef<'_>,
+        grads: Grads<'_, Host>,
+        ws: &mut CallScratch,
+    ) -> Result<Option<ParamGrads>> {
+        let dtype = validate_inputs(p, &inputs)?;
+        let s = p.shape;
+        check_backward(p, &dout, &grads, dtype)?;
+        // The flags leave the scratch for the call, so that its other buffers can be borrowed.
+        let mut risk_buf = std::mem::take(&mut ws.risk);
+        let risk = risk_flags(&mut risk_buf, s);
+        let [q, k, v] = qkv_scans(&inputs, true);
+        scan_inputs(p, &[q, k, v, Scanned { arg: TensorArg::Dout, t: dout, flag: true }], risk)?;
+        let Grads { dq, dk, dv } = grads;
+        let mut dq = shared_out(p, TensorArg::Dq, dq)?;
+        let mut dk = shared_out(p, TensorArg::Dk, dk)?;
+        let mut dv = shared_out(p, TensorArg::Dv, dv)?;
+        let plan = Plan::prepared(p.map, s.d);
+        ws.check_sums(&plan, s.dv)?;
+        let delta = p.denominator_guard();
+        let (mfp, dvp) = (plan.mfp, pad(s.dv));
+        // Parameter-gradient partials, each with its key/value head (those of recomputed groups
+        // are dropped).
+        let params: Vec<(usize, ParamAcc)> = match p.options.direction {
+            Direction::Bidirectional => {
+                self.key_states(&plan, p, &inputs, &mut ws.key_stats, &mut ws.key_states);
+                let keys = &ws.key_states;
+                let kvt: Vec<Vec<f32>> = keys
+                    .par_iter()
+                    .map(|k| {
+                        let mut t = vec![0.0; dvp * mfp];
+                        transpose::<wide::f32x8>(mfp, dvp, &k.kv, dvp, &mut t, mfp);
+                        t
+                    })
+                    .collect();
+                let tasks = segment_tasks(s.problems(), s.len);
+                let nseg = Segments::of(s.len).count();
+                let dqs = dq.split(&tasks);
+                let qgrads: Vec<_> = tasks
+                    .par_iter()
+                    .zip(dqs)
+                    .map(|(&(bh, r0, r1), dq)| {
+                        let kvh = s.kv_head_of(bh);
+                        self.token.run(QueryBackward {
+                            plan: &plan,
+                            io: head_in(p, &inputs, bh, risk),
+                            dout,
+                            keys: &keys[kvh],
+                            kvt: &kvt[kvh],
+                            delta,
+                            r0,
+                            r1,
+                            dq,
+                            params: ParamAcc::new(&plan, p.map),
+                        })
+                    })
+                    .collect();
+                // dKV, ds and their transposes per key/value head, summed over its query heads
+                // (consecutive) and their segments, in task order.
+                let sums: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = qgrads
+                    .par_chunks(nseg * s.group())
+                    .map(|parts| {
+                        let mut dkv = vec![0.0f32; mfp * dvp];
+                        let mut ds = vec![0.0f32; mfp];
+                        for part in parts {
+                            dkv.iter_mut().zip(&part.dkv).for_each(|(a, b)| *a += b);
+                            ds.iter_mut().zip(&part.ds).for_each(|(a, b)| *a += b);
+                        }
+                        let mut dkvt = vec![0.0; dvp * mfp];
+                        transpose::<wide::f32x8>(mfp, dvp, &dkv, dvp, &mut dkvt, mfp);
+                        (dkv, dkvt, ds)
+                    })
+                    .collect();
+                let key_tasks = segment_tasks(s.kv_problems(), s.keys());
+                let dks = dk.split(&key_tasks);
+                let dvs = dv.split(&key_tasks);
+                let kparams: Vec<Option<ParamAcc>> = key_tasks
+                    .par_iter()
+                    .zip(dks.into_par_iter().zip(dvs))
+                    .map(|(&(kvh, r0, r1), (dk, dv))| {
+                        let (dkv, dkvt, ds) = &sums[kvh];
+                        self.token.run(KeyBackward {
+                            plan: &plan,
+                            io: head_in(p, &inputs, lead(s, kvh), risk),
+                            c: keys[kvh].c,
+                            dkv,
+                            dkvt,
+                            ds,
+                            r0,
+                            r1,
+                            dk,
+                            dv,
+                            params: ParamAcc::new(&plan, p.map),
+                        })
+                    })
+                    .collect();
+                let qparams = tasks
+                    .iter()
+                    .map(|t| s.kv_head_of(t.0))
+                    .zip(qgrads)
+                    .filter_map(|(kvh, g)| g.params.map(|a| (kvh, a)));
+                let kparams = key_tasks.iter().map(|t| t.0).zip(kparams).filter_map(|(kvh, a)| a.map(|a| (kvh, a)));
+                qparams.chain(kparams).collect()
+            }
+            Direction::Causal => {
+                let segs = self.causal_incoming(&plan, p, &inputs, &mut ws.incoming, &mut ws.summaries);
+                let kv_tasks = segs.tasks(s.kv_problems());
+                // The sweeps consume the states (the next call sizes new ones).
+                let incoming = std::mem::take(&mut ws.incoming);
+                let sweeps = CausalSweeps { plan: &plan, p, inputs: &inputs, dout, delta, risk };
+                if !s.is_grouped() {
+                    sweeps.run(self, &kv_tasks, incoming, &mut dq, &mut dk, &mut dv, dtype.size())
+                } else {
+                    // Each query head's dk and dv go to f32 rows of their own, summed over the
+                    // group afterwards (in head order).
+                    let nseg = kv_tasks.len() / s.kv_problems();
+                    let tasks = query_tasks(s, &kv_tasks);
+                    let states: Vec<HeadState> = tasks
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &(qh, _, _))| incoming[s.kv_head_of(qh) * nseg + t % nseg].clone())
+                        .collect();
+                    let per_query = |arg: TensorArg| {
+                        let d = p.dims(arg);
+                        TensorDims { heads: s.heads, ..d }
+                    };
+                    let (kd, vd) = (per_query(TensorArg::Dk), per_query(TensorArg::Dv));
+                    let mut gk = try_zeroed::<f32>("dk", kd.total_rows() * kd.width)?;
+                    let mut gv = try_zeroed::<f32>("dv", vd.total_rows() * vd.width)?;
+                    let params = {
+                        let bhld = |d: TensorDims| Strides::bhld(d.heads, d.rows, d.width);
+                        let mut qk = SharedOut::new(HostMut::F32(&mut gk), kd, bhld(kd), "dk")?;
+                        let mut qv = SharedOut::new(HostMut::F32(&mut gv), vd, bhld(vd), "dv")?;
+                        let params = sweeps.run(self, &tasks, states, &mut dq, &mut qk, &mut qv, 4);
+                        params.into_iter().map(|(qh, a)| (s.kv_head_of(qh), a)).collect()
+                    };
+                    sum_groups(s, &kv_tasks, &gk, kd.width, &mut dk);
+                    sum_groups(s, &kv_tasks, &gv, vd.width, &mut dv);
+                    params
+                }
+            }
+        };
+        // Groups with a query head at risk are recomputed in f64 as a whole: their dk and dv
+        // sum every query head's share.
+        let mut redo: Vec<usize> = flagged(risk).map(|bh| s.kv_head_of(bh)).collect();
+        redo.dedup();
+        if !redo.is_empty() {
+            check_f64_attention_buffers(p)?;
+        }
+        let mut params: Vec<ParamAcc> =
+            params.into_iter().filter(|(kvh, _)| !redo.contains(kvh)).map(|x| x.1).collect();
+        for &kvh in &redo {
+            let (mut gk, mut gv) = (vec![0.0; s.keys() * s.d], vec![0.0; s.keys() * s.dv]);
+            for bh in s.query_heads_of(kvh) {
+                let f = f64_head(p, &inputs, Some(dout), bh)?;
+                let h = f.head(s);
+                let g = f.dout.as_deref().unwrap_or_default();
+                let r = match p.options.direction {
+                    Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
+                    Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
+                };
+                dq.head(bh).write_f64(&r.dq)?;
+                gk.iter_mut().zip(&r.dk).for_each(|(a, b)| *a += b);
+                gv.iter_mut().zip(&r.dv).for_each(|(a, b)| *a += b);
+                params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
+            }
+            dk.head(kvh).write_f64(&gk)?;
+            dv.head(kvh).write_f64(&gv)?;
+        }
+        ws.risk = risk_buf;
+        Ok(reduce_params(&plan, &params))
+    }
+}
+
 impl FavorBackend for SimdBackend {
     type Mem = Host;
     type State = SimdState;
@@ -542,52 +845,10 @@ impl FavorBackend for SimdBackend {
     }
 
     fn forward(&self, p: &Problem<'_>, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
-        let dtype = validate_inputs(p, &inputs)?;
-        let s = p.shape;
-        check_output(p, &out, dtype)?;
-        let risk = risk_flags(s);
-        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], None), &risk)?;
-        let mut out = shared_out(p, TensorArg::Out, out)?;
-        let plan = Plan::prepared(p.map, s.d);
-        check_kernel_sums(&plan, s.dv)?;
-        let delta = p.denominator_guard();
-        match p.options.direction {
-            Direction::Bidirectional => {
-                let keys = self.key_states(&plan, p, &inputs);
-                let tasks = segment_tasks(s.problems(), s.len);
-                let outs = out.split(&tasks);
-                tasks.into_par_iter().zip(outs).for_each(|((bh, r0, r1), out)| {
-                    let io = head_in(p, &inputs, bh, &risk);
-                    let keys = &keys[s.kv_head_of(bh)];
-                    self.token.run(QueryForward { plan: &plan, io, keys, delta, r0, r1, out })
-                });
-            }
-            Direction::Causal => {
-                let (tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
-                // Replay every segment of every key/value head from its incoming state, with the
-                // group's query heads inside.
-                let outs = group_rows(&mut out, s, &tasks);
-                tasks.into_par_iter().zip(outs).zip(incoming).for_each(|(((kvh, r0, r1), outs), mut state)| {
-                    let heads = s.query_heads_of(kvh).map(|qh| head_in(p, &inputs, qh, &risk)).zip(outs).collect();
-                    let heads = GroupHeads::Given(heads);
-                    self.token.run(CausalForward { plan: &plan, heads, r0, r1, state: &mut state, delta })
-                });
-            }
-        }
-        let redo = flagged(&risk);
-        if !redo.is_empty() {
-            check_f64_attention_buffers(p)?;
-        }
-        for bh in redo {
-            let f = f64_head(p, &inputs, None, bh)?;
-            let h = f.head(s);
-            let o = match p.options.direction {
-                Direction::Bidirectional => bidirectional_forward(p.map, delta as f64, &h),
-                Direction::Causal => causal_forward(p.map, delta as f64, &h),
-            };
-            out.head(bh).write_f64(&o)?;
-        }
-        Ok(())
+        let mut scratch = CallScratch::take();
+        let r = self.forward_with(p, inputs, out, &mut scratch);
+        scratch.give_back();
+        r
     }
 
     fn backward(
@@ -597,164 +858,10 @@ impl FavorBackend for SimdBackend {
         dout: HostRef<'_>,
         grads: Grads<'_, Host>,
     ) -> Result<Option<ParamGrads>> {
-        let dtype = validate_inputs(p, &inputs)?;
-        let s = p.shape;
-        check_backward(p, &dout, &grads, dtype)?;
-        let risk = risk_flags(s);
-        scan_inputs(p, &input_scans([inputs.q, inputs.k, inputs.v], Some(dout)), &risk)?;
-        let Grads { dq, dk, dv } = grads;
-        let mut dq = shared_out(p, TensorArg::Dq, dq)?;
-        let mut dk = shared_out(p, TensorArg::Dk, dk)?;
-        let mut dv = shared_out(p, TensorArg::Dv, dv)?;
-        let plan = Plan::prepared(p.map, s.d);
-        check_kernel_sums(&plan, s.dv)?;
-        let delta = p.denominator_guard();
-        let (mfp, dvp) = (plan.mfp, pad(s.dv));
-        // Parameter-gradient partials, each with its key/value head (those of recomputed groups
-        // are dropped).
-        let params: Vec<(usize, ParamAcc)> = match p.options.direction {
-            Direction::Bidirectional => {
-                let keys = self.key_states(&plan, p, &inputs);
-                let kvt: Vec<Vec<f32>> = keys
-                    .par_iter()
-                    .map(|k| {
-                        let mut t = vec![0.0; dvp * mfp];
-                        transpose::<wide::f32x8>(mfp, dvp, &k.kv, dvp, &mut t, mfp);
-                        t
-                    })
-                    .collect();
-                let tasks = segment_tasks(s.problems(), s.len);
-                let nseg = segments(s.len).len();
-                let dqs = dq.split(&tasks);
-                let qgrads: Vec<_> = tasks
-                    .par_iter()
-                    .zip(dqs)
-                    .map(|(&(bh, r0, r1), dq)| {
-                        let kvh = s.kv_head_of(bh);
-                        self.token.run(QueryBackward {
-                            plan: &plan,
-                            io: head_in(p, &inputs, bh, &risk),
-                            dout,
-                            keys: &keys[kvh],
-                            kvt: &kvt[kvh],
-                            delta,
-                            r0,
-                            r1,
-                            dq,
-                            params: ParamAcc::new(&plan, p.map),
-                        })
-                    })
-                    .collect();
-                // dKV, ds and their transposes per key/value head, summed over its query heads
-                // (consecutive) and their segments, in task order.
-                let sums: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = qgrads
-                    .par_chunks(nseg * s.group())
-                    .map(|parts| {
-                        let mut dkv = vec![0.0f32; mfp * dvp];
-                        let mut ds = vec![0.0f32; mfp];
-                        for part in parts {
-                            dkv.iter_mut().zip(&part.dkv).for_each(|(a, b)| *a += b);
-                            ds.iter_mut().zip(&part.ds).for_each(|(a, b)| *a += b);
-                        }
-                        let mut dkvt = vec![0.0; dvp * mfp];
-                        transpose::<wide::f32x8>(mfp, dvp, &dkv, dvp, &mut dkvt, mfp);
-                        (dkv, dkvt, ds)
-                    })
-                    .collect();
-                let key_tasks = segment_tasks(s.kv_problems(), s.keys());
-                let dks = dk.split(&key_tasks);
-                let dvs = dv.split(&key_tasks);
-                let kparams: Vec<Option<ParamAcc>> = key_tasks
-                    .par_iter()
-                    .zip(dks.into_par_iter().zip(dvs))
-                    .map(|(&(kvh, r0, r1), (dk, dv))| {
-                        let (dkv, dkvt, ds) = &sums[kvh];
-                        self.token.run(KeyBackward {
-                            plan: &plan,
-                            io: head_in(p, &inputs, lead(s, kvh), &risk),
-                            c: keys[kvh].c,
-                            dkv,
-                            dkvt,
-                            ds,
-                            r0,
-                            r1,
-                            dk,
-                            dv,
-                            params: ParamAcc::new(&plan, p.map),
-                        })
-                    })
-                    .collect();
-                let qparams = tasks
-                    .iter()
-                    .map(|t| s.kv_head_of(t.0))
-                    .zip(qgrads)
-                    .filter_map(|(kvh, g)| g.params.map(|a| (kvh, a)));
-                let kparams = key_tasks.iter().map(|t| t.0).zip(kparams).filter_map(|(kvh, a)| a.map(|a| (kvh, a)));
-                qparams.chain(kparams).collect()
-            }
-            Direction::Causal => {
-                let (kv_tasks, incoming) = self.causal_incoming(&plan, p, &inputs);
-                let sweeps = CausalSweeps { plan: &plan, p, inputs: &inputs, dout, delta, risk: &risk };
-                if !s.is_grouped() {
-                    sweeps.run(self, &kv_tasks, incoming, &mut dq, &mut dk, &mut dv, dtype.size())
-                } else {
-                    // Each query head's dk and dv go to f32 rows of their own, summed over the
-                    // group afterwards (in head order).
-                    let nseg = kv_tasks.len() / s.kv_problems();
-                    let tasks = query_tasks(s, &kv_tasks);
-                    let states: Vec<HeadState> = tasks
-                        .iter()
-                        .enumerate()
-                        .map(|(t, &(qh, _, _))| incoming[s.kv_head_of(qh) * nseg + t % nseg].clone())
-                        .collect();
-                    let per_query = |arg: TensorArg| {
-                        let d = p.dims(arg);
-                        TensorDims { heads: s.heads, ..d }
-                    };
-                    let (kd, vd) = (per_query(TensorArg::Dk), per_query(TensorArg::Dv));
-                    let mut gk = try_zeroed::<f32>("dk", kd.total_rows() * kd.width)?;
-                    let mut gv = try_zeroed::<f32>("dv", vd.total_rows() * vd.width)?;
-                    let params = {
-                        let bhld = |d: TensorDims| Strides::bhld(d.heads, d.rows, d.width);
-                        let mut qk = SharedOut::new(HostMut::F32(&mut gk), kd, bhld(kd), "dk")?;
-                        let mut qv = SharedOut::new(HostMut::F32(&mut gv), vd, bhld(vd), "dv")?;
-                        let params = sweeps.run(self, &tasks, states, &mut dq, &mut qk, &mut qv, 4);
-                        params.into_iter().map(|(qh, a)| (s.kv_head_of(qh), a)).collect()
-                    };
-                    sum_groups(s, &kv_tasks, &gk, kd.width, &mut dk);
-                    sum_groups(s, &kv_tasks, &gv, vd.width, &mut dv);
-                    params
-                }
-            }
-        };
-        // Groups with a query head at risk are recomputed in f64 as a whole: their dk and dv
-        // sum every query head's share.
-        let mut redo: Vec<usize> = flagged(&risk).into_iter().map(|bh| s.kv_head_of(bh)).collect();
-        redo.dedup();
-        if !redo.is_empty() {
-            check_f64_attention_buffers(p)?;
-        }
-        let mut params: Vec<ParamAcc> =
-            params.into_iter().filter(|(kvh, _)| !redo.contains(kvh)).map(|x| x.1).collect();
-        for &kvh in &redo {
-            let (mut gk, mut gv) = (vec![0.0; s.keys() * s.d], vec![0.0; s.keys() * s.dv]);
-            for bh in s.query_heads_of(kvh) {
-                let f = f64_head(p, &inputs, Some(dout), bh)?;
-                let h = f.head(s);
-                let g = f.dout.as_deref().unwrap_or_default();
-                let r = match p.options.direction {
-                    Direction::Bidirectional => bidirectional_backward(p.map, delta as f64, &h, g),
-                    Direction::Causal => causal_backward(p.map, delta as f64, &h, g),
-                };
-                dq.head(bh).write_f64(&r.dq)?;
-                gk.iter_mut().zip(&r.dk).for_each(|(a, b)| *a += b);
-                gv.iter_mut().zip(&r.dv).for_each(|(a, b)| *a += b);
-                params.extend(r.params.as_ref().map(|g| ParamAcc::from_f64(&plan, g)));
-            }
-            dk.head(kvh).write_f64(&gk)?;
-            dv.head(kvh).write_f64(&gv)?;
-        }
-        Ok(reduce_params(&plan, &params))
+        let mut scratch = CallScratch::take();
+        let r = self.backward_with(p, inputs, dout, grads, &mut scratch);
+        scratch.give_back();
+        r
     }
 
     fn new_state(&self, p: &Problem<'_>) -> Result<SimdState> {
@@ -774,7 +881,7 @@ impl FavorBackend for SimdBackend {
     fn decode(&self, p: &Problem<'_>, state: &mut SimdState, inputs: Inputs<'_, Host>, out: HostMut<'_>) -> Result<()> {
         let dtype = validate_inputs(p, &inputs)?;
         // Decoding has no history to recompute from, so large values are not tracked.
-        scan_inputs(p, &qkv_scans(&inputs), &[])?;
+        scan_inputs(p, &qkv_scans(&inputs, false), &[])?;
         let s = p.shape;
         state.made_for.check(p)?;
         check_output(p, &out, dtype)?;
@@ -799,7 +906,7 @@ impl FavorBackend for SimdBackend {
     ) -> Result<()> {
         validate_slot_call(p, &state.made_for, &chunks, &inputs, &out)?;
         // Decoding has no history to recompute from, so large values are not tracked.
-        scan_inputs(p, &qkv_scans(&inputs), &[])?;
+        scan_inputs(p, &qkv_scans(&inputs, false), &[])?;
         let out = shared_out(p, TensorArg::Out, out)?;
         // The sequence continuing each slot (validated: distinct slots, increasing offsets).
         for (i, (slot, _, _)) in chunks.sequences().enumerate() {

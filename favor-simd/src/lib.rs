@@ -35,6 +35,13 @@
 //! the segments' suffix sums from the last back) when there are fewer than 8 (batch, head)
 //! problems. The split depends only on the shape and partial sums are added in a fixed order, so
 //! the result is bitwise the same for any number of threads.
+//!
+//! **Scratch is kept between calls.** The thread that calls a forward keeps that call's
+//! per-head sums (key-segment summaries, key states, causal segment states: at most
+//! kv heads × 8 segments × M × d_v floats of the largest call) and every worker thread keeps a
+//! few tiles' scratch per map size, so that repeated forwards and decoding steps of one shape
+//! allocate nothing after the first (a counting-allocator test checks it on every ISA). The
+//! memory is freed when the thread exits.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]

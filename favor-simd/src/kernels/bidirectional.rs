@@ -16,13 +16,15 @@
 
 use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale};
-use super::{HeadIn, OutRows, TILE, load_rows, store_rows};
+use super::{HeadIn, KeptScratch, OutRows, ScratchKey, TILE, load_rows, scratch_key, store_rows};
 use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
 use favor_core::HostRef;
 use favor_core::saturate_f32;
+use std::cell::RefCell;
 
 /// Sums over one key segment, relative to its own maximum `c`.
+#[derive(Default)]
 pub(crate) struct KeyStats {
     pub c: f64,
     /// Σ φ(k) vᵀ, mfp × dvp.
@@ -31,38 +33,76 @@ pub(crate) struct KeyStats {
     pub z: Vec<f32>,
 }
 
+/// Zeroes `v` at length `n` (no allocation once it has the capacity).
+fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
 /// The combined key state of one head: K'ᵀV (mfp × dvp), K'ᵀ1 (mfp) and the key stabiliser.
+#[derive(Default)]
 pub(crate) struct KeyState {
     pub kv: Vec<f32>,
     pub ks: Vec<f32>,
     pub c: f64,
 }
 
-/// Summarises keys r0..r1 of one head.
+/// A tile and one more tile-sized buffer (values or numerators): the scratch of a key-segment
+/// or query-forward task.
+struct TileScratch {
+    t: Tile,
+    rows: Vec<f32>,
+}
+
+thread_local! {
+    static TILE_SCRATCH: RefCell<Vec<(ScratchKey, TileScratch)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl TileScratch {
+    fn take(p: &Plan, dv: usize) -> (ScratchKey, TileScratch) {
+        let key = scratch_key(p, dv, TILE);
+        let made = || TileScratch { t: Tile::new(p, TILE), rows: vec![0.0; TILE * crate::isa::pad(dv)] };
+        (key, KeptScratch(&TILE_SCRATCH).take(key, made))
+    }
+
+    fn give_back(self, key: ScratchKey) {
+        KeptScratch(&TILE_SCRATCH).give_back(key, self);
+    }
+}
+
+/// Summarises keys r0..r1 of one head into `out`.
 pub(crate) struct KeySegment<'a> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
     pub r0: usize,
     pub r1: usize,
+    pub out: &'a mut KeyStats,
 }
 
 impl SimdTask for KeySegment<'_> {
-    type Output = KeyStats;
+    type Output = ();
     #[inline(always)]
-    fn run<S: SimdF32>(self) -> KeyStats {
+    fn run<S: SimdF32>(self) {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
-        let mut st = KeyStats { c: f64::NEG_INFINITY, s: vec![0.0; p.mfp * dvp], z: vec![0.0; p.mfp] };
-        let mut t = Tile::new(p, TILE);
-        let mut vt = vec![0.0; TILE * dvp];
+        let st = self.out;
+        st.c = f64::NEG_INFINITY;
+        zeroed(&mut st.s, p.mfp * dvp);
+        zeroed(&mut st.z, p.mfp);
+        let (key, mut scratch) = TileScratch::take(p, io.dv);
+        let TileScratch { t, rows: vt } = &mut scratch;
+        // Its padding columns must be zero: the same buffer serves query tasks as numerators.
+        vt.fill(0.0);
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
-            let kept: Vec<bool> = (0..rows).map(|i| io.keep(r + i)).collect();
+            let mut kept = [false; TILE];
+            kept.iter_mut().take(rows).enumerate().for_each(|(i, k)| *k = io.keep(r + i));
+            let kept = &kept[..rows];
             if kept.iter().any(|&k| k) {
                 let span = Span::start(Phase::Io);
                 load_rows(&io.k, io.k_at, io.d, r, rows, &mut t.x, p.dp);
-                load_rows(&io.v, io.v_at, io.dv, r, rows, &mut vt, dvp);
+                load_rows(&io.v, io.v_at, io.dv, r, rows, vt, dvp);
                 let span = span.next(Phase::FeatureMap);
                 t.project::<S>(p, rows);
                 let tile_max = (0..rows).filter(|&i| kept[i]).map(|i| t.s[i]).fold(f64::NEG_INFINITY, f64::max);
@@ -84,21 +124,22 @@ impl SimdTask for KeySegment<'_> {
                         t.phi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
                     }
                 }
-                gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, &vt, dvp, &mut st.s, dvp, false);
+                gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, vt, dvp, &mut st.s, dvp, false);
                 span.end();
             }
             r += rows;
         }
-        st
+        scratch.give_back(key);
     }
 }
 
-/// Combines segment summaries (in order) into the key state of one head.
-pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats]) -> KeyState {
+/// Combines segment summaries (in order) into the key state of one head (`out`, resized).
+pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats], out: &mut KeyState) {
     let dvp = crate::isa::pad(dv);
     let c = parts.iter().map(|s| s.c).fold(f64::NEG_INFINITY, f64::max);
-    let mut kv = vec![0.0f32; p.mfp * dvp];
-    let mut ks = vec![0.0f32; p.mfp];
+    let KeyState { kv, ks, .. } = out;
+    zeroed(kv, p.mfp * dvp);
+    zeroed(ks, p.mfp);
     for part in parts {
         let f = if part.c == c { 1.0 } else { (part.c - c).exp() as f32 };
         for (x, &y) in kv.iter_mut().zip(&part.s) {
@@ -108,7 +149,7 @@ pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats]) -> KeyState {
             *x += f * y;
         }
     }
-    KeyState { kv, ks, c }
+    out.c = c;
 }
 
 /// The guarded denominator (favor-core's rule): |R| ≤ δ becomes R + 2δ.
@@ -174,8 +215,8 @@ impl SimdTask for QueryForward<'_, '_> {
     fn run<S: SimdF32>(mut self) {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
-        let mut t = Tile::new(p, TILE);
-        let mut num = vec![0.0; TILE * dvp];
+        let (key, mut scratch) = TileScratch::take(p, io.dv);
+        let TileScratch { t, rows: num } = &mut scratch;
         let mut den = [0.0f32; TILE];
         let mut r = self.r0;
         while r < self.r1 {
@@ -186,7 +227,7 @@ impl SimdTask for QueryForward<'_, '_> {
             t.project::<S>(p, rows);
             t.features::<S>(p, rows);
             let span = span.next(Phase::Apply);
-            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
+            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, num, dvp, true);
             let sees_keys = self.keys.c > f64::NEG_INFINITY;
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
                 *dn = guard(dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks), self.delta);
@@ -194,12 +235,13 @@ impl SimdTask for QueryForward<'_, '_> {
                     io.flag_risk();
                 }
             }
-            normalise::<S>(rows, &mut num, dvp, &den);
+            normalise::<S>(rows, num, dvp, &den);
             let span = span.next(Phase::Io);
-            store_rows(&mut self.out, r - self.r0, rows, &num, dvp);
+            store_rows(&mut self.out, r - self.r0, rows, num, dvp);
             span.end();
             r += rows;
         }
+        scratch.give_back(key);
     }
 }
 

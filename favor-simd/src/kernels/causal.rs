@@ -24,14 +24,15 @@
 //! segment's reverse sweep starts from the exact suffix sums of the queries after it.
 
 use super::bidirectional::{RISK_DEN, at_risk, cotangents, guard, guard_fires, normalise};
-use super::features::{Kind, ParamAcc, Plan, Tile};
+use super::features::{ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
-use super::{HeadIn, OutRows, load_rows, store_rows};
+use super::{HeadIn, KeptScratch, OutRows, ScratchKey, load_rows, scratch_key, store_rows};
 use crate::isa::{SimdF32, SimdTask, pad};
 use crate::math::exp::{decay, exp_nonpositive};
 use crate::phases::{Phase, Span};
 use favor_core::backend::{checked_len, try_zeroed};
 use favor_core::{HostMut, HostRef, Result};
+use std::cell::RefCell;
 
 /// Tokens per causal chunk. The intra-chunk products cost O(CHUNK) per token (about a quarter
 /// of the forward + backward work at 64) while the state products do not depend on it; 32 halves
@@ -51,11 +52,21 @@ pub struct HeadState {
 }
 
 impl HeadState {
-    pub(crate) fn new(p: &Plan, dv: usize) -> Self {
-        HeadState { s: vec![0.0; p.mfp * pad(dv)], z: vec![0.0; p.mfp], c: f64::NEG_INFINITY }
+    /// An empty state of no size (nothing allocated), for [`HeadState::reset`] to size.
+    pub(crate) fn empty() -> Self {
+        HeadState { s: Vec::new(), z: Vec::new(), c: f64::NEG_INFINITY }
     }
 
-    /// [`HeadState::new`] for a decoding state, whose size nothing the caller allocated bounds:
+    /// The empty state of the plan in place: no allocation once the buffers have the size.
+    pub(crate) fn reset(&mut self, p: &Plan, dv: usize) {
+        self.s.clear();
+        self.s.resize(p.mfp * pad(dv), 0.0);
+        self.z.clear();
+        self.z.resize(p.mfp, 0.0);
+        self.c = f64::NEG_INFINITY;
+    }
+
+    /// A new empty state for decoding, whose size nothing the caller allocated bounds:
     /// a size that overflows or cannot be allocated is an error, not an abort.
     pub(crate) fn try_new(p: &Plan, dv: usize) -> Result<Self> {
         let s = try_zeroed("state", checked_len("state", &[p.mfp, pad(dv)])?)?;
@@ -291,12 +302,11 @@ fn build_b<S: SimdF32>(ch: &Chunk, rows: usize, dv: usize, g: &[f32], gbar: &[f3
     }
 }
 
-/// The query heads of one key/value head, each with its output rows.
-pub(crate) enum GroupHeads<'a, 'o, 'm> {
-    /// Made by the caller.
-    Given(Vec<(HeadIn<'a>, OutRows<'o>)>),
-    /// `count` heads made on demand by `make(i)` (once per chunk): no allocation.
-    Made { count: usize, make: &'m (dyn Fn(usize) -> (HeadIn<'a>, OutRows<'o>) + Sync) },
+/// The `count` query heads of one key/value head, each with its output rows, made on demand by
+/// `make(i)` (once per chunk, each dropped before the next is made): no allocation.
+pub(crate) struct GroupHeads<'a, 'o, 'm> {
+    pub count: usize,
+    pub make: &'m (dyn Fn(usize) -> (HeadIn<'a>, OutRows<'o>) + Sync),
 }
 
 /// Causal forward (or prefill/decode) of rows r0..r1 of one key/value head and the query
@@ -316,28 +326,18 @@ pub(crate) struct CausalForward<'a, 'o, 'm> {
 struct ForwardScratch {
     ch: Chunk,
     num: Vec<f32>,
-    /// What it was made for: (d, m, features, gated, padded d_v, rows).
-    key: (usize, usize, usize, bool, usize, usize),
+    key: ScratchKey,
 }
 
-/// Scratch entries kept per thread.
-const SCRATCH_KEPT: usize = 4;
-
 thread_local! {
-    /// This thread's scratch of recent forward tasks, reused while the sizes match, so that
-    /// repeated decoding steps allocate nothing. A chunk reused across calls is what the chunk
-    /// loop already does across the chunks of one call.
-    static FORWARD_SCRATCH: std::cell::RefCell<Vec<ForwardScratch>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This thread's scratch of recent forward, decoding and summary tasks.
+    static FORWARD_SCRATCH: RefCell<Vec<(ScratchKey, ForwardScratch)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl ForwardScratch {
     fn take(p: &Plan, dv: usize, rows: usize) -> ForwardScratch {
-        let key = (p.dp, p.mp, p.mfp, matches!(p.kind, Kind::GatedSoftplus), pad(dv), rows);
-        let kept = FORWARD_SCRATCH.with(|c| {
-            let mut c = c.borrow_mut();
-            c.iter().position(|s| s.key == key).map(|i| c.swap_remove(i))
-        });
-        kept.unwrap_or_else(|| {
+        let key = scratch_key(p, dv, rows);
+        KeptScratch(&FORWARD_SCRATCH).take(key, || {
             let ch = Chunk::with_rows(p, dv, rows);
             let num = vec![0.0; rows * ch.dvp];
             ForwardScratch { ch, num, key }
@@ -345,26 +345,18 @@ impl ForwardScratch {
     }
 
     fn give_back(self) {
-        FORWARD_SCRATCH.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.len() == SCRATCH_KEPT {
-                c.remove(0);
-            }
-            c.push(self);
-        });
+        KeptScratch(&FORWARD_SCRATCH).give_back(self.key, self);
     }
 }
 
 impl SimdTask for CausalForward<'_, '_, '_> {
     type Output = ();
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) {
+    fn run<S: SimdF32>(self) {
         let p = self.plan;
-        let (count, keys) = match &self.heads {
-            GroupHeads::Given(v) => (v.len(), v.first().map(|h| h.0)),
-            GroupHeads::Made { count, make } => (*count, (*count > 0).then(|| make(0).0)),
-        };
-        let Some(keys) = keys else { return };
+        let GroupHeads { count, make } = self.heads;
+        // The keys and values of the group, as every query head reads them.
+        let Some(keys) = (count > 0).then(|| make(0).0) else { return };
         let cap = CHUNK.min(self.r1 - self.r0);
         let mut scratch = ForwardScratch::take(p, keys.dv, cap);
         let ForwardScratch { ch, num, .. } = &mut scratch;
@@ -376,21 +368,11 @@ impl SimdTask for CausalForward<'_, '_, '_> {
             ch.prepare_keys::<S>(p, &keys, r, rows, self.state.c, None);
             ch.finish_keys::<S>(p, rows);
             for i in 0..count {
-                let mut made;
-                let (io, out) = match &mut self.heads {
-                    GroupHeads::Given(v) => {
-                        let (io, out) = &mut v[i];
-                        (&*io, out)
-                    }
-                    GroupHeads::Made { make, .. } => {
-                        made = make(i);
-                        (&made.0, &mut made.1)
-                    }
-                };
-                ch.prepare_queries::<S>(p, io, r, rows);
-                ch.outputs::<S>(p, io, rows, self.state, self.delta, num, &mut den);
+                let (io, mut out) = make(i);
+                ch.prepare_queries::<S>(p, &io, r, rows);
+                ch.outputs::<S>(p, &io, rows, self.state, self.delta, num, &mut den);
                 normalise::<S>(rows, num, dvp, &den);
-                store_rows(out, r - self.r0, rows, num, dvp);
+                store_rows(&mut out, r - self.r0, rows, num, dvp);
             }
             ch.advance::<S>(p, rows, self.state);
             r += rows;
@@ -776,34 +758,37 @@ pub(crate) struct CausalSummary<'a> {
     pub io: HeadIn<'a>,
     pub r0: usize,
     pub r1: usize,
+    /// An empty state ([`HeadState::reset`]), left holding the segment's summary.
+    pub state: &'a mut HeadState,
 }
 
 impl SimdTask for CausalSummary<'_> {
-    type Output = HeadState;
+    type Output = ();
     #[inline(always)]
-    fn run<S: SimdF32>(self) -> HeadState {
+    fn run<S: SimdF32>(self) {
         let (p, io) = (self.plan, self.io);
-        let mut ch = Chunk::new(p, io.dv);
-        let mut st = HeadState::new(p, io.dv);
+        let mut scratch = ForwardScratch::take(p, io.dv, CHUNK.min(self.r1 - self.r0));
+        let st = self.state;
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
-            ch.prepare_keys::<S>(p, &io, r, rows, st.c, None);
-            ch.advance::<S>(p, rows, &mut st);
+            scratch.ch.prepare_keys::<S>(p, &io, r, rows, st.c, None);
+            scratch.ch.advance::<S>(p, rows, st);
             r += rows;
         }
-        st
+        scratch.give_back();
     }
 }
 
-/// The state after a segment given the state before it and the segment's summary.
-pub(crate) fn combine_summary(before: &HeadState, seg: &HeadState) -> HeadState {
+/// The state after a segment (`out`) given the state before it and the segment's summary.
+pub(crate) fn combine_summary(before: &HeadState, seg: &HeadState, out: &mut HeadState) {
     let c_out = before.c.max(seg.c);
     let w = |a: f64| if a == c_out { 1.0 } else { (a - c_out).exp() as f32 };
     let (fa, fb) = (w(before.c), w(seg.c));
-    HeadState {
-        s: before.s.iter().zip(&seg.s).map(|(&a, &b)| fa * a + fb * b).collect(),
-        z: before.z.iter().zip(&seg.z).map(|(&a, &b)| fa * a + fb * b).collect(),
-        c: c_out,
-    }
+    let mix = |out: &mut [f32], a: &[f32], b: &[f32]| {
+        out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = fa * a + fb * b);
+    };
+    mix(&mut out.s, &before.s, &seg.s);
+    mix(&mut out.z, &before.z, &seg.z);
+    out.c = c_out;
 }

@@ -13,13 +13,63 @@ pub(crate) mod rows;
 pub(crate) mod standalone;
 
 use favor_core::HostRef;
+use features::{Kind, Plan};
 pub(crate) use rows::{HeadRows, OutRows, load_rows, store_rows};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::LocalKey;
 
 /// Tokens per tile (and per causal chunk). 64 rows keep a φ tile (64 × 256 floats = 64 KiB)
 /// and the 64 × 64 intra-chunk matrices in L2 next to the M × d_v state, while the products
 /// stay long enough (k = 64) to amortise loading the accumulators.
 pub(crate) const TILE: usize = 64;
+
+/// What a kernel's scratch was made for: the map's kind and the exact sizes, so that a reused
+/// buffer holds what the same kernel left in it for the same sizes — padding columns included,
+/// which only a zeroing allocation writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScratchKey {
+    kind: std::mem::Discriminant<Kind>,
+    d: usize,
+    m: usize,
+    mf: usize,
+    dv: usize,
+    rows: usize,
+}
+
+pub(crate) fn scratch_key(p: &Plan, dv: usize, rows: usize) -> ScratchKey {
+    ScratchKey { kind: std::mem::discriminant(&p.kind), d: p.d, m: p.m, mf: p.mf, dv, rows }
+}
+
+/// Scratch entries a thread keeps per kind.
+const SCRATCH_KEPT: usize = 4;
+
+/// A per-thread cache of kernel scratch of one kind, reused while the sizes match, so that
+/// repeated calls allocate nothing after the first (reusing scratch across calls is what the
+/// tile loops already do across the tiles of one call: every kernel overwrites what it reads).
+pub(crate) struct KeptScratch<T: 'static>(pub &'static LocalKey<RefCell<Vec<(ScratchKey, T)>>>);
+
+impl<T> KeptScratch<T> {
+    /// This thread's entry for `key`, or a new one from `make`.
+    pub(crate) fn take(&self, key: ScratchKey, make: impl FnOnce() -> T) -> T {
+        let kept = self.0.with(|c| {
+            let mut c = c.borrow_mut();
+            c.iter().position(|(k, _)| *k == key).map(|i| c.swap_remove(i).1)
+        });
+        kept.unwrap_or_else(make)
+    }
+
+    /// Keeps `value` for the next task on this thread (the oldest entry makes room).
+    pub(crate) fn give_back(&self, key: ScratchKey, value: T) {
+        self.0.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() == SCRATCH_KEPT {
+                c.remove(0);
+            }
+            c.push((key, value));
+        });
+    }
+}
 
 /// One (batch, head) of the inputs: tensors are whole, row positions select the head.
 #[derive(Clone, Copy)]
