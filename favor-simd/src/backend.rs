@@ -9,21 +9,21 @@ use crate::kernels::bidirectional::{
     KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, combine,
 };
 use crate::kernels::causal::{
-    BackwardForwardSweep, BackwardReverseSweep, CausalForward, CausalSummary, GroupHeads, HeadState, Stash, StashPlace,
-    Suffix, SweepOut, combine_summary,
+    BackwardForwardSweep, BackwardHeads, BackwardReverseSweep, CausalForward, CausalSummary, GroupHeads, HeadState,
+    Stash, StashPlace, Suffix, SweepOut, combine_summary,
 };
 use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
 use crate::kernels::rows::SharedOut;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
-use crate::kernels::{HeadIn, HeadRows, OutRows, TILE, store_rows};
+use crate::kernels::{HeadIn, HeadRows, OutRows, TILE};
 use crate::scan::{Scanned, scan_inputs};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
     check_allocatable, check_backward, check_f64_attention_buffers, check_finite, check_output, check_slot_write,
-    check_tensor, try_with_capacity, try_zeroed, validate_feature_call, validate_inputs, validate_slot_call,
+    check_tensor, try_with_capacity, validate_feature_call, validate_inputs, validate_slot_call,
 };
-use favor_core::layout::{Strides, TensorDims, read_head_f64};
+use favor_core::layout::read_head_f64;
 use favor_core::{
     AttentionShape, Direction, FavorBackend, FavorError, FeatureMap, FeatureRole, Grads, Host, HostMut, HostRef,
     Inputs, ParamGrads, Problem, Result, SlotChunks, SlotHead, SlotState, TensorArg, TensorHandle, saturate_f32,
@@ -251,17 +251,6 @@ fn lead(s: AttentionShape, kvh: usize) -> usize {
     s.query_heads_of(kvh).start
 }
 
-/// The key/value-head tasks `(kvh, r0, r1)` (head-major, the same segments for every head)
-/// repeated for each query head of the group: query-head tasks sorted by head and row.
-fn query_tasks(s: AttentionShape, kv_tasks: &[(usize, usize, usize)]) -> Vec<(usize, usize, usize)> {
-    let nseg = kv_tasks.len() / s.kv_problems();
-    kv_tasks
-        .chunks(nseg)
-        .enumerate()
-        .flat_map(|(kvh, segs)| s.query_heads_of(kvh).flat_map(move |qh| segs.iter().map(move |&(_, a, b)| (qh, a, b))))
-        .collect()
-}
-
 impl SimdBackend {
     /// The causal segments of every key/value head and, in `incoming` (head-major, one per
     /// segment), the state entering each: a summary pass over every segment but the last (from
@@ -415,31 +404,10 @@ fn f64_head<'a>(
     })
 }
 
-/// Writes each key/value head's rows of `out` (rows of `width`) as the sum of its query heads'
-/// rows in `per_query` (f32 `[B, H, L_k, width]`), in head order, one task per segment.
-fn sum_groups(
-    s: AttentionShape,
-    kv_tasks: &[(usize, usize, usize)],
-    per_query: &[f32],
-    width: usize,
-    out: &mut SharedOut<'_>,
-) {
-    let rows_per_head = s.keys() * width;
-    let pieces = out.split(kv_tasks);
-    kv_tasks.par_iter().zip(pieces).for_each(|(&(kvh, r0, r1), mut rows)| {
-        let mut acc = vec![0.0f32; (r1 - r0) * width];
-        for qh in s.query_heads_of(kvh) {
-            let src = &per_query[qh * rows_per_head + r0 * width..qh * rows_per_head + r1 * width];
-            acc.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-        }
-        store_rows(&mut rows, 0, r1 - r0, &acc, width);
-    });
-}
-
-/// The causal backward's two sweeps over query-head tasks `(head, r0, r1)` (head-major), each
-/// from its incoming state, writing dq and the dk/dv rows of the same head (the stash lives in
-/// those rows, elements of `elem_size` bytes). Returns the parameter-gradient partials with
-/// their query heads.
+/// The causal backward's two sweeps over key/value-head tasks `(kv head, r0, r1)`
+/// (head-major), each from its incoming state with the group's query heads inside, writing
+/// their dq rows and the key/value head's dk/dv rows (the stash lives in those rows, elements of
+/// `elem_size` bytes). Returns the parameter-gradient partials with their key/value heads.
 struct CausalSweeps<'p, 'a, 'g> {
     plan: &'p Plan,
     p: &'p Problem<'p>,
@@ -463,8 +431,9 @@ impl CausalSweeps<'_, '_, '_> {
     ) -> Vec<(usize, ParamAcc)> {
         let (plan, p, inputs, dout, delta, risk) = (self.plan, self.p, self.inputs, self.dout, self.delta, self.risk);
         let s = p.shape;
-        let nseg = tasks.len() / s.problems();
-        let place = StashPlace::choose(s.d, s.dv, elem_size);
+        let (nseg, g) = (tasks.len() / s.kv_problems(), s.group());
+        let place = StashPlace::choose(s.d, s.dv, elem_size, g);
+        let dq = &*dq;
         // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
         let mut sweeps: Vec<SweepOut> = {
             let stash_rows: Vec<Option<OutRows<'_>>> = match place {
@@ -475,19 +444,26 @@ impl CausalSweeps<'_, '_, '_> {
             tasks
                 .par_iter()
                 .zip(incoming)
-                .zip(dq.split(tasks).into_par_iter().zip(stash_rows))
-                .map(|((&(bh, r0, r1), state), (dq, rows))| {
-                    let stash = Stash::new(rows, elem_size, r1 - r0);
+                .zip(stash_rows)
+                .map(|((&(kvh, r0, r1), state), rows)| {
+                    let first = lead(s, kvh);
+                    let make = |gi: usize| {
+                        // SAFETY: this task alone takes rows r0..r1 of query heads first..first + g
+                        // (those of key/value head kvh; the other tasks have other segments or
+                        // other key/value heads), each once per chunk after the previous is dropped.
+                        let rows = unsafe { dq.rows_unchecked(first + gi, r0, r1) };
+                        (head_in(p, inputs, first + gi, risk), rows)
+                    };
+                    let stash = Stash::new(rows, elem_size, r1 - r0, g);
                     backend.token.run(BackwardForwardSweep {
                         plan,
-                        io: head_in(p, inputs, bh, risk),
+                        heads: BackwardHeads { count: g, make: &make },
                         dout,
                         delta,
                         r0,
                         r1,
                         state,
                         suffix: r0 > 0,
-                        dq,
                         stash,
                         params: ParamAcc::new(plan, p.map),
                     })
@@ -515,10 +491,12 @@ impl CausalSweeps<'_, '_, '_> {
             .par_iter()
             .zip(sweeps.into_par_iter().zip(suffixes))
             .zip(dk.split(tasks).into_par_iter().zip(dv.split(tasks)))
-            .map(|((&(bh, r0, r1), (sweep, suffix)), (dk, dv))| {
+            .map(|((&(kvh, r0, r1), (sweep, suffix)), (dk, dv))| {
+                let first = lead(s, kvh);
+                let make = |gi: usize| head_in(p, inputs, first + gi, risk);
                 backend.token.run(BackwardReverseSweep {
                     plan,
-                    io: head_in(p, inputs, bh, risk),
+                    heads: BackwardHeads { count: g, make: &make },
                     dout,
                     r0,
                     r1,
@@ -719,36 +697,7 @@ impl SimdBackend {
                 // The sweeps consume the states (the next call sizes new ones).
                 let incoming = std::mem::take(&mut ws.incoming);
                 let sweeps = CausalSweeps { plan: &plan, p, inputs: &inputs, dout, delta, risk };
-                if !s.is_grouped() {
-                    sweeps.run(self, &kv_tasks, incoming, &mut dq, &mut dk, &mut dv, dtype.size())
-                } else {
-                    // Each query head's dk and dv go to f32 rows of their own, summed over the
-                    // group afterwards (in head order).
-                    let nseg = kv_tasks.len() / s.kv_problems();
-                    let tasks = query_tasks(s, &kv_tasks);
-                    let states: Vec<HeadState> = tasks
-                        .iter()
-                        .enumerate()
-                        .map(|(t, &(qh, _, _))| incoming[s.kv_head_of(qh) * nseg + t % nseg].clone())
-                        .collect();
-                    let per_query = |arg: TensorArg| {
-                        let d = p.dims(arg);
-                        TensorDims { heads: s.heads, ..d }
-                    };
-                    let (kd, vd) = (per_query(TensorArg::Dk), per_query(TensorArg::Dv));
-                    let mut gk = try_zeroed::<f32>("dk", kd.total_rows() * kd.width)?;
-                    let mut gv = try_zeroed::<f32>("dv", vd.total_rows() * vd.width)?;
-                    let params = {
-                        let bhld = |d: TensorDims| Strides::bhld(d.heads, d.rows, d.width);
-                        let mut qk = SharedOut::new(HostMut::F32(&mut gk), kd, bhld(kd), "dk")?;
-                        let mut qv = SharedOut::new(HostMut::F32(&mut gv), vd, bhld(vd), "dv")?;
-                        let params = sweeps.run(self, &tasks, states, &mut dq, &mut qk, &mut qv, 4);
-                        params.into_iter().map(|(qh, a)| (s.kv_head_of(qh), a)).collect()
-                    };
-                    sum_groups(s, &kv_tasks, &gk, kd.width, &mut dk);
-                    sum_groups(s, &kv_tasks, &gv, vd.width, &mut dv);
-                    params
-                }
+                sweeps.run(self, &kv_tasks, incoming, &mut dq, &mut dk, &mut dv, dtype.size())
             }
         };
         // Groups with a query head at risk are recomputed in f64 as a whole: their dk and dv

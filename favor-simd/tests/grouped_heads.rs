@@ -15,9 +15,12 @@ use favor_core::{
 #[test]
 fn grouped_heads_match_the_reference_on_every_isa_and_map() {
     // (shape, causal too): groups of 2, 3 and 4 (multi-query), d_v ≠ d, a cross shape, more than
-    // one bidirectional segment (> 256 rows) and two causal segments (≥ 2048 rows, 4 heads).
+    // one bidirectional segment (> 256 rows) and two causal segments (≥ 2048 rows, 4 heads). The
+    // causal backward stashes a group's entries (16 bytes per query head and token) in dv rows,
+    // dk rows (d_v = 3 below) or a side buffer (rows too narrow for the group).
     let shapes = [
         (AttentionShape::new(2, 4, 13, 9).with_kv_heads(2), true),
+        (AttentionShape::new(1, 4, 45, 16).with_dv(3).with_kv_heads(2), true),
         (AttentionShape::new(2, 3, 37, 9).with_dv(7).with_kv_heads(1), true),
         (AttentionShape::new(1, 6, 300, 9).with_kv_heads(2), true),
         (AttentionShape::new(1, 4, 70, 9).with_kv_heads(2).with_kv_len(290), false),

@@ -113,24 +113,6 @@ impl Chunk {
         }
     }
 
-    /// Loads rows r..r+rows, computes φ(K) (against the running maxima continuing from `c_run`,
-    /// or against `given` maxima), φ(Q), the mask and Q'K'ᵀ ⊙ M. Returns the last running max.
-    #[inline(always)]
-    fn prepare<S: SimdF32>(
-        &mut self,
-        p: &Plan,
-        io: &HeadIn<'_>,
-        r: usize,
-        rows: usize,
-        c_run: f64,
-        given: Option<&[f64]>,
-    ) -> f64 {
-        self.prepare_keys::<S>(p, io, r, rows, c_run, given);
-        self.finish_keys::<S>(p, rows);
-        self.prepare_queries::<S>(p, io, r, rows);
-        self.cj[rows - 1]
-    }
-
     /// φ(K)ᵀ and the decay mask of the chunk whose keys [`Chunk::prepare_keys`] loaded: what
     /// every query head reading these keys shares.
     #[inline(always)]
@@ -393,10 +375,11 @@ pub(crate) enum StashPlace {
 }
 
 impl StashPlace {
-    pub(crate) fn choose(d: usize, dv: usize, elem_size: usize) -> StashPlace {
-        if Stash::fits(dv, elem_size) {
+    /// Where the entries of `group` query heads per token go.
+    pub(crate) fn choose(d: usize, dv: usize, elem_size: usize, group: usize) -> StashPlace {
+        if Stash::fits(dv, elem_size, group) {
             StashPlace::Dv
-        } else if Stash::fits(d, elem_size) {
+        } else if Stash::fits(d, elem_size, group) {
             StashPlace::Dk
         } else {
             StashPlace::Side
@@ -443,33 +426,35 @@ fn row_bytes<'t>(row: &'t mut HostMut<'_>) -> &'t mut [u8] {
     }
 }
 
-/// One [`StashEntry`] per token kept in rows of a caller's tensor that are not written yet (so
-/// the kernels need no per-token memory of their own), or, for rows narrower than 16 bytes, in a
-/// side buffer.
+/// One [`StashEntry`] per token and query head of a group, kept in the key/value head's rows of
+/// a caller's tensor that are not written yet (so the kernels need no per-token memory of their
+/// own; entry `gi` of a token at bytes 16·gi..16·gi + 16 of its row), or, for rows too narrow
+/// for the group's entries, in a side buffer (token-major).
 pub(crate) enum Stash<'o> {
     Rows(OutRows<'o>),
-    Side(Vec<StashEntry>),
+    Side { entries: Vec<StashEntry>, group: usize },
 }
 
 impl<'o> Stash<'o> {
-    /// Whether rows of `row_len` elements of `elem_size` bytes can hold an entry.
-    fn fits(row_len: usize, elem_size: usize) -> bool {
-        row_len * elem_size >= StashEntry::BYTES
+    /// Whether rows of `row_len` elements of `elem_size` bytes can hold `group` entries.
+    fn fits(row_len: usize, elem_size: usize, group: usize) -> bool {
+        row_len * elem_size >= StashEntry::BYTES * group
     }
 
-    /// In `rows` (`n` rows of `elem_size`-byte elements) when they are wide enough, else a side
-    /// buffer.
-    pub(crate) fn new(rows: Option<OutRows<'o>>, elem_size: usize, n: usize) -> Self {
+    /// In `rows` (`n` rows of `elem_size`-byte elements) when they are wide enough for `group`
+    /// entries, else a side buffer.
+    pub(crate) fn new(rows: Option<OutRows<'o>>, elem_size: usize, n: usize, group: usize) -> Self {
         match rows {
-            Some(t) if Self::fits(t.width, elem_size) => Stash::Rows(t),
-            _ => Stash::Side(vec![StashEntry::default(); n]),
+            Some(t) if Self::fits(t.width, elem_size, group) => Stash::Rows(t),
+            _ => Stash::Side { entries: vec![StashEntry::default(); n * group], group },
         }
     }
 
-    fn put(&mut self, row: usize, e: StashEntry) {
+    fn put(&mut self, row: usize, gi: usize, e: StashEntry) {
         match self {
-            Stash::Rows(t) => row_bytes(&mut t.row(row))[..StashEntry::BYTES].copy_from_slice(&e.to_bytes()),
-            Stash::Side(v) => v[row] = e,
+            Stash::Rows(t) => row_bytes(&mut t.row(row))[gi * StashEntry::BYTES..(gi + 1) * StashEntry::BYTES]
+                .copy_from_slice(&e.to_bytes()),
+            Stash::Side { entries, group } => entries[row * *group + gi] = e,
         }
     }
 }
@@ -530,9 +515,9 @@ impl Suffix {
     }
 }
 
-/// Entry `row` of a stash kept in the rows of `t`.
-fn stash_get(t: &mut OutRows<'_>, row: usize) -> StashEntry {
-    StashEntry::from_bytes(row_bytes(&mut t.row(row)))
+/// Entry `gi` of segment row `row` of a stash kept in the rows of `t`.
+fn stash_get(t: &mut OutRows<'_>, row: usize, gi: usize) -> StashEntry {
+    StashEntry::from_bytes(&row_bytes(&mut t.row(row))[gi * StashEntry::BYTES..])
 }
 
 /// What a forward sweep of the causal backward returns.
@@ -546,28 +531,39 @@ pub(crate) struct SweepOut {
     pub side: Option<Vec<StashEntry>>,
 }
 
-/// Causal backward, first sweep over rows r0..r1 of one head from the incoming `state`:
-/// recomputes the outputs, writes dq (rows r0..r1 only) and the stash, and with `suffix` also
-/// the segment's contribution to the suffix sums of the segments before it.
-pub(crate) struct BackwardForwardSweep<'a, 'o> {
+/// The `count` query heads of one key/value head for the causal backward, made on demand by
+/// `make(i)` (with its dq rows in the forward sweep): no allocation.
+pub(crate) struct BackwardHeads<'a, 'm, T> {
+    pub count: usize,
+    pub make: &'m (dyn Fn(usize) -> T + Sync + 'a),
+}
+
+/// Causal backward, first sweep over rows r0..r1 of one key/value head and the query heads
+/// reading it, from the incoming `state`: recomputes the outputs, writes each query head's dq
+/// (rows r0..r1 only) and the stash, and with `suffix` also the segment's contribution (summed
+/// over the group) to the suffix sums of the segments before it. φ(K), the mask and the state
+/// are computed once for the group.
+pub(crate) struct BackwardForwardSweep<'a, 'o, 'm> {
     pub plan: &'a Plan,
-    pub io: HeadIn<'a>,
+    pub heads: BackwardHeads<'a, 'm, (HeadIn<'a>, OutRows<'o>)>,
     pub dout: HostRef<'a>,
     pub delta: f32,
     pub r0: usize,
     pub r1: usize,
     pub state: HeadState,
     pub suffix: bool,
-    pub dq: OutRows<'o>,
     pub stash: Stash<'o>,
     pub params: Option<ParamAcc>,
 }
 
-impl SimdTask for BackwardForwardSweep<'_, '_> {
+impl SimdTask for BackwardForwardSweep<'_, '_, '_> {
     type Output = SweepOut;
     #[inline(always)]
     fn run<S: SimdF32>(mut self) -> SweepOut {
-        let (p, io) = (self.plan, self.io);
+        let p = self.plan;
+        let BackwardHeads { count, make } = self.heads;
+        // The keys and values of the group, as every query head reads them.
+        let io = make(0).0;
         let mfp = p.mfp;
         let mut ch = Chunk::new(p, io.dv);
         let dvp = ch.dvp;
@@ -588,56 +584,62 @@ impl SimdTask for BackwardForwardSweep<'_, '_> {
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
-            ch.prepare::<S>(p, &io, r, rows, st.c, None);
-            ch.outputs::<S>(p, &io, rows, &st, self.delta, &mut num, &mut den);
-            let t = Span::start(Phase::Apply);
-            normalise::<S>(rows, &mut num, dvp, &den);
-            let t = t.next(Phase::Io);
-            load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
-            let t = t.next(Phase::BackwardSweep);
-            cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
-            for i in 0..rows {
-                self.stash.put(r - self.r0 + i, StashEntry { den: den[i], gbar: gbar[i], c: ch.cj[i] });
-            }
-            t.end();
-            build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
-            let t = Span::start(Phase::BackwardSweep);
-            // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
+            ch.prepare_keys::<S>(p, &io, r, rows, st.c, None);
+            ch.finish_keys::<S>(p, rows);
             // The per-chunk state transposes run faster on the 8-wide path than through
             // AVX-512's in-register 16 × 16 blocks (measured: causal forward + backward 1.07–1.13×).
             transpose::<wide::f32x8>(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
-            gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
-            for i in 0..rows {
-                let row = &mut dphi[i * mfp..(i + 1) * mfp];
-                axpy::<S>(gbar[i], &st.z, row);
-                scale::<S>(decay::<S>(st.c, ch.cj[i]), row);
-            }
-            gemm::<S>(rows, rows, mfp, &bm, CHUNK, 1, &ch.tk.phi, mfp, &mut dphi, mfp, false);
-            let t = t.next(Phase::FeatureBackward);
-            ch.tq.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
-            let t = t.next(Phase::Io);
-            store_rows(&mut self.dq, r - self.r0, rows, &dx, p.dp);
-            t.end();
-            if let Some(sfx) = suffix.as_mut() {
-                sfx.add_queries::<S>(p, &mut ch, rows, c_in, &g, &gbar);
+            for gi in 0..count {
+                let (io, mut dq) = make(gi);
+                ch.prepare_queries::<S>(p, &io, r, rows);
+                ch.outputs::<S>(p, &io, rows, &st, self.delta, &mut num, &mut den);
+                let t = Span::start(Phase::Apply);
+                normalise::<S>(rows, &mut num, dvp, &den);
+                let t = t.next(Phase::Io);
+                load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
+                let t = t.next(Phase::BackwardSweep);
+                cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
+                for i in 0..rows {
+                    self.stash.put(r - self.r0 + i, gi, StashEntry { den: den[i], gbar: gbar[i], c: ch.cj[i] });
+                }
+                t.end();
+                build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+                let t = Span::start(Phase::BackwardSweep);
+                // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
+                gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
+                for i in 0..rows {
+                    let row = &mut dphi[i * mfp..(i + 1) * mfp];
+                    axpy::<S>(gbar[i], &st.z, row);
+                    scale::<S>(decay::<S>(st.c, ch.cj[i]), row);
+                }
+                gemm::<S>(rows, rows, mfp, &bm, CHUNK, 1, &ch.tk.phi, mfp, &mut dphi, mfp, false);
+                let t = t.next(Phase::FeatureBackward);
+                ch.tq.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+                let t = t.next(Phase::Io);
+                store_rows(&mut dq, r - self.r0, rows, &dx, p.dp);
+                t.end();
+                if let Some(sfx) = suffix.as_mut() {
+                    sfx.add_queries::<S>(p, &mut ch, rows, c_in, &g, &gbar);
+                }
             }
             ch.advance::<S>(p, rows, &mut st);
             r += rows;
         }
         let side = match self.stash {
-            Stash::Side(v) => Some(v),
+            Stash::Side { entries, .. } => Some(entries),
             Stash::Rows(_) => None,
         };
         SweepOut { params: self.params, c_in, suffix, side }
     }
 }
 
-/// Causal backward, second sweep over rows r0..r1 of one head, last chunk first: writes dk and
-/// dv (rows r0..r1 only) from the suffix sums of the queries after r1 (`suffix`, relative to
-/// the running maximum at row r1 − 1) and the stash the first sweep left.
-pub(crate) struct BackwardReverseSweep<'a, 'o> {
+/// Causal backward, second sweep over rows r0..r1 of one key/value head, last chunk first:
+/// writes dk and dv (rows r0..r1 only, summed over the query heads reading it) from the suffix
+/// sums of the queries after r1 (`suffix`, relative to the running maximum at row r1 − 1,
+/// summed over the group) and the stash the first sweep left.
+pub(crate) struct BackwardReverseSweep<'a, 'o, 'm> {
     pub plan: &'a Plan,
-    pub io: HeadIn<'a>,
+    pub heads: BackwardHeads<'a, 'm, HeadIn<'a>>,
     pub dout: HostRef<'a>,
     pub r0: usize,
     pub r1: usize,
@@ -649,22 +651,24 @@ pub(crate) struct BackwardReverseSweep<'a, 'o> {
     pub params: Option<ParamAcc>,
 }
 
-impl BackwardReverseSweep<'_, '_> {
-    /// Stash entry of segment row `row`.
-    fn stashed(&mut self, row: usize) -> StashEntry {
+impl BackwardReverseSweep<'_, '_, '_> {
+    /// Stash entry of query head `gi` of the group at segment row `row`.
+    fn stashed(&mut self, row: usize, gi: usize) -> StashEntry {
         match self.place {
-            StashPlace::Dv => stash_get(&mut self.dv, row),
-            StashPlace::Dk => stash_get(&mut self.dk, row),
-            StashPlace::Side => self.side.as_ref().map_or(StashEntry::default(), |v| v[row]),
+            StashPlace::Dv => stash_get(&mut self.dv, row, gi),
+            StashPlace::Dk => stash_get(&mut self.dk, row, gi),
+            StashPlace::Side => self.side.as_ref().map_or(StashEntry::default(), |v| v[row * self.heads.count + gi]),
         }
     }
 }
 
-impl SimdTask for BackwardReverseSweep<'_, '_> {
+impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
     type Output = Option<ParamAcc>;
     #[inline(always)]
     fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
-        let (p, io) = (self.plan, self.io);
+        let p = self.plan;
+        let BackwardHeads { count, make } = self.heads;
+        let io = make(0);
         let mfp = p.mfp;
         let mut ch = Chunk::new(p, io.dv);
         let dvp = ch.dvp;
@@ -685,25 +689,12 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
         for ci in (0..nchunks).rev() {
             let r = self.r0 + ci * CHUNK;
             let rows = CHUNK.min(self.r1 - r);
-            for i in 0..rows {
-                let e = self.stashed(r - self.r0 + i);
-                (den[i], gbar[i], cj[i]) = (e.den, e.gbar, e.c);
+            // The running key maxima depend on the keys alone: every head stashed the same.
+            for (i, c) in cj.iter_mut().enumerate().take(rows) {
+                *c = self.stashed(r - self.r0 + i, 0).c;
             }
-            ch.prepare::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
-            let t = Span::start(Phase::Io);
-            load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
-            let t = t.next(Phase::BackwardSweep);
-            for i in 0..rows {
-                let gi = &mut g[i * dvp..(i + 1) * dvp];
-                // As in `cotangents`: rows at risk (their head is recomputed) contribute nothing.
-                if den[i].abs() < RISK_DEN {
-                    gi.fill(0.0);
-                } else {
-                    scale::<S>(1.0 / den[i], gi);
-                }
-            }
-            t.end();
-            build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+            ch.prepare_keys::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
+            ch.finish_keys::<S>(p, rows);
             let t = Span::start(Phase::BackwardSweep);
             let c_end = ch.cj[rows - 1];
             // dk' = w_j (V Pᵀ + 1 pᵀ) + Bᵀ Q'
@@ -719,8 +710,47 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
                 scale::<S>(w, row);
                 scale::<S>(w, &mut dvo[j * dvp..(j + 1) * dvp]);
             }
-            gemm::<S>(rows, rows, mfp, &bm, 1, CHUNK, &ch.tq.phi, mfp, &mut dphi, mfp, false);
-            gemm::<S>(rows, rows, dvp, &ch.att, 1, CHUNK, &g, dvp, &mut dvo, dvp, false);
+            t.end();
+            // The previous row's stash must be read before this chunk's rows are overwritten
+            // (it lies in the chunk before, which is still intact).
+            let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1, 0).c) } else { None };
+            if let Some(c_prev) = c_prev {
+                // Re-reference the suffix sums to the last key maximum before this chunk (the
+                // terms above used them as they were), then add each head's queries below.
+                let t = Span::start(Phase::StateBuild);
+                sfx.rescale::<S>(c_prev, c_end);
+                t.end();
+            }
+            for gi in 0..count {
+                for i in 0..rows {
+                    let e = self.stashed(r - self.r0 + i, gi);
+                    (den[i], gbar[i]) = (e.den, e.gbar);
+                }
+                let qio = make(gi);
+                ch.prepare_queries::<S>(p, &qio, r, rows);
+                let t = Span::start(Phase::Io);
+                load_rows(&self.dout, qio.dout_at, qio.dv, r, rows, &mut g, dvp);
+                let t = t.next(Phase::BackwardSweep);
+                for i in 0..rows {
+                    let row = &mut g[i * dvp..(i + 1) * dvp];
+                    // As in `cotangents`: rows at risk (their head is recomputed) contribute nothing.
+                    if den[i].abs() < RISK_DEN {
+                        row.fill(0.0);
+                    } else {
+                        scale::<S>(1.0 / den[i], row);
+                    }
+                }
+                t.end();
+                build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+                let t = Span::start(Phase::BackwardSweep);
+                gemm::<S>(rows, rows, mfp, &bm, 1, CHUNK, &ch.tq.phi, mfp, &mut dphi, mfp, false);
+                gemm::<S>(rows, rows, dvp, &ch.att, 1, CHUNK, &g, dvp, &mut dvo, dvp, false);
+                t.end();
+                if let Some(c_prev) = c_prev {
+                    sfx.add_queries::<S>(p, &mut ch, rows, c_prev, &g, &gbar);
+                }
+            }
+            let t = Span::start(Phase::BackwardSweep);
             for j in (0..rows).filter(|&j| !ch.kept[j]) {
                 dphi[j * mfp..(j + 1) * mfp].fill(0.0);
                 dvo[j * dvp..(j + 1) * dvp].fill(0.0);
@@ -730,20 +760,10 @@ impl SimdTask for BackwardReverseSweep<'_, '_> {
             for j in (0..rows).filter(|&j| !ch.kept[j]) {
                 dx[j * p.dp..(j + 1) * p.dp].fill(0.0);
             }
-            // The previous row's stash must be read before this chunk's rows are overwritten
-            // (it lies in the chunk before, which is still intact).
-            let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1).c) } else { None };
             let t = t.next(Phase::Io);
             store_rows(&mut self.dk, r - self.r0, rows, &dx, p.dp);
             store_rows(&mut self.dv, r - self.r0, rows, &dvo, dvp);
             t.end();
-            if let Some(c_prev) = c_prev {
-                // Re-reference the suffix sums to the last key maximum before this chunk.
-                let t = Span::start(Phase::StateBuild);
-                sfx.rescale::<S>(c_prev, c_end);
-                t.end();
-                sfx.add_queries::<S>(p, &mut ch, rows, c_prev, &g, &gbar);
-            }
         }
         self.params
     }
