@@ -6,7 +6,7 @@
 
 use crate::isa::{Isa, IsaToken, best_isa, pad};
 use crate::kernels::bidirectional::{
-    KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, combine,
+    KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, QueryGrads, combine,
 };
 use crate::kernels::causal::{
     BackwardForwardSweep, BackwardHeads, BackwardReverseSweep, CausalForward, CausalSummary, GroupHeads, HeadState,
@@ -16,7 +16,7 @@ use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
 use crate::kernels::rows::SharedOut;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
-use crate::kernels::{HeadIn, HeadRows, OutRows, TILE};
+use crate::kernels::{HeadIn, HeadRows, TILE};
 use crate::scan::{Scanned, scan_inputs};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
@@ -124,12 +124,6 @@ impl Segments {
     fn get(&self, i: usize) -> (usize, usize) {
         (i * self.size, ((i + 1) * self.size).min(self.len))
     }
-
-    /// (head, r0, r1) of every segment of each of `heads` heads, head-major.
-    fn tasks(&self, heads: usize) -> Vec<(usize, usize, usize)> {
-        let n = self.count();
-        (0..heads * n).map(|t| (t / n, self.get(t % n).0, self.get(t % n).1)).collect()
-    }
 }
 
 /// The buffers a forward call needs beyond the caller's tensors, kept by the calling thread
@@ -148,6 +142,17 @@ struct CallScratch {
     /// all segments but the last.
     incoming: Vec<HeadState>,
     summaries: Vec<HeadState>,
+    /// Bidirectional backward: (K'ᵀV)ᵀ per key/value head, the key-gradient partials of every
+    /// query segment and their sums per key/value head.
+    kvt: Vec<Vec<f32>>,
+    query_grads: Vec<QueryGrads>,
+    key_grads: Vec<KeyGrads>,
+    /// Causal backward: what each forward sweep leaves, and the suffix sums entering each
+    /// segment.
+    sweeps: Vec<SweepOut>,
+    suffixes: Vec<Suffix>,
+    /// Parameter-gradient partials of the key-side tasks (learned maps only).
+    task_params: Vec<Option<ParamAcc>>,
     /// The largest per-head sum (elements) [`check_kernel_sums`] found allocatable: smaller ones
     /// need no new trial allocation.
     sums_checked: usize,
@@ -183,6 +188,35 @@ impl CallScratch {
             self.sums_checked = n;
         }
         Ok(())
+    }
+}
+
+/// `v` at length `n`, new entries default (no allocation once it had the length).
+fn resize_default<T: Default>(v: &mut Vec<T>, n: usize) {
+    v.resize_with(n, T::default);
+    v.truncate(n);
+}
+
+/// dKV, its transpose and ds of one key/value head (bidirectional backward).
+#[derive(Default)]
+struct KeyGrads {
+    dkv: Vec<f32>,
+    dkvt: Vec<f32>,
+    ds: Vec<f32>,
+}
+
+impl KeyGrads {
+    /// The sum of `parts` (in order), and the transpose.
+    fn add(&mut self, mfp: usize, dvp: usize, parts: &[QueryGrads]) {
+        for (v, n) in [(&mut self.dkv, mfp * dvp), (&mut self.dkvt, dvp * mfp), (&mut self.ds, mfp)] {
+            v.clear();
+            v.resize(n, 0.0);
+        }
+        for part in parts {
+            self.dkv.iter_mut().zip(&part.dkv).for_each(|(a, b)| *a += b);
+            self.ds.iter_mut().zip(&part.ds).for_each(|(a, b)| *a += b);
+        }
+        transpose::<wide::f32x8>(mfp, dvp, &self.dkv, dvp, &mut self.dkvt, mfp);
     }
 }
 
@@ -236,13 +270,6 @@ fn head_in<'a: 'r, 'r>(p: &Problem<'_>, inputs: &Inputs<'a, Host>, bh: usize, ri
 /// An output tensor of the call, shared by its tasks.
 fn shared_out<'a>(p: &Problem<'_>, arg: TensorArg, t: HostMut<'a>) -> Result<SharedOut<'a>> {
     SharedOut::new(t, p.dims(arg), p.strides(arg), arg.name())
-}
-
-/// (head, r0, r1) for every segment of `rows` rows of each of `heads` heads, head-major: the
-/// query rows (`s.len`) of the query heads or the key rows (`s.keys()`, which differ in
-/// cross-attention) of the key/value heads.
-fn segment_tasks(heads: usize, rows: usize) -> Vec<(usize, usize, usize)> {
-    Segments::of(rows).tasks(heads)
 }
 
 /// The first query head reading key/value head `kvh`: it stands for the group in tasks that
@@ -418,99 +445,110 @@ struct CausalSweeps<'p, 'a, 'g> {
 }
 
 impl CausalSweeps<'_, '_, '_> {
+    /// The sweeps over every segment of every key/value head (`segs` of each, head-major) from
+    /// its incoming state (consumed), with the call's scratch for what the sweeps pass on.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         backend: &SimdBackend,
-        tasks: &[(usize, usize, usize)],
-        incoming: Vec<HeadState>,
-        dq: &mut SharedOut<'_>,
-        dk: &mut SharedOut<'_>,
-        dv: &mut SharedOut<'_>,
+        segs: Segments,
+        incoming: &mut [HeadState],
+        sweeps: &mut Vec<SweepOut>,
+        suffixes: &mut Vec<Suffix>,
+        reverse_params: &mut Vec<Option<ParamAcc>>,
+        (dq, dk, dv): (&mut SharedOut<'_>, &mut SharedOut<'_>, &mut SharedOut<'_>),
         elem_size: usize,
     ) -> Vec<(usize, ParamAcc)> {
         let (plan, p, inputs, dout, delta, risk) = (self.plan, self.p, self.inputs, self.dout, self.delta, self.risk);
         let s = p.shape;
-        let (nseg, g) = (tasks.len() / s.kv_problems(), s.group());
+        let (nseg, g) = (segs.count(), s.group());
+        let ntasks = s.kv_problems() * nseg;
         let place = StashPlace::choose(s.d, s.dv, elem_size, g);
-        let dq = &*dq;
+        let (dq, dk, dv) = (&*dq, &*dk, &*dv);
+        let task = |t: usize| (t / nseg, segs.get(t % nseg));
         // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
-        let mut sweeps: Vec<SweepOut> = {
-            let stash_rows: Vec<Option<OutRows<'_>>> = match place {
-                StashPlace::Dv => dv.split(tasks).into_iter().map(Some).collect(),
-                StashPlace::Dk => dk.split(tasks).into_iter().map(Some).collect(),
-                StashPlace::Side => tasks.iter().map(|_| None).collect(),
+        resize_default(sweeps, ntasks);
+        sweeps.par_iter_mut().zip(incoming.par_iter_mut()).enumerate().for_each(|(t, (out, state))| {
+            let (kvh, (r0, r1)) = task(t);
+            let first = lead(s, kvh);
+            let make = |gi: usize| {
+                // SAFETY: this task alone takes rows r0..r1 of query heads first..first + g (those
+                // of key/value head kvh; the other tasks have other segments or other key/value
+                // heads), each once per chunk after the previous is dropped.
+                let rows = unsafe { dq.rows_unchecked(first + gi, r0, r1) };
+                (head_in(p, inputs, first + gi, risk), rows)
             };
-            tasks
-                .par_iter()
-                .zip(incoming)
-                .zip(stash_rows)
-                .map(|((&(kvh, r0, r1), state), rows)| {
-                    let first = lead(s, kvh);
-                    let make = |gi: usize| {
-                        // SAFETY: this task alone takes rows r0..r1 of query heads first..first + g
-                        // (those of key/value head kvh; the other tasks have other segments or
-                        // other key/value heads), each once per chunk after the previous is dropped.
-                        let rows = unsafe { dq.rows_unchecked(first + gi, r0, r1) };
-                        (head_in(p, inputs, first + gi, risk), rows)
-                    };
-                    let stash = Stash::new(rows, elem_size, r1 - r0, g);
-                    backend.token.run(BackwardForwardSweep {
-                        plan,
-                        heads: BackwardHeads { count: g, make: &make },
-                        dout,
-                        delta,
-                        r0,
-                        r1,
-                        state,
-                        suffix: r0 > 0,
-                        stash,
-                        params: ParamAcc::new(plan, p.map),
-                    })
-                })
-                .collect()
-        };
+            // SAFETY: this task alone takes rows r0..r1 of key/value head kvh of dv (or dk), for
+            // the stash, until the sweep returns.
+            let rows = unsafe {
+                match place {
+                    StashPlace::Dv => Some(dv.rows_unchecked(kvh, r0, r1)),
+                    StashPlace::Dk => Some(dk.rows_unchecked(kvh, r0, r1)),
+                    StashPlace::Side => None,
+                }
+            };
+            let SweepOut { params, c_in, suffix, side } = out;
+            let stash = Stash::new(rows, elem_size, r1 - r0, g, side);
+            *params = backend.token.run(BackwardForwardSweep {
+                plan,
+                heads: BackwardHeads { count: g, make: &make },
+                dout,
+                delta,
+                r0,
+                r1,
+                state,
+                suffix: r0 > 0,
+                stash,
+                params: ParamAcc::new(plan, p.map),
+                suffix_out: suffix,
+                c_in_out: c_in,
+            })
+        });
         // The suffix sums entering each segment from its end, chained from the last segment
         // back: segment k − 1 gets segment k's share plus what entered segment k, moved from
         // segment k's final maximum (segment k + 1's incoming one) to segment k's own.
-        let mut suffixes: Vec<Suffix> = Vec::with_capacity(tasks.len());
-        for head in sweeps.chunks_mut(nseg) {
-            let mut chain = vec![Suffix::new(plan, s.dv)];
+        resize_default(suffixes, ntasks);
+        for (head, chain) in sweeps.chunks(nseg).zip(suffixes.chunks_mut(nseg)) {
+            chain[nseg - 1].reset(plan, s.dv);
             for k in (1..nseg).rev() {
-                let share = head[k].suffix.take().unwrap_or_else(|| Suffix::new(plan, s.dv));
                 let c_end = head.get(k + 1).map_or(head[k].c_in, |h| h.c_in);
-                let entering = chain.last().cloned().unwrap_or_else(|| Suffix::new(plan, s.dv));
-                chain.push(Suffix::chain(entering, head[k].c_in, c_end, &share));
+                let (before, after) = chain.split_at_mut(k);
+                before[k - 1].reset(plan, s.dv);
+                before[k - 1].chain(&after[0], head[k].c_in, c_end, &head[k].suffix);
             }
-            suffixes.extend(chain.into_iter().rev());
         }
-        let mut params: Vec<(usize, ParamAcc)> =
-            tasks.iter().zip(sweeps.iter_mut()).filter_map(|(t, w)| w.params.take().map(|a| (t.0, a))).collect();
         // Sweep 2: dk and dv, last chunk first in every segment.
-        let kparams: Vec<Option<ParamAcc>> = tasks
-            .par_iter()
-            .zip(sweeps.into_par_iter().zip(suffixes))
-            .zip(dk.split(tasks).into_par_iter().zip(dv.split(tasks)))
-            .map(|((&(kvh, r0, r1), (sweep, suffix)), (dk, dv))| {
-                let first = lead(s, kvh);
-                let make = |gi: usize| head_in(p, inputs, first + gi, risk);
-                backend.token.run(BackwardReverseSweep {
-                    plan,
-                    heads: BackwardHeads { count: g, make: &make },
-                    dout,
-                    r0,
-                    r1,
-                    suffix,
-                    place,
-                    side: sweep.side,
-                    dk,
-                    dv,
-                    params: ParamAcc::new(plan, p.map),
-                })
+        resize_default(reverse_params, ntasks);
+        let forward_sweeps = &*sweeps;
+        reverse_params.par_iter_mut().zip(suffixes.par_iter_mut()).enumerate().for_each(|(t, (params, suffix))| {
+            let (kvh, (r0, r1)) = task(t);
+            let first = lead(s, kvh);
+            let make = |gi: usize| head_in(p, inputs, first + gi, risk);
+            // SAFETY: task t alone takes rows r0..r1 of key/value head kvh, in dk and in dv.
+            let (dk, dv) = unsafe { (dk.rows_unchecked(kvh, r0, r1), dv.rows_unchecked(kvh, r0, r1)) };
+            *params = backend.token.run(BackwardReverseSweep {
+                plan,
+                heads: BackwardHeads { count: g, make: &make },
+                dout,
+                r0,
+                r1,
+                suffix,
+                place,
+                side: &forward_sweeps[t].side,
+                dk,
+                dv,
+                params: ParamAcc::new(plan, p.map),
             })
-            .collect();
-        params.extend(tasks.iter().zip(kparams).filter_map(|(t, a)| a.map(|a| (t.0, a))));
-        params
+        });
+        // Only learned maps have parameter partials: nothing is allocated for the others.
+        let mut out = Vec::new();
+        for (t, w) in sweeps.iter_mut().enumerate() {
+            out.extend(w.params.take().map(|a| (t / nseg, a)));
+        }
+        for (t, a) in reverse_params.iter_mut().enumerate() {
+            out.extend(a.take().map(|a| (t / nseg, a)));
+        }
+        out
     }
 }
 
@@ -606,6 +644,7 @@ impl SimdBackend {
         let mut dv = shared_out(p, TensorArg::Dv, dv)?;
         let plan = Plan::prepared(p.map, s.d);
         ws.check_sums(&plan, s.dv)?;
+        let ws = &mut *ws;
         let delta = p.denominator_guard();
         let (mfp, dvp) = (plan.mfp, pad(s.dv));
         // Parameter-gradient partials, each with its key/value head (those of recomputed groups
@@ -614,90 +653,91 @@ impl SimdBackend {
             Direction::Bidirectional => {
                 self.key_states(&plan, p, &inputs, &mut ws.key_stats, &mut ws.key_states);
                 let keys = &ws.key_states;
-                let kvt: Vec<Vec<f32>> = keys
-                    .par_iter()
-                    .map(|k| {
-                        let mut t = vec![0.0; dvp * mfp];
-                        transpose::<wide::f32x8>(mfp, dvp, &k.kv, dvp, &mut t, mfp);
-                        t
+                // (K'ᵀV)ᵀ of every key/value head.
+                resize_default(&mut ws.kvt, s.kv_problems());
+                ws.kvt.par_iter_mut().zip(keys).for_each(|(t, k)| {
+                    t.clear();
+                    t.resize(dvp * mfp, 0.0);
+                    transpose::<wide::f32x8>(mfp, dvp, &k.kv, dvp, t, mfp);
+                });
+                let kvt = &ws.kvt;
+                let (segs, dq) = (Segments::of(s.len), &dq);
+                let nseg = segs.count();
+                resize_default(&mut ws.query_grads, s.problems() * nseg);
+                ws.query_grads.par_iter_mut().enumerate().for_each(|(t, out)| {
+                    let (bh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
+                    let kvh = s.kv_head_of(bh);
+                    // SAFETY: task t alone takes rows r0..r1 (segment t % nseg) of head t / nseg.
+                    let dq = unsafe { dq.rows_unchecked(bh, r0, r1) };
+                    out.params = ParamAcc::new(&plan, p.map);
+                    self.token.run(QueryBackward {
+                        plan: &plan,
+                        io: head_in(p, &inputs, bh, risk),
+                        dout,
+                        keys: &keys[kvh],
+                        kvt: &kvt[kvh],
+                        delta,
+                        r0,
+                        r1,
+                        dq,
+                        out,
                     })
-                    .collect();
-                let tasks = segment_tasks(s.problems(), s.len);
-                let nseg = Segments::of(s.len).count();
-                let dqs = dq.split(&tasks);
-                let qgrads: Vec<_> = tasks
-                    .par_iter()
-                    .zip(dqs)
-                    .map(|(&(bh, r0, r1), dq)| {
-                        let kvh = s.kv_head_of(bh);
-                        self.token.run(QueryBackward {
-                            plan: &plan,
-                            io: head_in(p, &inputs, bh, risk),
-                            dout,
-                            keys: &keys[kvh],
-                            kvt: &kvt[kvh],
-                            delta,
-                            r0,
-                            r1,
-                            dq,
-                            params: ParamAcc::new(&plan, p.map),
-                        })
-                    })
-                    .collect();
+                });
                 // dKV, ds and their transposes per key/value head, summed over its query heads
                 // (consecutive) and their segments, in task order.
-                let sums: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = qgrads
-                    .par_chunks(nseg * s.group())
-                    .map(|parts| {
-                        let mut dkv = vec![0.0f32; mfp * dvp];
-                        let mut ds = vec![0.0f32; mfp];
-                        for part in parts {
-                            dkv.iter_mut().zip(&part.dkv).for_each(|(a, b)| *a += b);
-                            ds.iter_mut().zip(&part.ds).for_each(|(a, b)| *a += b);
-                        }
-                        let mut dkvt = vec![0.0; dvp * mfp];
-                        transpose::<wide::f32x8>(mfp, dvp, &dkv, dvp, &mut dkvt, mfp);
-                        (dkv, dkvt, ds)
+                resize_default(&mut ws.key_grads, s.kv_problems());
+                ws.key_grads.par_iter_mut().zip(ws.query_grads.par_chunks(nseg * s.group())).for_each(
+                    |(sum, parts)| {
+                        sum.add(mfp, dvp, parts);
+                    },
+                );
+                let (ksegs, dk, dv, sums) = (Segments::of(s.keys()), &dk, &dv, &ws.key_grads);
+                let nkseg = ksegs.count();
+                resize_default(&mut ws.task_params, s.kv_problems() * nkseg);
+                ws.task_params.par_iter_mut().enumerate().for_each(|(t, params)| {
+                    let (kvh, (r0, r1)) = (t / nkseg, ksegs.get(t % nkseg));
+                    // SAFETY: task t alone takes rows r0..r1 (segment t % nkseg) of key/value
+                    // head t / nkseg, in dk and in dv.
+                    let (dk, dv) = unsafe { (dk.rows_unchecked(kvh, r0, r1), dv.rows_unchecked(kvh, r0, r1)) };
+                    let sum = &sums[kvh];
+                    *params = self.token.run(KeyBackward {
+                        plan: &plan,
+                        io: head_in(p, &inputs, lead(s, kvh), risk),
+                        c: keys[kvh].c,
+                        dkv: &sum.dkv,
+                        dkvt: &sum.dkvt,
+                        ds: &sum.ds,
+                        r0,
+                        r1,
+                        dk,
+                        dv,
+                        params: ParamAcc::new(&plan, p.map),
                     })
-                    .collect();
-                let key_tasks = segment_tasks(s.kv_problems(), s.keys());
-                let dks = dk.split(&key_tasks);
-                let dvs = dv.split(&key_tasks);
-                let kparams: Vec<Option<ParamAcc>> = key_tasks
-                    .par_iter()
-                    .zip(dks.into_par_iter().zip(dvs))
-                    .map(|(&(kvh, r0, r1), (dk, dv))| {
-                        let (dkv, dkvt, ds) = &sums[kvh];
-                        self.token.run(KeyBackward {
-                            plan: &plan,
-                            io: head_in(p, &inputs, lead(s, kvh), risk),
-                            c: keys[kvh].c,
-                            dkv,
-                            dkvt,
-                            ds,
-                            r0,
-                            r1,
-                            dk,
-                            dv,
-                            params: ParamAcc::new(&plan, p.map),
-                        })
-                    })
-                    .collect();
-                let qparams = tasks
-                    .iter()
-                    .map(|t| s.kv_head_of(t.0))
-                    .zip(qgrads)
-                    .filter_map(|(kvh, g)| g.params.map(|a| (kvh, a)));
-                let kparams = key_tasks.iter().map(|t| t.0).zip(kparams).filter_map(|(kvh, a)| a.map(|a| (kvh, a)));
-                qparams.chain(kparams).collect()
+                });
+                // Only learned maps have parameter partials: nothing is allocated for the others.
+                let mut params = Vec::new();
+                for (t, g) in ws.query_grads.iter_mut().enumerate() {
+                    params.extend(g.params.take().map(|a| (s.kv_head_of(t / nseg), a)));
+                }
+                for (t, a) in ws.task_params.iter_mut().enumerate() {
+                    params.extend(a.take().map(|a| (t / nkseg, a)));
+                }
+                params
             }
             Direction::Causal => {
                 let segs = self.causal_incoming(&plan, p, &inputs, &mut ws.incoming, &mut ws.summaries);
-                let kv_tasks = segs.tasks(s.kv_problems());
-                // The sweeps consume the states (the next call sizes new ones).
-                let incoming = std::mem::take(&mut ws.incoming);
                 let sweeps = CausalSweeps { plan: &plan, p, inputs: &inputs, dout, delta, risk };
-                sweeps.run(self, &kv_tasks, incoming, &mut dq, &mut dk, &mut dv, dtype.size())
+                let outs = (&mut dq, &mut dk, &mut dv);
+                sweeps.run(
+                    self,
+                    segs,
+                    &mut ws.incoming,
+                    &mut ws.sweeps,
+                    &mut ws.suffixes,
+                    &mut ws.task_params,
+                    outs,
+                    dtype.size(),
+                )
             }
         };
         // Groups with a query head at risk are recomputed in f64 as a whole: their dk and dv

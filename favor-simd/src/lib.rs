@@ -26,9 +26,10 @@
 //!
 //! ## Memory and threads
 //! φ(Q) and φ(K) exist only one tile (64 tokens) at a time. Extra memory is O(threads × tile +
-//! batch × heads × segments × M × d_v): the causal backward's per-token R, ḡ and c (16 bytes) are
-//! kept in rows of the caller's dv or dk outputs that are written only later, with a side buffer
-//! only for heads too narrow to hold them (d_v and d ≤ 3 in f32, ≤ 7 in 16-bit types). Work is
+//! batch × heads × segments × M × d_v): the causal backward's per-token R, ḡ and c (16 bytes per
+//! query head of a key/value head's group) are kept in rows of the caller's dv or dk outputs that
+//! are written only later, with a side buffer only for rows too narrow to hold the group's
+//! entries (ungrouped: d_v and d ≤ 3 in f32, ≤ 7 in 16-bit types). Work is
 //! split across (batch, head) and across sequence segments: bidirectional attention (forward and backward) uses at most
 //! 8 segments per head; the causal forward and backward split a head into segments (a summary
 //! pass and an ordered combination give each segment its incoming state, and the backward chains
@@ -36,12 +37,13 @@
 //! problems. The split depends only on the shape and partial sums are added in a fixed order, so
 //! the result is bitwise the same for any number of threads.
 //!
-//! **Scratch is kept between calls.** The thread that calls a forward keeps that call's
-//! per-head sums (key-segment summaries, key states, causal segment states: at most
-//! kv heads × 8 segments × M × d_v floats of the largest call) and every worker thread keeps a
-//! few tiles' scratch per map size, so that repeated forwards and decoding steps of one shape
-//! allocate nothing after the first (a counting-allocator test checks it on every ISA). The
-//! memory is freed when the thread exits.
+//! **Scratch is kept between calls.** The thread that calls a forward or a backward keeps that
+//! call's per-segment sums (key-segment summaries and gradient partials, key states, causal
+//! segment states and suffix sums: a few times kv heads × 8 segments × M × d_v floats of the
+//! largest call, plus a narrow head's stash) and every worker thread keeps a few tiles' scratch
+//! per map size, so that repeated forwards, backwards and decoding steps of one shape allocate
+//! nothing after the first (a counting-allocator test checks it on every ISA; the learned maps'
+//! parameter gradients are returned in new vectors). The memory is freed when the thread exits.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]

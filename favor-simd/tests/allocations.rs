@@ -1,12 +1,12 @@
-//! Repeated decoding steps and forward calls allocate nothing on the CPU backend after the
-//! first: counted by a global allocator, for one-token and multi-token steps of some and of all
-//! slots, and for forwards in both directions (long and short, grouped, cross-attention,
-//! masked), on every ISA this CPU runs. The calls run inside a rayon pool's `install` (what the
+//! Repeated decoding steps, forward and backward calls allocate nothing on the CPU backend after
+//! the first: counted by a global allocator, for one-token and multi-token steps of some and of
+//! all slots, and for forwards and backwards in both directions (long and short, grouped,
+//! cross-attention, masked), on every ISA this CPU runs. The calls run inside a rayon pool's `install` (what the
 //! count covers: favor's work; rayon's own injection of a call from outside its pool is not
 //! favor's).
 
 use favor_core::{
-    AttentionOptions, AttentionShape, FavorBackend, FeatureMap, Inputs, Problem, Projection, ProjectionConfig,
+    AttentionOptions, AttentionShape, FavorBackend, FeatureMap, Grads, Inputs, Problem, Projection, ProjectionConfig,
     SlotChunks,
 };
 use favor_simd::{Isa, SimdBackend};
@@ -135,7 +135,7 @@ fn decoding_steps_allocate_nothing_after_the_first() {
 }
 
 #[test]
-fn forward_calls_allocate_nothing_after_the_first() {
+fn forward_and_backward_calls_allocate_nothing_after_the_first() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let pool = counted_pool();
     let (heads, kv_heads, d, dv, m) = (6, 2, 13, 7, 19);
@@ -167,6 +167,17 @@ fn forward_calls_allocate_nothing_after_the_first() {
             let what = format!("{} {shape:?} {:?} masked {masked}", backend.name(), options.direction);
             assert_eq!(n, 0, "{what}: {n} allocations in 5 forward calls");
             assert!(out.iter().all(|x| x.is_finite()), "{what}");
+            let g = values(shape.out_len(), 4);
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+            let n = pool.install(|| {
+                allocations_after_warm_up(3, 5, || {
+                    let x = Inputs { q: (&q).into(), k: (&k).into(), v: (&v).into(), key_mask };
+                    let grads = Grads { dq: (&mut dq).into(), dk: (&mut dk).into(), dv: (&mut dv).into() };
+                    backend.backward(&p, x, (&g).into(), grads).unwrap();
+                })
+            });
+            assert_eq!(n, 0, "{what}: {n} allocations in 5 backward calls");
+            assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()), "{what}");
         }
     }
 }

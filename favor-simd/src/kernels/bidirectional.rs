@@ -268,7 +268,9 @@ pub(crate) fn cotangents<S: SimdF32>(
     }
 }
 
-/// The partial sums one query segment contributes to the key gradients.
+/// The partial sums one query segment contributes to the key gradients (kept by the calling
+/// thread between calls).
+#[derive(Default)]
 pub(crate) struct QueryGrads {
     /// Σ q' x̄ᵀ, mfp × dvp.
     pub dkv: Vec<f32>,
@@ -277,7 +279,50 @@ pub(crate) struct QueryGrads {
     pub params: Option<ParamAcc>,
 }
 
-/// Backward of query rows r0..r1: writes dq, returns the key-gradient partials.
+/// The scratch of one backward task (queries or keys): a tile and its products.
+struct GradScratch {
+    t: Tile,
+    /// Two value-width tiles: numerators and cotangents, or values and their gradients.
+    a: Vec<f32>,
+    b: Vec<f32>,
+    dphi: Vec<f32>,
+    da: Vec<f32>,
+    da2: Vec<f32>,
+    dx: Vec<f32>,
+    key: ScratchKey,
+}
+
+thread_local! {
+    static GRAD_SCRATCH: RefCell<Vec<(ScratchKey, GradScratch)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl GradScratch {
+    fn take(p: &Plan, dv: usize) -> GradScratch {
+        let key = scratch_key(p, dv, TILE);
+        let dvp = crate::isa::pad(dv);
+        let mut s = KeptScratch(&GRAD_SCRATCH).take(key, || GradScratch {
+            t: Tile::new(p, TILE),
+            a: vec![0.0; TILE * dvp],
+            b: vec![0.0; TILE * dvp],
+            dphi: vec![0.0; TILE * p.mfp],
+            da: vec![0.0; TILE * p.mp],
+            da2: vec![0.0; TILE * p.mp],
+            dx: vec![0.0; TILE * p.dp],
+            key,
+        });
+        // Value-width rows are read over their padding (which loads never write): zero, as new.
+        s.a.fill(0.0);
+        s.b.fill(0.0);
+        s
+    }
+
+    fn give_back(self) {
+        KeptScratch(&GRAD_SCRATCH).give_back(self.key, self);
+    }
+}
+
+/// Backward of query rows r0..r1: writes dq and the key-gradient partials into `out` (whose
+/// `params` it accumulates into).
 pub(crate) struct QueryBackward<'a, 'o> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
@@ -289,36 +334,33 @@ pub(crate) struct QueryBackward<'a, 'o> {
     pub r0: usize,
     pub r1: usize,
     pub dq: OutRows<'o>,
-    pub params: Option<ParamAcc>,
+    pub out: &'a mut QueryGrads,
 }
 
 impl SimdTask for QueryBackward<'_, '_> {
-    type Output = QueryGrads;
+    type Output = ();
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) -> QueryGrads {
+    fn run<S: SimdF32>(mut self) {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
-        let mut t = Tile::new(p, TILE);
-        let mut num = vec![0.0; TILE * dvp];
-        let mut g = vec![0.0; TILE * dvp];
+        let mut scratch = GradScratch::take(p, io.dv);
+        let GradScratch { t, a: num, b: g, dphi, da, da2, dx, .. } = &mut scratch;
         let mut den = [0.0f32; TILE];
         let mut gbar = [0.0f32; TILE];
-        let mut dphi = vec![0.0; TILE * p.mfp];
-        let mut da = vec![0.0; TILE * p.mp];
-        let mut da2 = vec![0.0; TILE * p.mp];
-        let mut dx = vec![0.0; TILE * p.dp];
-        let mut out = QueryGrads { dkv: vec![0.0; p.mfp * dvp], ds: vec![0.0; p.mfp], params: self.params.take() };
+        let out = &mut *self.out;
+        zeroed(&mut out.dkv, p.mfp * dvp);
+        zeroed(&mut out.ds, p.mfp);
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
             load_rows(&io.q, io.q_at, io.d, r, rows, &mut t.x, p.dp);
-            load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
+            load_rows(&self.dout, io.dout_at, io.dv, r, rows, g, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.features::<S>(p, rows);
             let span = span.next(Phase::Apply);
-            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, &mut num, dvp, true);
+            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, &self.keys.kv, dvp, num, dvp, true);
             for (i, dn) in den.iter_mut().enumerate().take(rows) {
                 let raw = dot::<S>(&t.phi[i * p.mfp..(i + 1) * p.mfp], &self.keys.ks);
                 t.scale_free[i] = !guard_fires(raw, self.delta);
@@ -327,24 +369,24 @@ impl SimdTask for QueryBackward<'_, '_> {
                     io.flag_risk();
                 }
             }
-            normalise::<S>(rows, &mut num, dvp, &den);
+            normalise::<S>(rows, num, dvp, &den);
             let span = span.next(Phase::BackwardSweep);
-            cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
+            cotangents::<S>(rows, g, num, dvp, &den, &mut gbar);
             // dq' = x̄ KVᵀ + ḡ ksᵀ
-            gemm::<S>(rows, io.dv, p.mfp, &g, dvp, 1, self.kvt, p.mfp, &mut dphi, p.mfp, true);
+            gemm::<S>(rows, io.dv, p.mfp, g, dvp, 1, self.kvt, p.mfp, dphi, p.mfp, true);
             for i in 0..rows {
                 axpy::<S>(gbar[i], &self.keys.ks, &mut dphi[i * p.mfp..(i + 1) * p.mfp]);
                 axpy::<S>(gbar[i], &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut out.ds);
             }
-            gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, &g, dvp, &mut out.dkv, dvp, false);
+            gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, g, dvp, &mut out.dkv, dvp, false);
             let span = span.next(Phase::FeatureBackward);
-            t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, out.params.as_mut());
+            t.features_backward::<S>(p, rows, dphi, da, da2, dx, out.params.as_mut());
             let span = span.next(Phase::Io);
-            store_rows(&mut self.dq, r - self.r0, rows, &dx, p.dp);
+            store_rows(&mut self.dq, r - self.r0, rows, dx, p.dp);
             span.end();
             r += rows;
         }
-        out
+        scratch.give_back();
     }
 }
 
@@ -370,25 +412,20 @@ impl SimdTask for KeyBackward<'_, '_> {
     fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
-        let mut t = Tile::new(p, TILE);
-        let mut vt = vec![0.0; TILE * dvp];
-        let mut dvt = vec![0.0; TILE * dvp];
-        let mut dphi = vec![0.0; TILE * p.mfp];
-        let mut da = vec![0.0; TILE * p.mp];
-        let mut da2 = vec![0.0; TILE * p.mp];
-        let mut dx = vec![0.0; TILE * p.dp];
+        let mut scratch = GradScratch::take(p, io.dv);
+        let GradScratch { t, a: vt, b: dvt, dphi, da, da2, dx, .. } = &mut scratch;
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
             let span = Span::start(Phase::Io);
             load_rows(&io.k, io.k_at, io.d, r, rows, &mut t.x, p.dp);
-            load_rows(&io.v, io.v_at, io.dv, r, rows, &mut vt, dvp);
+            load_rows(&io.v, io.v_at, io.dv, r, rows, vt, dvp);
             let span = span.next(Phase::FeatureMap);
             t.project::<S>(p, rows);
             t.c[..rows].fill(self.c);
             t.features::<S>(p, rows);
             let span = span.next(Phase::BackwardSweep);
-            gemm::<S>(rows, io.dv, p.mfp, &vt, dvp, 1, self.dkvt, p.mfp, &mut dphi, p.mfp, true);
+            gemm::<S>(rows, io.dv, p.mfp, vt, dvp, 1, self.dkvt, p.mfp, dphi, p.mfp, true);
             for i in 0..rows {
                 if io.keep(r + i) {
                     axpy::<S>(1.0, self.ds, &mut dphi[i * p.mfp..(i + 1) * p.mfp]);
@@ -397,18 +434,19 @@ impl SimdTask for KeyBackward<'_, '_> {
                     dphi[i * p.mfp..(i + 1) * p.mfp].fill(0.0);
                 }
             }
-            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, self.dkv, dvp, &mut dvt, dvp, true);
+            gemm::<S>(rows, p.mfp, dvp, &t.phi, p.mfp, 1, self.dkv, dvp, dvt, dvp, true);
             let span = span.next(Phase::FeatureBackward);
-            t.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+            t.features_backward::<S>(p, rows, dphi, da, da2, dx, self.params.as_mut());
             for i in (0..rows).filter(|&i| !io.keep(r + i)) {
                 dx[i * p.dp..(i + 1) * p.dp].fill(0.0);
             }
             let span = span.next(Phase::Io);
-            store_rows(&mut self.dk, r - self.r0, rows, &dx, p.dp);
-            store_rows(&mut self.dv, r - self.r0, rows, &dvt, dvp);
+            store_rows(&mut self.dk, r - self.r0, rows, dx, p.dp);
+            store_rows(&mut self.dv, r - self.r0, rows, dvt, dvp);
             span.end();
             r += rows;
         }
+        scratch.give_back();
         self.params
     }
 }

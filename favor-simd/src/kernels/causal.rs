@@ -432,7 +432,7 @@ fn row_bytes<'t>(row: &'t mut HostMut<'_>) -> &'t mut [u8] {
 /// for the group's entries, in a side buffer (token-major).
 pub(crate) enum Stash<'o> {
     Rows(OutRows<'o>),
-    Side { entries: Vec<StashEntry>, group: usize },
+    Side { entries: &'o mut [StashEntry], group: usize },
 }
 
 impl<'o> Stash<'o> {
@@ -442,11 +442,21 @@ impl<'o> Stash<'o> {
     }
 
     /// In `rows` (`n` rows of `elem_size`-byte elements) when they are wide enough for `group`
-    /// entries, else a side buffer.
-    pub(crate) fn new(rows: Option<OutRows<'o>>, elem_size: usize, n: usize, group: usize) -> Self {
+    /// entries, else in `side` (resized to n · group: no allocation once it has the size).
+    pub(crate) fn new(
+        rows: Option<OutRows<'o>>,
+        elem_size: usize,
+        n: usize,
+        group: usize,
+        side: &'o mut Vec<StashEntry>,
+    ) -> Self {
         match rows {
             Some(t) if Self::fits(t.width, elem_size, group) => Stash::Rows(t),
-            _ => Stash::Side { entries: vec![StashEntry::default(); n * group], group },
+            _ => {
+                side.clear();
+                side.resize(n * group, StashEntry::default());
+                Stash::Side { entries: side, group }
+            }
         }
     }
 
@@ -462,15 +472,19 @@ impl<'o> Stash<'o> {
 /// The decayed suffix sums of the reverse sweep: P = Σ_i exp(c_ref − c_i) q'_i x̄_iᵀ (mfp × dvp)
 /// and p = Σ_i exp(c_ref − c_i) ḡ_i q'_i (mfp), over the queries after some row, relative to
 /// the running key maximum `c_ref` at that row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Suffix {
     pub pm: Vec<f32>,
     pub pv: Vec<f32>,
 }
 
 impl Suffix {
-    pub(crate) fn new(p: &Plan, dv: usize) -> Suffix {
-        Suffix { pm: vec![0.0; p.mfp * pad(dv)], pv: vec![0.0; p.mfp] }
+    /// Zero sums of the plan's size, in place (no allocation once sized).
+    pub(crate) fn reset(&mut self, p: &Plan, dv: usize) {
+        self.pm.clear();
+        self.pm.resize(p.mfp * pad(dv), 0.0);
+        self.pv.clear();
+        self.pv.resize(p.mfp, 0.0);
     }
 
     /// Adds the queries of a chunk, weighted by exp(c_ref − c_i): consumes φ(Q) (rescaled in
@@ -500,18 +514,16 @@ impl Suffix {
         }
     }
 
-    /// The suffix entering the segment before: `later` (relative to the end of the segment it
-    /// enters, `c_later`) re-referenced to `c_here` and plus `seg`, the next segment's own
-    /// contribution (already relative to `c_here`).
-    pub(crate) fn chain(mut later: Suffix, c_here: f64, c_later: f64, seg: &Suffix) -> Suffix {
+    /// The suffix entering the segment before (`self`): `later` (relative to the end of the
+    /// segment it enters, `c_later`) re-referenced to `c_here` and plus `seg`, the next segment's
+    /// own contribution (already relative to `c_here`).
+    pub(crate) fn chain(&mut self, later: &Suffix, c_here: f64, c_later: f64, seg: &Suffix) {
         let f = if c_here == c_later { 1.0 } else { (c_here - c_later).exp() as f32 };
-        for (a, &b) in later.pm.iter_mut().zip(&seg.pm) {
-            *a = f * *a + b;
-        }
-        for (a, &b) in later.pv.iter_mut().zip(&seg.pv) {
-            *a = f * *a + b;
-        }
-        later
+        let mix = |out: &mut [f32], a: &[f32], b: &[f32]| {
+            out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f * a + b);
+        };
+        mix(&mut self.pm, &later.pm, &seg.pm);
+        mix(&mut self.pv, &later.pv, &seg.pv);
     }
 }
 
@@ -520,15 +532,18 @@ fn stash_get(t: &mut OutRows<'_>, row: usize, gi: usize) -> StashEntry {
     StashEntry::from_bytes(&row_bytes(&mut t.row(row))[gi * StashEntry::BYTES..])
 }
 
-/// What a forward sweep of the causal backward returns.
+/// What a forward sweep of the causal backward leaves for the rest of the backward (kept by the
+/// calling thread between calls, like the other per-segment sums).
+#[derive(Default)]
 pub(crate) struct SweepOut {
     pub params: Option<ParamAcc>,
     /// The running key maximum entering the segment (the reference of `suffix`).
     pub c_in: f64,
-    /// The segment's own suffix sums relative to its incoming maximum (when asked for).
-    pub suffix: Option<Suffix>,
+    /// The segment's own suffix sums relative to its incoming maximum (zero for the first
+    /// segment, which has none before it).
+    pub suffix: Suffix,
     /// The stash, when it could not live in the gradient rows.
-    pub side: Option<Vec<StashEntry>>,
+    pub side: Vec<StashEntry>,
 }
 
 /// The `count` query heads of one key/value head for the causal backward, made on demand by
@@ -550,37 +565,86 @@ pub(crate) struct BackwardForwardSweep<'a, 'o, 'm> {
     pub delta: f32,
     pub r0: usize,
     pub r1: usize,
-    pub state: HeadState,
+    /// The incoming state; left at the state after r1 − 1.
+    pub state: &'a mut HeadState,
+    /// Whether the segment's share of the suffix sums is wanted (all but the first segment).
     pub suffix: bool,
     pub stash: Stash<'o>,
     pub params: Option<ParamAcc>,
+    /// Where the sweep leaves the segment's share of the suffix sums (zero without `suffix`)
+    /// and the running key maximum entering it.
+    pub suffix_out: &'a mut Suffix,
+    pub c_in_out: &'a mut f64,
+}
+
+/// The scratch of one causal backward sweep (either direction): a chunk and its products.
+struct SweepScratch {
+    ch: Chunk,
+    num: Vec<f32>,
+    g: Vec<f32>,
+    bm: Vec<f32>,
+    vtt: Vec<f32>,
+    /// Sᵀ (forward sweep) or Pᵀ (reverse sweep), dvp × mfp.
+    state_t: Vec<f32>,
+    dphi: Vec<f32>,
+    da: Vec<f32>,
+    da2: Vec<f32>,
+    dx: Vec<f32>,
+    key: ScratchKey,
+}
+
+thread_local! {
+    static SWEEP_SCRATCH: RefCell<Vec<(ScratchKey, SweepScratch)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl SweepScratch {
+    fn take(p: &Plan, dv: usize) -> SweepScratch {
+        let key = scratch_key(p, dv, CHUNK);
+        let mut s = KeptScratch(&SWEEP_SCRATCH).take(key, || {
+            let (dvp, mfp) = (pad(dv), p.mfp);
+            SweepScratch {
+                ch: Chunk::new(p, dv),
+                num: vec![0.0; CHUNK * dvp],
+                g: vec![0.0; CHUNK * dvp],
+                bm: vec![0.0; CHUNK * CHUNK],
+                vtt: vec![0.0; dvp * CHUNK],
+                state_t: vec![0.0; dvp * mfp],
+                dphi: vec![0.0; CHUNK * mfp],
+                da: vec![0.0; CHUNK * p.mp],
+                da2: vec![0.0; CHUNK * p.mp],
+                dx: vec![0.0; CHUNK * p.dp],
+                key,
+            }
+        });
+        // Value-width rows are read over their padding (which loads never write): zero, as new.
+        s.num.fill(0.0);
+        s.g.fill(0.0);
+        s
+    }
+
+    fn give_back(self) {
+        KeptScratch(&SWEEP_SCRATCH).give_back(self.key, self);
+    }
 }
 
 impl SimdTask for BackwardForwardSweep<'_, '_, '_> {
-    type Output = SweepOut;
+    type Output = Option<ParamAcc>;
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) -> SweepOut {
+    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
         let p = self.plan;
         let BackwardHeads { count, make } = self.heads;
         // The keys and values of the group, as every query head reads them.
         let io = make(0).0;
         let mfp = p.mfp;
-        let mut ch = Chunk::new(p, io.dv);
+        let mut scratch = SweepScratch::take(p, io.dv);
+        let SweepScratch { ch, num, g, bm, vtt, state_t: st_t, dphi, da, da2, dx, .. } = &mut scratch;
         let dvp = ch.dvp;
-        let mut num = vec![0.0; CHUNK * dvp];
-        let mut g = vec![0.0; CHUNK * dvp];
         let mut den = [0.0f32; CHUNK];
         let mut gbar = [0.0f32; CHUNK];
-        let mut bm = vec![0.0; CHUNK * CHUNK];
-        let mut vtt = vec![0.0; dvp * CHUNK];
-        let mut st_t = vec![0.0; dvp * mfp];
-        let mut dphi = vec![0.0; CHUNK * mfp];
-        let mut da = vec![0.0; CHUNK * p.mp];
-        let mut da2 = vec![0.0; CHUNK * p.mp];
-        let mut dx = vec![0.0; CHUNK * p.dp];
         let c_in = self.state.c;
-        let mut suffix = self.suffix.then(|| Suffix::new(p, io.dv));
-        let mut st = self.state;
+        self.suffix_out.reset(p, io.dv);
+        let mut suffix = self.suffix.then_some(&mut *self.suffix_out);
+        let st = &mut *self.state;
         let mut r = self.r0;
         while r < self.r1 {
             let rows = CHUNK.min(self.r1 - r);
@@ -588,48 +652,46 @@ impl SimdTask for BackwardForwardSweep<'_, '_, '_> {
             ch.finish_keys::<S>(p, rows);
             // The per-chunk state transposes run faster on the 8-wide path than through
             // AVX-512's in-register 16 × 16 blocks (measured: causal forward + backward 1.07–1.13×).
-            transpose::<wide::f32x8>(mfp, dvp, &st.s, dvp, &mut st_t, mfp);
+            transpose::<wide::f32x8>(mfp, dvp, &st.s, dvp, st_t, mfp);
             for gi in 0..count {
                 let (io, mut dq) = make(gi);
                 ch.prepare_queries::<S>(p, &io, r, rows);
-                ch.outputs::<S>(p, &io, rows, &st, self.delta, &mut num, &mut den);
+                ch.outputs::<S>(p, &io, rows, st, self.delta, num, &mut den);
                 let t = Span::start(Phase::Apply);
-                normalise::<S>(rows, &mut num, dvp, &den);
+                normalise::<S>(rows, num, dvp, &den);
                 let t = t.next(Phase::Io);
-                load_rows(&self.dout, io.dout_at, io.dv, r, rows, &mut g, dvp);
+                load_rows(&self.dout, io.dout_at, io.dv, r, rows, g, dvp);
                 let t = t.next(Phase::BackwardSweep);
-                cotangents::<S>(rows, &mut g, &num, dvp, &den, &mut gbar);
+                cotangents::<S>(rows, g, num, dvp, &den, &mut gbar);
                 for i in 0..rows {
                     self.stash.put(r - self.r0 + i, gi, StashEntry { den: den[i], gbar: gbar[i], c: ch.cj[i] });
                 }
                 t.end();
-                build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+                build_b::<S>(ch, rows, io.dv, g, &gbar, vtt, bm);
                 let t = Span::start(Phase::BackwardSweep);
                 // dq' = w_i (x̄ Sᵀ + ḡ zᵀ) + B K'
-                gemm::<S>(rows, io.dv, mfp, &g, dvp, 1, &st_t, mfp, &mut dphi, mfp, true);
+                gemm::<S>(rows, io.dv, mfp, g, dvp, 1, st_t, mfp, dphi, mfp, true);
                 for i in 0..rows {
                     let row = &mut dphi[i * mfp..(i + 1) * mfp];
                     axpy::<S>(gbar[i], &st.z, row);
                     scale::<S>(decay::<S>(st.c, ch.cj[i]), row);
                 }
-                gemm::<S>(rows, rows, mfp, &bm, CHUNK, 1, &ch.tk.phi, mfp, &mut dphi, mfp, false);
+                gemm::<S>(rows, rows, mfp, bm, CHUNK, 1, &ch.tk.phi, mfp, dphi, mfp, false);
                 let t = t.next(Phase::FeatureBackward);
-                ch.tq.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+                ch.tq.features_backward::<S>(p, rows, dphi, da, da2, dx, self.params.as_mut());
                 let t = t.next(Phase::Io);
-                store_rows(&mut dq, r - self.r0, rows, &dx, p.dp);
+                store_rows(&mut dq, r - self.r0, rows, dx, p.dp);
                 t.end();
                 if let Some(sfx) = suffix.as_mut() {
-                    sfx.add_queries::<S>(p, &mut ch, rows, c_in, &g, &gbar);
+                    sfx.add_queries::<S>(p, ch, rows, c_in, g, &gbar);
                 }
             }
-            ch.advance::<S>(p, rows, &mut st);
+            ch.advance::<S>(p, rows, st);
             r += rows;
         }
-        let side = match self.stash {
-            Stash::Side { entries, .. } => Some(entries),
-            Stash::Rows(_) => None,
-        };
-        SweepOut { params: self.params, c_in, suffix, side }
+        scratch.give_back();
+        *self.c_in_out = c_in;
+        self.params
     }
 }
 
@@ -643,55 +705,53 @@ pub(crate) struct BackwardReverseSweep<'a, 'o, 'm> {
     pub dout: HostRef<'a>,
     pub r0: usize,
     pub r1: usize,
-    pub suffix: Suffix,
+    /// The suffix sums entering from r1 (consumed).
+    pub suffix: &'a mut Suffix,
     pub place: StashPlace,
-    pub side: Option<Vec<StashEntry>>,
+    pub side: &'a [StashEntry],
     pub dk: OutRows<'o>,
     pub dv: OutRows<'o>,
     pub params: Option<ParamAcc>,
 }
 
-impl BackwardReverseSweep<'_, '_, '_> {
-    /// Stash entry of query head `gi` of the group at segment row `row`.
-    fn stashed(&mut self, row: usize, gi: usize) -> StashEntry {
-        match self.place {
-            StashPlace::Dv => stash_get(&mut self.dv, row, gi),
-            StashPlace::Dk => stash_get(&mut self.dk, row, gi),
-            StashPlace::Side => self.side.as_ref().map_or(StashEntry::default(), |v| v[row * self.heads.count + gi]),
-        }
+/// Entry `gi` of the stash at segment row `row` (the group has `group` query heads).
+fn stashed(
+    place: StashPlace,
+    (dk, dv): (&mut OutRows<'_>, &mut OutRows<'_>),
+    side: &[StashEntry],
+    group: usize,
+    row: usize,
+    gi: usize,
+) -> StashEntry {
+    match place {
+        StashPlace::Dv => stash_get(dv, row, gi),
+        StashPlace::Dk => stash_get(dk, row, gi),
+        StashPlace::Side => side[row * group + gi],
     }
 }
 
 impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
     type Output = Option<ParamAcc>;
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
-        let p = self.plan;
-        let BackwardHeads { count, make } = self.heads;
+    fn run<S: SimdF32>(self) -> Option<ParamAcc> {
+        let BackwardReverseSweep { plan: p, heads, dout, r0, r1, suffix: sfx, place, side, mut dk, mut dv, mut params } =
+            self;
+        let BackwardHeads { count, make } = heads;
         let io = make(0);
         let mfp = p.mfp;
-        let mut ch = Chunk::new(p, io.dv);
+        let mut scratch = SweepScratch::take(p, io.dv);
+        let SweepScratch { ch, num: dvo, g, bm, vtt, state_t: pm_t, dphi, da, da2, dx, .. } = &mut scratch;
         let dvp = ch.dvp;
-        let mut g = vec![0.0; CHUNK * dvp];
         let mut gbar = [0.0f32; CHUNK];
         let mut den = [0.0f32; CHUNK];
         let mut cj = [0.0f64; CHUNK];
-        let mut bm = vec![0.0; CHUNK * CHUNK];
-        let mut vtt = vec![0.0; dvp * CHUNK];
-        let mut pm_t = vec![0.0f32; dvp * mfp];
-        let mut dphi = vec![0.0; CHUNK * mfp];
-        let mut da = vec![0.0; CHUNK * p.mp];
-        let mut da2 = vec![0.0; CHUNK * p.mp];
-        let mut dx = vec![0.0; CHUNK * p.dp];
-        let mut dvo = vec![0.0; CHUNK * dvp];
-        let mut sfx = std::mem::replace(&mut self.suffix, Suffix { pm: Vec::new(), pv: Vec::new() });
-        let nchunks = (self.r1 - self.r0).div_ceil(CHUNK);
+        let nchunks = (r1 - r0).div_ceil(CHUNK);
         for ci in (0..nchunks).rev() {
-            let r = self.r0 + ci * CHUNK;
-            let rows = CHUNK.min(self.r1 - r);
+            let r = r0 + ci * CHUNK;
+            let rows = CHUNK.min(r1 - r);
             // The running key maxima depend on the keys alone: every head stashed the same.
             for (i, c) in cj.iter_mut().enumerate().take(rows) {
-                *c = self.stashed(r - self.r0 + i, 0).c;
+                *c = stashed(place, (&mut dk, &mut dv), side, count, r - r0 + i, 0).c;
             }
             ch.prepare_keys::<S>(p, &io, r, rows, 0.0, Some(&cj[..rows]));
             ch.finish_keys::<S>(p, rows);
@@ -699,10 +759,10 @@ impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
             let c_end = ch.cj[rows - 1];
             // dk' = w_j (V Pᵀ + 1 pᵀ) + Bᵀ Q'
             // 8-wide for the same reason as the forward sweep's state transpose.
-            transpose::<wide::f32x8>(mfp, dvp, &sfx.pm, dvp, &mut pm_t, mfp);
-            gemm::<S>(rows, io.dv, mfp, &ch.vt, dvp, 1, &pm_t, mfp, &mut dphi, mfp, true);
+            transpose::<wide::f32x8>(mfp, dvp, &sfx.pm, dvp, pm_t, mfp);
+            gemm::<S>(rows, io.dv, mfp, &ch.vt, dvp, 1, pm_t, mfp, dphi, mfp, true);
             // dv = w_j K' P + (Q'K'ᵀ ⊙ M)ᵀ X̄
-            gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &sfx.pm, dvp, &mut dvo, dvp, true);
+            gemm::<S>(rows, mfp, dvp, &ch.tk.phi, mfp, 1, &sfx.pm, dvp, dvo, dvp, true);
             for j in 0..rows {
                 let w = decay::<S>(ch.cj[j], c_end);
                 let row = &mut dphi[j * mfp..(j + 1) * mfp];
@@ -713,7 +773,8 @@ impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
             t.end();
             // The previous row's stash must be read before this chunk's rows are overwritten
             // (it lies in the chunk before, which is still intact).
-            let c_prev = if ci > 0 { Some(self.stashed(r - self.r0 - 1, 0).c) } else { None };
+            let c_prev =
+                if ci > 0 { Some(stashed(place, (&mut dk, &mut dv), side, count, r - r0 - 1, 0).c) } else { None };
             if let Some(c_prev) = c_prev {
                 // Re-reference the suffix sums to the last key maximum before this chunk (the
                 // terms above used them as they were), then add each head's queries below.
@@ -723,13 +784,13 @@ impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
             }
             for gi in 0..count {
                 for i in 0..rows {
-                    let e = self.stashed(r - self.r0 + i, gi);
+                    let e = stashed(place, (&mut dk, &mut dv), side, count, r - r0 + i, gi);
                     (den[i], gbar[i]) = (e.den, e.gbar);
                 }
                 let qio = make(gi);
                 ch.prepare_queries::<S>(p, &qio, r, rows);
                 let t = Span::start(Phase::Io);
-                load_rows(&self.dout, qio.dout_at, qio.dv, r, rows, &mut g, dvp);
+                load_rows(&dout, qio.dout_at, qio.dv, r, rows, g, dvp);
                 let t = t.next(Phase::BackwardSweep);
                 for i in 0..rows {
                     let row = &mut g[i * dvp..(i + 1) * dvp];
@@ -741,13 +802,13 @@ impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
                     }
                 }
                 t.end();
-                build_b::<S>(&ch, rows, io.dv, &g, &gbar, &mut vtt, &mut bm);
+                build_b::<S>(ch, rows, io.dv, g, &gbar, vtt, bm);
                 let t = Span::start(Phase::BackwardSweep);
-                gemm::<S>(rows, rows, mfp, &bm, 1, CHUNK, &ch.tq.phi, mfp, &mut dphi, mfp, false);
-                gemm::<S>(rows, rows, dvp, &ch.att, 1, CHUNK, &g, dvp, &mut dvo, dvp, false);
+                gemm::<S>(rows, rows, mfp, bm, 1, CHUNK, &ch.tq.phi, mfp, dphi, mfp, false);
+                gemm::<S>(rows, rows, dvp, &ch.att, 1, CHUNK, g, dvp, dvo, dvp, false);
                 t.end();
                 if let Some(c_prev) = c_prev {
-                    sfx.add_queries::<S>(p, &mut ch, rows, c_prev, &g, &gbar);
+                    sfx.add_queries::<S>(p, ch, rows, c_prev, g, &gbar);
                 }
             }
             let t = Span::start(Phase::BackwardSweep);
@@ -756,16 +817,17 @@ impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
                 dvo[j * dvp..(j + 1) * dvp].fill(0.0);
             }
             let t = t.next(Phase::FeatureBackward);
-            ch.tk.features_backward::<S>(p, rows, &dphi, &mut da, &mut da2, &mut dx, self.params.as_mut());
+            ch.tk.features_backward::<S>(p, rows, dphi, da, da2, dx, params.as_mut());
             for j in (0..rows).filter(|&j| !ch.kept[j]) {
                 dx[j * p.dp..(j + 1) * p.dp].fill(0.0);
             }
             let t = t.next(Phase::Io);
-            store_rows(&mut self.dk, r - self.r0, rows, &dx, p.dp);
-            store_rows(&mut self.dv, r - self.r0, rows, &dvo, dvp);
+            store_rows(&mut dk, r - r0, rows, dx, p.dp);
+            store_rows(&mut dv, r - r0, rows, dvo, dvp);
             t.end();
         }
-        self.params
+        scratch.give_back();
+        params
     }
 }
 
