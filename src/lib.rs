@@ -4,7 +4,7 @@ pub use favor_core::*;
 
 mod select;
 
-pub use favor_simd::Isa;
+pub use favor_simd::{Isa, release_scratch};
 pub use select::{Backend, BackendState};
 
 /// The CUDA backend crate (device tensors, streams, memory usage), for engines that call

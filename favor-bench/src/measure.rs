@@ -48,7 +48,10 @@ pub trait MemoryMeter {
 pub struct Heap;
 
 impl MemoryMeter for Heap {
+    /// Also frees the CPU backend's kept scratch, so that a point's peak counts the scratch its
+    /// calls make (it would otherwise be live already, left by the previous point).
     fn start(&self) -> usize {
+        favor::release_scratch();
         alloc::reset_peak()
     }
     fn peak(&self) -> usize {

@@ -6,7 +6,7 @@
 
 use crate::isa::{Isa, IsaToken, best_isa, pad};
 use crate::kernels::bidirectional::{
-    KeyBackward, KeySegment, KeyState, KeyStats, QueryBackward, QueryForward, QueryGrads, combine,
+    KeyBackward, KeySegment, KeyState, QueryBackward, QueryForward, SegmentSums, combine,
 };
 use crate::kernels::causal::{
     BackwardForwardSweep, BackwardHeads, BackwardReverseSweep, CausalForward, CausalSummary, GroupHeads, HeadState,
@@ -134,9 +134,9 @@ impl Segments {
 struct CallScratch {
     /// One at-risk flag per (batch, query head).
     risk: Vec<AtomicBool>,
-    /// Bidirectional: the summary of every key segment, then the key state of every key/value
-    /// head.
-    key_stats: Vec<KeyStats>,
+    /// Bidirectional: the sums of every key segment (then, in the backward, of every query
+    /// segment), and the key state of every key/value head.
+    segment_sums: Vec<SegmentSums>,
     key_states: Vec<KeyState>,
     /// Causal: the state entering every segment of every key/value head, and the summaries of
     /// all segments but the last.
@@ -145,14 +145,14 @@ struct CallScratch {
     /// Bidirectional backward: (K'ᵀV)ᵀ per key/value head, the key-gradient partials of every
     /// query segment and their sums per key/value head.
     kvt: Vec<Vec<f32>>,
-    query_grads: Vec<QueryGrads>,
     key_grads: Vec<KeyGrads>,
     /// Causal backward: what each forward sweep leaves, and the suffix sums entering each
     /// segment.
     sweeps: Vec<SweepOut>,
     suffixes: Vec<Suffix>,
-    /// Parameter-gradient partials of the key-side tasks (learned maps only).
+    /// Parameter-gradient partials of the query-side and key-side tasks (learned maps only).
     task_params: Vec<Option<ParamAcc>>,
+    key_params: Vec<Option<ParamAcc>>,
     /// The largest per-head sum (elements) [`check_kernel_sums`] found allocatable: smaller ones
     /// need no new trial allocation.
     sums_checked: usize,
@@ -160,6 +160,11 @@ struct CallScratch {
 
 thread_local! {
     static CALL_SCRATCH: std::cell::Cell<Option<Box<CallScratch>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Drops the calling thread's [`CallScratch`].
+pub(crate) fn release_call_scratch() {
+    CALL_SCRATCH.with(|c| drop(c.take()));
 }
 
 impl CallScratch {
@@ -191,10 +196,14 @@ impl CallScratch {
     }
 }
 
-/// `v` at length `n`, new entries default (no allocation once it had the length).
-fn resize_default<T: Default>(v: &mut Vec<T>, n: usize) {
-    v.resize_with(n, T::default);
-    v.truncate(n);
+/// The first `n` entries of `v`, grown with default entries if it is shorter. Never shrunk: the
+/// entries past `n` keep their buffers for a later, larger call (calls of several shapes in turn
+/// — a forward and its backward — allocate nothing).
+fn prefix<T: Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize_with(n, T::default);
+    }
+    &mut v[..n]
 }
 
 /// dKV, its transpose and ds of one key/value head (bidirectional backward).
@@ -207,24 +216,27 @@ struct KeyGrads {
 
 impl KeyGrads {
     /// The sum of `parts` (in order), and the transpose.
-    fn add(&mut self, mfp: usize, dvp: usize, parts: &[QueryGrads]) {
+    fn add(&mut self, mfp: usize, dvp: usize, parts: &[SegmentSums]) {
         for (v, n) in [(&mut self.dkv, mfp * dvp), (&mut self.dkvt, dvp * mfp), (&mut self.ds, mfp)] {
             v.clear();
             v.resize(n, 0.0);
         }
         for part in parts {
-            self.dkv.iter_mut().zip(&part.dkv).for_each(|(a, b)| *a += b);
-            self.ds.iter_mut().zip(&part.ds).for_each(|(a, b)| *a += b);
+            self.dkv.iter_mut().zip(&part.s).for_each(|(a, b)| *a += b);
+            self.ds.iter_mut().zip(&part.z).for_each(|(a, b)| *a += b);
         }
         transpose::<wide::f32x8>(mfp, dvp, &self.dkv, dvp, &mut self.dkvt, mfp);
     }
 }
 
-/// `v` at length `n`, every entry an empty state of the plan (no allocation once sized).
-fn reset_states(v: &mut Vec<HeadState>, n: usize, plan: &Plan, dv: usize) {
-    v.resize_with(n, HeadState::empty);
-    v.truncate(n);
+/// The first `n` states of `v` (see [`prefix`]), each reset to an empty state of the plan.
+fn reset_states<'v>(v: &'v mut Vec<HeadState>, n: usize, plan: &Plan, dv: usize) -> &'v mut [HeadState] {
+    if v.len() < n {
+        v.resize_with(n, HeadState::empty);
+    }
+    let v = &mut v[..n];
     v.iter_mut().for_each(|h| h.reset(plan, dv));
+    v
 }
 
 /// Splits a mutable tensor into consecutive pieces of the given lengths.
@@ -294,11 +306,11 @@ impl SimdBackend {
         let s = p.shape;
         let segs = Segments::causal(s.kv_problems(), s.len);
         let nseg = segs.count();
-        reset_states(incoming, s.kv_problems() * nseg, plan, s.dv);
+        let incoming = reset_states(incoming, s.kv_problems() * nseg, plan, s.dv);
         if nseg == 1 {
             return segs;
         }
-        reset_states(summaries, s.kv_problems() * (nseg - 1), plan, s.dv);
+        let summaries = reset_states(summaries, s.kv_problems() * (nseg - 1), plan, s.dv);
         summaries.par_iter_mut().enumerate().for_each(|(i, state)| {
             let (kvh, (r0, r1)) = (i / (nseg - 1), segs.get(i % (nseg - 1)));
             self.token.run(CausalSummary { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1, state })
@@ -355,21 +367,21 @@ impl SimdBackend {
         plan: &Plan,
         p: &Problem<'_>,
         inputs: &Inputs<'_, Host>,
-        stats: &mut Vec<KeyStats>,
+        stats: &mut Vec<SegmentSums>,
         states: &mut Vec<KeyState>,
     ) {
         let s = p.shape;
         let segs = Segments::of(s.keys());
         let nseg = segs.count();
-        stats.resize_with(s.kv_problems() * nseg, KeyStats::default);
-        stats.truncate(s.kv_problems() * nseg);
+        let stats = prefix(stats, s.kv_problems() * nseg);
         stats.par_iter_mut().enumerate().for_each(|(t, out)| {
             let (kvh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
             self.token.run(KeySegment { plan, io: head_in(p, inputs, lead(s, kvh), &[]), r0, r1, out })
         });
-        states.resize_with(s.kv_problems(), KeyState::default);
-        states.truncate(s.kv_problems());
-        states.par_iter_mut().zip(stats.par_chunks(nseg)).for_each(|(out, parts)| combine(plan, s.dv, parts, out));
+        prefix(states, s.kv_problems())
+            .par_iter_mut()
+            .zip(stats.par_chunks(nseg))
+            .for_each(|(out, parts)| combine(plan, s.dv, parts, out));
     }
 }
 
@@ -467,7 +479,8 @@ impl CausalSweeps<'_, '_, '_> {
         let (dq, dk, dv) = (&*dq, &*dk, &*dv);
         let task = |t: usize| (t / nseg, segs.get(t % nseg));
         // Sweep 1: dq, the stash, and each segment's share of the suffix sums.
-        resize_default(sweeps, ntasks);
+        let incoming = &mut incoming[..ntasks];
+        let sweeps = prefix(sweeps, ntasks);
         sweeps.par_iter_mut().zip(incoming.par_iter_mut()).enumerate().for_each(|(t, (out, state))| {
             let (kvh, (r0, r1)) = task(t);
             let first = lead(s, kvh);
@@ -507,7 +520,7 @@ impl CausalSweeps<'_, '_, '_> {
         // The suffix sums entering each segment from its end, chained from the last segment
         // back: segment k − 1 gets segment k's share plus what entered segment k, moved from
         // segment k's final maximum (segment k + 1's incoming one) to segment k's own.
-        resize_default(suffixes, ntasks);
+        let suffixes = prefix(suffixes, ntasks);
         for (head, chain) in sweeps.chunks(nseg).zip(suffixes.chunks_mut(nseg)) {
             chain[nseg - 1].reset(plan, s.dv);
             for k in (1..nseg).rev() {
@@ -518,7 +531,7 @@ impl CausalSweeps<'_, '_, '_> {
             }
         }
         // Sweep 2: dk and dv, last chunk first in every segment.
-        resize_default(reverse_params, ntasks);
+        let reverse_params = prefix(reverse_params, ntasks);
         let forward_sweeps = &*sweeps;
         reverse_params.par_iter_mut().zip(suffixes.par_iter_mut()).enumerate().for_each(|(t, (params, suffix))| {
             let (kvh, (r0, r1)) = task(t);
@@ -573,7 +586,7 @@ impl SimdBackend {
         let delta = p.denominator_guard();
         match p.options.direction {
             Direction::Bidirectional => {
-                self.key_states(&plan, p, &inputs, &mut ws.key_stats, &mut ws.key_states);
+                self.key_states(&plan, p, &inputs, &mut ws.segment_sums, &mut ws.key_states);
                 let (keys, segs, shared) = (&ws.key_states, Segments::of(s.len), &out);
                 let nseg = segs.count();
                 (0..s.problems() * nseg).into_par_iter().for_each(|t| {
@@ -590,7 +603,7 @@ impl SimdBackend {
                 // Replay every segment of every key/value head from its incoming state, with the
                 // group's query heads inside.
                 let (nseg, g, shared) = (segs.count(), s.group(), &out);
-                ws.incoming.par_iter_mut().enumerate().for_each(|(t, state)| {
+                ws.incoming[..s.kv_problems() * nseg].par_iter_mut().enumerate().for_each(|(t, state)| {
                     let (kvh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
                     let first = lead(s, kvh);
                     let make = |gi: usize| {
@@ -651,11 +664,10 @@ impl SimdBackend {
         // are dropped).
         let params: Vec<(usize, ParamAcc)> = match p.options.direction {
             Direction::Bidirectional => {
-                self.key_states(&plan, p, &inputs, &mut ws.key_stats, &mut ws.key_states);
+                self.key_states(&plan, p, &inputs, &mut ws.segment_sums, &mut ws.key_states);
                 let keys = &ws.key_states;
                 // (K'ᵀV)ᵀ of every key/value head.
-                resize_default(&mut ws.kvt, s.kv_problems());
-                ws.kvt.par_iter_mut().zip(keys).for_each(|(t, k)| {
+                prefix(&mut ws.kvt, s.kv_problems()).par_iter_mut().zip(keys).for_each(|(t, k)| {
                     t.clear();
                     t.resize(dvp * mfp, 0.0);
                     transpose::<wide::f32x8>(mfp, dvp, &k.kv, dvp, t, mfp);
@@ -663,38 +675,43 @@ impl SimdBackend {
                 let kvt = &ws.kvt;
                 let (segs, dq) = (Segments::of(s.len), &dq);
                 let nseg = segs.count();
-                resize_default(&mut ws.query_grads, s.problems() * nseg);
-                ws.query_grads.par_iter_mut().enumerate().for_each(|(t, out)| {
-                    let (bh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
-                    let kvh = s.kv_head_of(bh);
-                    // SAFETY: task t alone takes rows r0..r1 (segment t % nseg) of head t / nseg.
-                    let dq = unsafe { dq.rows_unchecked(bh, r0, r1) };
-                    out.params = ParamAcc::new(&plan, p.map);
-                    self.token.run(QueryBackward {
-                        plan: &plan,
-                        io: head_in(p, &inputs, bh, risk),
-                        dout,
-                        keys: &keys[kvh],
-                        kvt: &kvt[kvh],
-                        delta,
-                        r0,
-                        r1,
-                        dq,
-                        out,
-                    })
-                });
-                // dKV, ds and their transposes per key/value head, summed over its query heads
-                // (consecutive) and their segments, in task order.
-                resize_default(&mut ws.key_grads, s.kv_problems());
-                ws.key_grads.par_iter_mut().zip(ws.query_grads.par_chunks(nseg * s.group())).for_each(
-                    |(sum, parts)| {
-                        sum.add(mfp, dvp, parts);
+                // The key-segment sums were combined into the key states: their buffers take the
+                // query segments' partials.
+                let query_sums = prefix(&mut ws.segment_sums, s.problems() * nseg);
+                let query_params = prefix(&mut ws.task_params, s.problems() * nseg);
+                query_sums.par_iter_mut().zip(query_params.par_iter_mut()).enumerate().for_each(
+                    |(t, (out, params))| {
+                        let (bh, (r0, r1)) = (t / nseg, segs.get(t % nseg));
+                        let kvh = s.kv_head_of(bh);
+                        // SAFETY: task t alone takes rows r0..r1 (segment t % nseg) of head t / nseg.
+                        let dq = unsafe { dq.rows_unchecked(bh, r0, r1) };
+                        *params = self.token.run(QueryBackward {
+                            plan: &plan,
+                            io: head_in(p, &inputs, bh, risk),
+                            dout,
+                            keys: &keys[kvh],
+                            kvt: &kvt[kvh],
+                            delta,
+                            r0,
+                            r1,
+                            dq,
+                            out,
+                            params: ParamAcc::new(&plan, p.map),
+                        })
                     },
                 );
+                // dKV, ds and their transposes per key/value head, summed over its query heads
+                // (consecutive) and their segments, in task order.
+                prefix(&mut ws.key_grads, s.kv_problems())
+                    .par_iter_mut()
+                    .zip(query_sums.par_chunks(nseg * s.group()))
+                    .for_each(|(sum, parts)| {
+                        sum.add(mfp, dvp, parts);
+                    });
                 let (ksegs, dk, dv, sums) = (Segments::of(s.keys()), &dk, &dv, &ws.key_grads);
                 let nkseg = ksegs.count();
-                resize_default(&mut ws.task_params, s.kv_problems() * nkseg);
-                ws.task_params.par_iter_mut().enumerate().for_each(|(t, params)| {
+                let key_params = prefix(&mut ws.key_params, s.kv_problems() * nkseg);
+                key_params.par_iter_mut().enumerate().for_each(|(t, params)| {
                     let (kvh, (r0, r1)) = (t / nkseg, ksegs.get(t % nkseg));
                     // SAFETY: task t alone takes rows r0..r1 (segment t % nkseg) of key/value
                     // head t / nkseg, in dk and in dv.
@@ -716,10 +733,10 @@ impl SimdBackend {
                 });
                 // Only learned maps have parameter partials: nothing is allocated for the others.
                 let mut params = Vec::new();
-                for (t, g) in ws.query_grads.iter_mut().enumerate() {
-                    params.extend(g.params.take().map(|a| (s.kv_head_of(t / nseg), a)));
+                for (t, a) in query_params.iter_mut().enumerate() {
+                    params.extend(a.take().map(|a| (s.kv_head_of(t / nseg), a)));
                 }
-                for (t, a) in ws.task_params.iter_mut().enumerate() {
+                for (t, a) in key_params.iter_mut().enumerate() {
                     params.extend(a.take().map(|a| (t / nkseg, a)));
                 }
                 params

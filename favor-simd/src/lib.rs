@@ -56,6 +56,16 @@ pub mod phases;
 mod scan;
 
 pub use backend::{SimdBackend, SimdState};
+
+/// Frees the scratch the CPU backend keeps between calls (see "Scratch is kept between calls"):
+/// the calling thread's per-call sums and the kernel scratch of every thread of the current
+/// rayon pool (the global pool outside `ThreadPool::install`). The next call makes them again.
+/// For an engine that wants the memory back after a large call, and for benchmarks that
+/// measure what a call needs.
+pub fn release_scratch() {
+    backend::release_call_scratch();
+    rayon::broadcast(|_| kernels::release_kept_scratch());
+}
 pub use isa::{ISA_ENV, Isa, best_isa};
 pub use kernels::causal::HeadState;
 

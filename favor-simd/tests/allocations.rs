@@ -205,3 +205,27 @@ fn the_count_sees_allocations_on_the_pools_threads() {
     });
     assert!(n > 0, "a first forward allocates its scratch");
 }
+
+/// `release_scratch` frees what the calls keep: the next call makes it again.
+#[test]
+fn released_scratch_is_made_again() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = counted_pool();
+    let shape = AttentionShape::new(1, 2, 300, 8);
+    let map = FeatureMap::positive(Projection::draw(ProjectionConfig::new(16, 8, 5)).unwrap());
+    let p = Problem::new(shape, &map).with_options(AttentionOptions::causal());
+    let (q, v) = (values(shape.qk_len(), 1), values(shape.v_len(), 3));
+    let mut out = vec![0.0f32; shape.out_len()];
+    let backend = SimdBackend::new();
+    let mut call = || {
+        let x = Inputs { q: (&q).into(), k: (&q).into(), v: (&v).into(), key_mask: None };
+        backend.forward(&p, x, (&mut out).into()).unwrap();
+    };
+    let (warm, released) = pool.install(|| {
+        let warm = allocations_after_warm_up(2, 1, &mut call);
+        favor_simd::release_scratch();
+        (warm, allocations_after_warm_up(0, 1, &mut call))
+    });
+    assert_eq!(warm, 0);
+    assert!(released > 0, "the scratch was released");
+}

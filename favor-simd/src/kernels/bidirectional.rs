@@ -23,13 +23,14 @@ use favor_core::HostRef;
 use favor_core::saturate_f32;
 use std::cell::RefCell;
 
-/// Sums over one key segment, relative to its own maximum `c`.
+/// The sums of one sequence segment: of a key segment (forward), S = Σ φ(k) vᵀ (mfp × dvp) and
+/// z = Σ φ(k) (mfp) relative to the segment's own maximum `c`; of a query segment (backward),
+/// its partials of the key gradients, S = Σ q' x̄ᵀ and z = Σ q' ḡ. One kind of buffer for both,
+/// so that the backward reuses the forward's (kept by the calling thread between calls).
 #[derive(Default)]
-pub(crate) struct KeyStats {
+pub(crate) struct SegmentSums {
     pub c: f64,
-    /// Σ φ(k) vᵀ, mfp × dvp.
     pub s: Vec<f32>,
-    /// Σ φ(k), mfp.
     pub z: Vec<f32>,
 }
 
@@ -58,6 +59,12 @@ thread_local! {
     static TILE_SCRATCH: RefCell<Vec<(ScratchKey, TileScratch)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Drops this thread's kept tile and gradient scratch.
+pub(crate) fn release_scratch() {
+    KeptScratch(&TILE_SCRATCH).clear();
+    KeptScratch(&GRAD_SCRATCH).clear();
+}
+
 impl TileScratch {
     fn take(p: &Plan, dv: usize) -> (ScratchKey, TileScratch) {
         let key = scratch_key(p, dv, TILE);
@@ -76,7 +83,7 @@ pub(crate) struct KeySegment<'a> {
     pub io: HeadIn<'a>,
     pub r0: usize,
     pub r1: usize,
-    pub out: &'a mut KeyStats,
+    pub out: &'a mut SegmentSums,
 }
 
 impl SimdTask for KeySegment<'_> {
@@ -134,7 +141,7 @@ impl SimdTask for KeySegment<'_> {
 }
 
 /// Combines segment summaries (in order) into the key state of one head (`out`, resized).
-pub(crate) fn combine(p: &Plan, dv: usize, parts: &[KeyStats], out: &mut KeyState) {
+pub(crate) fn combine(p: &Plan, dv: usize, parts: &[SegmentSums], out: &mut KeyState) {
     let dvp = crate::isa::pad(dv);
     let c = parts.iter().map(|s| s.c).fold(f64::NEG_INFINITY, f64::max);
     let KeyState { kv, ks, .. } = out;
@@ -268,17 +275,6 @@ pub(crate) fn cotangents<S: SimdF32>(
     }
 }
 
-/// The partial sums one query segment contributes to the key gradients (kept by the calling
-/// thread between calls).
-#[derive(Default)]
-pub(crate) struct QueryGrads {
-    /// Σ q' x̄ᵀ, mfp × dvp.
-    pub dkv: Vec<f32>,
-    /// Σ q' ḡ, mfp.
-    pub ds: Vec<f32>,
-    pub params: Option<ParamAcc>,
-}
-
 /// The scratch of one backward task (queries or keys): a tile and its products.
 struct GradScratch {
     t: Tile,
@@ -321,8 +317,8 @@ impl GradScratch {
     }
 }
 
-/// Backward of query rows r0..r1: writes dq and the key-gradient partials into `out` (whose
-/// `params` it accumulates into).
+/// Backward of query rows r0..r1: writes dq and the key-gradient partials into `out`; returns
+/// `params` with its parameter-gradient partials.
 pub(crate) struct QueryBackward<'a, 'o> {
     pub plan: &'a Plan,
     pub io: HeadIn<'a>,
@@ -334,13 +330,14 @@ pub(crate) struct QueryBackward<'a, 'o> {
     pub r0: usize,
     pub r1: usize,
     pub dq: OutRows<'o>,
-    pub out: &'a mut QueryGrads,
+    pub out: &'a mut SegmentSums,
+    pub params: Option<ParamAcc>,
 }
 
 impl SimdTask for QueryBackward<'_, '_> {
-    type Output = ();
+    type Output = Option<ParamAcc>;
     #[inline(always)]
-    fn run<S: SimdF32>(mut self) {
+    fn run<S: SimdF32>(mut self) -> Option<ParamAcc> {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
         let mut scratch = GradScratch::take(p, io.dv);
@@ -348,8 +345,8 @@ impl SimdTask for QueryBackward<'_, '_> {
         let mut den = [0.0f32; TILE];
         let mut gbar = [0.0f32; TILE];
         let out = &mut *self.out;
-        zeroed(&mut out.dkv, p.mfp * dvp);
-        zeroed(&mut out.ds, p.mfp);
+        zeroed(&mut out.s, p.mfp * dvp);
+        zeroed(&mut out.z, p.mfp);
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);
@@ -376,17 +373,18 @@ impl SimdTask for QueryBackward<'_, '_> {
             gemm::<S>(rows, io.dv, p.mfp, g, dvp, 1, self.kvt, p.mfp, dphi, p.mfp, true);
             for i in 0..rows {
                 axpy::<S>(gbar[i], &self.keys.ks, &mut dphi[i * p.mfp..(i + 1) * p.mfp]);
-                axpy::<S>(gbar[i], &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut out.ds);
+                axpy::<S>(gbar[i], &t.phi[i * p.mfp..(i + 1) * p.mfp], &mut out.z);
             }
-            gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, g, dvp, &mut out.dkv, dvp, false);
+            gemm::<S>(p.mfp, rows, dvp, &t.phi, 1, p.mfp, g, dvp, &mut out.s, dvp, false);
             let span = span.next(Phase::FeatureBackward);
-            t.features_backward::<S>(p, rows, dphi, da, da2, dx, out.params.as_mut());
+            t.features_backward::<S>(p, rows, dphi, da, da2, dx, self.params.as_mut());
             let span = span.next(Phase::Io);
             store_rows(&mut self.dq, r - self.r0, rows, dx, p.dp);
             span.end();
             r += rows;
         }
         scratch.give_back();
+        self.params
     }
 }
 

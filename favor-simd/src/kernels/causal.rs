@@ -316,6 +316,12 @@ thread_local! {
     static FORWARD_SCRATCH: RefCell<Vec<(ScratchKey, ForwardScratch)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Drops this thread's kept chunk scratch.
+pub(crate) fn release_scratch() {
+    KeptScratch(&FORWARD_SCRATCH).clear();
+    KeptScratch(&SWEEP_SCRATCH).clear();
+}
+
 impl ForwardScratch {
     fn take(p: &Plan, dv: usize, rows: usize) -> ForwardScratch {
         let key = scratch_key(p, dv, rows);

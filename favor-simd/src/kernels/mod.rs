@@ -49,7 +49,18 @@ const SCRATCH_KEPT: usize = 4;
 /// tile loops already do across the tiles of one call: every kernel overwrites what it reads).
 pub(crate) struct KeptScratch<T: 'static>(pub &'static LocalKey<RefCell<Vec<(ScratchKey, T)>>>);
 
+/// Drops this thread's kept kernel scratch of every kind.
+pub(crate) fn release_kept_scratch() {
+    bidirectional::release_scratch();
+    causal::release_scratch();
+}
+
 impl<T> KeptScratch<T> {
+    /// Drops this thread's entries.
+    pub(crate) fn clear(&self) {
+        self.0.with(|c| c.borrow_mut().clear());
+    }
+
     /// This thread's entry for `key`, or a new one from `make`.
     pub(crate) fn take(&self, key: ScratchKey, make: impl FnOnce() -> T) -> T {
         let kept = self.0.with(|c| {
