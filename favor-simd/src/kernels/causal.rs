@@ -545,7 +545,7 @@ pub(crate) struct SweepOut {
     pub params: Option<ParamAcc>,
     /// The running key maximum entering the segment (the reference of `suffix`).
     pub c_in: f64,
-    /// The segment's own suffix sums relative to its incoming maximum (zero for the first
+    /// The segment's own suffix sums relative to its incoming maximum (not kept for the first
     /// segment, which has none before it).
     pub suffix: Suffix,
     /// The stash, when it could not live in the gradient rows.
@@ -577,8 +577,8 @@ pub(crate) struct BackwardForwardSweep<'a, 'o, 'm> {
     pub suffix: bool,
     pub stash: Stash<'o>,
     pub params: Option<ParamAcc>,
-    /// Where the sweep leaves the segment's share of the suffix sums (zero without `suffix`)
-    /// and the running key maximum entering it.
+    /// Where the sweep leaves the segment's share of the suffix sums (untouched without
+    /// `suffix`) and the running key maximum entering it.
     pub suffix_out: &'a mut Suffix,
     pub c_in_out: &'a mut f64,
 }
@@ -648,8 +648,11 @@ impl SimdTask for BackwardForwardSweep<'_, '_, '_> {
         let mut den = [0.0f32; CHUNK];
         let mut gbar = [0.0f32; CHUNK];
         let c_in = self.state.c;
-        self.suffix_out.reset(p, io.dv);
-        let mut suffix = self.suffix.then_some(&mut *self.suffix_out);
+        // The first segment has no segment before it: its share is never read (nor sized).
+        let mut suffix = self.suffix.then(|| {
+            self.suffix_out.reset(p, io.dv);
+            &mut *self.suffix_out
+        });
         let st = &mut *self.state;
         let mut r = self.r0;
         while r < self.r1 {
