@@ -16,7 +16,7 @@ use crate::kernels::features::{ParamAcc, Plan, reduce_params};
 use crate::kernels::gemm::transpose;
 use crate::kernels::rows::SharedOut;
 use crate::kernels::standalone::{FeatureBackwardTask, FeatureMapTask};
-use crate::kernels::{HeadIn, HeadRows, TILE};
+use crate::kernels::{HeadIn, HeadRows, TILE, zeroed};
 use crate::scan::{Scanned, scan_inputs};
 use favor_core::attention::{Head, bidirectional_backward, bidirectional_forward, causal_backward, causal_forward};
 use favor_core::backend::{
@@ -175,16 +175,7 @@ impl CallScratch {
     fn give_back(self: Box<Self>) {
         CALL_SCRATCH.with(|c| c.set(Some(self)));
     }
-}
 
-/// One cleared at-risk flag per (batch, query head) of `s`, in `buf` (no allocation once sized).
-fn risk_flags(buf: &mut Vec<AtomicBool>, s: AttentionShape) -> &[AtomicBool] {
-    buf.clear();
-    buf.resize_with(s.problems(), || AtomicBool::new(false));
-    buf
-}
-
-impl CallScratch {
     /// [`check_kernel_sums`], once per size.
     fn check_sums(&mut self, plan: &Plan, dv: usize) -> Result<()> {
         let n = plan.mfp.saturating_mul(pad(dv));
@@ -194,6 +185,13 @@ impl CallScratch {
         }
         Ok(())
     }
+}
+
+/// One cleared at-risk flag per (batch, query head) of `s`, in `buf` (no allocation once sized).
+fn risk_flags(buf: &mut Vec<AtomicBool>, s: AttentionShape) -> &[AtomicBool] {
+    buf.clear();
+    buf.resize_with(s.problems(), || AtomicBool::new(false));
+    buf
 }
 
 /// The first `n` entries of `v`, grown with default entries if it is shorter. Never shrunk: the
@@ -217,10 +215,9 @@ struct KeyGrads {
 impl KeyGrads {
     /// The sum of `parts` (in order), and the transpose.
     fn add(&mut self, mfp: usize, dvp: usize, parts: &[SegmentSums]) {
-        for (v, n) in [(&mut self.dkv, mfp * dvp), (&mut self.dkvt, dvp * mfp), (&mut self.ds, mfp)] {
-            v.clear();
-            v.resize(n, 0.0);
-        }
+        zeroed(&mut self.dkv, mfp * dvp);
+        zeroed(&mut self.dkvt, dvp * mfp);
+        zeroed(&mut self.ds, mfp);
         for part in parts {
             self.dkv.iter_mut().zip(&part.s).for_each(|(a, b)| *a += b);
             self.ds.iter_mut().zip(&part.z).for_each(|(a, b)| *a += b);
@@ -231,10 +228,7 @@ impl KeyGrads {
 
 /// The first `n` states of `v` (see [`prefix`]), each reset to an empty state of the plan.
 fn reset_states<'v>(v: &'v mut Vec<HeadState>, n: usize, plan: &Plan, dv: usize) -> &'v mut [HeadState] {
-    if v.len() < n {
-        v.resize_with(n, HeadState::empty);
-    }
-    let v = &mut v[..n];
+    let v = prefix(v, n);
     v.iter_mut().for_each(|h| h.reset(plan, dv));
     v
 }
@@ -501,7 +495,7 @@ impl CausalSweeps<'_, '_, '_> {
                 }
             };
             let SweepOut { params, c_in, suffix, side } = out;
-            let stash = Stash::new(rows, elem_size, r1 - r0, g, side);
+            let stash = Stash::new(rows, r1 - r0, g, side);
             *params = backend.token.run(BackwardForwardSweep {
                 plan,
                 heads: BackwardHeads { count: g, make: &make },

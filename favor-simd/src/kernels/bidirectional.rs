@@ -14,9 +14,9 @@
 //! per-segment partials of dKV = Σ q'x̄ᵀ and ds = Σ q'ḡ (summed in segment order); key tiles then
 //! recompute φ(k) and give dk' = V dKVᵀ + 1dsᵀ and dv = K' dKV.
 
-use super::features::{ParamAcc, Plan, Tile};
+use super::features::{FeatureGrads, ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale};
-use super::{HeadIn, KeptScratch, OutRows, ScratchKey, TILE, load_rows, scratch_key, store_rows};
+use super::{HeadIn, KeptScratch, OutRows, ScratchKey, TILE, load_rows, scratch_key, store_rows, zeroed};
 use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
 use favor_core::HostRef;
@@ -34,12 +34,6 @@ pub(crate) struct SegmentSums {
     pub z: Vec<f32>,
 }
 
-/// Zeroes `v` at length `n` (no allocation once it has the capacity).
-fn zeroed(v: &mut Vec<f32>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
-}
-
 /// The combined key state of one head: K'ᵀV (mfp × dvp), K'ᵀ1 (mfp) and the key stabiliser.
 #[derive(Default)]
 pub(crate) struct KeyState {
@@ -53,6 +47,7 @@ pub(crate) struct KeyState {
 struct TileScratch {
     t: Tile,
     rows: Vec<f32>,
+    key: ScratchKey,
 }
 
 thread_local! {
@@ -66,14 +61,14 @@ pub(crate) fn release_scratch() {
 }
 
 impl TileScratch {
-    fn take(p: &Plan, dv: usize) -> (ScratchKey, TileScratch) {
+    fn take(p: &Plan, dv: usize) -> TileScratch {
         let key = scratch_key(p, dv, TILE);
-        let made = || TileScratch { t: Tile::new(p, TILE), rows: vec![0.0; TILE * crate::isa::pad(dv)] };
-        (key, KeptScratch(&TILE_SCRATCH).take(key, made))
+        let made = || TileScratch { t: Tile::new(p, TILE), rows: vec![0.0; TILE * crate::isa::pad(dv)], key };
+        KeptScratch(&TILE_SCRATCH).take(key, made)
     }
 
-    fn give_back(self, key: ScratchKey) {
-        KeptScratch(&TILE_SCRATCH).give_back(key, self);
+    fn give_back(self) {
+        KeptScratch(&TILE_SCRATCH).give_back(self.key, self);
     }
 }
 
@@ -96,8 +91,8 @@ impl SimdTask for KeySegment<'_> {
         st.c = f64::NEG_INFINITY;
         zeroed(&mut st.s, p.mfp * dvp);
         zeroed(&mut st.z, p.mfp);
-        let (key, mut scratch) = TileScratch::take(p, io.dv);
-        let TileScratch { t, rows: vt } = &mut scratch;
+        let mut scratch = TileScratch::take(p, io.dv);
+        let TileScratch { t, rows: vt, .. } = &mut scratch;
         // Its padding columns must be zero: the same buffer serves query tasks as numerators.
         vt.fill(0.0);
         let mut r = self.r0;
@@ -136,7 +131,7 @@ impl SimdTask for KeySegment<'_> {
             }
             r += rows;
         }
-        scratch.give_back(key);
+        scratch.give_back();
     }
 }
 
@@ -222,8 +217,8 @@ impl SimdTask for QueryForward<'_, '_> {
     fn run<S: SimdF32>(mut self) {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
-        let (key, mut scratch) = TileScratch::take(p, io.dv);
-        let TileScratch { t, rows: num } = &mut scratch;
+        let mut scratch = TileScratch::take(p, io.dv);
+        let TileScratch { t, rows: num, .. } = &mut scratch;
         let mut den = [0.0f32; TILE];
         let mut r = self.r0;
         while r < self.r1 {
@@ -248,7 +243,7 @@ impl SimdTask for QueryForward<'_, '_> {
             span.end();
             r += rows;
         }
-        scratch.give_back(key);
+        scratch.give_back();
     }
 }
 
@@ -281,10 +276,7 @@ struct GradScratch {
     /// Two value-width tiles: numerators and cotangents, or values and their gradients.
     a: Vec<f32>,
     b: Vec<f32>,
-    dphi: Vec<f32>,
-    da: Vec<f32>,
-    da2: Vec<f32>,
-    dx: Vec<f32>,
+    grads: FeatureGrads,
     key: ScratchKey,
 }
 
@@ -300,10 +292,7 @@ impl GradScratch {
             t: Tile::new(p, TILE),
             a: vec![0.0; TILE * dvp],
             b: vec![0.0; TILE * dvp],
-            dphi: vec![0.0; TILE * p.mfp],
-            da: vec![0.0; TILE * p.mp],
-            da2: vec![0.0; TILE * p.mp],
-            dx: vec![0.0; TILE * p.dp],
+            grads: FeatureGrads::new(p, TILE),
             key,
         });
         // Value-width rows are read over their padding (which loads never write): zero, as new.
@@ -341,7 +330,7 @@ impl SimdTask for QueryBackward<'_, '_> {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
         let mut scratch = GradScratch::take(p, io.dv);
-        let GradScratch { t, a: num, b: g, dphi, da, da2, dx, .. } = &mut scratch;
+        let GradScratch { t, a: num, b: g, grads: FeatureGrads { dphi, da, da2, dx }, .. } = &mut scratch;
         let mut den = [0.0f32; TILE];
         let mut gbar = [0.0f32; TILE];
         let out = &mut *self.out;
@@ -411,7 +400,7 @@ impl SimdTask for KeyBackward<'_, '_> {
         let (p, io) = (self.plan, self.io);
         let dvp = crate::isa::pad(io.dv);
         let mut scratch = GradScratch::take(p, io.dv);
-        let GradScratch { t, a: vt, b: dvt, dphi, da, da2, dx, .. } = &mut scratch;
+        let GradScratch { t, a: vt, b: dvt, grads: FeatureGrads { dphi, da, da2, dx }, .. } = &mut scratch;
         let mut r = self.r0;
         while r < self.r1 {
             let rows = TILE.min(self.r1 - r);

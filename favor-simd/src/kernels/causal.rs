@@ -24,9 +24,9 @@
 //! segment's reverse sweep starts from the exact suffix sums of the queries after it.
 
 use super::bidirectional::{RISK_DEN, at_risk, cotangents, guard, guard_fires, normalise};
-use super::features::{ParamAcc, Plan, Tile};
+use super::features::{FeatureGrads, ParamAcc, Plan, Tile};
 use super::gemm::{axpy, dot, gemm, scale, sum, transpose};
-use super::{HeadIn, KeptScratch, OutRows, ScratchKey, load_rows, scratch_key, store_rows};
+use super::{HeadIn, KeptScratch, OutRows, ScratchKey, load_rows, scratch_key, store_rows, zeroed};
 use crate::isa::{SimdF32, SimdTask, pad};
 use crate::math::exp::{decay, exp_nonpositive};
 use crate::phases::{Phase, Span};
@@ -51,18 +51,18 @@ pub struct HeadState {
     pub(crate) c: f64,
 }
 
-impl HeadState {
-    /// An empty state of no size (nothing allocated), for [`HeadState::reset`] to size.
-    pub(crate) fn empty() -> Self {
+/// An empty state of no size (nothing allocated), for [`HeadState::reset`] to size.
+impl Default for HeadState {
+    fn default() -> Self {
         HeadState { s: Vec::new(), z: Vec::new(), c: f64::NEG_INFINITY }
     }
+}
 
+impl HeadState {
     /// The empty state of the plan in place: no allocation once the buffers have the size.
     pub(crate) fn reset(&mut self, p: &Plan, dv: usize) {
-        self.s.clear();
-        self.s.resize(p.mfp * pad(dv), 0.0);
-        self.z.clear();
-        self.z.resize(p.mfp, 0.0);
+        zeroed(&mut self.s, p.mfp * pad(dv));
+        zeroed(&mut self.z, p.mfp);
         self.c = f64::NEG_INFINITY;
     }
 
@@ -447,18 +447,12 @@ impl<'o> Stash<'o> {
         row_len * elem_size >= StashEntry::BYTES * group
     }
 
-    /// In `rows` (`n` rows of `elem_size`-byte elements) when they are wide enough for `group`
-    /// entries, else in `side` (resized to n · group: no allocation once it has the size).
-    pub(crate) fn new(
-        rows: Option<OutRows<'o>>,
-        elem_size: usize,
-        n: usize,
-        group: usize,
-        side: &'o mut Vec<StashEntry>,
-    ) -> Self {
+    /// In `rows` (the rows [`StashPlace::choose`] found wide enough for the group), else in
+    /// `side` (resized to n · group: no allocation once it has the size).
+    pub(crate) fn new(rows: Option<OutRows<'o>>, n: usize, group: usize, side: &'o mut Vec<StashEntry>) -> Self {
         match rows {
-            Some(t) if Self::fits(t.width, elem_size, group) => Stash::Rows(t),
-            _ => {
+            Some(t) => Stash::Rows(t),
+            None => {
                 side.clear();
                 side.resize(n * group, StashEntry::default());
                 Stash::Side { entries: side, group }
@@ -487,10 +481,8 @@ pub(crate) struct Suffix {
 impl Suffix {
     /// Zero sums of the plan's size, in place (no allocation once sized).
     pub(crate) fn reset(&mut self, p: &Plan, dv: usize) {
-        self.pm.clear();
-        self.pm.resize(p.mfp * pad(dv), 0.0);
-        self.pv.clear();
-        self.pv.resize(p.mfp, 0.0);
+        zeroed(&mut self.pm, p.mfp * pad(dv));
+        zeroed(&mut self.pv, p.mfp);
     }
 
     /// Adds the queries of a chunk, weighted by exp(c_ref − c_i): consumes φ(Q) (rescaled in
@@ -592,10 +584,7 @@ struct SweepScratch {
     vtt: Vec<f32>,
     /// Sᵀ (forward sweep) or Pᵀ (reverse sweep), dvp × mfp.
     state_t: Vec<f32>,
-    dphi: Vec<f32>,
-    da: Vec<f32>,
-    da2: Vec<f32>,
-    dx: Vec<f32>,
+    grads: FeatureGrads,
     key: ScratchKey,
 }
 
@@ -615,10 +604,7 @@ impl SweepScratch {
                 bm: vec![0.0; CHUNK * CHUNK],
                 vtt: vec![0.0; dvp * CHUNK],
                 state_t: vec![0.0; dvp * mfp],
-                dphi: vec![0.0; CHUNK * mfp],
-                da: vec![0.0; CHUNK * p.mp],
-                da2: vec![0.0; CHUNK * p.mp],
-                dx: vec![0.0; CHUNK * p.dp],
+                grads: FeatureGrads::new(p, CHUNK),
                 key,
             }
         });
@@ -643,7 +629,8 @@ impl SimdTask for BackwardForwardSweep<'_, '_, '_> {
         let io = make(0).0;
         let mfp = p.mfp;
         let mut scratch = SweepScratch::take(p, io.dv);
-        let SweepScratch { ch, num, g, bm, vtt, state_t: st_t, dphi, da, da2, dx, .. } = &mut scratch;
+        let SweepScratch { ch, num, g, bm, vtt, state_t: st_t, grads: FeatureGrads { dphi, da, da2, dx }, .. } =
+            &mut scratch;
         let dvp = ch.dvp;
         let mut den = [0.0f32; CHUNK];
         let mut gbar = [0.0f32; CHUNK];
@@ -749,7 +736,8 @@ impl SimdTask for BackwardReverseSweep<'_, '_, '_> {
         let io = make(0);
         let mfp = p.mfp;
         let mut scratch = SweepScratch::take(p, io.dv);
-        let SweepScratch { ch, num: dvo, g, bm, vtt, state_t: pm_t, dphi, da, da2, dx, .. } = &mut scratch;
+        let SweepScratch { ch, num: dvo, g, bm, vtt, state_t: pm_t, grads: FeatureGrads { dphi, da, da2, dx }, .. } =
+            &mut scratch;
         let dvp = ch.dvp;
         let mut gbar = [0.0f32; CHUNK];
         let mut den = [0.0f32; CHUNK];

@@ -236,6 +236,26 @@ impl Plan {
     }
 }
 
+/// The buffers of a tile's feature-map backward ([`Tile::features_backward`]) for `rows`
+/// tokens: dφ in, the projection cotangents and dx out.
+pub(crate) struct FeatureGrads {
+    pub dphi: Vec<f32>,
+    pub da: Vec<f32>,
+    pub da2: Vec<f32>,
+    pub dx: Vec<f32>,
+}
+
+impl FeatureGrads {
+    pub(crate) fn new(p: &Plan, rows: usize) -> FeatureGrads {
+        FeatureGrads {
+            dphi: vec![0.0; rows * p.mfp],
+            da: vec![0.0; rows * p.mp],
+            da2: vec![0.0; rows * p.mp],
+            dx: vec![0.0; rows * p.dp],
+        }
+    }
+}
+
 /// Scratch buffers of one tile of `t` tokens.
 pub(crate) struct Tile {
     pub x: Vec<f32>,

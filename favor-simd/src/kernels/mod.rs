@@ -41,6 +41,13 @@ pub(crate) fn scratch_key(p: &Plan, dv: usize, rows: usize) -> ScratchKey {
     ScratchKey { kind: std::mem::discriminant(&p.kind), d: p.d, m: p.m, mf: p.mf, dv, rows }
 }
 
+/// Zeroes `v` at length `n` (no allocation once it has the capacity): how kept buffers are
+/// reset for the next call.
+pub(crate) fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
 /// Scratch entries a thread keeps per kind.
 const SCRATCH_KEPT: usize = 4;
 

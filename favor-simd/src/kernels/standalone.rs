@@ -1,7 +1,7 @@
 //! The standalone feature map of the backend API (φ and its backward for a whole tensor), one
 //! (batch, head) per task, tile by tile.
 
-use super::features::{ParamAcc, Plan, Tile};
+use super::features::{FeatureGrads, ParamAcc, Plan, Tile};
 use super::{HeadRows, TILE, load_rows};
 use crate::isa::{SimdF32, SimdTask};
 use crate::phases::{Phase, Span};
@@ -98,10 +98,7 @@ impl SimdTask for FeatureBackwardTask<'_, '_> {
             if self.role == FeatureRole::Key { head_max::<S>(p, &self.x, self.off, self.len, &mut t) } else { 0.0 };
         let mut run = f64::NEG_INFINITY;
         let mut ext = vec![0.0; p.mf];
-        let mut dphi = vec![0.0; TILE * p.mfp];
-        let mut da = vec![0.0; TILE * p.mp];
-        let mut da2 = vec![0.0; TILE * p.mp];
-        let mut dx = vec![0.0; TILE * p.dp];
+        let FeatureGrads { mut dphi, mut da, mut da2, mut dx } = FeatureGrads::new(p, TILE);
         let mut r = 0;
         while r < self.len {
             let rows = TILE.min(self.len - r);
